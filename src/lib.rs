@@ -1,0 +1,1 @@
+//! tower-llm-policy: security and cost policy for OpenAI-compatible LLM APIs, as tower middleware.
