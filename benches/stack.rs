@@ -1,1 +1,2 @@
+//! Benchmarks of the policy stack (filled in below).
 fn main() {}

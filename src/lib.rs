@@ -1,1 +1,21 @@
-//! tower-llm-policy: security and cost policy for OpenAI-compatible LLM APIs, as tower middleware.
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod body;
+pub mod check;
+pub mod endpoint;
+pub mod error;
+pub mod key_auth;
+pub mod keys;
+pub mod model;
+pub mod model_allow_list;
+pub mod request;
+
+pub use body::{PolicyBody, ResponseBody};
+pub use endpoint::{Endpoint, Feature, FeatureSet, Route};
+pub use error::{PolicyError, Rejection};
+pub use key_auth::{ClientIp, KeyAuth, KeyAuthLayer};
+pub use keys::{ApiKey, KeyDigest, KeyStore, MemoryKeyStore};
+pub use model::{ModelList, ModelName, ModelNames};
+pub use model_allow_list::{ModelAllowList, ModelAllowListLayer};
+pub use request::{BodyOptions, LlmRequest};

@@ -1,0 +1,289 @@
+//! Model names: canonical forms, aliases and allow/block lists with wildcards.
+//!
+//! Clients name the same model many ways: `gpt-4o`, `GPT-4o `, `openai/gpt-4o`,
+//! `gpt-4o-2024-08-06`. Policies are written once, on canonical names:
+//!
+//! 1. surrounding whitespace is trimmed and the name lowercased;
+//! 2. a provider prefix is dropped (`openai/gpt-4o` → `gpt-4o`; everything up to the last `/`);
+//! 3. the alias table of [`ModelNames`] applies: exact aliases (`gpt4` → `gpt-4`) and variant
+//!    suffixes (`-thinking`, `-latest`), repeatedly, until nothing changes;
+//! 4. for the **canonical** name only, a trailing dated snapshot is dropped: `-YYYY-MM-DD`
+//!    (`gpt-4o-2024-08-06`), `-YYYYMMDD`, or a `-MMDD` that is a real month and day
+//!    (`gpt-4-0613`, `gpt-3.5-turbo-0125`).
+//!
+//! Steps 1–3 give the **normalised** name, all four the canonical one ([`ModelName`]). A
+//! [`ModelList`] entry without a date matches every snapshot of that model; an entry with a
+//! date matches that snapshot only; an entry ending in `*` matches every name that starts
+//! with what precedes it. Aliases resolve before any list is consulted, so an alias can
+//! never reach a model that a list forbids.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+/// A model name in its normalised and canonical forms. See the [module docs](self).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ModelName {
+    /// Trimmed, lowercased, provider prefix dropped, aliases applied.
+    pub normalized: String,
+    /// The normalised name without a trailing dated snapshot.
+    pub canonical: String,
+}
+
+/// The alias table used to resolve model names. The default has no aliases.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ModelNames {
+    exact: HashMap<String, String>,
+    suffixes: Vec<String>,
+}
+
+impl ModelNames {
+    /// A table with no aliases: only the built-in rules apply.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Maps the name `from` to `to` (both are normalised first).
+    #[must_use]
+    pub fn alias(mut self, from: &str, to: &str) -> Self {
+        self.exact.insert(base_normalize(from), base_normalize(to));
+        self
+    }
+
+    /// Drops a variant suffix such as `-thinking` or `-latest` before any check.
+    #[must_use]
+    pub fn strip_suffix(mut self, suffix: &str) -> Self {
+        let suffix = suffix.trim().to_ascii_lowercase();
+        if !suffix.is_empty() && !self.suffixes.contains(&suffix) {
+            self.suffixes.push(suffix);
+        }
+        self
+    }
+
+    /// Whether the table has no aliases.
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.suffixes.is_empty()
+    }
+
+    /// Resolves a model name as sent into its normalised and canonical forms.
+    pub fn resolve(&self, model: &str) -> ModelName {
+        let mut normalized = base_normalize(model);
+        self.apply_aliases(&mut normalized);
+        let mut canonical = normalized.clone();
+        // Aliases and date stripping may uncover one another (`x-2024-05-01-latest`).
+        for _ in 0..4 {
+            let before = canonical.len();
+            strip_date(&mut canonical);
+            self.apply_aliases(&mut canonical);
+            if canonical.len() == before {
+                break;
+            }
+        }
+        ModelName {
+            normalized,
+            canonical,
+        }
+    }
+
+    fn apply_aliases(&self, name: &mut String) {
+        if self.is_empty() {
+            return;
+        }
+        for _ in 0..8 {
+            if let Some(to) = self.exact.get(name.as_str()) {
+                if to != name {
+                    name.clone_from(to);
+                    continue;
+                }
+            }
+            match self
+                .suffixes
+                .iter()
+                .find(|s| name.len() > s.len() && name.ends_with(s.as_str()))
+            {
+                Some(s) => {
+                    let keep = name.len() - s.len();
+                    name.truncate(keep);
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+impl fmt::Debug for ModelNames {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ModelNames")
+            .field("aliases", &self.exact)
+            .field("strip_suffixes", &self.suffixes)
+            .finish()
+    }
+}
+
+/// The canonical name of `model` under the built-in rules only (no alias table).
+pub fn canonical_model(model: &str) -> String {
+    let mut name = base_normalize(model);
+    strip_date(&mut name);
+    name
+}
+
+/// Steps 1 and 2: trim, lowercase, drop a provider prefix.
+fn base_normalize(model: &str) -> String {
+    let trimmed = model.trim();
+    let unprefixed = match trimmed.rfind('/') {
+        Some(i) if i + 1 < trimmed.len() => &trimmed[i + 1..],
+        _ => trimmed,
+    };
+    unprefixed.trim().to_ascii_lowercase()
+}
+
+fn strip_date(name: &mut String) {
+    let b = name.as_bytes();
+    let n = b.len();
+    let digits = |range: std::ops::Range<usize>| b[range].iter().all(u8::is_ascii_digit);
+    let num = |range: std::ops::Range<usize>| {
+        b[range]
+            .iter()
+            .fold(0u32, |acc, d| acc * 10 + u32::from(d - b'0'))
+    };
+    let plausible = |month: u32, day: u32| (1..=12).contains(&month) && (1..=31).contains(&day);
+    // -YYYY-MM-DD
+    if n > 11
+        && b[n - 11] == b'-'
+        && b[n - 6] == b'-'
+        && b[n - 3] == b'-'
+        && digits(n - 10..n - 6)
+        && digits(n - 5..n - 3)
+        && digits(n - 2..n)
+        && plausible(num(n - 5..n - 3), num(n - 2..n))
+    {
+        name.truncate(n - 11);
+        return;
+    }
+    // -YYYYMMDD
+    if n > 9
+        && b[n - 9] == b'-'
+        && digits(n - 8..n)
+        && (1990..2200).contains(&num(n - 8..n - 4))
+        && plausible(num(n - 4..n - 2), num(n - 2..n))
+    {
+        name.truncate(n - 9);
+        return;
+    }
+    // -MMDD
+    if n > 5 && b[n - 5] == b'-' && digits(n - 4..n) && plausible(num(n - 4..n - 2), num(n - 2..n))
+    {
+        name.truncate(n - 5);
+    }
+}
+
+/// A list of model names: exact names (matched on canonical forms, see the
+/// [module docs](self)) and `prefix*` wildcards. Built once per configuration load.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ModelList {
+    entries: Vec<String>,
+    names: HashSet<String>,
+    prefixes: Vec<String>,
+}
+
+impl ModelList {
+    /// Builds a list from names and `prefix*` wildcards.
+    pub fn new<I, S>(entries: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut list = ModelList::default();
+        for entry in entries {
+            list.push(entry.as_ref());
+        }
+        list
+    }
+
+    fn push(&mut self, entry: &str) {
+        let trimmed = entry.trim();
+        if trimmed.is_empty() {
+            return;
+        }
+        self.entries.push(trimmed.to_owned());
+        match trimmed.strip_suffix('*') {
+            Some(prefix) => {
+                let prefix = prefix.trim().to_ascii_lowercase();
+                let prefix = match prefix.rfind('/') {
+                    Some(i) => prefix[i + 1..].to_owned(),
+                    None => prefix,
+                };
+                if !self.prefixes.contains(&prefix) {
+                    self.prefixes.push(prefix);
+                }
+            }
+            None => {
+                self.names.insert(base_normalize(trimmed));
+            }
+        }
+    }
+
+    /// Whether the list has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entries as configured.
+    pub fn entries(&self) -> &[String] {
+        &self.entries
+    }
+
+    /// Whether the list matches a resolved model name.
+    pub fn contains(&self, name: &ModelName) -> bool {
+        self.names.contains(&name.normalized)
+            || self.names.contains(&name.canonical)
+            || self.prefixes.iter().any(|p| {
+                name.normalized.starts_with(p.as_str()) || name.canonical.starts_with(p.as_str())
+            })
+    }
+}
+
+impl fmt::Debug for ModelList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.entries).finish()
+    }
+}
+
+impl<S: AsRef<str>> FromIterator<S> for ModelList {
+    fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> Self {
+        ModelList::new(iter)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ModelList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(ModelList::new(Vec::<String>::deserialize(d)?))
+    }
+}
+
+impl serde::Serialize for ModelList {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(&self.entries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        for (sent, canonical) in [
+            ("gpt-4o-2024-08-06", "gpt-4o"),
+            ("gpt-4-0613", "gpt-4"),
+            ("gpt-3.5-turbo-0125", "gpt-3.5-turbo"),
+            ("claude-3-5-sonnet-20241022", "claude-3-5-sonnet"),
+            ("gpt-4-32k", "gpt-4-32k"),
+            ("model-2048", "model-2048"),
+            ("gpt-4-1106-preview", "gpt-4-1106-preview"),
+            ("-0613", "-0613"),
+            ("", ""),
+        ] {
+            assert_eq!(canonical_model(sent), canonical, "{sent}");
+        }
+    }
+}

@@ -1,0 +1,487 @@
+//! ModelAllowList: per-key (and workspace-wide) allow-lists of models, on canonical names.
+//!
+//! A request's model — from the body, a multipart field, the path (`GET /v1/models/{model}`),
+//! the `model` query parameter of `/v1/realtime`, an Azure deployment name, or the endpoint's
+//! documented default when omitted — is resolved with the layer's [`ModelNames`] (see
+//! [`crate::model`]) and checked:
+//!
+//! 1. against the workspace entitlement the layer is built with, if any;
+//! 2. then, when the key (from [`KeyAuth`](crate::key_auth::KeyAuth)) has
+//!    `model_limits_enabled`, against the key's `model_limits`: a key's list only narrows the
+//!    workspace's. An enabled, empty list refuses everything ("This key has no access to any
+//!    models").
+//!
+//! A refused model is a 403 `model_not_allowed` naming the model; the inner service is not
+//! called. A request on a model-bearing endpoint without any model is a 400. Without a key in
+//! the extensions, only the workspace list applies.
+//!
+//! `GET /v1/models` responses are filtered: the JSON `data` array keeps only the models the
+//! key may use (other bodies, and error responses, pass untouched).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use http::{Request, Response, StatusCode};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//! use tower_llm_policy::{ApiKey, PolicyBody};
+//! use tower_llm_policy::model_allow_list::ModelAllowListLayer;
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let svc = ServiceBuilder::new()
+//!     .layer(ModelAllowListLayer::new().workspace_models(["gpt-4o*", "o3-mini"]))
+//!     .service(service_fn(|_req: Request<PolicyBody>| async {
+//!         Ok::<_, std::convert::Infallible>(Response::new(String::new()))
+//!     }));
+//! let req = |model: &str| Request::post("/v1/chat/completions")
+//!     .body(format!(r#"{{"model":"{model}","messages":[]}}"#)).unwrap();
+//!
+//! let ok = svc.clone().oneshot(req("gpt-4o-2024-08-06")).await.unwrap();
+//! assert_eq!(ok.status(), StatusCode::OK);
+//! let denied = svc.oneshot(req("gpt-4.1")).await.unwrap();
+//! assert_eq!(denied.status(), StatusCode::FORBIDDEN);
+//! # });
+//! ```
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{header, Method, Request, Response};
+use http_body::Body;
+use http_body_util::combinators::Collect;
+use http_body_util::{BodyExt, Limited};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::{BoxError, PolicyBody, ResponseBody};
+use crate::check::{CheckFuture, RequestCheck};
+use crate::endpoint::{Endpoint, Route};
+use crate::error::{Layer as LayerName, PolicyError};
+use crate::keys::ApiKey;
+use crate::model::{ModelList, ModelNames};
+use crate::request::{BodyOptions, LlmRequest};
+
+/// Largest `GET /v1/models` response body that is filtered (4 MiB).
+pub const DEFAULT_MODELS_RESPONSE_LIMIT: usize = 4 * 1024 * 1024;
+
+/// Longest model name quoted back in an error message.
+const QUOTE_LIMIT: usize = 200;
+
+#[derive(Clone, Debug)]
+struct Config {
+    workspace: Option<ModelList>,
+    names: ModelNames,
+    body: BodyOptions,
+    models_response_limit: usize,
+}
+
+/// Layer that enforces model allow-lists. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct ModelAllowListLayer {
+    config: Arc<Config>,
+}
+
+impl Default for ModelAllowListLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ModelAllowListLayer {
+    /// A layer with no workspace list (keys' lists only) and no aliases.
+    pub fn new() -> Self {
+        ModelAllowListLayer {
+            config: Arc::new(Config {
+                workspace: None,
+                names: ModelNames::new(),
+                body: BodyOptions::default(),
+                models_response_limit: DEFAULT_MODELS_RESPONSE_LIMIT,
+            }),
+        }
+    }
+
+    fn config_mut(&mut self) -> &mut Config {
+        Arc::make_mut(&mut self.config)
+    }
+
+    /// The workspace entitlement: models (names or `prefix*`) any key may use at most.
+    #[must_use]
+    pub fn workspace_models<I, S>(mut self, models: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.config_mut().workspace = Some(ModelList::new(models));
+        self
+    }
+
+    /// The alias table used to resolve names before any check.
+    #[must_use]
+    pub fn model_names(mut self, names: ModelNames) -> Self {
+        self.config_mut().names = names;
+        self
+    }
+
+    /// Size limits for reading the body, if this layer reads it first.
+    #[must_use]
+    pub fn body_options(mut self, options: BodyOptions) -> Self {
+        self.config_mut().body = options;
+        self
+    }
+
+    /// Largest `GET /v1/models` response that is filtered.
+    #[must_use]
+    pub fn models_response_limit(mut self, limit: usize) -> Self {
+        self.config_mut().models_response_limit = limit;
+        self
+    }
+}
+
+impl<S> Layer<S> for ModelAllowListLayer {
+    type Service = ModelAllowList<S>;
+
+    fn layer(&self, inner: S) -> ModelAllowList<S> {
+        ModelAllowList {
+            inner,
+            check: AllowCheck {
+                config: self.config.clone(),
+            },
+        }
+    }
+}
+
+/// Middleware that enforces model allow-lists. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct ModelAllowList<S> {
+    inner: S,
+    check: AllowCheck,
+}
+
+impl<S> ModelAllowList<S> {
+    /// Wraps `inner` with the policy of `layer`.
+    pub fn new(inner: S, layer: &ModelAllowListLayer) -> Self {
+        layer.layer(inner)
+    }
+
+    /// A default [`ModelAllowListLayer`].
+    pub fn layer() -> ModelAllowListLayer {
+        ModelAllowListLayer::new()
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the middleware, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// The allow-list decision, as a [`RequestCheck`].
+#[derive(Clone, Debug)]
+pub struct AllowCheck {
+    config: Arc<Config>,
+}
+
+impl AllowCheck {
+    fn applies(&self, key: Option<&ApiKey>) -> bool {
+        self.config.workspace.is_some() || key.is_some_and(|k| k.model_limits_enabled)
+    }
+
+    /// Whether `model` (as sent) is allowed for `key` under this layer's lists.
+    pub fn allows(&self, key: Option<&ApiKey>, model: &str) -> Result<(), PolicyError> {
+        if let Some(key) = key.filter(|k| k.model_limits_enabled) {
+            if key.model_limits.is_empty() {
+                return Err(PolicyError::NoModelsAllowed);
+            }
+        }
+        let name = self.config.names.resolve(model);
+        let workspace_ok = self
+            .config
+            .workspace
+            .as_ref()
+            .is_none_or(|w| w.contains(&name));
+        let key_ok = key
+            .filter(|k| k.model_limits_enabled)
+            .is_none_or(|k| k.model_limits.contains(&name));
+        if workspace_ok && key_ok {
+            Ok(())
+        } else {
+            Err(PolicyError::ModelNotAllowed {
+                model: quote(model),
+            })
+        }
+    }
+}
+
+fn quote(model: &str) -> String {
+    match model.char_indices().nth(QUOTE_LIMIT) {
+        Some((i, _)) => format!("{}…", &model[..i]),
+        None => model.to_owned(),
+    }
+}
+
+impl RequestCheck for AllowCheck {
+    fn layer(&self) -> LayerName {
+        LayerName::ModelAllowList
+    }
+
+    fn body_options(&self) -> BodyOptions {
+        self.config.body
+    }
+
+    fn needs_body(&self, parts: &Parts) -> bool {
+        self.applies(parts.extensions.get::<Arc<ApiKey>>().map(|k| &**k))
+            && Route::classify(&parts.uri)
+                .endpoint
+                .has_model_body(&parts.method)
+    }
+
+    fn check(&self, req: &mut Request<PolicyBody>) -> Result<(), PolicyError> {
+        let key = req.extensions().get::<Arc<ApiKey>>().map(|k| &**k);
+        if !self.applies(key) {
+            return Ok(());
+        }
+        let (endpoint, model): (Endpoint, Option<Cow<'_, str>>) =
+            match req.extensions().get::<LlmRequest>() {
+                Some(view) => (view.endpoint(), view.model().map(Cow::Borrowed)),
+                None => {
+                    let route = Route::classify(req.uri());
+                    let model = route.path_model.or(route.deployment);
+                    (route.endpoint, model.map(Cow::Owned))
+                }
+            };
+        match model {
+            Some(model) => self.allows(key, &model),
+            None if endpoint.has_model_body(req.method()) => Err(PolicyError::InvalidBody {
+                message: "You must provide a model parameter.".into(),
+                param: Some("model"),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Whether a request is a model listing whose response this layer filters.
+fn is_model_listing(parts: &Parts) -> bool {
+    if parts.method != Method::GET {
+        return false;
+    }
+    let route = Route::classify(&parts.uri);
+    route.endpoint == Endpoint::Models && route.path_model.is_none()
+}
+
+impl<S, B, ResBody> Service<Request<B>> for ModelAllowList<S>
+where
+    S: Service<Request<PolicyBody>, Response = Response<ResBody>> + Clone,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes>,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, B, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let key = req.extensions().get::<Arc<ApiKey>>().cloned();
+        if self.check.applies(key.as_deref()) {
+            let (parts, body) = req.into_parts();
+            if is_model_listing(&parts) {
+                let filter = Filter {
+                    check: self.check.clone(),
+                    key,
+                };
+                let req = Request::from_parts(parts, PolicyBody::new(body));
+                return ResponseFuture {
+                    state: State::Listing {
+                        future: self.inner.call(req),
+                        filter: Some(filter),
+                    },
+                };
+            }
+            let req = Request::from_parts(parts, body);
+            return ResponseFuture {
+                state: State::Check {
+                    future: CheckFuture::new(self.check.clone(), &mut self.inner, req),
+                },
+            };
+        }
+        ResponseFuture {
+            state: State::Check {
+                future: CheckFuture::new(self.check.clone(), &mut self.inner, req),
+            },
+        }
+    }
+}
+
+struct Filter {
+    check: AllowCheck,
+    key: Option<Arc<ApiKey>>,
+}
+
+impl Filter {
+    /// Keeps only allowed entries of the `data` array. `None` if the body is not such a list.
+    fn apply(&self, body: &[u8]) -> Option<Bytes> {
+        let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
+        let data = value.get_mut("data")?.as_array_mut()?;
+        data.retain(|entry| {
+            entry
+                .get("id")
+                .and_then(|id| id.as_str())
+                .is_some_and(|id| self.check.allows(self.key.as_deref(), id).is_ok())
+        });
+        serde_json::to_vec(&value).ok().map(Bytes::from)
+    }
+}
+
+pin_project! {
+    /// Response future of [`ModelAllowList`].
+    pub struct ResponseFuture<S, B, ResBody>
+    where
+        S: Service<Request<PolicyBody>, Response = Response<ResBody>>,
+        B: Body,
+        B::Error: Into<BoxError>,
+        ResBody: Body,
+        ResBody::Error: Into<BoxError>,
+    {
+        #[pin]
+        state: State<S, B, ResBody>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, B, ResBody>
+    where
+        S: Service<Request<PolicyBody>, Response = Response<ResBody>>,
+        B: Body,
+        B::Error: Into<BoxError>,
+        ResBody: Body,
+        ResBody::Error: Into<BoxError>,
+    {
+        Check {
+            #[pin]
+            future: CheckFuture<S, B, AllowCheck>,
+        },
+        Listing {
+            #[pin]
+            future: S::Future,
+            filter: Option<Filter>,
+        },
+        Filtering {
+            #[pin]
+            collect: Collect<Limited<ResBody>>,
+            parts: Option<http::response::Parts>,
+            filter: Option<Filter>,
+        },
+    }
+}
+
+impl<S, B, ResBody> std::fmt::Debug for ResponseFuture<S, B, ResBody>
+where
+    S: Service<Request<PolicyBody>, Response = Response<ResBody>>,
+    B: Body,
+    B::Error: Into<BoxError>,
+    ResBody: Body,
+    ResBody::Error: Into<BoxError>,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, B, ResBody> Future for ResponseFuture<S, B, ResBody>
+where
+    S: Service<Request<PolicyBody>, Response = Response<ResBody>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes>,
+    ResBody::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                StateProj::Check { future } => return future.poll(cx),
+                StateProj::Listing { future, filter } => {
+                    let response = ready!(future.poll(cx))?;
+                    let filter = filter
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    let limit = filter.check.config.models_response_limit;
+                    if !filterable(&response, limit) {
+                        return Poll::Ready(Ok(response.map(ResponseBody::inner)));
+                    }
+                    let (parts, body) = response.into_parts();
+                    state.set(State::Filtering {
+                        collect: Limited::new(body, limit).collect(),
+                        parts: Some(parts),
+                        filter: Some(filter),
+                    });
+                }
+                StateProj::Filtering {
+                    collect,
+                    parts,
+                    filter,
+                } => {
+                    let collected = ready!(collect.poll(cx));
+                    let mut parts = parts
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    let filter = filter
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    let filtered = collected
+                        .ok()
+                        .and_then(|c| filter.apply(&c.to_bytes()))
+                        .unwrap_or_else(|| {
+                            // The list could not be read or is not a model list: fail closed
+                            // with an empty list rather than leak models the key may not use.
+                            Bytes::from_static(br#"{"object":"list","data":[]}"#)
+                        });
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                    return Poll::Ready(Ok(Response::from_parts(
+                        parts,
+                        ResponseBody::full(filtered),
+                    )));
+                }
+            }
+        }
+    }
+}
+
+/// A successful JSON response within the limit (by its declared length, if any).
+fn filterable<B: Body>(response: &Response<B>, limit: usize) -> bool {
+    let headers = response.headers();
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.to_ascii_lowercase().contains("json"));
+    let encoded = headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|e| e.as_bytes() != b"identity");
+    let declared_ok = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_none_or(|len| len <= limit as u64);
+    response.status().is_success() && json && !encoded && declared_ok
+}

@@ -1,0 +1,978 @@
+//! The parsed-once view of an LLM request: [`LlmRequest`].
+//!
+//! The first layer that needs the body reads it (checking `Content-Length` first, then through
+//! a size limit), parses it once and stores an `LlmRequest` in the request's extensions; every
+//! later layer reuses it. The parse extracts only the fields the policy layers use, borrowing
+//! text from the body where it has no escapes, and skips everything else, while still
+//! rejecting invalid JSON, duplicate policy fields and fields of the wrong type.
+//!
+//! Where the prompt lives (the prompt parts, see [`LlmRequest::prompt_parts`]): chat
+//! `messages[].content` (string or text parts), message `name`s, assistant `tool_calls` and
+//! `function_call` arguments, `tools` / `functions` definitions (their JSON text), completions
+//! `prompt`, embeddings / moderations / responses / speech `input` (strings, text parts,
+//! message items, function call arguments and outputs), and responses `instructions`. Token-id
+//! arrays are not text: their length is [`LlmRequest::prompt_token_ids`]. Image, audio and
+//! file parts are counted in [`LlmRequest::media`], never silently ignored.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::ops::Range;
+
+use bytes::Bytes;
+use http::header;
+use http::request::Parts;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::endpoint::{Endpoint, Route};
+use crate::error::PolicyError;
+use crate::model::canonical_model;
+
+/// Default limit for JSON request bodies: 16 MiB (a chat request with several base64 images
+/// fits; a 200-page prompt is well under 1 MiB).
+pub const DEFAULT_BODY_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Default limit for multipart bodies (audio and image uploads): 32 MiB, above OpenAI's 25 MB
+/// audio upload limit.
+pub const DEFAULT_MULTIPART_LIMIT: usize = 32 * 1024 * 1024;
+
+/// How request bodies are read: the size limits. The first layer that reads the body applies
+/// its options; give every layer the same ones (or configure the outermost).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BodyOptions {
+    /// Largest JSON body, in bytes.
+    pub limit: usize,
+    /// Largest multipart body, in bytes.
+    pub multipart_limit: usize,
+}
+
+impl Default for BodyOptions {
+    fn default() -> Self {
+        BodyOptions {
+            limit: DEFAULT_BODY_LIMIT,
+            multipart_limit: DEFAULT_MULTIPART_LIMIT,
+        }
+    }
+}
+
+impl BodyOptions {
+    /// The limit for this request (by its content type).
+    pub(crate) fn limit_for(&self, parts: &Parts) -> usize {
+        if is_multipart(parts) {
+            self.multipart_limit
+        } else {
+            self.limit
+        }
+    }
+}
+
+fn is_multipart(parts: &Parts) -> bool {
+    parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.trim_start()
+                .get(..19)
+                .is_some_and(|p| p.eq_ignore_ascii_case("multipart/form-data"))
+        })
+}
+
+/// Where a prompt part comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PromptSource {
+    /// Chat message content (or a message's `name`, a tool call's arguments).
+    Message,
+    /// Completions `prompt` (or a multipart `prompt` field).
+    Prompt,
+    /// `input` (embeddings, moderations, responses, speech).
+    Input,
+    /// Responses `instructions`.
+    Instructions,
+    /// The JSON text of `tools` / `functions` definitions.
+    Tools,
+}
+
+/// One piece of prompt text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PromptPart<'a> {
+    /// Where it comes from.
+    pub source: PromptSource,
+    /// The text (unescaped).
+    pub text: &'a str,
+}
+
+/// Non-text prompt parts, counted so limits can apply a documented rule to them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MediaCounts {
+    /// Image parts (`image_url`, `input_image`).
+    pub images: u32,
+    /// Audio parts (`input_audio`).
+    pub audio: u32,
+    /// File parts (`file`, `input_file`).
+    pub files: u32,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+enum Span {
+    Range(Range<usize>),
+    Owned(Box<str>),
+}
+
+/// The parsed view of an LLM request. Built at most once per request; see the module docs.
+#[derive(Clone)]
+pub struct LlmRequest {
+    route: Route,
+    body: Bytes,
+    model: Option<String>,
+    model_from_default: bool,
+    canonical: Option<String>,
+    user: Option<String>,
+    safety_identifier: Option<String>,
+    stream: bool,
+    include_usage: Option<bool>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+    n: Option<u64>,
+    best_of: Option<u64>,
+    messages: usize,
+    message_names: usize,
+    parts: Vec<(PromptSource, Span)>,
+    token_ids: u64,
+    media: MediaCounts,
+    size: Option<String>,
+    quality: Option<String>,
+    parsed_body: bool,
+}
+
+impl fmt::Debug for LlmRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Prompt text is user content: Debug shows its size, not the text.
+        f.debug_struct("LlmRequest")
+            .field("endpoint", &self.route.endpoint)
+            .field("model", &self.model)
+            .field("canonical_model", &self.canonical)
+            .field("user", &self.user)
+            .field("stream", &self.stream)
+            .field("include_usage", &self.include_usage)
+            .field("max_output_tokens", &self.max_output())
+            .field("n", &self.n)
+            .field("messages", &self.messages)
+            .field("prompt_parts", &self.parts.len())
+            .field("prompt_chars", &self.prompt_chars())
+            .field("prompt_token_ids", &self.token_ids)
+            .field("media", &self.media)
+            .field("body_len", &self.body.len())
+            .finish()
+    }
+}
+
+impl LlmRequest {
+    /// Builds the view of a request that has no body to read (e.g. `GET /v1/models/{id}`):
+    /// only the route and the model named in the path.
+    pub fn from_parts(parts: &Parts) -> Self {
+        let route = Route::classify(&parts.uri);
+        Self::empty(route)
+    }
+
+    fn empty(route: Route) -> Self {
+        let mut req = LlmRequest {
+            model: route
+                .path_model
+                .clone()
+                .or_else(|| route.deployment.clone()),
+            route,
+            body: Bytes::new(),
+            model_from_default: false,
+            canonical: None,
+            user: None,
+            safety_identifier: None,
+            stream: false,
+            include_usage: None,
+            max_tokens: None,
+            max_completion_tokens: None,
+            max_output_tokens: None,
+            n: None,
+            best_of: None,
+            messages: 0,
+            message_names: 0,
+            parts: Vec::new(),
+            token_ids: 0,
+            media: MediaCounts::default(),
+            size: None,
+            quality: None,
+            parsed_body: false,
+        };
+        req.finish();
+        req
+    }
+
+    fn finish(&mut self) {
+        if self.model.is_none() {
+            if let Some(default) = self.route.endpoint.default_model() {
+                self.model = Some(default.to_owned());
+                self.model_from_default = true;
+            }
+        }
+        self.canonical = self.model.as_deref().map(canonical_model);
+    }
+
+    /// Parses a request's body. `parts` gives the route and the content type.
+    ///
+    /// JSON bodies must be a JSON object; multipart bodies are read for their `model`,
+    /// `prompt`, `user`, `n`, `size`, `quality` and `stream` fields (with the `multipart`
+    /// feature; without it, a multipart body is an error). An empty body gives an empty view.
+    pub fn parse(parts: &Parts, body: Bytes) -> Result<Self, PolicyError> {
+        let route = Route::classify(&parts.uri);
+        let mut req = Self::empty(route);
+        req.model = None;
+        req.model_from_default = false;
+        req.parsed_body = true;
+        if body.iter().all(u8::is_ascii_whitespace) {
+            req.body = body;
+            req.finish();
+            return Ok(req);
+        }
+        if is_multipart(parts) {
+            parse_multipart(&mut req, parts, &body)?;
+        } else {
+            parse_json(&mut req, &body)?;
+        }
+        req.body = body;
+        if req.model.is_none() {
+            req.model = req.route.deployment.clone();
+        }
+        req.finish();
+        Ok(req)
+    }
+
+    /// The route: endpoint, model in the path, Azure deployment.
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+
+    /// The endpoint.
+    pub fn endpoint(&self) -> Endpoint {
+        self.route.endpoint
+    }
+
+    /// The model as sent (body field, multipart field, path, or Azure deployment name), or the
+    /// endpoint's documented default when the request omits it.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// Whether [`model`](Self::model) is the endpoint's default rather than sent.
+    pub fn model_is_default(&self) -> bool {
+        self.model_from_default
+    }
+
+    /// The model's canonical name under the built-in rules ([`crate::model`]).
+    pub fn canonical_model(&self) -> Option<&str> {
+        self.canonical.as_deref()
+    }
+
+    /// The end user: `user`, else `safety_identifier`.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref().or(self.safety_identifier.as_deref())
+    }
+
+    /// `safety_identifier` as sent.
+    pub fn safety_identifier(&self) -> Option<&str> {
+        self.safety_identifier.as_deref()
+    }
+
+    /// Whether the response is streamed.
+    pub fn stream(&self) -> bool {
+        self.stream
+    }
+
+    /// `stream_options.include_usage` as sent.
+    pub fn include_usage(&self) -> Option<bool> {
+        self.include_usage
+    }
+
+    /// `max_tokens` as sent.
+    pub fn max_tokens(&self) -> Option<u64> {
+        self.max_tokens
+    }
+
+    /// `max_completion_tokens` as sent.
+    pub fn max_completion_tokens(&self) -> Option<u64> {
+        self.max_completion_tokens
+    }
+
+    /// `max_output_tokens` as sent (Responses API).
+    pub fn max_output_tokens(&self) -> Option<u64> {
+        self.max_output_tokens
+    }
+
+    /// The requested output limit: the largest of the three output-token fields sent.
+    pub fn max_output(&self) -> Option<u64> {
+        [
+            self.max_tokens,
+            self.max_completion_tokens,
+            self.max_output_tokens,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+    }
+
+    /// `n` as sent.
+    pub fn n(&self) -> Option<u64> {
+        self.n
+    }
+
+    /// `best_of` as sent.
+    pub fn best_of(&self) -> Option<u64> {
+        self.best_of
+    }
+
+    /// The number of chat messages.
+    pub fn message_count(&self) -> usize {
+        self.messages
+    }
+
+    /// The number of chat messages with a `name`.
+    pub fn message_names(&self) -> usize {
+        self.message_names
+    }
+
+    /// The prompt's text parts, in body order.
+    pub fn prompt_parts(&self) -> impl Iterator<Item = PromptPart<'_>> + '_ {
+        self.parts.iter().map(move |(source, span)| PromptPart {
+            source: *source,
+            text: match span {
+                Span::Owned(s) => s,
+                // Ranges are taken from `str`s that serde_json validated within this body.
+                Span::Range(r) => self
+                    .body
+                    .get(r.clone())
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .unwrap_or_default(),
+            },
+        })
+    }
+
+    /// The prompt's size in characters (Unicode scalar values), over all text parts.
+    pub fn prompt_chars(&self) -> usize {
+        self.prompt_parts().map(|p| p.text.chars().count()).sum()
+    }
+
+    /// The number of token ids sent as integer arrays (`prompt` / `input`).
+    pub fn prompt_token_ids(&self) -> u64 {
+        self.token_ids
+    }
+
+    /// Image, audio and file parts.
+    pub fn media(&self) -> MediaCounts {
+        self.media
+    }
+
+    /// Images `size` as sent.
+    pub fn size(&self) -> Option<&str> {
+        self.size.as_deref()
+    }
+
+    /// Images `quality` as sent.
+    pub fn quality(&self) -> Option<&str> {
+        self.quality.as_deref()
+    }
+
+    /// The body as read.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// Whether the view was built from a body (false for [`LlmRequest::from_parts`]).
+    pub fn has_body(&self) -> bool {
+        self.parsed_body
+    }
+
+    /// Records that a layer changed the output-token limits (after rewriting the body).
+    pub fn set_max_output(&mut self, field: OutputField, value: Option<u64>) {
+        match field {
+            OutputField::MaxTokens => self.max_tokens = value,
+            OutputField::MaxCompletionTokens => self.max_completion_tokens = value,
+            OutputField::MaxOutputTokens => self.max_output_tokens = value,
+        }
+    }
+
+    /// Records that a layer changed `stream_options.include_usage` (after rewriting the body).
+    pub fn set_include_usage(&mut self, value: Option<bool>) {
+        self.include_usage = value;
+    }
+}
+
+/// The output-token fields of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OutputField {
+    /// `max_tokens`.
+    MaxTokens,
+    /// `max_completion_tokens`.
+    MaxCompletionTokens,
+    /// `max_output_tokens`.
+    MaxOutputTokens,
+}
+
+fn invalid(message: impl Into<String>) -> PolicyError {
+    PolicyError::InvalidBody {
+        message: message.into(),
+        param: None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON
+
+struct Collector<'a> {
+    base: &'a [u8],
+    parts: Vec<(PromptSource, Span)>,
+    messages: usize,
+    names: usize,
+    token_ids: u64,
+    media: MediaCounts,
+}
+
+impl<'a> Collector<'a> {
+    fn span(&self, s: Cow<'a, str>) -> Span {
+        match s {
+            Cow::Borrowed(b) => {
+                let start = (b.as_ptr() as usize).wrapping_sub(self.base.as_ptr() as usize);
+                if start <= self.base.len() && b.len() <= self.base.len() - start {
+                    Span::Range(start..start + b.len())
+                } else {
+                    Span::Owned(b.into())
+                }
+            }
+            Cow::Owned(o) => Span::Owned(o.into_boxed_str()),
+        }
+    }
+
+    fn text(&mut self, source: PromptSource, s: Cow<'a, str>) {
+        if !s.is_empty() {
+            let span = self.span(s);
+            self.parts.push((source, span));
+        }
+    }
+
+    fn media_type(&mut self, ty: &str) {
+        match ty {
+            "image_url" | "input_image" | "image" => self.media.images += 1,
+            "input_audio" | "audio" => self.media.audio += 1,
+            "file" | "input_file" => self.media.files += 1,
+            _ => {}
+        }
+    }
+}
+
+fn parse_json(req: &mut LlmRequest, body: &Bytes) -> Result<(), PolicyError> {
+    let mut collector = Collector {
+        base: body,
+        parts: Vec::new(),
+        messages: 0,
+        names: 0,
+        token_ids: 0,
+        media: MediaCounts::default(),
+    };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let top = TopSeed {
+        c: &mut collector,
+        out: req,
+    };
+    top.deserialize(&mut de)
+        .and_then(|()| de.end())
+        .map_err(|e| {
+            let param = if e.is_data() { field_of(&e) } else { None };
+            PolicyError::InvalidBody {
+                message: format!("We could not parse the JSON body of your request: {e}"),
+                param,
+            }
+        })?;
+    req.parts = collector.parts;
+    req.messages = collector.messages;
+    req.message_names = collector.names;
+    req.token_ids = collector.token_ids;
+    req.media = collector.media;
+    Ok(())
+}
+
+/// Our own errors name the field first (`` `model`: ... ``); take it for `param`.
+fn field_of(e: &serde_json::Error) -> Option<&'static str> {
+    let msg = e.to_string();
+    FIELDS.iter().copied().find(|f| {
+        msg.strip_prefix('`')
+            .and_then(|m| m.strip_prefix(f))
+            .is_some_and(|m| m.starts_with('`'))
+    })
+}
+
+const FIELDS: &[&str] = &[
+    "model",
+    "user",
+    "safety_identifier",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n",
+    "best_of",
+    "messages",
+    "prompt",
+    "input",
+    "instructions",
+    "tools",
+    "functions",
+    "size",
+    "quality",
+];
+
+/// Deserializes one field with its name in any error message.
+fn field<'de, T: Deserialize<'de>, A: MapAccess<'de>>(
+    map: &mut A,
+    name: &'static str,
+    seen: &mut u32,
+) -> Result<T, A::Error> {
+    let bit = 1u32 << FIELDS.iter().position(|f| *f == name).unwrap_or(31);
+    if *seen & bit != 0 {
+        return Err(de::Error::custom(format_args!(
+            "`{name}`: duplicate field; send each field once"
+        )));
+    }
+    *seen |= bit;
+    map.next_value::<T>()
+        .map_err(|e| de::Error::custom(format_args!("`{name}`: {}", without_position(&e))))
+}
+
+struct TopSeed<'c, 'a> {
+    c: &'c mut Collector<'a>,
+    out: &'c mut LlmRequest,
+}
+
+impl<'de, 'c> DeserializeSeed<'de> for TopSeed<'c, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+fn owned(s: Option<Cow<'_, str>>) -> Option<String> {
+    s.map(Cow::into_owned)
+}
+
+impl<'de, 'c> Visitor<'de> for TopSeed<'c, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the request body to be a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = 0u32;
+        let out = self.out;
+        let c = self.c;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match key.as_ref() {
+                "model" => {
+                    out.model = owned(field::<Option<Cow<'de, str>>, _>(
+                        &mut map, "model", &mut seen,
+                    )?)
+                }
+                "user" => out.user = owned(field(&mut map, "user", &mut seen)?),
+                "safety_identifier" => {
+                    out.safety_identifier = owned(field(&mut map, "safety_identifier", &mut seen)?)
+                }
+                "stream" => {
+                    out.stream =
+                        field::<Option<bool>, _>(&mut map, "stream", &mut seen)?.unwrap_or(false)
+                }
+                "stream_options" => {
+                    out.include_usage =
+                        field::<Option<StreamOptions>, _>(&mut map, "stream_options", &mut seen)?
+                            .and_then(|o| o.include_usage)
+                }
+                "max_tokens" => out.max_tokens = field(&mut map, "max_tokens", &mut seen)?,
+                "max_completion_tokens" => {
+                    out.max_completion_tokens = field(&mut map, "max_completion_tokens", &mut seen)?
+                }
+                "max_output_tokens" => {
+                    out.max_output_tokens = field(&mut map, "max_output_tokens", &mut seen)?
+                }
+                "n" => out.n = field(&mut map, "n", &mut seen)?,
+                "best_of" => out.best_of = field(&mut map, "best_of", &mut seen)?,
+                "size" => out.size = owned(field(&mut map, "size", &mut seen)?),
+                "quality" => out.quality = owned(field(&mut map, "quality", &mut seen)?),
+                "instructions" => {
+                    if let Some(text) =
+                        field::<Option<Cow<'de, str>>, _>(&mut map, "instructions", &mut seen)?
+                    {
+                        c.text(PromptSource::Instructions, text);
+                    }
+                }
+                name @ ("tools" | "functions") => {
+                    let name = if name == "tools" {
+                        "tools"
+                    } else {
+                        "functions"
+                    };
+                    let raw = field::<&'de RawValue, _>(&mut map, name, &mut seen)?;
+                    if raw.get() != "null" {
+                        c.text(PromptSource::Tools, Cow::Borrowed(raw.get()));
+                    }
+                }
+                "messages" => {
+                    seen_once(&mut seen, "messages")?;
+                    map.next_value_seed(Labelled("messages", MessagesSeed { c: &mut *c }))?;
+                }
+                "prompt" => {
+                    seen_once(&mut seen, "prompt")?;
+                    map.next_value_seed(Labelled(
+                        "prompt",
+                        InputSeed {
+                            c: &mut *c,
+                            source: PromptSource::Prompt,
+                            depth: 0,
+                        },
+                    ))?;
+                }
+                "input" => {
+                    seen_once(&mut seen, "input")?;
+                    map.next_value_seed(Labelled(
+                        "input",
+                        InputSeed {
+                            c: &mut *c,
+                            source: PromptSource::Input,
+                            depth: 0,
+                        },
+                    ))?;
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// serde_json adds the position once more when our wrapped error surfaces: drop the inner one.
+fn without_position(e: &dyn fmt::Display) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(i) => text[..i].to_owned(),
+        None => text,
+    }
+}
+
+fn seen_once<E: de::Error>(seen: &mut u32, name: &'static str) -> Result<(), E> {
+    let bit = 1u32 << FIELDS.iter().position(|f| *f == name).unwrap_or(31);
+    if *seen & bit != 0 {
+        return Err(E::custom(format_args!(
+            "`{name}`: duplicate field; send each field once"
+        )));
+    }
+    *seen |= bit;
+    Ok(())
+}
+
+/// Prefixes errors of a seed with the field's name.
+struct Labelled<S>(&'static str, S);
+
+impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for Labelled<S> {
+    type Value = S::Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<S::Value, D::Error> {
+        let name = self.0;
+        // The inner errors already carry the position; add the field name in front.
+        self.1.deserialize(d).map_err(|e| {
+            let text = e.to_string();
+            if text.starts_with('`') {
+                e
+            } else {
+                de::Error::custom(format_args!("`{name}`: {}", without_position(&text)))
+            }
+        })
+    }
+}
+
+/// `messages`: an array of message objects.
+struct MessagesSeed<'c, 'a> {
+    c: &'c mut Collector<'a>,
+}
+
+impl<'de, 'c> DeserializeSeed<'de> for MessagesSeed<'c, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, 'c> Visitor<'de> for MessagesSeed<'c, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of messages")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq
+            .next_element_seed(ItemSeed {
+                c: &mut *self.c,
+                source: PromptSource::Message,
+                depth: 1,
+            })?
+            .is_some()
+        {
+            self.c.messages += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Deepest nesting of prompt items we follow (deeper values are still validated as JSON).
+const MAX_DEPTH: u8 = 8;
+
+/// `prompt` / `input` / part arrays: a string, an array of strings, token ids, arrays of
+/// token ids, or objects (parts and items).
+struct InputSeed<'c, 'a> {
+    c: &'c mut Collector<'a>,
+    source: PromptSource,
+    depth: u8,
+}
+
+impl<'de, 'c> DeserializeSeed<'de> for InputSeed<'c, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, 'c> Visitor<'de> for InputSeed<'c, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string, an array of strings or token ids, or an array of parts")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<(), E> {
+        self.c.text(self.source, Cow::Borrowed(v));
+        Ok(())
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.c.text(self.source, Cow::Owned(v.to_owned()));
+        Ok(())
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<(), E> {
+        self.c.text(self.source, Cow::Owned(v));
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.c.token_ids += 1;
+        Ok(())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Err(E::custom("token ids must be non-negative integers"))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if self.depth >= MAX_DEPTH {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            return Ok(());
+        }
+        while seq
+            .next_element_seed(InputSeed {
+                c: &mut *self.c,
+                source: self.source,
+                depth: self.depth + 1,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        ItemSeed {
+            c: self.c,
+            source: self.source,
+            depth: self.depth + 1,
+        }
+        .visit_map(map)
+    }
+}
+
+/// An object: a chat message, a content part, or a Responses input item.
+struct ItemSeed<'c, 'a> {
+    c: &'c mut Collector<'a>,
+    source: PromptSource,
+    depth: u8,
+}
+
+impl<'de, 'c> DeserializeSeed<'de> for ItemSeed<'c, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, 'c> Visitor<'de> for ItemSeed<'c, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let c = self.c;
+        let (source, depth) = (self.source, self.depth);
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match key.as_ref() {
+                // Text-bearing fields: strings or arrays of parts, followed recursively.
+                "content" | "text" | "refusal" | "output" | "arguments" | "summary"
+                    if depth < MAX_DEPTH =>
+                {
+                    map.next_value_seed(InputSeed {
+                        c: &mut *c,
+                        source,
+                        depth,
+                    })?
+                }
+                "name" if source == PromptSource::Message && depth == 1 => {
+                    if let Some(name) = map.next_value::<Option<Cow<'de, str>>>()? {
+                        c.names += 1;
+                        c.text(PromptSource::Message, name);
+                    }
+                }
+                "tool_calls" | "function_call" | "function" if depth < MAX_DEPTH => map
+                    .next_value_seed(InputSeed {
+                        c: &mut *c,
+                        source,
+                        depth,
+                    })?,
+                "type" => {
+                    let ty = map.next_value::<Option<Cow<'de, str>>>()?;
+                    if let Some(ty) = ty {
+                        c.media_type(&ty);
+                    }
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// multipart
+
+#[cfg(feature = "multipart")]
+fn parse_multipart(req: &mut LlmRequest, parts: &Parts, body: &Bytes) -> Result<(), PolicyError> {
+    use futures_util::FutureExt;
+
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let boundary = multer::parse_boundary(content_type)
+        .map_err(|e| invalid(format!("Invalid multipart/form-data content type: {e}")))?;
+    let stream = futures_util::stream::once(std::future::ready(Ok::<Bytes, std::io::Error>(
+        body.clone(),
+    )));
+    let mut form = multer::Multipart::new(stream, boundary);
+    // The whole body is in memory, so every step completes at once: poll without a runtime.
+    let bad = |e: multer::Error| invalid(format!("Invalid multipart/form-data body: {e}"));
+    loop {
+        let next = form
+            .next_field()
+            .now_or_never()
+            .ok_or_else(|| invalid("Invalid multipart/form-data body"))?
+            .map_err(bad)?;
+        let Some(field) = next else { break };
+        let name = field.name().unwrap_or_default().to_owned();
+        let is_file = field.file_name().is_some();
+        let wanted = !is_file
+            && matches!(
+                name.as_str(),
+                "model" | "prompt" | "user" | "n" | "size" | "quality" | "stream"
+            );
+        if !wanted {
+            // Skip the field's data (a file part is consumed chunk by chunk, no copy).
+            let mut field = field;
+            while field
+                .chunk()
+                .now_or_never()
+                .ok_or_else(|| invalid("Invalid multipart/form-data body"))?
+                .map_err(bad)?
+                .is_some()
+            {}
+            if is_file {
+                req.media.files += 1;
+            }
+            continue;
+        }
+        let text = field
+            .text()
+            .now_or_never()
+            .ok_or_else(|| invalid("Invalid multipart/form-data body"))?
+            .map_err(bad)?;
+        let dup = |name: &str| PolicyError::InvalidBody {
+            message: format!("`{name}`: duplicate field; send each field once"),
+            param: None,
+        };
+        match name.as_str() {
+            "model" if req.model.is_some() => return Err(dup("model")),
+            "model" => req.model = Some(text),
+            "prompt" => req
+                .parts
+                .push((PromptSource::Prompt, Span::Owned(text.into()))),
+            "user" => req.user = Some(text),
+            "size" => req.size = Some(text),
+            "quality" => req.quality = Some(text),
+            "stream" => req.stream = text.trim().eq_ignore_ascii_case("true"),
+            "n" => {
+                req.n = Some(text.trim().parse().map_err(|_| PolicyError::InvalidBody {
+                    message: format!("`n` must be a positive integer, got `{text}`"),
+                    param: None,
+                })?)
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "multipart"))]
+fn parse_multipart(_: &mut LlmRequest, _: &Parts, _: &Bytes) -> Result<(), PolicyError> {
+    Err(invalid(
+        "multipart/form-data bodies need the `multipart` feature of tower-llm-policy",
+    ))
+}
