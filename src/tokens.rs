@@ -93,7 +93,10 @@ impl Encoding {
         let model = canonical_model
             .strip_prefix("ft:")
             .unwrap_or(canonical_model);
-        if O200K_PREFIXES.iter().any(|prefix| model.starts_with(prefix)) {
+        if O200K_PREFIXES
+            .iter()
+            .any(|prefix| model.starts_with(prefix))
+        {
             Encoding::O200kBase
         } else {
             // gpt-4 (non-o), gpt-3.5*, text-embedding-3*, text-embedding-ada-002, unknown.
@@ -470,7 +473,15 @@ mod tests {
 
     #[test]
     fn estimate_up_to_matches_estimate() {
-        for text in ["", "a", "abcd", "abcde", "héllo wörld", "日本語のテキスト", "😀😀😀😀😀"] {
+        for text in [
+            "",
+            "a",
+            "abcd",
+            "abcde",
+            "héllo wörld",
+            "日本語のテキスト",
+            "😀😀😀😀😀",
+        ] {
             for limit in 0..6 {
                 let whole = estimate(text);
                 let expected = if whole <= limit {
@@ -492,7 +503,10 @@ mod tests {
     fn length_bound_never_exceeds_the_count() {
         for encoding in [Encoding::O200kBase, Encoding::Cl100kBase] {
             let vocabulary = exact::Vocabulary::get(encoding);
-            assert!((16..=1024).contains(&vocabulary.longest_token), "{encoding}");
+            assert!(
+                (16..=1024).contains(&vocabulary.longest_token),
+                "{encoding}"
+            );
             for text in [
                 " ".repeat(10_000),
                 "a".repeat(10_000),

@@ -51,7 +51,8 @@ fn samples() -> Vec<String> {
 fn random_no_whitespace(bytes: usize, seed: u64) -> String {
     const ALPHABET: &[char] = &[
         'a', 'b', 'e', 'k', 'q', 'z', 'A', 'M', 'Z', '0', '7', '9', '.', ',', '-', '_', '/', '(',
-        ')', '\'', '"', '!', '?', 'é', 'ß', 'Ω', 'ж', '日', '本', '語', '中', '😀', '👍', '\u{301}',
+        ')', '\'', '"', '!', '?', 'é', 'ß', 'Ω', 'ж', '日', '本', '語', '中', '😀', '👍',
+        '\u{301}',
     ];
     let mut state = seed;
     let mut text = String::with_capacity(bytes + 4);
@@ -104,7 +105,10 @@ fn estimating_counter_is_not_exact() {
         let counter = TokenCounter::estimating(encoding);
         assert!(!counter.is_exact());
         assert_eq!(counter.count("hello world"), 3);
-        assert_eq!(counter.count_up_to("hello world", 3), Count::Within { tokens: 3 });
+        assert_eq!(
+            counter.count_up_to("hello world", 3),
+            Count::Within { tokens: 3 }
+        );
         assert!(counter.count_up_to("hello world", 2).is_exceeded());
     }
 }
@@ -112,10 +116,7 @@ fn estimating_counter_is_not_exact() {
 #[test]
 fn counter_debug_shows_encoding_and_exactness() {
     let debug = format!("{:?}", TokenCounter::estimating(Encoding::O200kBase));
-    assert_eq!(
-        debug,
-        "TokenCounter { encoding: O200kBase, exact: false }"
-    );
+    assert_eq!(debug, "TokenCounter { encoding: O200kBase, exact: false }");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -142,7 +143,10 @@ mod estimate_only {
         for text in samples() {
             let chars = text.chars().count();
             assert_eq!(estimate(&text), chars.div_ceil(4));
-            assert_eq!(TokenCounter::new(Encoding::O200kBase).count(&text), estimate(&text));
+            assert_eq!(
+                TokenCounter::new(Encoding::O200kBase).count(&text),
+                estimate(&text)
+            );
         }
     }
 
@@ -151,7 +155,10 @@ mod estimate_only {
         let counter = TokenCounter::new(Encoding::Cl100kBase);
         for text in samples() {
             let whole = counter.count(&text);
-            assert_eq!(counter.count_up_to(&text, whole), Count::Within { tokens: whole });
+            assert_eq!(
+                counter.count_up_to(&text, whole),
+                Count::Within { tokens: whole }
+            );
             if whole > 0 {
                 assert_eq!(
                     counter.count_up_to(&text, whole - 1),
@@ -165,11 +172,20 @@ mod estimate_only {
     fn estimate_up_to_stops_early() {
         let counter = TokenCounter::new(Encoding::O200kBase);
         let huge = "a".repeat(MIB);
-        assert_eq!(counter.count_up_to(&huge, 10), Count::Exceeded { counted: 11 });
+        assert_eq!(
+            counter.count_up_to(&huge, 10),
+            Count::Exceeded { counted: 11 }
+        );
         assert_eq!(counter.count(&huge), MIB / 4);
         let multibyte = random_no_whitespace(MIB, 3);
-        assert_eq!(counter.count_up_to(&multibyte, 10), Count::Exceeded { counted: 11 });
-        assert_eq!(counter.count(&multibyte), multibyte.chars().count().div_ceil(4));
+        assert_eq!(
+            counter.count_up_to(&multibyte, 10),
+            Count::Exceeded { counted: 11 }
+        );
+        assert_eq!(
+            counter.count(&multibyte),
+            multibyte.chars().count().div_ceil(4)
+        );
     }
 }
 
@@ -306,7 +322,10 @@ mod exact {
             let Count::Exceeded { counted } = counter.count_up_to(&text, 100) else {
                 panic!("{encoding}: 200 000 tokens within 100");
             };
-            assert!((1_000..=200_000).contains(&counted), "{encoding}: {counted}");
+            assert!(
+                (1_000..=200_000).contains(&counted),
+                "{encoding}: {counted}"
+            );
         }
     }
 
@@ -319,7 +338,10 @@ mod exact {
             assert!(quarter > 0);
             // Runs of 'a' encode as a repeated token: 4× the text is 4× the tokens, up to the
             // ends of the run.
-            assert!(whole.abs_diff(4 * quarter) <= 4, "{encoding}: {whole} vs 4 × {quarter}");
+            assert!(
+                whole.abs_diff(4 * quarter) <= 4,
+                "{encoding}: {whole} vs 4 × {quarter}"
+            );
             assert_eq!(
                 counter.count_up_to(&"a".repeat(MIB), usize::MAX),
                 Count::Within { tokens: whole }
