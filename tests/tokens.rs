@@ -110,6 +110,9 @@ fn estimating_counter_is_not_exact() {
             Count::Within { tokens: 3 }
         );
         assert!(counter.count_up_to("hello world", 2).is_exceeded());
+        for text in samples() {
+            assert_eq!(counter.count(&text), estimate(&text));
+        }
     }
 }
 
