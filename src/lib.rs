@@ -10,6 +10,7 @@ pub mod keys;
 pub mod model;
 pub mod model_allow_list;
 pub mod request;
+pub mod tokens;
 
 pub use body::{PolicyBody, ResponseBody};
 pub use endpoint::{Endpoint, Feature, FeatureSet, Route};

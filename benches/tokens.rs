@@ -1,0 +1,94 @@
+//! Exact token counting: typical prompts, a long document, and hostile input (one 1 MB word).
+//!
+//! `cargo bench --features tokens --bench tokens`
+
+use std::sync::LazyLock;
+
+use divan::{black_box, counter::BytesCount, Bencher};
+use tower_llm_policy::tokens::{Encoding, TokenCounter};
+
+fn main() {
+    divan::main();
+}
+
+const ENCODINGS: [Encoding; 2] = [Encoding::O200kBase, Encoding::Cl100kBase];
+
+const PARAGRAPH: &str = "You are a careful assistant. Summarise the following support ticket \
+    in two sentences, then list the customer's open questions as bullet points. The customer \
+    writes: \"Since the update on 2024-08-06 the export to CSV fails with error 0x80070057; \
+    I've tried re-installing twice, it didn't help.\" ";
+
+const CODE: &str = "fn parse(input: &str) -> Result<Vec<u32>, ParseIntError> {\n    \
+    input.split(',').map(|s| s.trim().parse::<u32>()).collect()\n}\n\n";
+
+const UNICODE: &str = "Grüße aus München — 日本語のテキスト、中文文本 😀👍🏽 naïve café. ";
+
+/// A chat prompt of about 2 KB: instructions and a ticket in English.
+static CHAT_2KB: LazyLock<String> = LazyLock::new(|| fill(&[PARAGRAPH], 2 * 1024));
+
+/// A document of about 100 KB: English, code and some non-Latin text.
+static DOCUMENT_100KB: LazyLock<String> =
+    LazyLock::new(|| fill(&[PARAGRAPH, CODE, PARAGRAPH, UNICODE], 100 * 1024));
+
+/// One word of 1 MiB with no whitespace.
+static WORD_1MB: LazyLock<String> = LazyLock::new(|| "a".repeat(1024 * 1024));
+
+fn fill(parts: &[&str], bytes: usize) -> String {
+    let mut text = String::with_capacity(bytes + 512);
+    while text.len() < bytes {
+        for part in parts {
+            text.push_str(part);
+        }
+    }
+    text
+}
+
+fn bench_count(bencher: Bencher<'_, '_>, encoding: Encoding, text: &str) {
+    let counter = TokenCounter::new(encoding);
+    bencher
+        .counter(BytesCount::of_str(text))
+        .bench(|| counter.count(black_box(text)));
+}
+
+#[divan::bench(args = ENCODINGS)]
+fn count_chat_2kb(bencher: Bencher<'_, '_>, encoding: Encoding) {
+    bench_count(bencher, encoding, &CHAT_2KB);
+}
+
+#[divan::bench(args = ENCODINGS)]
+fn count_document_100kb(bencher: Bencher<'_, '_>, encoding: Encoding) {
+    bench_count(bencher, encoding, &DOCUMENT_100KB);
+}
+
+#[divan::bench(args = ENCODINGS, sample_count = 20)]
+fn count_word_1mb(bencher: Bencher<'_, '_>, encoding: Encoding) {
+    bench_count(bencher, encoding, &WORD_1MB);
+}
+
+/// A limit far below what 1 MB can hold: decided from the length, nothing is encoded.
+#[divan::bench(args = ENCODINGS)]
+fn count_up_to_1k_word_1mb(bencher: Bencher<'_, '_>, encoding: Encoding) {
+    let counter = TokenCounter::new(encoding);
+    let text: &str = &WORD_1MB;
+    bencher.bench(|| counter.count_up_to(black_box(text), black_box(1_000)));
+}
+
+/// A limit above the length bound (1 MiB / longest token ≈ 8 k), below the real count: the
+/// worst case, where the one long piece is scanned and encoded.
+#[divan::bench(args = ENCODINGS, sample_count = 20)]
+fn count_up_to_10k_word_1mb(bencher: Bencher<'_, '_>, encoding: Encoding) {
+    let counter = TokenCounter::new(encoding);
+    let text: &str = &WORD_1MB;
+    bencher
+        .counter(BytesCount::of_str(text))
+        .bench(|| counter.count_up_to(black_box(text), black_box(10_000)));
+}
+
+/// Many short pieces: counting stops after the first 10 001 of 200 000 tokens (1 MB of text).
+#[divan::bench(args = ENCODINGS)]
+fn count_up_to_10k_words_1mb(bencher: Bencher<'_, '_>, encoding: Encoding) {
+    static WORDS: LazyLock<String> = LazyLock::new(|| " word".repeat(200_000));
+    let counter = TokenCounter::new(encoding);
+    let text: &str = &WORDS;
+    bencher.bench(|| counter.count_up_to(black_box(text), black_box(10_000)));
+}
