@@ -1,1 +1,3 @@
 //! tower-llm-policy: security and cost policy for OpenAI-compatible LLM APIs, as tower middleware.
+
+pub mod pricing;
