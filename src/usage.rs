@@ -208,7 +208,8 @@ impl UsageScanner {
         self.sse.reset_event();
     }
 
-    /// The usage found so far (the last one reported), if any.
+    /// The usage found so far (the last one reported), if any. It may be read at any time,
+    /// for example when the client went away before the end of the body.
     pub fn usage(&self) -> Option<&Usage> {
         self.json.found.as_ref()
     }
@@ -834,10 +835,18 @@ impl JsonScan {
             if let Some(key) = self.await_value.take() {
                 match key {
                     Key::Usage => {
-                        self.usage_top = match b {
-                            b'n' => Seen::Null,
-                            b'{' => Seen::Object,
-                            _ => Seen::Other,
+                        if self.depth == 1 {
+                            self.usage_top = match b {
+                                b'n' => Seen::Null,
+                                b'{' => Seen::Object,
+                                _ => Seen::Other,
+                            };
+                        }
+                        if b == b'n' && self.capturing.is_some() {
+                            // `"usage": null`, on every chunk of an include_usage stream:
+                            // nothing to keep or parse.
+                            self.capturing = None;
+                            self.buf.clear();
                         }
                     }
                     Key::Choices if b == b'[' => self.await_second = true,
@@ -894,9 +903,7 @@ impl JsonScan {
                     self.expect_key = false;
                     match self.last_key {
                         Key::Usage => {
-                            if self.depth == 1 {
-                                self.await_value = Some(Key::Usage);
-                            }
+                            self.await_value = Some(Key::Usage);
                             if self.capture {
                                 self.capturing = Some(self.depth);
                                 self.buf.clear();
@@ -1010,6 +1017,8 @@ impl JsonScan {
         self.root == Root::Other
             || self.choices == Seen::Other
             || matches!(self.usage_top, Seen::Null | Seen::Other)
+            // A closed document does not change any more.
+            || (self.root == Root::Closed && !self.is_usage_only())
     }
 }
 

@@ -572,9 +572,11 @@ fn stripper_at_every_split_point() {
 
 #[test]
 fn stripper_at_every_pair_of_split_points_around_the_usage_chunk() {
-    let stream = [FINISH_CHUNK, USAGE_CHUNK, DONE].concat();
-    let stream = crlf(&stream);
-    let expected = crlf(&[FINISH_CHUNK, DONE].concat());
+    // Short events, so that the number of (i, j) pairs stays small.
+    let content = "data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\n";
+    let usage = "data: {\"choices\":[],\"usage\":{\"total_tokens\":1}}\n\n";
+    let stream = crlf(&[content, usage, DONE].concat());
+    let expected = crlf(&[content, DONE].concat());
     let b = stream.as_bytes();
     for i in 0..=b.len() {
         for j in i..=b.len() {
@@ -649,9 +651,15 @@ fn stripper_releases_an_incomplete_event_as_soon_as_it_cannot_be_usage_only() {
     let out = stripper.push(Bytes::from_static(b"data: [DO"));
     assert_eq!(&out[..], b"data: [DO");
 
+    // A complete JSON object that is not usage-only is released before its blank line.
+    let out = stripper.push(Bytes::from_static(b"NE]\n\ndata: {\"choices\":[]}"));
+    assert_eq!(&out[..], b"NE]\n\ndata: {\"choices\":[]}");
+    let out = stripper.push(Bytes::from_static(b"\n\n"));
+    assert_eq!(&out[..], b"\n\n");
+
     // Comment lines alone prove nothing yet: a data line may follow in the same event.
-    let out = stripper.push(Bytes::from_static(b"NE]\n\n: ping\n"));
-    assert_eq!(&out[..], b"NE]\n\n");
+    let out = stripper.push(Bytes::from_static(b": ping\n"));
+    assert!(out.is_empty());
     assert_eq!(stripper.held(), ": ping\n".len());
     assert_eq!(&stripper.finish()[..], b": ping\n");
 }
@@ -741,4 +749,123 @@ fn stripper_and_scanner_on_a_long_stream() {
     assert_eq!(stripper.removed(), 1);
     assert_eq!(scanner.usage(), Some(&stream_usage()));
     assert!(stripper.buffered_high_water() <= 2 * CONTENT_CHUNK.len().max(USAGE_CHUNK.len()));
+}
+
+// ---- randomised -----------------------------------------------------------------------------
+
+/// A small deterministic PRNG (xorshift64*), so the randomised tests need no dependency and
+/// fail the same way every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Splits `bytes` into chunks of random sizes (empty ones included).
+fn random_chunks<'a>(rng: &mut Rng, bytes: &'a [u8]) -> Vec<&'a [u8]> {
+    let mut chunks = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let n = rng.below(40).min(rest.len());
+        let (a, b) = rest.split_at(n);
+        chunks.push(a);
+        rest = b;
+    }
+    chunks
+}
+
+#[test]
+fn random_streams_and_chunkings() {
+    const MULTI_LINE_USAGE: &str =
+        "data: {\"choices\":[],\ndata: \"usage\":{\"prompt_tokens\":19,\"completion_tokens\":10,\"total_tokens\":29,\"prompt_tokens_details\":{\"cached_tokens\":3},\"completion_tokens_details\":{\"reasoning_tokens\":2}}}\n\n";
+    // (event, is usage-only)
+    let templates: [(&str, bool); 7] = [
+        (CONTENT_CHUNK, false),
+        (FINISH_CHUNK, false),
+        (USAGE_CHUNK, true),
+        (MULTI_LINE_USAGE, true),
+        (": keep-alive\n\n", false),
+        (
+            "id: 7\ndata: {\"choices\":[{\"index\":0}],\"usage\":null}\n\n",
+            false,
+        ),
+        ("data: {\"choices\": [ ], \"usage\": null}\n\n", false),
+    ];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for round in 0..300 {
+        let ending = ["\n", "\r\n", "\r"][rng.below(3)];
+        let mut stream = String::new();
+        let mut expected = String::new();
+        let mut usage_events = 0;
+        for _ in 0..rng.below(8) {
+            let (event, usage_only) = templates[rng.below(templates.len())];
+            let event = event.replace('\n', ending);
+            stream.push_str(&event);
+            if usage_only {
+                usage_events += 1;
+            } else {
+                expected.push_str(&event);
+            }
+        }
+        let done = DONE.replace('\n', ending);
+        stream.push_str(&done);
+        expected.push_str(&done);
+
+        let chunks = random_chunks(&mut rng, stream.as_bytes());
+        let (out, stripper) = strip(&chunks);
+        assert_eq!(String::from_utf8(out).unwrap(), expected, "round {round}");
+        assert_eq!(stripper.removed(), usage_events, "round {round}");
+
+        let scanner = scan(ScanMode::Sse, &chunks);
+        let expected_usage = (usage_events > 0).then(stream_usage);
+        assert_eq!(scanner.usage(), expected_usage.as_ref(), "round {round}");
+        assert!(scanner.saw_done(), "round {round}");
+    }
+}
+
+#[test]
+fn random_bytes_never_panic_and_are_only_removed_in_whole_usage_events() {
+    let alphabet: [&[u8]; 16] = [
+        b"{",
+        b"}",
+        b"[",
+        b"]",
+        b"\"",
+        b":",
+        b",",
+        b"\\",
+        b" ",
+        b"\r",
+        b"\n",
+        b"data: ",
+        b"\"usage\"",
+        b"\"choices\"",
+        b"null",
+        b"\"response\"",
+    ];
+    let mut rng = Rng(42);
+    for _ in 0..2000 {
+        let mut input = Vec::new();
+        for _ in 0..rng.below(60) {
+            input.extend_from_slice(alphabet[rng.below(alphabet.len())]);
+        }
+        let chunks = random_chunks(&mut rng, &input);
+        let (out, stripper) = strip(&chunks);
+        if stripper.removed() == 0 {
+            assert_eq!(out, input);
+        } else {
+            assert!(out.len() < input.len());
+        }
+        let _ = scan(ScanMode::Sse, &chunks).usage();
+        let _ = scan(ScanMode::Json, &chunks).usage();
+    }
 }
