@@ -103,9 +103,10 @@ impl ScanMode {
 /// - [`ScanMode::Sse`]: in each event's data (its `data:` lines joined by `\n`), the top-level
 ///   `"usage"` value when it is not `null` (chat completions and completions streams: with
 ///   `stream_options.include_usage` it is the last chunk, with `"choices": []`; some compatible
-///   servers put it on the last content chunk instead), and the `"usage"` of the top-level
-///   `"response"` object (Responses API streams: `response.completed`, `response.incomplete`,
-///   `response.failed`). Comments, other fields and `[DONE]` are skipped.
+///   servers put it on the last content chunk instead), and the non-null `"usage"` of the
+///   top-level `"response"` object (Responses API streams: the events that carry one are
+///   `response.completed`, `response.incomplete` and `response.failed`; the event name itself
+///   is not needed). Comments, other fields and `[DONE]` are skipped.
 ///
 /// When usage is reported more than once, the last report wins. Both usage shapes map to
 /// [`Usage`]: `prompt_tokens`/`input_tokens`, `completion_tokens`/`output_tokens`,
@@ -253,8 +254,8 @@ impl UsageScanner {
 ///
 /// [`push`](Self::push) returns at once what may be forwarded: all complete events except a
 /// usage-only one, and the start of an incomplete event as soon as its bytes show it is not one
-/// (its `choices` is not empty, its `usage` is `null`, its data is not a JSON object). Only the
-/// current incomplete event may be held back, which costs the client nothing (an SSE client
+/// (its `choices` is not empty, its `usage` is `null`, its data is not a JSON object, or its
+/// JSON object is complete and is not usage-only). Only the current incomplete event may be held back, which costs the client nothing (an SSE client
 /// acts on an event only when its closing blank line arrives), and never more than the window
 /// ([`DEFAULT_STRIP_WINDOW`], see [`with_window`](Self::with_window)): a longer event is
 /// released as it comes and kept. When a chunk holds only bytes to forward in one run, the
