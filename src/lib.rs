@@ -9,8 +9,10 @@ pub mod key_auth;
 pub mod keys;
 pub mod model;
 pub mod model_allow_list;
+pub mod pricing;
 pub mod request;
 pub mod tokens;
+pub mod usage;
 
 pub use body::{PolicyBody, ResponseBody};
 pub use endpoint::{Endpoint, Feature, FeatureSet, Route};
