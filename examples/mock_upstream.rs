@@ -44,6 +44,9 @@ async fn main() -> std::io::Result<()> {
         // Nobody reads the log of a standalone server: do not let it grow.
         .record(false);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    eprintln!("mock upstream listening on http://{}/v1", listener.local_addr()?);
+    eprintln!(
+        "mock upstream listening on http://{}/v1",
+        listener.local_addr()?
+    );
     mock::serve(listener, opts).await
 }

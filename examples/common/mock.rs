@@ -349,8 +349,12 @@ async fn handle(State(opts): State<Arc<MockOptions>>, req: Request) -> Response 
         }
         (
             Method::POST,
-            "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" | "/v1/images/generations"
-            | "/v1/moderations" | "/v1/responses",
+            "/v1/chat/completions"
+            | "/v1/completions"
+            | "/v1/embeddings"
+            | "/v1/images/generations"
+            | "/v1/moderations"
+            | "/v1/responses",
         ) => {
             let request: Value = match serde_json::from_slice(&body) {
                 Ok(v @ Value::Object(_)) => v,
@@ -407,7 +411,10 @@ struct Json(Value);
 impl IntoResponse for Json {
     fn into_response(self) -> Response {
         (
-            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
             self.0.to_string(),
         )
             .into_response()
@@ -524,7 +531,10 @@ fn chat_stream(model: &str, prompt: u64, n: usize, include_usage: bool) -> Vec<E
         } else {
             format!(" {word}")
         };
-        events.push(Event::content(chunk(json!({ "content": text }), Value::Null)));
+        events.push(Event::content(chunk(
+            json!({ "content": text }),
+            Value::Null,
+        )));
     }
     events.push(Event::data(chunk(json!({}), json!("stop"))));
     if include_usage {
@@ -873,7 +883,10 @@ fn sse(opts: &MockOptions, events: Vec<Event>) -> Response {
     };
     (
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            ),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
         ],
         body,
