@@ -148,6 +148,18 @@ async fn path_query_host_and_encoding_are_set_for_the_upstream() -> TestResult {
 }
 
 #[tokio::test]
+async fn an_http2_request_goes_to_a_plain_http1_upstream() -> TestResult {
+    let (base, log) = start(MockOptions::default()).await;
+    let mut upstream = Upstream::new(base, Some(PROVIDER_KEY.into()))?;
+    let mut req = chat_request("/v1/chat/completions", false);
+    *req.version_mut() = http::Version::HTTP_2;
+    let response = forward(&mut upstream, req).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(log.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
 async fn hop_by_hop_headers_are_not_forwarded() -> TestResult {
     let (base, log) = start(MockOptions::default()).await;
     let mut upstream = Upstream::new(base, Some(PROVIDER_KEY.into()))?;
