@@ -407,3 +407,15 @@ fn bad_base_urls_are_refused_without_echoing_the_key() {
     let err = Upstream::new("http://x/v1", Some("bad\nkey".into())).unwrap_err();
     assert!(!err.to_string().contains("bad"));
 }
+
+#[tokio::test]
+async fn failed_tls_handshake_is_a_502_openai_error() -> TestResult {
+    // The mock speaks plain HTTP: the TLS client gets garbage back and gives up.
+    let (base, _log) = start(MockOptions::default()).await;
+    let base = base.replace("http://", "https://");
+    let mut upstream = Upstream::new(base, Some(PROVIDER_KEY.into()))?;
+    let response = forward(&mut upstream, chat_request("/v1/chat/completions", false)).await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert_openai_error(&json_of(response).await, "upstream_unavailable");
+    Ok(())
+}
