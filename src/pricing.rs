@@ -109,7 +109,7 @@ impl<'de> Deserialize<'de> for ModelPrice {
         let valid = |p: f64| p.is_finite() && p >= 0.0;
         if !valid(repr.input_per_mtok)
             || !valid(repr.output_per_mtok)
-            || !repr.cached_input_per_mtok.map_or(true, valid)
+            || !repr.cached_input_per_mtok.is_none_or(valid)
         {
             return Err(serde::de::Error::custom(
                 "prices must be finite, non-negative numbers (USD per million tokens)",
