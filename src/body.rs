@@ -84,6 +84,18 @@ impl From<Bytes> for PolicyBody {
     }
 }
 
+impl From<String> for PolicyBody {
+    fn from(text: String) -> Self {
+        Self::full(Bytes::from(text))
+    }
+}
+
+impl From<Vec<u8>> for PolicyBody {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self::full(Bytes::from(bytes))
+    }
+}
+
 impl std::fmt::Debug for PolicyBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {

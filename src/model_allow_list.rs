@@ -273,15 +273,6 @@ impl RequestCheck for AllowCheck {
     }
 }
 
-/// Whether a request is a model listing whose response this layer filters.
-fn is_model_listing(parts: &Parts) -> bool {
-    if parts.method != Method::GET {
-        return false;
-    }
-    let route = Route::classify(&parts.uri);
-    route.endpoint == Endpoint::Models && route.path_model.is_none()
-}
-
 impl<S, B, ResBody> Service<Request<B>> for ModelAllowList<S>
 where
     S: Service<Request<PolicyBody>, Response = Response<ResBody>> + Clone,
@@ -299,28 +290,22 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let key = req.extensions().get::<Arc<ApiKey>>().cloned();
-        if self.check.applies(key.as_deref()) {
-            let (parts, body) = req.into_parts();
-            if is_model_listing(&parts) {
+        if req.method() == Method::GET {
+            let key = req.extensions().get::<Arc<ApiKey>>().cloned();
+            let route = Route::classify(req.uri());
+            let listing = route.endpoint == Endpoint::Models && route.path_model.is_none();
+            if listing && self.check.applies(key.as_deref()) {
                 let filter = Filter {
                     check: self.check.clone(),
                     key,
                 };
-                let req = Request::from_parts(parts, PolicyBody::new(body));
                 return ResponseFuture {
                     state: State::Listing {
-                        future: self.inner.call(req),
+                        future: self.inner.call(req.map(PolicyBody::new)),
                         filter: Some(filter),
                     },
                 };
             }
-            let req = Request::from_parts(parts, body);
-            return ResponseFuture {
-                state: State::Check {
-                    future: CheckFuture::new(self.check.clone(), &mut self.inner, req),
-                },
-            };
         }
         ResponseFuture {
             state: State::Check {

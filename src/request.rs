@@ -242,8 +242,10 @@ impl LlmRequest {
             parse_json(&mut req, &body)?;
         }
         req.body = body;
-        if req.model.is_none() {
-            req.model = req.route.deployment.clone();
+        if let Some(deployment) = &req.route.deployment {
+            // Azure routes by deployment and ignores a `model` in the body: the deployment is
+            // what runs, so it is what every check sees.
+            req.model = Some(deployment.clone());
         }
         req.finish();
         Ok(req)
@@ -259,7 +261,8 @@ impl LlmRequest {
         self.route.endpoint
     }
 
-    /// The model as sent (body field, multipart field, path, or Azure deployment name), or the
+    /// The model as sent (body field, multipart field, path, or — for Azure-style
+    /// `/deployments/{name}/` paths, whatever the body says — the deployment name), or the
     /// endpoint's documented default when the request omits it.
     pub fn model(&self) -> Option<&str> {
         self.model.as_deref()
