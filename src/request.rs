@@ -571,8 +571,38 @@ struct StreamOptions {
     include_usage: Option<bool>,
 }
 
-fn owned(s: Option<Cow<'_, str>>) -> Option<String> {
-    s.map(Cow::into_owned)
+fn owned(s: Option<Text<'_>>) -> Option<String> {
+    s.map(|t| t.0.into_owned())
+}
+
+/// A string that borrows from the body when it has no escapes. (serde's own `Cow<str>`
+/// always allocates.)
+struct Text<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 impl<'de, 'c> Visitor<'de> for TopSeed<'c, 'de> {
@@ -586,12 +616,10 @@ impl<'de, 'c> Visitor<'de> for TopSeed<'c, 'de> {
         let mut seen = 0u32;
         let out = self.out;
         let c = self.c;
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            match key.as_ref() {
+        while let Some(key) = map.next_key::<Text<'de>>()? {
+            match key.0.as_ref() {
                 "model" => {
-                    out.model = owned(field::<Option<Cow<'de, str>>, _>(
-                        &mut map, "model", &mut seen,
-                    )?)
+                    out.model = owned(field::<Option<Text<'de>>, _>(&mut map, "model", &mut seen)?)
                 }
                 "user" => out.user = owned(field(&mut map, "user", &mut seen)?),
                 "safety_identifier" => {
@@ -619,9 +647,9 @@ impl<'de, 'c> Visitor<'de> for TopSeed<'c, 'de> {
                 "quality" => out.quality = owned(field(&mut map, "quality", &mut seen)?),
                 "instructions" => {
                     if let Some(text) =
-                        field::<Option<Cow<'de, str>>, _>(&mut map, "instructions", &mut seen)?
+                        field::<Option<Text<'de>>, _>(&mut map, "instructions", &mut seen)?
                     {
-                        c.text(PromptSource::Instructions, text);
+                        c.text(PromptSource::Instructions, text.0);
                     }
                 }
                 name @ ("tools" | "functions") => {
@@ -854,8 +882,8 @@ impl<'de, 'c> Visitor<'de> for ItemSeed<'c, 'de> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let c = self.c;
         let (source, depth) = (self.source, self.depth);
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            match key.as_ref() {
+        while let Some(key) = map.next_key::<Text<'de>>()? {
+            match key.0.as_ref() {
                 // Text-bearing fields: strings or arrays of parts, followed recursively.
                 "content" | "text" | "refusal" | "output" | "arguments" | "summary"
                     if depth < MAX_DEPTH =>
@@ -867,9 +895,9 @@ impl<'de, 'c> Visitor<'de> for ItemSeed<'c, 'de> {
                     })?
                 }
                 "name" if source == PromptSource::Message && depth == 1 => {
-                    if let Some(name) = map.next_value::<Option<Cow<'de, str>>>()? {
+                    if let Some(name) = map.next_value::<Option<Text<'de>>>()? {
                         c.names += 1;
-                        c.text(PromptSource::Message, name);
+                        c.text(PromptSource::Message, name.0);
                     }
                 }
                 "tool_calls" | "function_call" | "function" if depth < MAX_DEPTH => map
@@ -879,9 +907,8 @@ impl<'de, 'c> Visitor<'de> for ItemSeed<'c, 'de> {
                         depth,
                     })?,
                 "type" => {
-                    let ty = map.next_value::<Option<Cow<'de, str>>>()?;
-                    if let Some(ty) = ty {
-                        c.media_type(&ty);
+                    if let Some(ty) = map.next_value::<Option<Text<'de>>>()? {
+                        c.media_type(&ty.0);
                     }
                 }
                 _ => {

@@ -73,18 +73,23 @@ async fn azure_and_anthropic_style_headers_work_and_are_removed() {
         r.headers_mut().insert(header, "sk-good".parse().unwrap());
         let (a, inner) = send(store(), r).await;
         assert_eq!(a.status, StatusCode::OK, "{header}");
-        assert!(inner.last().headers.get(header).is_none(), "{header} removed");
+        assert!(
+            inner.last().headers.get(header).is_none(),
+            "{header} removed"
+        );
     }
 }
 
 #[tokio::test]
 async fn agreeing_headers_pass_and_conflicting_headers_are_refused() {
     let mut r = with_key(req(), "sk-good");
-    r.headers_mut().insert("x-api-key", "sk-good".parse().unwrap());
+    r.headers_mut()
+        .insert("x-api-key", "sk-good".parse().unwrap());
     assert_eq!(send(store(), r).await.0.status, StatusCode::OK);
 
     let mut r = with_key(req(), "sk-good");
-    r.headers_mut().insert("api-key", "sk-other".parse().unwrap());
+    r.headers_mut()
+        .insert("api-key", "sk-other".parse().unwrap());
     let (a, inner) = send(store(), r).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert_eq!(a.error().0, "invalid_api_key");
@@ -106,7 +111,10 @@ async fn unknown_key_and_non_bearer_schemes_are_401() {
     let (a, inner) = send(store(), with_key(req(), "sk-nope")).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert_eq!(a.error().0, "invalid_api_key");
-    assert!(!String::from_utf8_lossy(&a.body).contains("sk-nope"), "key echoed");
+    assert!(
+        !String::from_utf8_lossy(&a.body).contains("sk-nope"),
+        "key echoed"
+    );
     assert_eq!(inner.calls(), 0);
 
     let mut r = req();
@@ -180,7 +188,10 @@ async fn store_errors_fail_closed_with_503() {
     assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
     let (code, message) = a.error();
     assert_eq!(code, "policy_unavailable");
-    assert!(!message.contains("connection refused"), "internal detail leaked");
+    assert!(
+        !message.contains("connection refused"),
+        "internal detail leaked"
+    );
     assert_eq!(inner.calls(), 0);
 }
 
@@ -188,7 +199,10 @@ async fn store_errors_fail_closed_with_503() {
 async fn memory_store_can_add_and_remove_keys_at_run_time() {
     let store = Arc::new(MemoryKeyStore::new());
     let r = || with_key(req(), "sk-late");
-    assert_eq!(send(store.clone(), r()).await.0.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        send(store.clone(), r()).await.0.status,
+        StatusCode::UNAUTHORIZED
+    );
     store.insert(KeyDigest::of("sk-late"), ApiKey::new("late"));
     assert_eq!(send(store.clone(), r()).await.0.status, StatusCode::OK);
     assert!(store.remove(&KeyDigest::of("sk-late")));
@@ -266,7 +280,10 @@ async fn file_store_picks_up_edits_on_the_next_request() {
     let path = dir.path().join("keys.toml");
     write(&path, "[[keys]]\nname = \"a\"\nsecret = \"sk-a\"\n");
     let store = Arc::new(FileKeyStore::open(&path).unwrap());
-    assert_eq!(send(store.clone(), with_key(req(), "sk-a")).await.0.status, StatusCode::OK);
+    assert_eq!(
+        send(store.clone(), with_key(req(), "sk-a")).await.0.status,
+        StatusCode::OK
+    );
 
     // Revoke a, add b.
     write(&path, "[[keys]]\nname = \"b\"\nsecret = \"sk-b\"\n");
@@ -274,12 +291,18 @@ async fn file_store_picks_up_edits_on_the_next_request() {
         send(store.clone(), with_key(req(), "sk-a")).await.0.status,
         StatusCode::UNAUTHORIZED
     );
-    assert_eq!(send(store.clone(), with_key(req(), "sk-b")).await.0.status, StatusCode::OK);
+    assert_eq!(
+        send(store.clone(), with_key(req(), "sk-b")).await.0.status,
+        StatusCode::OK
+    );
     assert_eq!(store.reloads(), 1);
 
     // A broken edit keeps the keys in force and says why.
     write(&path, "[[keys]]\nname = \"b\"\nsecrett = \"sk-b\"\n");
-    assert_eq!(send(store.clone(), with_key(req(), "sk-b")).await.0.status, StatusCode::OK);
+    assert_eq!(
+        send(store.clone(), with_key(req(), "sk-b")).await.0.status,
+        StatusCode::OK
+    );
     assert_eq!(store.failed_reloads(), 1);
     let err = store.last_error().unwrap();
     assert!(err.contains("secrett"), "{err}");
@@ -287,7 +310,10 @@ async fn file_store_picks_up_edits_on_the_next_request() {
 
     // Fixing it clears the error.
     write(&path, "[[keys]]\nname = \"c\"\nsecret = \"sk-c\"\n");
-    assert_eq!(send(store.clone(), with_key(req(), "sk-c")).await.0.status, StatusCode::OK);
+    assert_eq!(
+        send(store.clone(), with_key(req(), "sk-c")).await.0.status,
+        StatusCode::OK
+    );
     assert!(store.last_error().is_none());
 }
 

@@ -30,10 +30,14 @@ fn limited(models: &[&str]) -> Option<ApiKey> {
 }
 
 async fn status(key: Option<ApiKey>, model: &str) -> StatusCode {
-    send(ModelAllowListLayer::new(), key, post("/v1/chat/completions", chat(model)))
-        .await
-        .0
-        .status
+    send(
+        ModelAllowListLayer::new(),
+        key,
+        post("/v1/chat/completions", chat(model)),
+    )
+    .await
+    .0
+    .status
 }
 
 #[tokio::test]
@@ -92,11 +96,19 @@ async fn disabled_limits_allow_any_model() {
 #[tokio::test]
 async fn dated_snapshots_match_their_base_model() {
     let key = || limited(&["gpt-4o", "gpt-4", "gpt-3.5-turbo"]);
-    for model in ["gpt-4o-2024-08-06", "gpt-4-0613", "gpt-3.5-turbo-0125", "gpt-4o"] {
+    for model in [
+        "gpt-4o-2024-08-06",
+        "gpt-4-0613",
+        "gpt-3.5-turbo-0125",
+        "gpt-4o",
+    ] {
         assert_eq!(status(key(), model).await, StatusCode::OK, "{model}");
     }
     // A snapshot of another model is not its base.
-    assert_eq!(status(key(), "gpt-4o-mini-2024-07-18").await, StatusCode::FORBIDDEN);
+    assert_eq!(
+        status(key(), "gpt-4o-mini-2024-07-18").await,
+        StatusCode::FORBIDDEN
+    );
 }
 
 #[tokio::test]
@@ -104,23 +116,39 @@ async fn a_snapshot_entry_pins_that_snapshot_only() {
     let key = || limited(&["gpt-4o-2024-08-06"]);
     assert_eq!(status(key(), "gpt-4o-2024-08-06").await, StatusCode::OK);
     assert_eq!(status(key(), "gpt-4o").await, StatusCode::FORBIDDEN);
-    assert_eq!(status(key(), "gpt-4o-2024-05-13").await, StatusCode::FORBIDDEN);
+    assert_eq!(
+        status(key(), "gpt-4o-2024-05-13").await,
+        StatusCode::FORBIDDEN
+    );
 }
 
 #[tokio::test]
 async fn provider_prefix_case_and_whitespace_are_normalised() {
     let key = || limited(&["gpt-4o"]);
-    for model in ["openai/gpt-4o", "GPT-4o", "  gpt-4o\t", "OpenAI/GPT-4O-2024-08-06"] {
+    for model in [
+        "openai/gpt-4o",
+        "GPT-4o",
+        "  gpt-4o\t",
+        "OpenAI/GPT-4O-2024-08-06",
+    ] {
         assert_eq!(status(key(), model).await, StatusCode::OK, "{model:?}");
     }
     // The entries are normalised the same way.
-    assert_eq!(status(limited(&[" OpenAI/GPT-4o "]), "gpt-4o").await, StatusCode::OK);
+    assert_eq!(
+        status(limited(&[" OpenAI/GPT-4o "]), "gpt-4o").await,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
 async fn wildcards_match_prefixes() {
     let key = || limited(&["gpt-4o*"]);
-    for model in ["gpt-4o", "gpt-4o-mini", "gpt-4o-mini-2024-07-18", "openai/gpt-4o-audio-preview"] {
+    for model in [
+        "gpt-4o",
+        "gpt-4o-mini",
+        "gpt-4o-mini-2024-07-18",
+        "openai/gpt-4o-audio-preview",
+    ] {
         assert_eq!(status(key(), model).await, StatusCode::OK, "{model}");
     }
     assert_eq!(status(key(), "gpt-4.1").await, StatusCode::FORBIDDEN);
@@ -156,7 +184,10 @@ async fn aliases_resolve_before_the_check_and_cannot_escape_the_list() {
     };
     let key = || limited(&["gpt-4o", "claude-3-7-sonnet"]);
     assert_eq!(go(key(), "gpt-4o-latest").await.0.status, StatusCode::OK);
-    assert_eq!(go(key(), "claude-3-7-sonnet-thinking").await.0.status, StatusCode::OK);
+    assert_eq!(
+        go(key(), "claude-3-7-sonnet-thinking").await.0.status,
+        StatusCode::OK
+    );
     // "best" is an alias of o3, which the list does not allow.
     let (a, inner) = go(key(), "best").await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
@@ -183,7 +214,12 @@ fn canonical_names() {
 #[tokio::test]
 async fn missing_model_is_400_and_endpoint_defaults_apply() {
     let body = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
-    let (a, inner) = send(ModelAllowListLayer::new(), limited(&["gpt-4o"]), post("/v1/chat/completions", body)).await;
+    let (a, inner) = send(
+        ModelAllowListLayer::new(),
+        limited(&["gpt-4o"]),
+        post("/v1/chat/completions", body),
+    )
+    .await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
     assert_eq!(a.error().0, "invalid_request_body");
     assert_eq!(inner.calls(), 0);
@@ -212,9 +248,18 @@ async fn prefixed_and_azure_paths_are_checked() {
     let layer = || ModelAllowListLayer::new().model_names(names.clone());
     let path = "/openai/deployments/prod-gpt4/chat/completions?api-version=2024-10-21";
     let (a, inner) = send(layer(), limited(&["gpt-4o"]), post(path, chat("gpt-4o"))).await;
-    assert_eq!(a.status, StatusCode::FORBIDDEN, "body model must not hide the deployment");
+    assert_eq!(
+        a.status,
+        StatusCode::FORBIDDEN,
+        "body model must not hide the deployment"
+    );
     assert_eq!(inner.calls(), 0);
-    let (a, _) = send(layer(), limited(&["gpt-4"]), post(path, r#"{"messages":[]}"#)).await;
+    let (a, _) = send(
+        layer(),
+        limited(&["gpt-4"]),
+        post(path, r#"{"messages":[]}"#),
+    )
+    .await;
     assert_eq!(a.status, StatusCode::OK);
 }
 
@@ -239,9 +284,17 @@ async fn path_and_query_models_are_checked() {
 #[tokio::test]
 async fn model_listing_is_filtered_to_the_allowed_models() {
     let get = || Request::get("/v1/models").body(String::new()).unwrap();
-    let (a, inner) = send(ModelAllowListLayer::new(), limited(&["gpt-4o", "o3-mini"]), get()).await;
+    let (a, inner) = send(
+        ModelAllowListLayer::new(),
+        limited(&["gpt-4o", "o3-mini"]),
+        get(),
+    )
+    .await;
     assert_eq!(a.status, StatusCode::OK);
-    assert!(!inner.last().body_was_buffered, "GET /v1/models is not buffered");
+    assert!(
+        !inner.last().body_was_buffered,
+        "GET /v1/models is not buffered"
+    );
     let ids: Vec<String> = a.json()["data"]
         .as_array()
         .unwrap()
@@ -282,7 +335,10 @@ async fn multipart_model_field_is_checked() {
     };
     let req = |model: &str| {
         Request::post("/v1/audio/transcriptions")
-            .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={boundary}"),
+            )
             .body(form(model))
             .unwrap()
     };

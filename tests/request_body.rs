@@ -27,8 +27,17 @@ async fn send(layer: ModelAllowListLayer, mut req: Request<String>) -> (common::
 }
 
 async fn view_of(body: &str) -> LlmRequest {
-    let (a, inner) = send(ModelAllowListLayer::new(), post("/v1/chat/completions", body)).await;
-    assert_eq!(a.status, StatusCode::OK, "{}", String::from_utf8_lossy(&a.body));
+    let (a, inner) = send(
+        ModelAllowListLayer::new(),
+        post("/v1/chat/completions", body),
+    )
+    .await;
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
     inner.last().view.unwrap()
 }
 
@@ -39,7 +48,8 @@ async fn declared_length_over_the_limit_is_413_before_reading() {
         ..BodyOptions::default()
     });
     let mut req = post("/v1/chat/completions", chat("gpt-4o"));
-    req.headers_mut().insert("content-length", "999999".parse().unwrap());
+    req.headers_mut()
+        .insert("content-length", "999999".parse().unwrap());
     let (a, inner) = send(layer, req).await;
     assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(a.error().0, "request_too_large");
@@ -61,12 +71,14 @@ async fn a_body_longer_than_declared_or_without_length_stops_at_the_limit() {
     assert_eq!(inner.calls(), 0);
     // A lying Content-Length (small) does not help.
     let mut req = post("/v1/chat/completions", big);
-    req.headers_mut().insert("content-length", "10".parse().unwrap());
+    req.headers_mut()
+        .insert("content-length", "10".parse().unwrap());
     let (a, _) = send(layer(), req).await;
     assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE);
     // A garbage Content-Length is a 400.
     let mut req = post("/v1/chat/completions", chat("gpt-4o"));
-    req.headers_mut().insert("content-length", "ten".parse().unwrap());
+    req.headers_mut()
+        .insert("content-length", "ten".parse().unwrap());
     assert_eq!(send(layer(), req).await.0.status, StatusCode::BAD_REQUEST);
 }
 
@@ -82,15 +94,25 @@ async fn malformed_bodies_are_400_invalid_request_body_and_never_forwarded() {
         (r#"{"model":"gpt-4o","stream":"yes"}"#, Some("stream")),
         (r#"{"model":"gpt-4o","max_tokens":-5}"#, Some("max_tokens")),
         (r#"{"model":"gpt-4o","max_tokens":1.5}"#, Some("max_tokens")),
-        (r#"{"model":"gpt-4o","messages":{"role":"user"}}"#, Some("messages")),
-        (r#"{"model":"gpt-4o","messages":[{"role":"user","content":true}]}"#, Some("messages")),
+        (
+            r#"{"model":"gpt-4o","messages":{"role":"user"}}"#,
+            Some("messages"),
+        ),
+        (
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":true}]}"#,
+            Some("messages"),
+        ),
         (r#"{"model":"gpt-4o","user":["a"]}"#, Some("user")),
         // Smuggling: the upstream may take the last duplicate, we would check the first.
         (r#"{"model":"gpt-4o","model":"o1-pro"}"#, Some("model")),
         (r#"{"model":"gpt-4o","mod\u0065l":"o1-pro"}"#, Some("model")),
     ];
     for (body, param) in cases {
-        let (a, inner) = send(ModelAllowListLayer::new(), post("/v1/chat/completions", body)).await;
+        let (a, inner) = send(
+            ModelAllowListLayer::new(),
+            post("/v1/chat/completions", body),
+        )
+        .await;
         assert_eq!(a.status, StatusCode::BAD_REQUEST, "{body}");
         let (code, message) = a.error();
         assert_eq!(code, "invalid_request_body", "{body}");
@@ -106,7 +128,10 @@ async fn malformed_bodies_are_400_invalid_request_body_and_never_forwarded() {
 async fn escaped_model_is_unescaped_before_the_check() {
     let (a, _) = send(
         ModelAllowListLayer::new(),
-        post("/v1/chat/completions", r#"{"model":"o1-pr\u006f","messages":[]}"#),
+        post(
+            "/v1/chat/completions",
+            r#"{"model":"o1-pr\u006f","messages":[]}"#,
+        ),
     )
     .await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
@@ -185,7 +210,10 @@ async fn completions_embeddings_and_responses_prompts() {
     )
     .await;
     assert_eq!(v.endpoint(), Endpoint::Completions);
-    assert_eq!(v.prompt_parts().map(|p| p.text).collect::<Vec<_>>(), ["one", "two"]);
+    assert_eq!(
+        v.prompt_parts().map(|p| p.text).collect::<Vec<_>>(),
+        ["one", "two"]
+    );
     assert_eq!(v.best_of(), Some(3));
 
     let v = send_to(
@@ -233,7 +261,10 @@ async fn completions_embeddings_and_responses_prompts() {
 
 #[tokio::test]
 async fn escaped_prompt_text_is_unescaped() {
-    let v = view_of(r#"{"model":"gpt-4o","messages":[{"role":"user","content":"caf\u00e9 \"quoted\""}]}"#).await;
+    let v = view_of(
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"caf\u00e9 \"quoted\""}]}"#,
+    )
+    .await;
     assert_eq!(v.prompt_parts().next().unwrap().text, "café \"quoted\"");
     assert_eq!(v.prompt_chars(), 13);
 }
@@ -243,8 +274,7 @@ async fn escaped_prompt_text_is_unescaped() {
 #[tokio::test]
 async fn body_is_read_once_with_all_layers_stacked() {
     let store = Arc::new(
-        MemoryKeyStore::new()
-            .with_key("sk-1", ApiKey::new("one").model_limits(["gpt-4o"])),
+        MemoryKeyStore::new().with_key("sk-1", ApiKey::new("one").model_limits(["gpt-4o"])),
     );
     let text = chat("gpt-4o");
     for key_auth_first in [true, false] {
@@ -308,12 +338,21 @@ async fn no_client_input_causes_a_panic_or_a_5xx() {
     let seeds = [
         chat("gpt-4o"),
         r#"{"model":"gpt-4o","input":[[1,2],[3]],"prompt":["a",["b"]]}"#.to_owned(),
-        r#"{"model":"gpt-4o","messages":[{"role":"user","content":[{"type":"text","text":"x"}]}]}"#.to_owned(),
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":[{"type":"text","text":"x"}]}]}"#
+            .to_owned(),
     ];
     let mut hostile = vec![
         "[".repeat(100_000),
-        format!("{{\"model\":\"gpt-4o\",\"messages\":{}{}}}", "[".repeat(5000), "]".repeat(5000)),
-        format!("{{\"model\":\"gpt-4o\",\"input\":{}1{}}}", "[".repeat(120), "]".repeat(120)),
+        format!(
+            "{{\"model\":\"gpt-4o\",\"messages\":{}{}}}",
+            "[".repeat(5000),
+            "]".repeat(5000)
+        ),
+        format!(
+            "{{\"model\":\"gpt-4o\",\"input\":{}1{}}}",
+            "[".repeat(120),
+            "]".repeat(120)
+        ),
         format!("{{\"model\":\"gpt-4o\",\"n\":{}}}", "9".repeat(400)),
         "{\"model\":\"gpt-4o\",\"messages\":[{\"role\":\"user\",\"content\":\"\\ud800\"}]}".into(),
         "\u{feff}{}".into(),
@@ -343,7 +382,11 @@ async fn no_client_input_causes_a_panic_or_a_5xx() {
         }
     }
     for body in hostile {
-        let (a, _) = send(ModelAllowListLayer::new(), post("/v1/chat/completions", body.clone())).await;
+        let (a, _) = send(
+            ModelAllowListLayer::new(),
+            post("/v1/chat/completions", body.clone()),
+        )
+        .await;
         assert!(
             a.status.is_success() || a.status.is_client_error(),
             "{} for {body:.200}",

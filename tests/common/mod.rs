@@ -39,7 +39,12 @@ impl Inner {
     }
 
     pub fn last(&self) -> Seen {
-        self.seen.lock().unwrap().last().cloned().expect("inner was called")
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("inner was called")
     }
 
     /// A `tower::Service` answering 200 with `{"ok":true}` (or a model list for GET /v1/models).
@@ -59,7 +64,11 @@ impl Inner {
                 this.calls.fetch_add(1, Ordering::SeqCst);
                 let body_was_buffered = req.body().as_bytes().is_some();
                 let (parts, body) = req.into_parts();
-                let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                let body = body
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
                 let listing = parts.uri.path().ends_with("/models");
                 this.seen.lock().unwrap().push(Seen {
                     method: parts.method.clone(),
