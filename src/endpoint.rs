@@ -105,24 +105,38 @@ impl Endpoint {
         })
     }
 
-    /// Whether a request to this endpoint with this method carries a body with a `model` (and
-    /// prompt) that the policy layers read.
+    /// Whether a request to this endpoint with this method may carry a body with a `model` (and
+    /// prompt) that the policy layers read: every `POST` to an inference endpoint, and `POST`s
+    /// to realtime sessions, fine-tuning jobs and assistants/threads/runs, whose bodies may
+    /// name a model too.
     pub fn has_model_body(&self, method: &Method) -> bool {
         *method == Method::POST
-            && matches!(
-                self,
-                Endpoint::ChatCompletions
-                    | Endpoint::Completions
-                    | Endpoint::Embeddings
-                    | Endpoint::ImageGeneration
-                    | Endpoint::ImageEdit
-                    | Endpoint::ImageVariation
-                    | Endpoint::AudioSpeech
-                    | Endpoint::AudioTranscription
-                    | Endpoint::AudioTranslation
-                    | Endpoint::Moderations
-                    | Endpoint::Responses
-            )
+            && (self.model_required()
+                || matches!(
+                    self,
+                    Endpoint::ImageGeneration
+                        | Endpoint::ImageEdit
+                        | Endpoint::ImageVariation
+                        | Endpoint::Moderations
+                        | Endpoint::Realtime
+                        | Endpoint::FineTuning
+                        | Endpoint::Assistants
+                ))
+    }
+
+    /// Whether a `POST` to this endpoint must name a model (no documented default): a request
+    /// without one is refused by the model checks rather than passed on.
+    pub fn model_required(&self) -> bool {
+        matches!(
+            self,
+            Endpoint::ChatCompletions
+                | Endpoint::Completions
+                | Endpoint::Embeddings
+                | Endpoint::AudioSpeech
+                | Endpoint::AudioTranscription
+                | Endpoint::AudioTranslation
+                | Endpoint::Responses
+        )
     }
 
     /// Whether the body is `multipart/form-data` (the model is a form field).

@@ -264,10 +264,12 @@ impl RequestCheck for AllowCheck {
             };
         match model {
             Some(model) => self.allows(key, &model),
-            None if endpoint.has_model_body(req.method()) => Err(PolicyError::InvalidBody {
-                message: "You must provide a model parameter.".into(),
-                param: Some("model"),
-            }),
+            None if endpoint.model_required() && req.method() == Method::POST => {
+                Err(PolicyError::InvalidBody {
+                    message: "You must provide a model parameter.".into(),
+                    param: Some("model"),
+                })
+            }
             None => Ok(()),
         }
     }

@@ -614,6 +614,7 @@ impl<'de, 'c> Visitor<'de> for TopSeed<'c, 'de> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let mut seen = 0u32;
+        let mut session_model: Option<String> = None;
         let out = self.out;
         let c = self.c;
         while let Some(key) = map.next_key::<Text<'de>>()? {
@@ -640,6 +641,11 @@ impl<'de, 'c> Visitor<'de> for TopSeed<'c, 'de> {
                 }
                 "max_output_tokens" => {
                     out.max_output_tokens = field(&mut map, "max_output_tokens", &mut seen)?
+                }
+                "session" => {
+                    // Realtime client secrets name the model inside `session`.
+                    let session: Option<Session> = map.next_value()?;
+                    session_model = session.and_then(|s| s.model);
                 }
                 "n" => out.n = field(&mut map, "n", &mut seen)?,
                 "best_of" => out.best_of = field(&mut map, "best_of", &mut seen)?,
@@ -694,8 +700,22 @@ impl<'de, 'c> Visitor<'de> for TopSeed<'c, 'de> {
                 }
             }
         }
+        if let Some(model) = session_model {
+            match &out.model {
+                Some(top) if *top != model => return Err(de::Error::custom(
+                    "`model`: the body names two different models (`model` and `session.model`)",
+                )),
+                _ => out.model = Some(model),
+            }
+        }
         Ok(())
     }
+}
+
+#[derive(Deserialize)]
+struct Session {
+    #[serde(default)]
+    model: Option<String>,
 }
 
 /// serde_json adds the position once more when our wrapped error surfaces: drop the inner one.

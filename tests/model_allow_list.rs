@@ -372,3 +372,52 @@ async fn huge_model_names_are_quoted_truncated() {
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     assert!(a.body.len() < 1000, "error body is {} bytes", a.body.len());
 }
+
+#[tokio::test]
+async fn realtime_fine_tuning_and_assistants_bodies_are_checked() {
+    let key = || limited(&["gpt-4o-mini*"]);
+    let cases = [
+        (
+            "/v1/realtime/sessions",
+            r#"{"model":"gpt-4o-realtime-preview"}"#,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "/v1/realtime/client_secrets",
+            r#"{"session":{"type":"realtime","model":"gpt-realtime"}}"#,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "/v1/realtime/client_secrets",
+            r#"{"session":{"type":"realtime","model":"gpt-4o-mini-realtime-preview"}}"#,
+            StatusCode::OK,
+        ),
+        (
+            "/v1/fine_tuning/jobs",
+            r#"{"model":"gpt-4.1","training_file":"file-1"}"#,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "/v1/assistants",
+            r#"{"model":"o1-pro","instructions":"x"}"#,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "/v1/threads/t1/runs",
+            r#"{"assistant_id":"a1","model":"gpt-4.1"}"#,
+            StatusCode::FORBIDDEN,
+        ),
+        // No model in the body: the assistant's own model applies upstream.
+        (
+            "/v1/threads/t1/runs",
+            r#"{"assistant_id":"a1"}"#,
+            StatusCode::OK,
+        ),
+        ("/v1/fine_tuning/jobs/ft-1/cancel", "", StatusCode::OK),
+    ];
+    for (path, body, expected) in cases {
+        let (a, inner) = send(ModelAllowListLayer::new(), key(), post(path, body)).await;
+        assert_eq!(a.status, expected, "{path} {body}");
+        assert_eq!(inner.calls(), usize::from(expected == StatusCode::OK));
+    }
+}
