@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::endpoint::FeatureSet;
+use crate::endpoint::{hex_digit, FeatureSet};
 use crate::model::ModelList;
 
 mod memory;
@@ -55,8 +55,8 @@ impl KeyDigest {
         }
         let mut out = [0u8; 32];
         for (i, pair) in hex.chunks_exact(2).enumerate() {
-            let hi = hex_value(pair[0]).ok_or(InvalidDigest)?;
-            let lo = hex_value(pair[1]).ok_or(InvalidDigest)?;
+            let hi = hex_digit(pair[0]).ok_or(InvalidDigest)?;
+            let lo = hex_digit(pair[1]).ok_or(InvalidDigest)?;
             out[i] = hi << 4 | lo;
         }
         Ok(KeyDigest(out))
@@ -70,15 +70,6 @@ impl KeyDigest {
     /// The digest's bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
-    }
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
     }
 }
 
