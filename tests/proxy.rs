@@ -48,6 +48,8 @@ const CHAT_KEY: &str = "sk-chat-app-test-key";
 const NO_MODELS_KEY: &str = "sk-no-models-test-key";
 const OPEN_KEY: &str = "sk-open-test-key";
 const OFFICE_KEY: &str = "sk-office-only-test-key";
+const JSON_LIMIT: usize = 1024 * 1024;
+const MULTIPART_LIMIT: usize = 2 * 1024 * 1024;
 
 /// The test configuration; `{base}` and `{audit}` are filled in.
 fn config_text(base: &str, audit: &Path) -> String {
@@ -89,6 +91,10 @@ blocked_features = ["images"]
 name = "office-only"
 secret = "{OFFICE_KEY}"
 allow_ips = ["10.0.0.0/8"]
+
+[body]
+limit = {JSON_LIMIT}
+multipart_limit = {MULTIPART_LIMIT}
 "#,
         audit = audit.display()
     )
@@ -421,7 +427,8 @@ async fn no_rejected_request_reaches_the_upstream() -> TestResult {
     let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
     let json = ("content-type", "application/json");
     let bearer = |key: &str| format!("Bearer {key}");
-    let cases: Vec<(Vec<(&str, String)>, &str, StatusCode)> = vec![
+    type Case<'a> = (Vec<(&'a str, String)>, &'a str, StatusCode);
+    let cases: Vec<Case<'_>> = vec![
         (vec![], body, StatusCode::UNAUTHORIZED),
         (
             vec![("authorization", bearer("sk-unknown"))],
@@ -470,6 +477,83 @@ async fn no_rejected_request_reaches_the_upstream() -> TestResult {
         h.log.is_empty(),
         "rejected requests reached the upstream: {:?}",
         h.log.received()
+    );
+    Ok(())
+}
+
+fn multipart_upload(size: usize) -> (String, String) {
+    let boundary = "proxy-test-boundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n{}\r\n--{boundary}--\r\n",
+        "x".repeat(size)
+    );
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[tokio::test]
+async fn uploads_stream_up_within_the_body_limit() -> TestResult {
+    let h = start().await;
+    let url = format!("{}/files", h.base());
+    let auth = format!("Bearer {CHAT_KEY}");
+
+    // 1.5 MB under the 2 MiB multipart limit: the upstream gets all of it. (The mock has no
+    // files endpoint and answers 404 after reading the body.)
+    let (content_type, body) = multipart_upload(1_500_000);
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", content_type.as_str()),
+    ];
+    let (status, _) = send(Method::POST, &url, &headers, &body).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(h.log.len(), 1);
+    assert_eq!(h.log.last().unwrap().body_len, body.len());
+
+    // Over it, by Content-Length: 413 at once, nothing upstream.
+    let (content_type, body) = multipart_upload(MULTIPART_LIMIT + 1);
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", content_type.as_str()),
+    ];
+    let (status, answer) = send(Method::POST, &url, &headers, &body).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let answer: Value = serde_json::from_slice(&answer)?;
+    assert_eq!(answer["error"]["code"], "request_too_large");
+    assert_eq!(h.log.len(), 1, "a body over the limit reached the upstream");
+
+    // JSON bodies have their own, smaller limit.
+    let big_chat = chat("gpt-4o-mini", &"word ".repeat(JSON_LIMIT / 5 + 1));
+    let (status, error) = api_error(h.client(CHAT_KEY).chat().create(big_chat).await);
+    assert_eq!(status, 413);
+    assert_eq!(error.code.as_deref(), Some("request_too_large"));
+    assert_eq!(h.log.len(), 1, "a body over the limit reached the upstream");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_chunked_upload_is_cut_off_at_the_limit() -> TestResult {
+    use http_body::Frame;
+    use http_body_util::StreamBody;
+    let h = start().await;
+    // 3 MiB in 64 KiB chunks, with no Content-Length.
+    let chunks: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = (0..48)
+        .map(|_| Ok(Frame::data(Bytes::from(vec![b'x'; 64 * 1024]))))
+        .collect();
+    let body = StreamBody::new(futures_util::stream::iter(chunks));
+    let request = Request::post(format!("{}/files", h.base()))
+        .header("authorization", format!("Bearer {CHAT_KEY}"))
+        .header("content-type", "multipart/form-data; boundary=b")
+        .body(body)?;
+    let client = HttpClient::builder(TokioExecutor::new()).build_http();
+    // The proxy may also close the connection on the broken upload (an `Err` here).
+    if let Ok(response) = client.request(request).await {
+        let status = response.status();
+        assert!(!status.is_success(), "status {status}");
+    }
+    assert!(
+        h.log.is_empty(),
+        "a body over the limit reached the upstream"
     );
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tower_llm_policy::keys::{FileKeyStore, KeyStore, MemoryKeyStore};
+use tower_llm_policy::request::BodyOptions;
 use tower_llm_policy::{ApiKey, FeatureSet};
 
 use crate::config::{Config, ConfigError};
@@ -81,6 +82,7 @@ pub(crate) struct Proxy {
     #[allow(dead_code)] // for tests; `main` prints the banner
     pub(crate) mock: Option<(SocketAddr, mock::MockLog)>,
     service: ProxyService,
+    body_limits: Option<BodyOptions>,
     listener: TcpListener,
     grace: Duration,
 }
@@ -164,6 +166,7 @@ impl Proxy {
             tracing::warn!("`[audit] jsonl` is set but this build has no audit layer yet");
         }
         let policy = (!args.no_policy).then(|| Policy::new(config, store));
+        let body_limits = policy.as_ref().map(|p| p.body);
         let service = build_stack(policy.as_ref(), upstream);
 
         let listener = TcpListener::bind(listen)
@@ -196,6 +199,7 @@ impl Proxy {
             demo_key,
             mock,
             service,
+            body_limits,
             listener,
             grace,
         })
@@ -206,7 +210,14 @@ impl Proxy {
         self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
-        server::run(self.service, self.listener, self.grace, shutdown).await
+        server::run(
+            self.service,
+            self.body_limits,
+            self.listener,
+            self.grace,
+            shutdown,
+        )
+        .await
     }
 }
 

@@ -14,13 +14,12 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_llm_policy::model::{ModelList, ModelNames};
 use tower_llm_policy::pricing::PricingTable;
 use tower_llm_policy::request::BodyOptions;
-use tower_llm_policy::{KeyAuthLayer, KeyStore, ModelAllowListLayer};
+use tower_llm_policy::{KeyAuthLayer, KeyStore, ModelAllowListLayer, PolicyBody};
 
 use crate::config::{AuditConfig, BlockedConfig, Config, PromptLimitsConfig};
 use crate::upstream::{BoxError, Upstream};
@@ -28,9 +27,11 @@ use crate::upstream::{BoxError, Upstream};
 /// The response body every variant of the stack answers with.
 pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// The whole stack, type-erased so that the policy and `--no-policy` variants (and any set of
+/// The whole stack, type-erased (its request body is the client's, streamed, and limited to
+/// `[body]` by the server before it gets here) so that the policy and `--no-policy` variants (and any set of
 /// layers) are one type. One box per request, in both variants alike.
-pub(crate) type ProxyService = BoxCloneService<Request<Incoming>, Response<ProxyBody>, Infallible>;
+pub(crate) type ProxyService =
+    BoxCloneService<Request<PolicyBody>, Response<ProxyBody>, Infallible>;
 
 /// Everything the policy layers are built from, resolved from the [`Config`] once.
 pub(crate) struct Policy {
@@ -90,7 +91,7 @@ impl Policy {
 pub(crate) fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService {
     let Some(policy) = policy else {
         // `--no-policy`: the same forwarding, server and boxing; no layer at all.
-        return BoxCloneService::new(ServiceExt::<Request<Incoming>>::map_response(
+        return BoxCloneService::new(ServiceExt::<Request<PolicyBody>>::map_response(
             upstream, box_body,
         ));
     };
@@ -137,7 +138,7 @@ pub(crate) fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyS
         // INTEGRATE: then un-ignore the tests in tests/proxy.rs marked "needs
         // FeatureBlock/PromptLimit/AuditSink".
         .service(upstream);
-    BoxCloneService::new(ServiceExt::<Request<Incoming>>::map_response(
+    BoxCloneService::new(ServiceExt::<Request<PolicyBody>>::map_response(
         stack, box_body,
     ))
 }
