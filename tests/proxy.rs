@@ -125,12 +125,21 @@ async fn start() -> Harness {
 }
 
 async fn start_with(opts: MockOptions, no_policy: bool) -> Harness {
+    start_edited(opts, no_policy, |text| text).await
+}
+
+/// Starts with the test configuration as changed by `edit`.
+async fn start_edited(
+    opts: MockOptions,
+    no_policy: bool,
+    edit: impl FnOnce(String) -> String,
+) -> Harness {
     init();
     let (mock_addr, log) = mock::spawn(opts).await.expect("mock starts");
     let dir = tempfile::tempdir().expect("temp dir");
     let config_path = dir.path().join("proxy.toml");
     let audit_path = dir.path().join("audit.jsonl");
-    let text = config_text(&format!("http://{mock_addr}/v1"), &audit_path);
+    let text = edit(config_text(&format!("http://{mock_addr}/v1"), &audit_path));
     std::fs::write(&config_path, text).expect("config written");
     let args = app::Args {
         config: Some(config_path.clone()),
@@ -345,6 +354,52 @@ async fn healthz_answers_without_a_key() -> TestResult {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(serde_json::from_slice::<Value>(&body)?["status"], "ok");
     assert!(h.log.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn http2_clients_are_served() -> TestResult {
+    let h = start().await;
+    let client = HttpClient::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let request = Request::post(format!("{}/chat/completions", h.base()))
+        .header("authorization", format!("Bearer {CHAT_KEY}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"gpt-4o","messages":[{"role":"user","content":"over h2"}]}"#,
+        )))?;
+    let response = client.request(request).await?;
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(h.log.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_slow_upstream_is_an_openai_shaped_504() -> TestResult {
+    let opts = MockOptions::default().latency(Duration::from_secs(3));
+    let h = start_edited(opts, false, |text| {
+        text.replace(
+            "first_byte_timeout = \"10s\"",
+            "first_byte_timeout = \"200ms\"",
+        )
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let (status, error) = api_error(
+        h.client(CHAT_KEY)
+            .chat()
+            .create(chat("gpt-4o-mini", "hello"))
+            .await,
+    );
+    assert_eq!(status, 504);
+    // async-openai does not parse 5xx bodies (OpenAI's may not be JSON): the raw body is the
+    // message, and it is the OpenAI-shaped error.
+    let body: Value = serde_json::from_str(&error.message)?;
+    assert_eq!(body["error"]["code"], "upstream_timeout", "{body}");
+    assert_eq!(body["error"]["type"], "server_error", "{body}");
+    assert!(started.elapsed() < Duration::from_secs(2));
     Ok(())
 }
 
