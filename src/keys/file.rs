@@ -33,10 +33,17 @@ use super::{ApiKey, BoxFuture, CredentialError, KeyDigest, KeyStore, StoreError}
 /// [`last_error`]: a typo must not lock every client out. It does not retry a bad file until
 /// the file changes again. Reading happens on the calling task; key files are small.
 ///
+/// **Keys inside a larger configuration file.** [`FileKeyStore::open_keys_of`] reads only the
+/// top-level `keys` array of the file and ignores every other table, so a host (the example
+/// proxy, say) can keep its keys next to the rest of its configuration and still have them
+/// reloaded on edit. The `[[keys]]` entries are checked exactly as above; validating the
+/// other tables is the host's job.
+///
 /// [`check_interval`]: FileKeyStore::check_interval
 /// [`last_error`]: FileKeyStore::last_error
 pub struct FileKeyStore {
     path: PathBuf,
+    section: Section,
     check_interval: Duration,
     state: RwLock<State>,
     reload: Mutex<Option<Instant>>,
@@ -112,6 +119,15 @@ pub enum KeyFileError {
     },
 }
 
+/// What of the file the store reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Section {
+    /// The file is a key file: `keys` and nothing else.
+    WholeFile,
+    /// The file is a larger configuration: its `keys` array, other tables ignored.
+    KeysOnly,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeyFile {
@@ -119,22 +135,38 @@ struct KeyFile {
     keys: Vec<ApiKey>,
 }
 
-/// Parses the contents of a key file into a digest → key map. `json` selects the format.
-pub(crate) fn parse_keys(
+/// The `keys` of a larger configuration file; every other top-level field is skipped unread.
+/// The entries themselves are still `ApiKey`s, so their unknown fields remain errors.
+#[derive(Deserialize)]
+struct KeysOf {
+    #[serde(default)]
+    keys: Vec<ApiKey>,
+}
+
+/// Parses the contents of a key file (or the `keys` of a larger file) into a digest → key
+/// map. `json` selects the format.
+fn parse_section(
     path: &Path,
     text: &str,
     json: bool,
+    section: Section,
 ) -> Result<HashMap<KeyDigest, Arc<ApiKey>>, KeyFileError> {
-    let parse_err = |message: String| KeyFileError::Parse {
+    fn parse<T: serde::de::DeserializeOwned>(text: &str, json: bool) -> Result<T, String> {
+        if json {
+            serde_json::from_str(text).map_err(|e| e.to_string())
+        } else {
+            toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+        }
+    }
+    let keys = match section {
+        Section::WholeFile => parse::<KeyFile>(text, json).map(|f| f.keys),
+        Section::KeysOnly => parse::<KeysOf>(text, json).map(|f| f.keys),
+    }
+    .map_err(|message| KeyFileError::Parse {
         path: path.to_owned(),
         message,
-    };
-    let file: KeyFile = if json {
-        serde_json::from_str(text).map_err(|e| parse_err(e.to_string()))?
-    } else {
-        toml::from_str(text).map_err(|e| parse_err(e.to_string().trim_end().to_owned()))?
-    };
-    build_index(path, file.keys)
+    })?;
+    build_index(path, keys)
 }
 
 /// Indexes configured keys by digest, taking their credentials out.
@@ -174,7 +206,10 @@ pub(crate) fn build_index(
     Ok(index)
 }
 
-fn load(path: &Path) -> Result<(HashMap<KeyDigest, Arc<ApiKey>>, Stamp), KeyFileError> {
+fn load(
+    path: &Path,
+    section: Section,
+) -> Result<(HashMap<KeyDigest, Arc<ApiKey>>, Stamp), KeyFileError> {
     let io = |source| KeyFileError::Io {
         path: path.to_owned(),
         source,
@@ -185,16 +220,28 @@ fn load(path: &Path) -> Result<(HashMap<KeyDigest, Arc<ApiKey>>, Stamp), KeyFile
     let json = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));
-    Ok((parse_keys(path, &text, json)?, stamp))
+    Ok((parse_section(path, &text, json, section)?, stamp))
 }
 
 impl FileKeyStore {
     /// Loads the key file. A missing or invalid file is an error here (at start-up).
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, KeyFileError> {
-        let path = path.into();
-        let (keys, stamp) = load(&path)?;
+        Self::open_section(path.into(), Section::WholeFile)
+    }
+
+    /// Loads the `keys` array of a larger configuration file (TOML, or JSON by the `.json`
+    /// extension), ignoring every other top-level field, now and on every reload. The keys
+    /// are checked as in a key file (unknown fields, credentials, duplicates); a missing
+    /// `keys` array is no keys. See the [type docs](FileKeyStore).
+    pub fn open_keys_of(path: impl Into<PathBuf>) -> Result<Self, KeyFileError> {
+        Self::open_section(path.into(), Section::KeysOnly)
+    }
+
+    fn open_section(path: PathBuf, section: Section) -> Result<Self, KeyFileError> {
+        let (keys, stamp) = load(&path, section)?;
         Ok(FileKeyStore {
             path,
+            section,
             check_interval: Duration::ZERO,
             state: RwLock::new(State {
                 keys: Arc::new(keys),
@@ -255,7 +302,7 @@ impl FileKeyStore {
         if current.is_some() && current == self.read().stamp {
             return false;
         }
-        let outcome = load(&self.path);
+        let outcome = load(&self.path, self.section);
         let mut state = self.write();
         match outcome {
             Ok((keys, stamp)) => {
@@ -303,6 +350,7 @@ impl std::fmt::Debug for FileKeyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FileKeyStore")
             .field("path", &self.path)
+            .field("keys_only", &(self.section == Section::KeysOnly))
             .field("keys", &self.len())
             .field("check_interval", &self.check_interval)
             .finish()

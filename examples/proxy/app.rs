@@ -1,0 +1,270 @@
+//! The proxy put together: command line, configuration or embedded default, key store,
+//! upstream client, stack and listener.
+
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use tower_llm_policy::keys::{FileKeyStore, KeyStore, MemoryKeyStore};
+use tower_llm_policy::request::BodyOptions;
+use tower_llm_policy::{ApiKey, FeatureSet};
+
+use crate::config::{Config, ConfigError};
+use crate::mock;
+use crate::server;
+use crate::stack::{build_stack, Policy, ProxyService};
+use crate::upstream::Upstream;
+
+/// An OpenAI-compatible proxy with tower-llm-policy's policy layers in front of the upstream.
+///
+/// Clients use `http://<listen>/v1` as their OpenAI base URL and a virtual key from the
+/// configuration; the proxy sends `/v1/<rest>` to `<upstream.base_url>/<rest>` with the
+/// provider key instead. Without `--config` it runs on an embedded default: a built-in mock
+/// upstream and a demo key, printed with a ready-to-paste curl command.
+#[derive(Debug, Parser)]
+#[command(name = "proxy", version, about, long_about = None)]
+pub(crate) struct Args {
+    /// The configuration file (TOML). Without it: the embedded default.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) config: Option<PathBuf>,
+    /// Listen on this address instead of the configuration's `listen`.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) listen: Option<SocketAddr>,
+    /// Forward without any policy layer (for performance comparisons). Every request goes
+    /// upstream with the provider key, whatever key the client sent.
+    #[arg(long)]
+    pub(crate) no_policy: bool,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug)]
+pub(crate) enum StartError {
+    /// The configuration is invalid.
+    Config(ConfigError),
+    /// The upstream settings are unusable.
+    Upstream(String),
+    /// Listening (or starting the built-in mock) failed.
+    Io(String, std::io::Error),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Config(e) => e.fmt(f),
+            StartError::Upstream(e) => write!(f, "invalid [upstream]: {e}"),
+            StartError::Io(what, e) => write!(f, "{what}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+impl From<ConfigError> for StartError {
+    fn from(e: ConfigError) -> Self {
+        StartError::Config(e)
+    }
+}
+
+/// A proxy ready to serve: bound, configured, not yet accepting.
+pub(crate) struct Proxy {
+    /// The address it listens on (the real port when `:0` was asked for).
+    pub(crate) addr: SocketAddr,
+    /// What to tell the user at start-up (printed on stdout by `main`).
+    pub(crate) banner: String,
+    /// The embedded default's demo key (`None` with a configuration file).
+    #[allow(dead_code)] // for tests; `main` prints the banner
+    pub(crate) demo_key: Option<String>,
+    /// The embedded default's mock upstream (`None` with a configuration file).
+    #[allow(dead_code)] // for tests; `main` prints the banner
+    pub(crate) mock: Option<(SocketAddr, mock::MockLog)>,
+    service: ProxyService,
+    body_limits: Option<BodyOptions>,
+    listener: TcpListener,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("addr", &self.addr)
+            .field("grace", &self.grace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// Loads the configuration (or sets up the embedded default), builds the stack and binds
+    /// the listener. `env` looks environment variables up (the provider key): `main` passes
+    /// `std::env::var`, tests a closure.
+    pub(crate) async fn prepare(
+        args: &Args,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Proxy, StartError> {
+        let (config, store, demo_key, mock) = match &args.config {
+            Some(path) => {
+                let config = Config::load(path)?;
+                // The keys come from the same file through a store that reloads them on edit;
+                // opening it checks their credentials and that names and secrets are unique.
+                let store = FileKeyStore::open_keys_of(path)
+                    .map_err(|e| ConfigError::Invalid(path.clone(), e.to_string()))?;
+                tracing::info!(
+                    config = %path.display(),
+                    keys = config.keys.len(),
+                    "configuration loaded"
+                );
+                let store: Arc<dyn KeyStore> = Arc::new(store);
+                (config, store, None, None)
+            }
+            None => {
+                let (mock_addr, log) = mock::spawn(mock::MockOptions::default().record(false))
+                    .await
+                    .map_err(|e| StartError::Io("cannot start the built-in mock".into(), e))?;
+                let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
+                let config = Config::embedded(listen, format!("http://{mock_addr}/v1"));
+                let secret = demo_secret();
+                let store: Arc<dyn KeyStore> =
+                    Arc::new(MemoryKeyStore::new().with_key(&secret, demo_key_policy()));
+                (config, store, Some(secret), Some((mock_addr, log)))
+            }
+        };
+
+        let provider_key = match &config.upstream.api_key_env {
+            Some(name) => {
+                let key = env(name).filter(|k| !k.trim().is_empty());
+                if key.is_none() {
+                    tracing::warn!(
+                        variable = %name,
+                        "the provider key's environment variable is not set: requests go \
+                         upstream without authorization"
+                    );
+                }
+                key
+            }
+            None => None,
+        };
+        let upstream = Upstream::builder(config.upstream.base_url.clone())
+            .provider_key(provider_key)
+            .connect_timeout(config.upstream.connect_timeout)
+            .first_byte_timeout(config.upstream.first_byte_timeout)
+            .idle_timeout(config.upstream.idle_timeout)
+            .build()
+            .map_err(|e| StartError::Upstream(e.to_string()))?;
+
+        let listen = args.listen.unwrap_or(config.listen);
+        let grace = config.server.shutdown_grace;
+        let upstream_url = upstream.base_url().to_owned();
+        let keys_from = match &args.config {
+            Some(path) => path.display().to_string(),
+            None => "the embedded default".to_owned(),
+        };
+        if config.audit.jsonl.is_some() && !args.no_policy {
+            // INTEGRATE: AuditSink (issue 4) — drop this warning once the sink is wired.
+            tracing::warn!("`[audit] jsonl` is set but this build has no audit layer yet");
+        }
+        let policy = (!args.no_policy).then(|| Policy::new(config, store));
+        let body_limits = policy.as_ref().map(|p| p.body);
+        let service = build_stack(policy.as_ref(), upstream);
+
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| StartError::Io(format!("cannot listen on {listen}"), e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| StartError::Io("cannot read the listening address".into(), e))?;
+
+        let base = format!("http://{}/v1", display_addr(addr));
+        let mut banner = format!(
+            "tower-llm-policy proxy listening on {base}\n  upstream: {upstream_url}{}\n  policy:   {}\n",
+            if mock.is_some() { " (built-in mock)" } else { "" },
+            if args.no_policy {
+                "off (--no-policy): every request is forwarded".to_owned()
+            } else {
+                format!("on, keys from {keys_from}")
+            },
+        );
+        if let Some(secret) = &demo_key {
+            banner.push_str(&format!(
+                "  demo key: {secret} (models gpt-4o-mini and gpt-4o; no images or audio; \
+                 prompts up to 1000 tokens)\n\nTry it:\n{}\n",
+                curl_command(&base, secret)
+            ));
+        }
+        Ok(Proxy {
+            addr,
+            banner,
+            demo_key,
+            mock,
+            service,
+            body_limits,
+            listener,
+            grace,
+        })
+    }
+
+    /// Serves until `shutdown` completes, then shuts down gracefully (see [`server::run`]).
+    pub(crate) async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        server::run(
+            self.service,
+            self.body_limits,
+            self.listener,
+            self.grace,
+            shutdown,
+        )
+        .await
+    }
+}
+
+/// The demo key's policy: the README's `chat-app` key.
+fn demo_key_policy() -> ApiKey {
+    let mut blocked = FeatureSet::empty();
+    for group in ["images", "audio"] {
+        blocked.insert_name(group).expect("known feature groups");
+    }
+    ApiKey::new("demo")
+        .model_limits(["gpt-4o-mini", "gpt-4o"])
+        .blocked_features(blocked)
+        .max_prompt_tokens(1000)
+}
+
+/// A fresh demo key: `sk-demo-` and 32 hex digits from the standard library's per-process
+/// random hash keys (no extra dependency; a demo key guards a mock, not money).
+fn demo_secret() -> String {
+    let mut out = String::from("sk-demo-");
+    for i in 0u64..2 {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(i);
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        out.push_str(&format!("{:016x}", hasher.finish()));
+    }
+    out
+}
+
+/// The address as a client should write it: a wildcard listen address becomes loopback.
+fn display_addr(addr: SocketAddr) -> SocketAddr {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, addr.port())
+}
+
+/// The ready-to-paste curl command of the banner.
+pub(crate) fn curl_command(base: &str, key: &str) -> String {
+    format!(
+        "curl -sS {base}/chat/completions \\\n  -H 'Authorization: Bearer {key}' \\\n  \
+         -H 'Content-Type: application/json' \\\n  \
+         -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'"
+    )
+}

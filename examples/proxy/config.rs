@@ -1,0 +1,341 @@
+//! The example proxy's configuration: a TOML file, validated whole at start-up.
+//!
+//! Every table is `deny_unknown_fields`, so a typo is an error that names its line (the TOML
+//! parser's message carries the line and column). `[[keys]]` entries deserialize straight into
+//! [`ApiKey`]: every key field of the crate is settable there with the same name. The keys are
+//! then served by a [`FileKeyStore`](tower_llm_policy::keys::FileKeyStore) on the same file,
+//! which reloads them on edit; the other tables are read once, at start-up.
+//!
+//! See `examples/proxy.toml` for a documented sample of every table.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use tower_llm_policy::model::{ModelList, ModelNames};
+use tower_llm_policy::pricing::PricingTable;
+use tower_llm_policy::request::{BodyOptions, DEFAULT_BODY_LIMIT, DEFAULT_MULTIPART_LIMIT};
+use tower_llm_policy::{ApiKey, FeatureSet};
+
+use crate::upstream::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_FIRST_BYTE_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
+
+/// Where the proxy listens when neither the config nor `--listen` says.
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// How long in-flight requests may run on after SIGINT/SIGTERM, by default.
+pub(crate) const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The whole configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    /// `listen = "127.0.0.1:8080"`: the address clients use (`http://<listen>/v1`).
+    #[serde(default = "default_listen")]
+    pub(crate) listen: SocketAddr,
+    /// `[upstream]`: where requests go, with which provider key.
+    pub(crate) upstream: UpstreamConfig,
+    /// `[server]`: connection handling.
+    #[serde(default)]
+    pub(crate) server: ServerConfig,
+    /// `[audit]`: where audit records go.
+    #[serde(default)]
+    pub(crate) audit: AuditConfig,
+    /// `[workspace]`: the models any key may use at most.
+    #[serde(default)]
+    pub(crate) workspace: WorkspaceConfig,
+    /// `[model_names]`: aliases resolved before every model check.
+    #[serde(default)]
+    pub(crate) model_names: ModelNamesConfig,
+    /// `[blocked]`: features and models blocked for every key.
+    #[serde(default)]
+    pub(crate) blocked: BlockedConfig,
+    /// `[prompt_limits]`: limits for every key (a key's own limits apply too).
+    #[serde(default)]
+    pub(crate) prompt_limits: PromptLimitsConfig,
+    /// `[pricing]`: prices (USD per million tokens) on top of the built-in table.
+    #[serde(default)]
+    pub(crate) pricing: PricingTable,
+    /// `[body]`: request body size limits.
+    #[serde(default)]
+    pub(crate) body: BodyConfig,
+    /// `[[keys]]`: the virtual keys, with every field of [`ApiKey`].
+    #[serde(default)]
+    pub(crate) keys: Vec<ApiKey>,
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN.parse().expect("a valid default address")
+}
+
+/// `[upstream]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpstreamConfig {
+    /// `base_url = "https://api.openai.com/v1"`: `/v1/<rest>` goes to `<base_url>/<rest>`.
+    pub(crate) base_url: String,
+    /// `api_key_env = "OPENAI_API_KEY"`: the environment variable holding the provider key.
+    /// Absent (or the variable unset): requests go upstream without `authorization`.
+    #[serde(default)]
+    pub(crate) api_key_env: Option<String>,
+    /// `connect_timeout = "10s"`.
+    #[serde(default = "default_connect", deserialize_with = "duration")]
+    pub(crate) connect_timeout: Duration,
+    /// `first_byte_timeout = "10m"`: until the response headers.
+    #[serde(default = "default_first_byte", deserialize_with = "duration")]
+    pub(crate) first_byte_timeout: Duration,
+    /// `idle_timeout = "5m"`: longest silence inside a response body.
+    #[serde(default = "default_idle", deserialize_with = "duration")]
+    pub(crate) idle_timeout: Duration,
+}
+
+fn default_connect() -> Duration {
+    DEFAULT_CONNECT_TIMEOUT
+}
+fn default_first_byte() -> Duration {
+    DEFAULT_FIRST_BYTE_TIMEOUT
+}
+fn default_idle() -> Duration {
+    DEFAULT_IDLE_TIMEOUT
+}
+
+/// `[server]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ServerConfig {
+    /// `shutdown_grace = "30s"`: how long in-flight requests and streams may run on after
+    /// SIGINT/SIGTERM before the proxy exits anyway.
+    #[serde(default = "default_grace", deserialize_with = "duration")]
+    pub(crate) shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+fn default_grace() -> Duration {
+    DEFAULT_SHUTDOWN_GRACE
+}
+
+/// `[audit]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuditConfig {
+    /// `jsonl = "audit.jsonl"`: append one JSON record per request to this file.
+    #[serde(default)]
+    pub(crate) jsonl: Option<PathBuf>,
+}
+
+/// `[workspace]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WorkspaceConfig {
+    /// `models = ["gpt-4o*", "o3-mini"]`: the workspace entitlement. Absent: no workspace
+    /// list (keys' own lists only).
+    #[serde(default)]
+    pub(crate) models: Option<ModelList>,
+}
+
+/// `[model_names]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ModelNamesConfig {
+    /// `aliases = { "gpt4" = "gpt-4" }`.
+    #[serde(default)]
+    pub(crate) aliases: BTreeMap<String, String>,
+    /// `strip_suffixes = ["-latest"]`.
+    #[serde(default)]
+    pub(crate) strip_suffixes: Vec<String>,
+}
+
+impl ModelNamesConfig {
+    /// The alias table.
+    pub(crate) fn to_model_names(&self) -> ModelNames {
+        let mut names = ModelNames::new();
+        for (from, to) in &self.aliases {
+            names = names.alias(from, to);
+        }
+        for suffix in &self.strip_suffixes {
+            names = names.strip_suffix(suffix);
+        }
+        names
+    }
+}
+
+/// `[blocked]`: for the FeatureBlock layer.
+#[allow(dead_code)] // read at the FeatureBlock INTEGRATE marker in stack.rs
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BlockedConfig {
+    /// `features = ["fine_tuning", "audio"]`: blocked for every key.
+    #[serde(default)]
+    pub(crate) features: FeatureSet,
+    /// `models = ["gpt-4.5*"]`: blocked for every key.
+    #[serde(default)]
+    pub(crate) models: ModelList,
+}
+
+/// `[prompt_limits]`: for the PromptLimit layer. Same names as the key fields.
+#[allow(dead_code)] // read at the PromptLimit INTEGRATE marker in stack.rs
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PromptLimitsConfig {
+    /// Characters of prompt text.
+    #[serde(default)]
+    pub(crate) max_prompt_chars: Option<u64>,
+    /// Prompt tokens.
+    #[serde(default)]
+    pub(crate) max_prompt_tokens: Option<u64>,
+    /// Requested output tokens (`max_tokens`, `max_completion_tokens`, `max_output_tokens`).
+    #[serde(default)]
+    pub(crate) max_output_tokens: Option<u64>,
+    /// `n` / `best_of`.
+    #[serde(default)]
+    pub(crate) max_n: Option<u64>,
+    /// Chat messages.
+    #[serde(default)]
+    pub(crate) max_messages: Option<u64>,
+    /// Whether every request must carry `user` or `safety_identifier`.
+    #[serde(default)]
+    pub(crate) require_user: bool,
+}
+
+/// `[body]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BodyConfig {
+    /// `limit = 16777216`: largest JSON body, in bytes (413 above).
+    #[serde(default = "default_body_limit")]
+    pub(crate) limit: usize,
+    /// `multipart_limit = 33554432`: largest multipart (upload) body, in bytes.
+    #[serde(default = "default_multipart_limit")]
+    pub(crate) multipart_limit: usize,
+}
+
+impl Default for BodyConfig {
+    fn default() -> Self {
+        BodyConfig {
+            limit: DEFAULT_BODY_LIMIT,
+            multipart_limit: DEFAULT_MULTIPART_LIMIT,
+        }
+    }
+}
+
+impl BodyConfig {
+    /// The options every body-reading layer gets.
+    pub(crate) fn options(&self) -> BodyOptions {
+        BodyOptions {
+            limit: self.limit,
+            multipart_limit: self.multipart_limit,
+        }
+    }
+}
+
+fn default_body_limit() -> usize {
+    DEFAULT_BODY_LIMIT
+}
+fn default_multipart_limit() -> usize {
+    DEFAULT_MULTIPART_LIMIT
+}
+
+/// `"30s"`, `"1m 30s"`, `"500ms"` (humantime), or a number of seconds.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Seconds(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Seconds(s) => Ok(Duration::from_secs(s)),
+        Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration `{t}` ({e}); write e.g. \"30s\" or \"5m\""
+            ))
+        }),
+    }
+}
+
+/// Why the configuration could not be loaded. Messages never contain a secret.
+#[derive(Debug)]
+pub(crate) enum ConfigError {
+    /// The file could not be read.
+    Io(PathBuf, std::io::Error),
+    /// Invalid TOML, an unknown field, a bad value: the parser's message names the line.
+    Parse(PathBuf, String),
+    /// Valid TOML that makes no sense (no credential for a key, two keys with one name, ...).
+    Invalid(PathBuf, String),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Io(path, e) => write!(f, "cannot read {}: {e}", path.display()),
+            ConfigError::Parse(path, message) | ConfigError::Invalid(path, message) => {
+                write!(f, "invalid config {}: {message}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and parses the file.
+    pub(crate) fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Io(path.to_owned(), e))?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses configuration text (`path` is for messages).
+    pub(crate) fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse(path.to_owned(), e.to_string().trim_end().into()))?;
+        if let Some(env) = &config.upstream.api_key_env {
+            if env.trim().is_empty() || env.contains('=') || env.contains('\0') {
+                return Err(ConfigError::Invalid(
+                    path.to_owned(),
+                    "`upstream.api_key_env` must be the name of an environment variable".into(),
+                ));
+            }
+        }
+        if config.body.limit == 0 || config.body.multipart_limit == 0 {
+            return Err(ConfigError::Invalid(
+                path.to_owned(),
+                "`body.limit` and `body.multipart_limit` must be above zero".into(),
+            ));
+        }
+        Ok(config)
+    }
+
+    /// The configuration of the embedded default: everything at its default, the upstream
+    /// at `base_url` without a provider key, and no keys (the caller adds the demo key).
+    pub(crate) fn embedded(listen: SocketAddr, base_url: String) -> Config {
+        Config {
+            listen,
+            upstream: UpstreamConfig {
+                base_url,
+                api_key_env: None,
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
+                idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            },
+            server: ServerConfig::default(),
+            audit: AuditConfig::default(),
+            workspace: WorkspaceConfig::default(),
+            model_names: ModelNamesConfig::default(),
+            blocked: BlockedConfig::default(),
+            prompt_limits: PromptLimitsConfig::default(),
+            pricing: PricingTable::empty(),
+            body: BodyConfig::default(),
+            keys: Vec::new(),
+        }
+    }
+}
