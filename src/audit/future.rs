@@ -15,7 +15,7 @@ use tower_service::Service;
 use super::body::AuditBody;
 use super::layer::Config;
 use super::record::{flag, AuditFlags, AuditRecord, ContentLog, Facts, Outcome, UsageEstimate};
-use super::service::{reports_usage, truncate, AuditCheck};
+use super::service::{reports_usage, truncate, AuditCheck, REDACTION_MARGIN};
 use crate::body::{BoxError, PolicyBody};
 use crate::check::CheckFuture;
 use crate::endpoint::{Endpoint, Route};
@@ -227,7 +227,8 @@ impl Recorder {
     pub(crate) fn on_forwarded(&mut self, chunk: &[u8]) {
         self.response_bytes += chunk.len() as u64;
         if let Some(content) = &mut self.content {
-            let room = self.config.max_content_bytes.saturating_sub(content.len());
+            let limit = self.config.max_content_bytes + REDACTION_MARGIN;
+            let room = limit.saturating_sub(content.len());
             if chunk.len() > room {
                 self.content_truncated = true;
             }
@@ -328,11 +329,11 @@ impl Recorder {
         });
 
         let content = self.content.take().map(|bytes| {
-            let mut text = String::from_utf8_lossy(&bytes).into_owned();
+            let mut text = (self.config.redact)(&String::from_utf8_lossy(&bytes));
             let cut = truncate(&mut text, self.config.max_content_bytes);
             ContentLog {
                 prompt: facts.prompt,
-                response: (!text.is_empty()).then(|| (self.config.redact)(&text)),
+                response: (!text.is_empty()).then_some(text),
                 truncated: facts.prompt_truncated || self.content_truncated || cut,
             }
         });

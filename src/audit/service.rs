@@ -2,7 +2,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::request::Parts;
@@ -83,7 +83,12 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let start = Instant::now();
-        let timestamp = SystemTime::now();
+        // Milliseconds, as the record is serialized.
+        let timestamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(SystemTime::UNIX_EPOCH, |d| {
+                SystemTime::UNIX_EPOCH + Duration::from_millis(d.as_millis() as u64)
+            });
         let request_id = self
             .config
             .trust_request_id
@@ -189,17 +194,24 @@ impl RequestCheck for AuditCheck {
                     prompt.push('\n');
                 }
                 prompt.push_str(part.text);
-                if prompt.len() > config.max_content_bytes {
+                if prompt.len() > config.max_content_bytes + REDACTION_MARGIN {
                     break;
                 }
             }
-            facts.prompt_truncated = truncate(&mut prompt, config.max_content_bytes);
-            facts.prompt = Some((config.redact)(&prompt));
+            // Redact before cutting, so that a key across the cut is still recognised.
+            let long = truncate(&mut prompt, config.max_content_bytes + REDACTION_MARGIN);
+            let mut prompt = (config.redact)(&prompt);
+            facts.prompt_truncated = truncate(&mut prompt, config.max_content_bytes) || long;
+            facts.prompt = Some(prompt);
         }
         flags.set_facts(facts);
         Ok(())
     }
 }
+
+/// Extra bytes of content kept past the limit until redaction has run, so that a secret that
+/// straddles the limit is redacted whole rather than cut into an unrecognisable prefix.
+pub(crate) const REDACTION_MARGIN: usize = 256;
 
 /// Whether the endpoint's successful responses report token usage.
 pub(crate) fn reports_usage(endpoint: Endpoint) -> bool {
