@@ -14,7 +14,7 @@ use bytes::Bytes;
 use divan::{black_box, counter::BytesCount, Bencher};
 use http::{Request, Response};
 use http_body::{Body, Frame};
-use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_llm_policy::audit::{AuditLayer, FnSink};
 use tower_llm_policy::PolicyBody;
 
@@ -76,7 +76,10 @@ fn drain<B: Body<Data = Bytes>>(body: B) -> usize {
     let mut cx = Context::from_waker(Waker::noop());
     let mut n = 0;
     while let Poll::Ready(Some(frame)) = body.as_mut().poll_frame(&mut cx) {
-        if let Ok(data) = frame.map_err(|_| ()).and_then(|f| f.into_data().map_err(|_| ())) {
+        if let Ok(data) = frame
+            .map_err(|_| ())
+            .and_then(|f| f.into_data().map_err(|_| ()))
+        {
             n += black_box(data).len();
         }
     }
@@ -116,8 +119,8 @@ fn audited(bencher: Bencher<'_, '_>, include_usage: bool) {
     bencher
         .counter(BytesCount::new(total_bytes()))
         .with_inputs(|| (svc.clone(), request(include_usage)))
-        .bench_local_values(|(mut svc, req)| {
-            let res = run(async { svc.ready().await.unwrap().call(req).await.unwrap() });
+        .bench_local_values(|(svc, req)| {
+            let res = run(ServiceExt::<Request<String>>::oneshot(svc, req)).unwrap();
             drain(res.into_body())
         });
 }

@@ -1126,3 +1126,30 @@ async fn a_key_across_the_content_limit_is_still_redacted() {
     let content = sink.last().unwrap().content.unwrap();
     assert_eq!(content.prompt.as_deref(), Some("Say hi. My key is sk-["));
 }
+
+#[tokio::test]
+async fn prices_from_a_file_override_the_builtin_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prices.json");
+    std::fs::write(
+        &path,
+        r#"{"gpt-4o-mini": {"input_per_mtok": 1.0, "output_per_mtok": 1.0}}"#,
+    )
+    .unwrap();
+    let mut table = PricingTable::builtin();
+    table.merge(PricingTable::from_json_file(&path).unwrap());
+    let sink = MemorySink::new();
+    let (svc, _) = stack(AuditLayer::new(sink.clone()).pricing(table), || {
+        json(CHAT_JSON)
+    });
+    let res = svc
+        .oneshot(request("/v1/chat/completions", chat_body(false, "")))
+        .await
+        .unwrap();
+    body_text(res.into_body()).await;
+    assert!(close(sink.last().unwrap().cost_usd.unwrap(), 2300.0 / 1e6));
+
+    std::fs::write(&path, r#"{"m": {"input_per_mtok": -1}}"#).unwrap();
+    let err = PricingTable::from_json_file(&path).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+}

@@ -38,6 +38,11 @@ impl<S> Audit<S> {
         tower_layer::Layer::layer(layer, inner)
     }
 
+    /// An [`AuditLayer`] writing to `sink`.
+    pub fn layer(sink: impl super::LogSink) -> AuditLayer {
+        AuditLayer::new(sink)
+    }
+
     pub(crate) fn from_config(inner: S, config: Arc<Config>) -> Self {
         Audit { inner, config }
     }
