@@ -9,6 +9,11 @@
 //!
 //! A store that cannot answer fails closed with 503 `policy_unavailable`.
 //!
+//! Once a key is found, the same `Arc<ApiKey>` is also left in the *response's* extensions
+//! (for allowed requests, and for rejections of a found key: disabled, expired, refused
+//! address), so that an outer audit layer, which runs before this one, learns the key's name
+//! and labels.
+//!
 //! ```
 //! use std::sync::Arc;
 //! use http::{Request, Response, StatusCode};
@@ -181,14 +186,27 @@ fn client_ip<B>(req: &Request<B>) -> Option<IpAddr> {
         .or_else(|| ext.get::<SocketAddr>().map(SocketAddr::ip))
 }
 
-/// Applies a found key to the request, or says why it is refused.
+/// Applies a found key to the request, or says why it is refused (with the key, when one was
+/// found, for the response's extensions).
 fn admit<B>(
     req: &mut Request<B>,
     found: Result<Option<Arc<ApiKey>>, StoreError>,
-) -> Result<(), PolicyError> {
+) -> Result<Arc<ApiKey>, (PolicyError, Option<Arc<ApiKey>>)> {
     let key = found
-        .map_err(|_| PolicyError::PolicyUnavailable)?
-        .ok_or(PolicyError::InvalidKey)?;
+        .map_err(|_| (PolicyError::PolicyUnavailable, None))?
+        .ok_or((PolicyError::InvalidKey, None))?;
+    check_key(req, &key).map_err(|error| (error, Some(key.clone())))?;
+    let headers = req.headers_mut();
+    headers.remove(header::AUTHORIZATION);
+    for name in &KEY_HEADERS {
+        headers.remove(name);
+    }
+    req.extensions_mut().insert(key.clone());
+    Ok(key)
+}
+
+/// Whether a found key may be used for this request.
+fn check_key<B>(req: &Request<B>, key: &ApiKey) -> Result<(), PolicyError> {
     if key.disabled {
         return Err(PolicyError::KeyDisabled);
     }
@@ -211,12 +229,6 @@ fn admit<B>(
             ));
         }
     }
-    let headers = req.headers_mut();
-    headers.remove(header::AUTHORIZATION);
-    for name in &KEY_HEADERS {
-        headers.remove(name);
-    }
-    req.extensions_mut().insert(key);
     Ok(())
 }
 
@@ -275,9 +287,11 @@ pin_project! {
         Inner {
             #[pin]
             future: S::Future,
+            key: Option<Arc<ApiKey>>,
         },
         Rejected {
             error: Option<PolicyError>,
+            key: Option<Arc<ApiKey>>,
         },
     }
 }
@@ -285,7 +299,10 @@ pin_project! {
 impl<S: Service<Request<B>>, B> ResponseFuture<S, B> {
     fn rejected(error: PolicyError) -> Self {
         ResponseFuture {
-            state: State::Rejected { error: Some(error) },
+            state: State::Rejected {
+                error: Some(error),
+                key: None,
+            },
         }
     }
 }
@@ -310,27 +327,38 @@ where
                     let found = ready!(lookup.as_mut().poll(cx));
                     let mut req = req.take().expect("ResponseFuture polled after completion");
                     let next = match admit(&mut req, found) {
-                        Ok(()) => {
+                        Ok(key) => {
                             let mut svc = inner
                                 .take()
                                 .expect("ResponseFuture polled after completion");
                             State::Inner {
                                 future: svc.call(req),
+                                key: Some(key),
                             }
                         }
-                        Err(error) => State::Rejected { error: Some(error) },
+                        Err((error, key)) => State::Rejected {
+                            error: Some(error),
+                            key,
+                        },
                     };
                     state.set(next);
                 }
-                StateProj::Inner { future } => {
-                    let response = ready!(future.poll(cx))?;
+                StateProj::Inner { future, key } => {
+                    let mut response = ready!(future.poll(cx))?;
+                    if let Some(key) = key.take() {
+                        response.extensions_mut().insert(key);
+                    }
                     return Poll::Ready(Ok(response.map(ResponseBody::inner)));
                 }
-                StateProj::Rejected { error } => {
+                StateProj::Rejected { error, key } => {
                     let error = error
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    return Poll::Ready(Ok(reject(error, LayerName::KeyAuth)));
+                    let mut response = reject(error, LayerName::KeyAuth);
+                    if let Some(key) = key.take() {
+                        response.extensions_mut().insert(key);
+                    }
+                    return Poll::Ready(Ok(response));
                 }
             }
         }

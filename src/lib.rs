@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod audit;
 pub mod body;
 pub mod check;
 pub mod endpoint;
@@ -14,6 +15,7 @@ pub mod request;
 pub mod tokens;
 pub mod usage;
 
+pub use audit::{AuditLayer, AuditRecord, LogSink};
 pub use body::{PolicyBody, ResponseBody};
 pub use endpoint::{Endpoint, Feature, FeatureSet, Route};
 pub use error::{PolicyError, Rejection};

@@ -274,6 +274,20 @@ impl PricingTable {
         self.get(canonical_model).map(|price| price.cost(usage))
     }
 
+    /// Reads a table from a JSON file: a map from model name to price, as in the
+    /// [module docs](self). Merge it over [`builtin`](Self::builtin) to override some prices.
+    /// A malformed file is an [`io::ErrorKind::InvalidData`](std::io::ErrorKind) error naming
+    /// the problem.
+    pub fn from_json_file(path: impl AsRef<std::path::Path>) -> std::io::Result<Self> {
+        let text = std::fs::read(path.as_ref())?;
+        serde_json::from_slice(&text).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.as_ref().display()),
+            )
+        })
+    }
+
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.prices.len()

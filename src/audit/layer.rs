@@ -1,0 +1,141 @@
+use std::fmt;
+use std::sync::Arc;
+
+use tower_layer::Layer;
+
+use super::record::redact_api_keys;
+use super::service::Audit;
+use super::sink::LogSink;
+use crate::pricing::PricingTable;
+use crate::request::BodyOptions;
+
+/// Default bound on the prompt text and on the response text kept per record when content
+/// logging is on (16 KiB each).
+pub const DEFAULT_MAX_CONTENT_BYTES: usize = 16 * 1024;
+
+/// A redaction function for logged content.
+pub(crate) type Redact = Arc<dyn Fn(&str) -> String + Send + Sync>;
+
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) sink: Arc<dyn LogSink>,
+    pub(crate) pricing: Arc<PricingTable>,
+    pub(crate) inject_usage: bool,
+    pub(crate) log_content: bool,
+    pub(crate) redact: Redact,
+    pub(crate) max_content_bytes: usize,
+    pub(crate) body: BodyOptions,
+    pub(crate) trust_request_id: bool,
+}
+
+/// Layer that writes one [`AuditRecord`](super::AuditRecord) per request to a
+/// [`LogSink`]. See the [module docs](super).
+#[derive(Clone)]
+pub struct AuditLayer {
+    config: Arc<Config>,
+}
+
+impl AuditLayer {
+    /// Audits to `sink`, with the built-in prices, usage injection on, content logging off.
+    pub fn new(sink: impl LogSink) -> Self {
+        AuditLayer {
+            config: Arc::new(Config {
+                sink: Arc::new(sink),
+                pricing: Arc::new(PricingTable::builtin()),
+                inject_usage: true,
+                log_content: false,
+                redact: Arc::new(redact_api_keys),
+                max_content_bytes: DEFAULT_MAX_CONTENT_BYTES,
+                body: BodyOptions::default(),
+                trust_request_id: true,
+            }),
+        }
+    }
+
+    fn config_mut(&mut self) -> &mut Config {
+        Arc::make_mut(&mut self.config)
+    }
+
+    /// The prices used for `cost_usd` (default: [`PricingTable::builtin`]; merge your own
+    /// over it with [`PricingTable::merge`]).
+    #[must_use]
+    pub fn pricing(mut self, table: PricingTable) -> Self {
+        self.config_mut().pricing = Arc::new(table);
+        self
+    }
+
+    /// Whether streamed chat completions and completions requests that did not ask for usage
+    /// get `stream_options.include_usage` turned on upstream, with the usage-only chunk removed
+    /// before the client sees it (default: on). Off, such streams are recorded with
+    /// [`usage_missing`](super::flag::USAGE_MISSING).
+    #[must_use]
+    pub fn inject_usage(mut self, inject: bool) -> Self {
+        self.config_mut().inject_usage = inject;
+        self
+    }
+
+    /// Whether records carry the prompt and response text (default: off), redacted by the
+    /// [redaction function](Self::redact) and cut at
+    /// [`max_content_bytes`](Self::max_content_bytes).
+    #[must_use]
+    pub fn log_content(mut self, log: bool) -> Self {
+        self.config_mut().log_content = log;
+        self
+    }
+
+    /// The redaction applied to logged content (default: [`redact_api_keys`]).
+    #[must_use]
+    pub fn redact<F>(mut self, redact: F) -> Self
+    where
+        F: Fn(&str) -> String + Send + Sync + 'static,
+    {
+        self.config_mut().redact = Arc::new(redact);
+        self
+    }
+
+    /// The most prompt text, and the most response text, kept per record when content is
+    /// logged (default [`DEFAULT_MAX_CONTENT_BYTES`]).
+    #[must_use]
+    pub fn max_content_bytes(mut self, bytes: usize) -> Self {
+        self.config_mut().max_content_bytes = bytes;
+        self
+    }
+
+    /// Size limits for reading the body (the audit layer, outermost, reads it first).
+    #[must_use]
+    pub fn body_options(mut self, options: BodyOptions) -> Self {
+        self.config_mut().body = options;
+        self
+    }
+
+    /// Whether an incoming `x-request-id` header (1 to 128 characters of
+    /// `[A-Za-z0-9._:/+=-]`) is used as the request id (default: yes). Otherwise, and for
+    /// requests without a plausible one, the layer makes an id.
+    #[must_use]
+    pub fn trust_request_id(mut self, trust: bool) -> Self {
+        self.config_mut().trust_request_id = trust;
+        self
+    }
+}
+
+impl fmt::Debug for AuditLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        f.debug_struct("AuditLayer")
+            .field("prices", &c.pricing.len())
+            .field("inject_usage", &c.inject_usage)
+            .field("log_content", &c.log_content)
+            .field("max_content_bytes", &c.max_content_bytes)
+            .field("body", &c.body)
+            .field("trust_request_id", &c.trust_request_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for AuditLayer {
+    type Service = Audit<S>;
+
+    fn layer(&self, inner: S) -> Audit<S> {
+        Audit::from_config(inner, self.config.clone())
+    }
+}
