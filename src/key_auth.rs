@@ -244,11 +244,26 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let digest = match presented_key(req.headers()) {
             Ok(key) => KeyDigest::of(key),
             Err(error) => return ResponseFuture::rejected(error),
         };
+        // Stores that can answer at once (in memory, a file) need no boxed future and no
+        // clone of the inner service: decide now and call the (ready) inner service.
+        if let Some(found) = self.store.lookup_now(&digest) {
+            let state = match admit(&mut req, found) {
+                Ok(key) => State::Inner {
+                    future: self.inner.call(req),
+                    key: Some(key),
+                },
+                Err((error, key)) => State::Rejected {
+                    error: Some(error),
+                    key,
+                },
+            };
+            return ResponseFuture { state };
+        }
         let store = self.store.clone();
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);

@@ -362,8 +362,17 @@ impl KeyStore for FileKeyStore {
         &'a self,
         digest: &'a KeyDigest,
     ) -> BoxFuture<'a, Result<Option<Arc<ApiKey>>, StoreError>> {
+        Box::pin(std::future::ready(Ok(self.find(digest))))
+    }
+
+    fn lookup_now(&self, digest: &KeyDigest) -> Option<Result<Option<Arc<ApiKey>>, StoreError>> {
+        Some(Ok(self.find(digest)))
+    }
+}
+
+impl FileKeyStore {
+    fn find(&self, digest: &KeyDigest) -> Option<Arc<ApiKey>> {
         self.maybe_refresh();
-        let found = self.read().keys.get(digest).cloned();
-        Box::pin(std::future::ready(Ok(found)))
+        self.read().keys.get(digest).cloned()
     }
 }

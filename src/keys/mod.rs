@@ -418,6 +418,14 @@ pub trait KeyStore: Send + Sync + 'static {
         &'a self,
         digest: &'a KeyDigest,
     ) -> BoxFuture<'a, Result<Option<Arc<ApiKey>>, StoreError>>;
+
+    /// Answers at once, without a future, when the store can (it holds its keys in memory).
+    /// `None` (the default) means "ask [`lookup`](KeyStore::lookup)". KeyAuth tries this
+    /// first, which saves a boxed future per request; the two must agree.
+    fn lookup_now(&self, digest: &KeyDigest) -> Option<Result<Option<Arc<ApiKey>>, StoreError>> {
+        let _ = digest;
+        None
+    }
 }
 
 impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
@@ -427,6 +435,9 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
     ) -> BoxFuture<'a, Result<Option<Arc<ApiKey>>, StoreError>> {
         (**self).lookup(digest)
     }
+    fn lookup_now(&self, digest: &KeyDigest) -> Option<Result<Option<Arc<ApiKey>>, StoreError>> {
+        (**self).lookup_now(digest)
+    }
 }
 
 impl<T: KeyStore + ?Sized> KeyStore for Box<T> {
@@ -435,5 +446,8 @@ impl<T: KeyStore + ?Sized> KeyStore for Box<T> {
         digest: &'a KeyDigest,
     ) -> BoxFuture<'a, Result<Option<Arc<ApiKey>>, StoreError>> {
         (**self).lookup(digest)
+    }
+    fn lookup_now(&self, digest: &KeyDigest) -> Option<Result<Option<Arc<ApiKey>>, StoreError>> {
+        (**self).lookup_now(digest)
     }
 }
