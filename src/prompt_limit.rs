@@ -36,8 +36,10 @@
 //!   known without decoding them; for long audio, many-page files and models that bill
 //!   images at more tokens (gpt-4o-mini), these are floors: raise them with
 //!   [`PromptLimitLayer::media_tokens`]. Media count 0 characters.
-//! - **Chat requests** add OpenAI's per-message framing, [`chat_overhead`]: 3 tokens per
-//!   message, 1 per `name`, 3 for the reply.
+//! - **Chat requests** add OpenAI's per-message framing as its cookbook counts it:
+//!   [`chat_overhead`] (3 tokens per message, 1 per `name`, 3 for the reply) plus the role,
+//!   [`ROLE_TOKENS`] per message. The Responses API documents no such framing; its input is
+//!   counted as text only.
 //!
 //! Tokens are counted with the encoding of the request's canonical model (after the layer's
 //! [`ModelNames`] aliases), `o200k_base` or `cl100k_base` ([`TokenCounter::for_model`]), exactly
@@ -117,6 +119,11 @@ use crate::keys::ApiKey;
 use crate::model::ModelNames;
 use crate::request::{BodyOptions, LlmRequest, OutputField};
 use crate::tokens::{chat_overhead, Count, TokenCounter};
+
+/// Tokens counted for each chat message's `role`: every role OpenAI accepts (`system`,
+/// `developer`, `user`, `assistant`, `tool`, `function`) is one token in both encodings. The
+/// cookbook counts the role's text on top of [`chat_overhead`]'s framing.
+pub const ROLE_TOKENS: usize = 1;
 
 /// Characters a token id counts toward `max_prompt_chars` (the inverse of the estimate).
 pub const CHARS_PER_TOKEN_ID: u64 = 4;
@@ -482,7 +489,9 @@ pub fn prompt_tokens_up_to(
         .saturating_add(media.audio.saturating_mul(u64::from(counts.audio)))
         .saturating_add(media.file.saturating_mul(u64::from(counts.files)));
     let overhead = if view.endpoint() == Endpoint::ChatCompletions {
-        chat_overhead(view.message_count(), view.message_names())
+        let messages = view.message_count();
+        chat_overhead(messages, view.message_names())
+            .saturating_add(messages.saturating_mul(ROLE_TOKENS))
     } else {
         0
     };
