@@ -845,10 +845,13 @@ mod exact {
 
     #[test]
     fn cookbook_example_matches_its_published_count() {
-        // The cookbook prints 129 prompt tokens for gpt-4-0613 / gpt-3.5-turbo (cl100k_base).
+        // The cookbook prints 129 prompt tokens for gpt-4-0613 / gpt-3.5-turbo (cl100k_base)
         let body = json!({"model":"gpt-4-0613","messages": example_messages()});
         assert_eq!(count("/v1/chat/completions", &body), 129);
         assert_eq!(cookbook("gpt-4", &example_messages()), 129);
+        // ... and 124 for gpt-4o (o200k_base).
+        let body = json!({"model":"gpt-4o","messages": example_messages()});
+        assert_eq!(count("/v1/chat/completions", &body), 124);
     }
 
     #[test]
