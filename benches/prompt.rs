@@ -167,9 +167,11 @@ fn run<F: Future>(future: F) -> F::Output {
 }
 
 /// The whole request path through FeatureBlock (a model block, so it reads and parses the
-/// body) and PromptLimit (every limit, exact tokens) on the 2 KB chat request.
-#[divan::bench]
-fn stack_feature_block_and_prompt_limit_2kb(bencher: Bencher<'_, '_>) {
+/// body) and PromptLimit (every limit) on the 2 KB chat request, with a token limit of
+/// 20 000 (the prompt's length in bytes is within it: nothing to count) and of 1 000 (the
+/// prompt, about 400 tokens, is counted exactly).
+#[divan::bench(args = [20_000, 1_000])]
+fn stack_feature_block_and_prompt_limit_2kb(bencher: Bencher<'_, '_>, max_prompt_tokens: u64) {
     let mut svc = ServiceBuilder::new()
         .layer(
             FeatureBlockLayer::new()
@@ -179,7 +181,7 @@ fn stack_feature_block_and_prompt_limit_2kb(bencher: Bencher<'_, '_>) {
         .layer(
             PromptLimitLayer::new()
                 .max_prompt_chars(100_000)
-                .max_prompt_tokens(20_000)
+                .max_prompt_tokens(max_prompt_tokens)
                 .max_output_tokens(4_096)
                 .max_n(1)
                 .max_messages(50)

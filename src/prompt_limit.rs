@@ -46,7 +46,9 @@
 //! with the `tokens` cargo feature. Without it, tokens are **estimated** at 4 characters per
 //! token ([`estimate`](crate::tokens::estimate)) and the message says so. Counting stops as
 //! soon as the limit is crossed, and a long run of text without whitespace is bounded by its
-//! length first, so a hostile prompt costs time linear in its size at most.
+//! length first, so a hostile prompt costs time linear in its size at most. A prompt whose
+//! text is no longer in bytes than the limit (after the fixed costs) is within it however it
+//! is tokenized (a token is at least one byte), and passes without being counted at all.
 //!
 //! # Output limits
 //!
@@ -482,22 +484,7 @@ pub fn prompt_tokens_up_to(
     media: &MediaTokens,
     limit: usize,
 ) -> Count {
-    let counts = view.media();
-    let media_tokens = media
-        .image
-        .saturating_mul(u64::from(counts.images))
-        .saturating_add(media.audio.saturating_mul(u64::from(counts.audio)))
-        .saturating_add(media.file.saturating_mul(u64::from(counts.files)));
-    let overhead = if view.endpoint() == Endpoint::ChatCompletions {
-        let messages = view.message_count();
-        chat_overhead(messages, view.message_names())
-            .saturating_add(messages.saturating_mul(ROLE_TOKENS))
-    } else {
-        0
-    };
-    let mut total = overhead
-        .saturating_add(to_usize(view.prompt_token_ids()))
-        .saturating_add(to_usize(media_tokens));
+    let mut total = fixed_tokens(view, media);
     if total > limit {
         return Count::Exceeded { counted: total };
     }
@@ -512,6 +499,35 @@ pub fn prompt_tokens_up_to(
         }
     }
     Count::Within { tokens: total }
+}
+
+/// An upper bound of the prompt's tokens, with no counting: a token is at least one byte of
+/// text (and an estimated token at least one character), so the text's length in bytes plus
+/// the fixed costs bounds the count from above.
+fn prompt_tokens_at_most(view: &LlmRequest, media: &MediaTokens) -> usize {
+    view.prompt_parts()
+        .map(|p| p.text.len())
+        .fold(fixed_tokens(view, media), usize::saturating_add)
+}
+
+/// The tokens that need no counting: chat framing, token ids and media.
+fn fixed_tokens(view: &LlmRequest, media: &MediaTokens) -> usize {
+    let counts = view.media();
+    let media_tokens = media
+        .image
+        .saturating_mul(u64::from(counts.images))
+        .saturating_add(media.audio.saturating_mul(u64::from(counts.audio)))
+        .saturating_add(media.file.saturating_mul(u64::from(counts.files)));
+    let overhead = if view.endpoint() == Endpoint::ChatCompletions {
+        let messages = view.message_count();
+        chat_overhead(messages, view.message_names())
+            .saturating_add(messages.saturating_mul(ROLE_TOKENS))
+    } else {
+        0
+    };
+    overhead
+        .saturating_add(to_usize(view.prompt_token_ids()))
+        .saturating_add(to_usize(media_tokens))
 }
 
 /// The limit decision, as a [`RequestCheck`].
@@ -648,6 +664,10 @@ impl LimitCheck {
         }
 
         if let Some((limit, level)) = effective(global.max_prompt_tokens, own.max_prompt_tokens) {
+            if prompt_tokens_at_most(view, &self.config.media) <= to_usize(limit) {
+                // Within the limit however it is tokenized: no need to count.
+                return Ok(clamp);
+            }
             let counter = self.counter(view);
             let count = prompt_tokens_up_to(view, &counter, &self.config.media, to_usize(limit));
             if let Count::Exceeded { counted } = count {

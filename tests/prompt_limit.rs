@@ -998,3 +998,84 @@ fn output_fields_are_public_for_view_updates() {
     view.set_max_output(OutputField::MaxTokens, Some(3));
     assert_eq!(view.max_output(), Some(3));
 }
+
+// ---------------------------------------------------------------------------------------------
+// In a stack
+
+#[tokio::test]
+async fn behind_feature_block_the_body_is_parsed_once_and_clamped() {
+    use tower_llm_policy::feature_block::FeatureBlockLayer;
+    let log: Log = Arc::default();
+    let seen = log.clone();
+    let svc = ServiceBuilder::new()
+        // Reads and parses the body (a model block applies) ...
+        .layer(FeatureBlockLayer::new().block_models(["dall-e-3"]))
+        // ... and PromptLimit reuses the view, then rewrites the body.
+        .layer(
+            PromptLimitLayer::new()
+                .max_output_tokens(100)
+                .max_prompt_tokens(1000)
+                .output_limit_mode(OutputLimitMode::Clamp),
+        )
+        .service(service_fn(move |req: Request<PolicyBody>| {
+            let seen = seen.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let view = parts.extensions.get::<LlmRequest>().unwrap();
+                seen.lock().unwrap().push(Seen {
+                    body: body.collect().await.unwrap().to_bytes(),
+                    content_length: None,
+                    max_tokens: view.max_tokens(),
+                    max_completion_tokens: None,
+                    max_output_tokens: None,
+                });
+                Ok::<_, Infallible>(Response::new(String::new()))
+            }
+        }));
+    let body = json!({"model":"gpt-4o","messages":[user("hi")],"max_tokens":500});
+    let (status, ..) = send(&svc, chat(body)).await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = log.lock().unwrap()[0].clone();
+    assert_eq!(seen.max_tokens, Some(100));
+    let sent: Value = serde_json::from_slice(&seen.body).unwrap();
+    assert_eq!(sent["max_tokens"], 100);
+
+    // Both layers still refuse on their own.
+    let (status, json, _) = send(
+        &svc,
+        post(
+            "/v1/images/generations",
+            &json!({"model":"dall-e-3","prompt":"x"}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(json["error"]["code"], "feature_blocked");
+    let (status, json, rejection) = send(
+        &svc,
+        chat(json!({"model":"gpt-4o","messages":[user(&"word ".repeat(2000))]})),
+    )
+    .await;
+    assert_too_long(status, &json, "messages");
+    assert_eq!(rejection.unwrap().layer, Layer::PromptLimit);
+}
+
+#[tokio::test]
+async fn a_prompt_no_longer_in_bytes_than_the_limit_passes_uncounted() {
+    // 12 bytes of text: at most 12 tokens however tokenized, plus 7 for one chat message.
+    let body = json!({"model":"gpt-4o","messages":[user("日本語のテ")]});
+    let bytes = "日本語のテ".len() as u64;
+    let view = view("/v1/chat/completions", &body);
+    let counter = TokenCounter::for_model("gpt-4o");
+    let tokens =
+        prompt_tokens_up_to(&view, &counter, &MediaTokens::default(), usize::MAX).tokens() as u64;
+    assert!(tokens <= bytes + 7);
+    for limit in [bytes + 7, tokens] {
+        let (svc, _) = stack(PromptLimitLayer::new().max_prompt_tokens(limit));
+        let (status, ..) = send(&svc, chat(body.clone())).await;
+        assert_eq!(status, StatusCode::OK, "limit {limit}");
+    }
+    let (svc, _) = stack(PromptLimitLayer::new().max_prompt_tokens(tokens - 1));
+    let (status, json, _) = send(&svc, chat(body)).await;
+    assert_too_long(status, &json, "messages");
+}
