@@ -1022,8 +1022,9 @@ async fn behind_feature_block_the_body_is_parsed_once_and_clamped() {
             async move {
                 let (parts, body) = req.into_parts();
                 let view = parts.extensions.get::<LlmRequest>().unwrap();
+                let body = body.collect().await.unwrap().to_bytes();
                 seen.lock().unwrap().push(Seen {
-                    body: body.collect().await.unwrap().to_bytes(),
+                    body,
                     content_length: None,
                     max_tokens: view.max_tokens(),
                     max_completion_tokens: None,
