@@ -815,6 +815,9 @@ impl RequestCheck for LimitCheck {
             .filter(|(field, _)| output_value(view, *field).is_some_and(|v| v > limit))
             .map(|(field, _)| *field)
             .collect();
+        // The new body is in memory and of known length: it is sent with that length, never
+        // chunked, whatever the client did.
+        req.headers_mut().remove(header::TRANSFER_ENCODING);
         req.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
         *req.body_mut() = PolicyBody::full(Bytes::from(rewritten));

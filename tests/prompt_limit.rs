@@ -23,6 +23,7 @@ use tower_llm_policy::{ApiKey, LlmRequest, ModelNames, PolicyBody, Rejection};
 struct Seen {
     body: Bytes,
     content_length: Option<String>,
+    transfer_encoding: Option<String>,
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
     max_output_tokens: Option<u64>,
@@ -56,6 +57,10 @@ fn stack(
                         content_length: parts
                             .headers
                             .get("content-length")
+                            .map(|v| v.to_str().unwrap().to_owned()),
+                        transfer_encoding: parts
+                            .headers
+                            .get("transfer-encoding")
                             .map(|v| v.to_str().unwrap().to_owned()),
                         max_tokens: view.as_ref().and_then(|v| v.max_tokens()),
                         max_completion_tokens: view
@@ -586,14 +591,20 @@ async fn clamp_rewrites_the_fields_over_the_limit() {
             .output_limit_mode(OutputLimitMode::Clamp),
     );
     let sent = r#"{"model":"gpt-4o", "messages":[{"role":"user","content":"caf\u00e9"}],"max_tokens":4096,"max_completion_tokens":500,"temperature":0.70,"seed":123456789012345678901234,"metadata":{"max_tokens":99999}}"#;
-    let req = Request::post("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .header("content-length", sent.len())
-        .body(sent.to_owned())
-        .unwrap();
-    let (status, ..) = send(&svc, req).await;
-    assert_eq!(status, StatusCode::OK);
+    for framing in ["content-length", "transfer-encoding"] {
+        let req = Request::post("/v1/chat/completions").header("content-type", "application/json");
+        let req = match framing {
+            "content-length" => req.header("content-length", sent.len()),
+            _ => req.header("transfer-encoding", "chunked"),
+        };
+        let (status, ..) = send(&svc, req.body(sent.to_owned()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let chunked = log.lock().unwrap()[1].clone();
+    assert!(chunked.transfer_encoding.is_none());
     let seen = log.lock().unwrap()[0].clone();
+    assert_eq!(chunked.content_length, seen.content_length);
+    assert_eq!(chunked.body, seen.body);
     let body = std::str::from_utf8(&seen.body).unwrap();
     // Only the top-level field over the limit changed; everything else is byte for byte.
     assert_eq!(
@@ -1026,6 +1037,7 @@ async fn behind_feature_block_the_body_is_parsed_once_and_clamped() {
                 seen.lock().unwrap().push(Seen {
                     body,
                     content_length: None,
+                    transfer_encoding: None,
                     max_tokens: view.max_tokens(),
                     max_completion_tokens: None,
                     max_output_tokens: None,
