@@ -219,6 +219,11 @@ impl Route {
             }
             ("realtime", _, _) => {
                 route.path_model = query_param(uri.query(), "model");
+                if route.deployment.is_none() {
+                    // Azure OpenAI names the deployment in the query:
+                    // `/openai/realtime?api-version=...&deployment={name}`.
+                    route.deployment = query_param(uri.query(), "deployment");
+                }
                 Endpoint::Realtime
             }
             ("assistants" | "threads" | "vector_stores", _, _) => Endpoint::Assistants,
@@ -229,17 +234,27 @@ impl Route {
 }
 
 /// Splits the normalised path into the API part (after `v1`, or after an Azure deployment).
+///
+/// Whichever of `v1` and `deployments/{name}` comes first decides, so a deployment may be
+/// named `v1`. Without either, a leading `openai` segment is a prefix too (Azure's
+/// `/openai/realtime`).
 fn split_api<'s, 'p>(segments: &'s [Cow<'p, str>]) -> (&'s [Cow<'p, str>], Option<String>) {
-    if let Some(i) = segments.iter().position(|s| s == "v1") {
-        return (&segments[i + 1..], None);
-    }
-    if let Some(i) = segments.iter().position(|s| s == "deployments") {
-        if let Some(name) = segments.get(i + 1) {
-            return (&segments[i + 2..], Some(name.to_string()));
+    for (i, segment) in segments.iter().enumerate() {
+        if segment == "v1" {
+            return (&segments[i + 1..], None);
+        }
+        if segment == "deployments" {
+            if let Some(name) = segments.get(i + 1) {
+                return (&segments[i + 2..], Some(name.to_string()));
+            }
         }
     }
-    // A bare path (`/chat/completions`), as some clients use against a base URL without /v1.
-    (segments, None)
+    match segments.split_first() {
+        Some((first, rest)) if first == "openai" => (rest, None),
+        // A bare path (`/chat/completions`), as some clients use against a base URL without
+        // /v1.
+        _ => (segments, None),
+    }
 }
 
 /// Splits a path into lowercase, percent-decoded segments with dot segments resolved.

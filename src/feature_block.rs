@@ -1,0 +1,490 @@
+//! FeatureBlock: block whole features (endpoints), models, and image sizes or qualities.
+//!
+//! The "enabled features and models" toggles of a gateway, as a layer. Two levels combine:
+//!
+//! - the **workspace** level, built into the layer: [`block_features`], [`block_models`],
+//!   [`block_image_sizes`], [`block_image_qualities`], and optionally a default-deny
+//!   [`allow_only`] list of features;
+//! - the **key** level: the `blocked_features` and `blocked_models` of the
+//!   [`ApiKey`] that [`KeyAuth`](crate::key_auth::KeyAuth) put in the request's extensions.
+//!   A key's blocks add to the workspace's; they never lift one.
+//!
+//! A blocked request is answered with 422 `feature_blocked`, and a message that says which
+//! level blocked what ("This key blocks the images feature", "This workspace blocks usage of
+//! model: dall-e-3"); the inner service is not called.
+//!
+//! # What is matched
+//!
+//! - **Features** are classified from the method and path by [`Route::classify`], including
+//!   paths with a prefix before `/v1` (`/openai/v1/chat/completions`) and Azure deployment
+//!   paths (`/openai/deployments/{name}/chat/completions`). A blocked group is named as a group
+//!   where the whole group is blocked (`images`, `audio`), otherwise by the feature's name.
+//! - **Models** are resolved with the layer's [`ModelNames`] and matched on normalised and
+//!   canonical names, with `prefix*` wildcards (see [`crate::model`]). The model is the one
+//!   sent (body, multipart field, path, realtime `model` query), else the Azure deployment
+//!   name (map it to a model with an alias: `ModelNames::new().alias("my-deployment",
+//!   "gpt-4o")`), else the endpoint's documented default (`dall-e-2` for images), so blocking
+//!   `dall-e-2` also catches an images request that names no model.
+//! - **Image sizes and qualities** (`1792x1024`, `hd`) apply to the image endpoints only,
+//!   compared without regard to case. They are workspace-level only.
+//! - **Default deny**: with [`allow_only`], a request is refused unless its feature is in the
+//!   list; requests to unknown endpoints ([`Endpoint::Other`]) are refused too. Include
+//!   `models` if clients should still list models.
+//!
+//! The body is read only when a model, size or quality block could apply to the request; a
+//! decision on the endpoint alone is made without buffering it.
+//!
+//! ```
+//! use http::{Request, Response, StatusCode};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//! use tower_llm_policy::PolicyBody;
+//! use tower_llm_policy::feature_block::FeatureBlockLayer;
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let svc = ServiceBuilder::new()
+//!     .layer(
+//!         FeatureBlockLayer::new()
+//!             .block_features("audio".parse().unwrap())
+//!             .block_models(["dall-e-3"]),
+//!     )
+//!     .service(service_fn(|_req: Request<PolicyBody>| async {
+//!         Ok::<_, std::convert::Infallible>(Response::new(String::new()))
+//!     }));
+//! let images = |model: &str| Request::post("/v1/images/generations")
+//!     .body(format!(r#"{{"model":"{model}","prompt":"a cat"}}"#)).unwrap();
+//!
+//! let ok = svc.clone().oneshot(images("dall-e-2")).await.unwrap();
+//! assert_eq!(ok.status(), StatusCode::OK);
+//! let blocked = svc.clone().oneshot(images("dall-e-3")).await.unwrap();
+//! assert_eq!(blocked.status(), StatusCode::UNPROCESSABLE_ENTITY);
+//! let speech = Request::post("/v1/audio/speech").body(String::new()).unwrap();
+//! let blocked = svc.oneshot(speech).await.unwrap();
+//! assert_eq!(blocked.status(), StatusCode::UNPROCESSABLE_ENTITY);
+//! # });
+//! ```
+//!
+//! [`block_features`]: FeatureBlockLayer::block_features
+//! [`block_models`]: FeatureBlockLayer::block_models
+//! [`block_image_sizes`]: FeatureBlockLayer::block_image_sizes
+//! [`block_image_qualities`]: FeatureBlockLayer::block_image_qualities
+//! [`allow_only`]: FeatureBlockLayer::allow_only
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Request, Response};
+use http_body::Body;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::{BoxError, PolicyBody, ResponseBody};
+use crate::check::{CheckFuture, RequestCheck};
+use crate::endpoint::{Endpoint, Feature, FeatureSet, Route};
+use crate::error::{Layer as LayerName, PolicyError};
+use crate::keys::ApiKey;
+use crate::model::{ModelList, ModelNames};
+use crate::request::{BodyOptions, LlmRequest};
+
+/// Longest client-sent value (model, size, quality) quoted back in an error message.
+const QUOTE_LIMIT: usize = 200;
+
+#[derive(Clone, Debug, Default)]
+struct Config {
+    features: FeatureSet,
+    models: ModelList,
+    sizes: Vec<String>,
+    qualities: Vec<String>,
+    allow_only: Option<FeatureSet>,
+    names: ModelNames,
+    body: BodyOptions,
+}
+
+/// Layer that blocks features, models and image options. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct FeatureBlockLayer {
+    config: Arc<Config>,
+}
+
+impl Default for FeatureBlockLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FeatureBlockLayer {
+    /// A layer that blocks nothing at the workspace level (keys' blocks only).
+    pub fn new() -> Self {
+        FeatureBlockLayer {
+            config: Arc::new(Config::default()),
+        }
+    }
+
+    fn config_mut(&mut self) -> &mut Config {
+        Arc::make_mut(&mut self.config)
+    }
+
+    /// Blocks these features for every request (adds to those already blocked). Parse a set
+    /// from names and groups with `"images,audio".parse::<FeatureSet>()`.
+    #[must_use]
+    pub fn block_features(mut self, features: FeatureSet) -> Self {
+        let config = self.config_mut();
+        config.features = config.features.union(features);
+        self
+    }
+
+    /// Blocks these models (names or `prefix*` wildcards) for every request (adds to those
+    /// already blocked).
+    #[must_use]
+    pub fn block_models<I, S>(mut self, models: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let config = self.config_mut();
+        let entries: Vec<String> = config
+            .models
+            .entries()
+            .iter()
+            .cloned()
+            .chain(models.into_iter().map(|m| m.as_ref().to_owned()))
+            .collect();
+        config.models = ModelList::new(entries);
+        self
+    }
+
+    /// Blocks these image sizes (`1792x1024`, ...) on the image endpoints (adds to those
+    /// already blocked).
+    #[must_use]
+    pub fn block_image_sizes<I, S>(mut self, sizes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        push_values(&mut self.config_mut().sizes, sizes);
+        self
+    }
+
+    /// Blocks these image qualities (`hd`, `high`, ...) on the image endpoints (adds to those
+    /// already blocked).
+    #[must_use]
+    pub fn block_image_qualities<I, S>(mut self, qualities: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        push_values(&mut self.config_mut().qualities, qualities);
+        self
+    }
+
+    /// Default deny: only these features may be used; every other feature, and every
+    /// endpoint this crate does not know ([`Endpoint::Other`]), is refused. Blocks still
+    /// apply within the allowed features.
+    #[must_use]
+    pub fn allow_only(mut self, features: FeatureSet) -> Self {
+        self.config_mut().allow_only = Some(features);
+        self
+    }
+
+    /// The alias table used to resolve model names (and Azure deployment names) before they
+    /// are matched.
+    #[must_use]
+    pub fn model_names(mut self, names: ModelNames) -> Self {
+        self.config_mut().names = names;
+        self
+    }
+
+    /// Size limits for reading the body, if this layer reads it first.
+    #[must_use]
+    pub fn body_options(mut self, options: BodyOptions) -> Self {
+        self.config_mut().body = options;
+        self
+    }
+}
+
+fn push_values<I, S>(list: &mut Vec<String>, values: I)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    for value in values {
+        let value = value.as_ref().trim().to_ascii_lowercase();
+        if !value.is_empty() && !list.contains(&value) {
+            list.push(value);
+        }
+    }
+}
+
+impl<S> Layer<S> for FeatureBlockLayer {
+    type Service = FeatureBlock<S>;
+
+    fn layer(&self, inner: S) -> FeatureBlock<S> {
+        FeatureBlock {
+            inner,
+            check: BlockCheck {
+                config: self.config.clone(),
+            },
+        }
+    }
+}
+
+/// Middleware that blocks features, models and image options. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct FeatureBlock<S> {
+    inner: S,
+    check: BlockCheck,
+}
+
+impl<S> FeatureBlock<S> {
+    /// Wraps `inner` with the policy of `layer`.
+    pub fn new(inner: S, layer: &FeatureBlockLayer) -> Self {
+        layer.layer(inner)
+    }
+
+    /// A default [`FeatureBlockLayer`].
+    pub fn layer() -> FeatureBlockLayer {
+        FeatureBlockLayer::new()
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the middleware, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// Which level a block comes from, as named in messages.
+#[derive(Clone, Copy)]
+enum Level {
+    Workspace,
+    Key,
+}
+
+impl Level {
+    fn as_str(self) -> &'static str {
+        match self {
+            Level::Workspace => "This workspace",
+            Level::Key => "This key",
+        }
+    }
+}
+
+/// The block decision, as a [`RequestCheck`].
+#[derive(Clone, Debug)]
+pub struct BlockCheck {
+    config: Arc<Config>,
+}
+
+impl BlockCheck {
+    /// Decides on the endpoint alone: default deny and blocked features.
+    fn check_endpoint(&self, key: Option<&ApiKey>, endpoint: Endpoint) -> Result<(), PolicyError> {
+        let feature = endpoint.feature();
+        if let Some(allowed) = self.config.allow_only {
+            match feature {
+                None => {
+                    return Err(blocked(format!(
+                        "{} does not allow this endpoint.",
+                        Level::Workspace.as_str()
+                    )))
+                }
+                Some(f) if !allowed.contains(f) => {
+                    return Err(blocked(format!(
+                        "{} does not allow the {f} feature.",
+                        Level::Workspace.as_str()
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        let Some(feature) = feature else {
+            return Ok(());
+        };
+        let levels = [
+            (Level::Workspace, self.config.features),
+            (
+                Level::Key,
+                key.map(|k| k.blocked_features).unwrap_or_default(),
+            ),
+        ];
+        for (level, set) in levels {
+            if set.contains(feature) {
+                return Err(blocked(format!(
+                    "{} blocks the {} feature.",
+                    level.as_str(),
+                    feature_label(feature, set)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a model, size or quality block could apply to a request to `endpoint`.
+    fn body_blocks_apply(&self, key: Option<&ApiKey>, endpoint: Endpoint) -> bool {
+        !self.config.models.is_empty()
+            || key.is_some_and(|k| !k.blocked_models.is_empty())
+            || (is_image(endpoint)
+                && !(self.config.sizes.is_empty() && self.config.qualities.is_empty()))
+    }
+
+    /// Whether `model` (as sent) is blocked for `key`.
+    pub fn check_model(&self, key: Option<&ApiKey>, model: &str) -> Result<(), PolicyError> {
+        let key_list = key.map(|k| &k.blocked_models).filter(|l| !l.is_empty());
+        if self.config.models.is_empty() && key_list.is_none() {
+            return Ok(());
+        }
+        let name = self.config.names.resolve(model);
+        let levels = [
+            (Level::Workspace, Some(&self.config.models)),
+            (Level::Key, key_list),
+        ];
+        for (level, list) in levels {
+            if list.is_some_and(|l| l.contains(&name)) {
+                return Err(blocked(format!(
+                    "{} blocks usage of model: {}",
+                    level.as_str(),
+                    quote(model)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_image_options(&self, view: &LlmRequest) -> Result<(), PolicyError> {
+        if !is_image(view.endpoint()) {
+            return Ok(());
+        }
+        let options = [
+            ("size", view.size(), &self.config.sizes),
+            ("quality", view.quality(), &self.config.qualities),
+        ];
+        for (what, value, blocked_values) in options {
+            let Some(value) = value else { continue };
+            let value_trimmed = value.trim();
+            if blocked_values
+                .iter()
+                .any(|b| b.eq_ignore_ascii_case(value_trimmed))
+            {
+                return Err(blocked(format!(
+                    "{} blocks image {what}: {}",
+                    Level::Workspace.as_str(),
+                    quote(value_trimmed)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_image(endpoint: Endpoint) -> bool {
+    matches!(
+        endpoint,
+        Endpoint::ImageGeneration | Endpoint::ImageEdit | Endpoint::ImageVariation
+    )
+}
+
+/// The name of a blocked feature: its group's name when the whole group is blocked.
+fn feature_label(feature: Feature, set: FeatureSet) -> &'static str {
+    let both = |a, b| set.contains(a) && set.contains(b);
+    match feature {
+        Feature::ImageGeneration | Feature::ImageEdits
+            if both(Feature::ImageGeneration, Feature::ImageEdits) =>
+        {
+            "images"
+        }
+        Feature::AudioSpeech | Feature::AudioTranscription
+            if both(Feature::AudioSpeech, Feature::AudioTranscription) =>
+        {
+            "audio"
+        }
+        other => other.as_str(),
+    }
+}
+
+fn blocked(message: String) -> PolicyError {
+    PolicyError::FeatureBlocked(Cow::Owned(message))
+}
+
+fn quote(value: &str) -> String {
+    match value.char_indices().nth(QUOTE_LIMIT) {
+        Some((i, _)) => format!("{}…", &value[..i]),
+        None => value.to_owned(),
+    }
+}
+
+impl RequestCheck for BlockCheck {
+    fn layer(&self) -> LayerName {
+        LayerName::FeatureBlock
+    }
+
+    fn body_options(&self) -> BodyOptions {
+        self.config.body
+    }
+
+    fn needs_body(&self, parts: &Parts) -> bool {
+        let key = parts.extensions.get::<Arc<ApiKey>>().map(|k| &**k);
+        let endpoint = Route::classify(&parts.uri).endpoint;
+        // A request refused on its endpoint alone is refused without reading the body.
+        self.check_endpoint(key, endpoint).is_ok()
+            && endpoint.has_model_body(&parts.method)
+            && self.body_blocks_apply(key, endpoint)
+    }
+
+    fn check(&self, req: &mut Request<PolicyBody>) -> Result<(), PolicyError> {
+        let key = req.extensions().get::<Arc<ApiKey>>().map(|k| &**k);
+        match req.extensions().get::<LlmRequest>() {
+            Some(view) => {
+                self.check_endpoint(key, view.endpoint())?;
+                if let Some(model) = view.model() {
+                    self.check_model(key, model)?;
+                }
+                self.check_image_options(view)
+            }
+            None => {
+                let route = Route::classify(req.uri());
+                self.check_endpoint(key, route.endpoint)?;
+                let model = route
+                    .path_model
+                    .as_deref()
+                    .or(route.deployment.as_deref())
+                    .or(route.endpoint.default_model());
+                match model {
+                    Some(model) => self.check_model(key, model),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Response future of [`FeatureBlock`].
+pub type ResponseFuture<S, B> = CheckFuture<S, B, BlockCheck>;
+
+impl<S, B, ResBody> Service<Request<B>> for FeatureBlock<S>
+where
+    S: Service<Request<PolicyBody>, Response = Response<ResBody>> + Clone,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        CheckFuture::new(self.check.clone(), &mut self.inner, req)
+    }
+}
