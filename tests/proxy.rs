@@ -967,10 +967,9 @@ async fn shutdown_lets_an_in_flight_stream_finish_and_refuses_new_connections() 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Waiting for FeatureBlock, PromptLimit (issue 3) and AuditSink (issue 4)
+// FeatureBlock, PromptLimit and the audit log, through the proxy
 
 #[tokio::test]
-#[ignore = "needs FeatureBlock/PromptLimit/AuditSink from issues 3/4"]
 async fn a_blocked_feature_is_422() -> TestResult {
     use async_openai::types::images::CreateImageRequestArgs;
     let h = start().await;
@@ -986,7 +985,6 @@ async fn a_blocked_feature_is_422() -> TestResult {
 }
 
 #[tokio::test]
-#[ignore = "needs FeatureBlock/PromptLimit/AuditSink from issues 3/4"]
 async fn a_prompt_over_the_keys_limit_is_400() -> TestResult {
     let h = start().await;
     // chat-app allows 1000 prompt tokens; this is about 3000.
@@ -1011,7 +1009,6 @@ async fn a_prompt_over_the_keys_limit_is_400() -> TestResult {
 }
 
 #[tokio::test]
-#[ignore = "needs FeatureBlock/PromptLimit/AuditSink from issues 3/4"]
 async fn the_audit_file_has_a_record_per_request() -> TestResult {
     let mut h = start().await;
     let client = h.client(CHAT_KEY);

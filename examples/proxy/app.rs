@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tokio::net::TcpListener;
+use tower_llm_policy::audit::JsonlSink;
 use tower_llm_policy::keys::{FileKeyStore, KeyStore, MemoryKeyStore};
 use tower_llm_policy::request::BodyOptions;
 use tower_llm_policy::{ApiKey, FeatureSet};
@@ -85,6 +86,7 @@ pub(crate) struct Proxy {
     body_limits: Option<BodyOptions>,
     listener: TcpListener,
     grace: Duration,
+    audit_sink: Option<JsonlSink>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -161,11 +163,13 @@ impl Proxy {
             Some(path) => path.display().to_string(),
             None => "the embedded default".to_owned(),
         };
-        if config.audit.jsonl.is_some() && !args.no_policy {
-            // INTEGRATE: AuditSink (issue 4) — drop this warning once the sink is wired.
-            tracing::warn!("`[audit] jsonl` is set but this build has no audit layer yet");
-        }
-        let policy = (!args.no_policy).then(|| Policy::new(config, store));
+        let audit_sink = match (&config.audit.jsonl, args.no_policy) {
+            (Some(path), false) => Some(JsonlSink::open(path).map_err(|e| {
+                StartError::Io(format!("cannot open the audit log {}", path.display()), e)
+            })?),
+            _ => None,
+        };
+        let policy = (!args.no_policy).then(|| Policy::new(config, store, audit_sink.clone()));
         let body_limits = policy.as_ref().map(|p| p.body);
         let service = build_stack(policy.as_ref(), upstream);
 
@@ -202,22 +206,43 @@ impl Proxy {
             body_limits,
             listener,
             grace,
+            audit_sink,
         })
     }
 
-    /// Serves until `shutdown` completes, then shuts down gracefully (see [`server::run`]).
+    /// Serves until `shutdown` completes, then shuts down gracefully (see [`server::run`])
+    /// and flushes the audit log: every request answered has its record on disk when this
+    /// returns.
     pub(crate) async fn run(
         self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
-        server::run(
+        let served = server::run(
             self.service,
             self.body_limits,
             self.listener,
             self.grace,
             shutdown,
         )
-        .await
+        .await;
+        if let Some(sink) = self.audit_sink {
+            // Records are emitted when response bodies end, so after the connections closed.
+            // Flushing waits for the sink's writer thread: keep it off the runtime's threads.
+            let flushed = tokio::task::spawn_blocking(move || {
+                let result = sink.flush();
+                (result, sink.dropped())
+            })
+            .await;
+            match flushed {
+                Ok((Ok(()), 0)) => tracing::info!("audit log flushed"),
+                Ok((Ok(()), dropped)) => {
+                    tracing::warn!(dropped, "audit log flushed; records were dropped")
+                }
+                Ok((Err(err), _)) => tracing::error!(error = %err, "audit log flush failed"),
+                Err(err) => tracing::error!(error = %err, "audit log flush panicked"),
+            }
+        }
+        served
     }
 }
 

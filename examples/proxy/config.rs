@@ -169,7 +169,6 @@ impl ModelNamesConfig {
 }
 
 /// `[blocked]`: for the FeatureBlock layer.
-#[allow(dead_code)] // read at the FeatureBlock INTEGRATE marker in stack.rs
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BlockedConfig {
@@ -179,10 +178,15 @@ pub(crate) struct BlockedConfig {
     /// `models = ["gpt-4.5*"]`: blocked for every key.
     #[serde(default)]
     pub(crate) models: ModelList,
+    /// `image_sizes = ["1792x1024"]`: image sizes blocked for every key.
+    #[serde(default)]
+    pub(crate) image_sizes: Vec<String>,
+    /// `image_qualities = ["hd"]`: image qualities blocked for every key.
+    #[serde(default)]
+    pub(crate) image_qualities: Vec<String>,
 }
 
 /// `[prompt_limits]`: for the PromptLimit layer. Same names as the key fields.
-#[allow(dead_code)] // read at the PromptLimit INTEGRATE marker in stack.rs
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PromptLimitsConfig {
@@ -204,6 +208,14 @@ pub(crate) struct PromptLimitsConfig {
     /// Whether every request must carry `user` or `safety_identifier`.
     #[serde(default)]
     pub(crate) require_user: bool,
+    /// `clamp_output = true`: lower a requested output limit above `max_output_tokens` to it
+    /// (rewriting the body) instead of refusing the request.
+    #[serde(default)]
+    pub(crate) clamp_output: bool,
+    /// `require_output_limit = true`: refuse chat, completions and responses requests that set
+    /// no output-token limit.
+    #[serde(default)]
+    pub(crate) require_output_limit: bool,
 }
 
 /// `[body]`.

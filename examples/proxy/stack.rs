@@ -4,8 +4,8 @@
 //! client ──► AuditSink ──► KeyAuth ──► ModelAllowList ──► FeatureBlock ──► PromptLimit ──► Upstream
 //! ```
 //!
-//! The layers that exist today are wired; the others have an `INTEGRATE:` marker at the spot
-//! where they slot in, saying which configuration values go where.
+//! The audit layer is there when `[audit] jsonl` is set; the other layers always, each
+//! configured from its own table (and each key's own fields, which come with its `ApiKey`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,12 +16,17 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
+use tower_layer::Layer;
+use tower_llm_policy::audit::JsonlSink;
 use tower_llm_policy::model::{ModelList, ModelNames};
 use tower_llm_policy::pricing::PricingTable;
 use tower_llm_policy::request::BodyOptions;
-use tower_llm_policy::{KeyAuthLayer, KeyStore, ModelAllowListLayer, PolicyBody};
+use tower_llm_policy::{
+    AuditLayer, FeatureBlockLayer, KeyAuthLayer, KeyStore, ModelAllowListLayer, OutputLimitMode,
+    PolicyBody, PromptLimitLayer,
+};
 
-use crate::config::{AuditConfig, BlockedConfig, Config, PromptLimitsConfig};
+use crate::config::{BlockedConfig, Config, PromptLimitsConfig};
 use crate::upstream::{BoxError, Upstream};
 
 /// The response body every variant of the stack answers with.
@@ -44,17 +49,13 @@ pub(crate) struct Policy {
     /// `[body]`, for whichever layer reads the body first.
     pub(crate) body: BodyOptions,
     /// `[blocked]`: for FeatureBlock.
-    #[allow(dead_code)] // read at the FeatureBlock INTEGRATE marker
     pub(crate) blocked: BlockedConfig,
     /// `[prompt_limits]`: for PromptLimit.
-    #[allow(dead_code)] // read at the PromptLimit INTEGRATE marker
     pub(crate) prompt_limits: PromptLimitsConfig,
     /// The built-in prices with `[pricing]` on top: for the audit records' `cost_usd`.
-    #[allow(dead_code)] // read at the AuditSink INTEGRATE marker
     pub(crate) pricing: PricingTable,
-    /// `[audit]`.
-    #[allow(dead_code)] // read at the AuditSink INTEGRATE marker
-    pub(crate) audit: AuditConfig,
+    /// `[audit] jsonl`, opened: the audit layer's sink (no audit layer without it).
+    pub(crate) audit_sink: Option<JsonlSink>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -64,14 +65,19 @@ impl std::fmt::Debug for Policy {
             .field("body", &self.body)
             .field("blocked", &self.blocked)
             .field("prompt_limits", &self.prompt_limits)
-            .field("audit", &self.audit)
+            .field("audit_sink", &self.audit_sink)
             .finish_non_exhaustive()
     }
 }
 
 impl Policy {
-    /// The policy of `config`, with its keys served by `store`.
-    pub(crate) fn new(config: Config, store: Arc<dyn KeyStore>) -> Policy {
+    /// The policy of `config`, with its keys served by `store` and its audit records written
+    /// to `audit_sink` (opened from `[audit] jsonl` by the caller).
+    pub(crate) fn new(
+        config: Config,
+        store: Arc<dyn KeyStore>,
+        audit_sink: Option<JsonlSink>,
+    ) -> Policy {
         let mut pricing = PricingTable::builtin();
         pricing.merge(config.pricing);
         Policy {
@@ -82,7 +88,7 @@ impl Policy {
             blocked: config.blocked,
             prompt_limits: config.prompt_limits,
             pricing,
-            audit: config.audit,
+            audit_sink,
         }
     }
 }
@@ -102,45 +108,68 @@ pub(crate) fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyS
     if let Some(models) = &policy.workspace_models {
         allow_list = allow_list.workspace_models(models.entries());
     }
+    let feature_block = FeatureBlockLayer::new()
+        .block_features(policy.blocked.features)
+        .block_models(policy.blocked.models.entries())
+        .block_image_sizes(&policy.blocked.image_sizes)
+        .block_image_qualities(&policy.blocked.image_qualities)
+        .model_names(policy.names.clone())
+        .body_options(policy.body);
+    let limits = &policy.prompt_limits;
+    let mut prompt_limit = PromptLimitLayer::new()
+        .require_user(limits.require_user)
+        .require_output_limit(limits.require_output_limit)
+        .output_limit_mode(if limits.clamp_output {
+            OutputLimitMode::Clamp
+        } else {
+            OutputLimitMode::Reject
+        })
+        .model_names(policy.names.clone())
+        .body_options(policy.body);
+    for (value, set) in [
+        (
+            limits.max_prompt_chars,
+            PromptLimitLayer::max_prompt_chars as fn(_, _) -> _,
+        ),
+        (
+            limits.max_prompt_tokens,
+            PromptLimitLayer::max_prompt_tokens,
+        ),
+        (
+            limits.max_output_tokens,
+            PromptLimitLayer::max_output_tokens,
+        ),
+        (limits.max_n, PromptLimitLayer::max_n),
+        (limits.max_messages, PromptLimitLayer::max_messages),
+    ] {
+        if let Some(value) = value {
+            prompt_limit = set(prompt_limit, value);
+        }
+    }
 
-    let stack = ServiceBuilder::new()
-        // INTEGRATE: AuditSinkLayer (issue 4) goes first, outermost, so that it sees every
-        // request, rejected ones included, and every response body to its end:
-        //   .option_layer(policy.audit.jsonl.as_ref().map(|path| {
-        //       AuditSinkLayer::new(JsonlSink::open(path)?)   // `[audit] jsonl`
-        //           .pricing(policy.pricing.clone())          // built-in + `[pricing]`
-        //           .model_names(policy.names.clone())        // `[model_names]`
-        //           .body_options(policy.body)                // `[body]`
-        //   }))
-        // and keep a handle on the sink in `Proxy` so that `server::run` flushes it after
-        // the last connection closed (see the INTEGRATE marker there).
+    // A key's own blocks and limits come with its `Arc<ApiKey>` from KeyAuth.
+    let policed = ServiceBuilder::new()
         .layer(KeyAuthLayer::new(policy.store.clone()))
         .layer(allow_list)
-        // INTEGRATE: FeatureBlockLayer (issue 3), after ModelAllowList:
-        //   .layer(FeatureBlockLayer::new()
-        //       .blocked_features(policy.blocked.features)        // `[blocked] features`
-        //       .blocked_models(policy.blocked.models.clone())    // `[blocked] models`
-        //       .model_names(policy.names.clone())                // `[model_names]`
-        //       .body_options(policy.body))                       // `[body]`
-        // A key's own `blocked_features` / `blocked_models` come with its `Arc<ApiKey>`.
-        //
-        // INTEGRATE: PromptLimitLayer (issue 3), last before the upstream:
-        //   .layer(PromptLimitLayer::new()
-        //       .max_prompt_chars(policy.prompt_limits.max_prompt_chars)   // `[prompt_limits]`
-        //       .max_prompt_tokens(policy.prompt_limits.max_prompt_tokens)
-        //       .max_output_tokens(policy.prompt_limits.max_output_tokens)
-        //       .max_n(policy.prompt_limits.max_n)
-        //       .max_messages(policy.prompt_limits.max_messages)
-        //       .require_user(policy.prompt_limits.require_user)
-        //       .body_options(policy.body))                                // `[body]`
-        // A key's own `max_prompt_tokens` etc. come with its `Arc<ApiKey>`.
-        //
-        // INTEGRATE: then un-ignore the tests in tests/proxy.rs marked "needs
-        // FeatureBlock/PromptLimit/AuditSink".
+        .layer(feature_block)
+        .layer(prompt_limit)
         .service(upstream);
-    BoxCloneService::new(ServiceExt::<Request<PolicyBody>>::map_response(
-        stack, box_body,
-    ))
+    match &policy.audit_sink {
+        // Outermost, so that it sees every request, rejected ones included, and every
+        // response body to its end.
+        Some(sink) => {
+            let audited = AuditLayer::new(sink.clone())
+                .pricing(policy.pricing.clone())
+                .body_options(policy.body)
+                .layer(policed);
+            BoxCloneService::new(ServiceExt::<Request<PolicyBody>>::map_response(
+                audited, box_body,
+            ))
+        }
+        None => BoxCloneService::new(ServiceExt::<Request<PolicyBody>>::map_response(
+            policed, box_body,
+        )),
+    }
 }
 
 /// Boxes any response body of the stack into [`ProxyBody`].
