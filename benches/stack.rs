@@ -4,9 +4,12 @@
 //! Run with `cargo bench --bench stack`. Compare, in one run:
 //! - `value_parse`: `serde_json::from_slice::<Value>` of the body (the budget);
 //! - `no_layers`: building the request and calling the inner service directly (the floor);
-//! - `stack`: the same request through every layer shipped so far.
+//! - `stack`: the same request through KeyAuth and ModelAllowList;
+//! - `stack_all`: through all five layers (audit, key, models, features, prompt limits with a
+//!   token limit the prompt is well under), the response body read to its end so the audit
+//!   record is made.
 //!
-//! The cost of the stack is `stack - no_layers`; its ratio to `value_parse` is the figure to
+//! The cost of a stack is `stack - no_layers`; its ratio to `value_parse` is the figure to
 //! keep at or below 1.
 
 use std::convert::Infallible;
@@ -16,8 +19,13 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http::{Request, Response};
+use http_body_util::BodyExt;
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_llm_policy::{ApiKey, KeyAuthLayer, MemoryKeyStore, ModelAllowListLayer};
+use tower_llm_policy::audit::FnSink;
+use tower_llm_policy::{
+    ApiKey, AuditLayer, FeatureBlockLayer, KeyAuthLayer, MemoryKeyStore, ModelAllowListLayer,
+    PromptLimitLayer,
+};
 
 fn main() {
     divan::main();
@@ -133,4 +141,45 @@ fn validate_only(bencher: divan::Bencher<'_, '_>) {
     bencher.bench(|| {
         serde_json::from_slice::<serde::de::IgnoredAny>(divan::black_box(&body)).unwrap()
     });
+}
+
+#[divan::bench]
+fn stack_all(bencher: divan::Bencher<'_, '_>) {
+    let body = body();
+    let store = Arc::new(
+        MemoryKeyStore::new().with_key(
+            "sk-bench-key-0123456789",
+            ApiKey::new("bench")
+                .model_limits(["gpt-4o-mini", "gpt-4o", "o3-mini"])
+                .max_prompt_tokens(20_000),
+        ),
+    );
+    let records = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = records.clone();
+    let sink = FnSink::new(move |_: &tower_llm_policy::AuditRecord| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    });
+    let mut svc = ServiceBuilder::new()
+        .layer(AuditLayer::new(sink))
+        .layer(KeyAuthLayer::new(store))
+        .layer(ModelAllowListLayer::new().workspace_models(["gpt-4o*", "o3-mini"]))
+        .layer(FeatureBlockLayer::new().block_models(["dall-e-3", "gpt-4.5*"]))
+        .layer(
+            PromptLimitLayer::new()
+                .max_prompt_chars(100_000)
+                .max_output_tokens(4_096)
+                .max_n(2),
+        )
+        .service_fn(inner::<tower_llm_policy::PolicyBody>);
+    bencher.bench_local(|| {
+        let ready = run(ServiceExt::<Request<http_body_util::Full<Bytes>>>::ready(
+            &mut svc,
+        ));
+        let fut = ready.unwrap().call(request(&body));
+        let resp = run(fut).unwrap();
+        assert!(resp.status().is_success());
+        let body = run(resp.into_body().collect()).unwrap();
+        divan::black_box(body)
+    });
+    assert!(records.load(std::sync::atomic::Ordering::Relaxed) > 0);
 }

@@ -122,7 +122,7 @@ pub enum PolicyError {
         param: Option<&'static str>,
     },
     /// The key requires an end-user identifier and the request has none.
-    #[error("This key requires a `user` (or `safety_identifier`) field on every request.")]
+    #[error("A `user` (or `safety_identifier`) field is required on every request here.")]
     UserRequired,
     /// A content guard blocked the prompt.
     #[error("{0}")]

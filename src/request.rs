@@ -386,7 +386,9 @@ impl LlmRequest {
         self.quality.as_deref()
     }
 
-    /// The body as read.
+    /// The body as read from the client, before any layer rewrote it (a clamped output limit,
+    /// an injected `stream_options`): the prompt parts point into these bytes. The body that
+    /// travels on is the request's own.
     pub fn body(&self) -> &Bytes {
         &self.body
     }

@@ -109,9 +109,10 @@ pub struct InvalidDigest;
 /// | `name`, `metadata` | audit records (the key's identity and labels) |
 /// | `disabled`, `expires_at`, `allow_ips` | [`KeyAuth`](crate::key_auth::KeyAuth) |
 /// | `model_limits_enabled`, `model_limits` | [`ModelAllowList`](crate::model_allow_list::ModelAllowList) |
-/// | `blocked_features`, `blocked_models` | FeatureBlock (not yet shipped) |
-/// | `max_prompt_chars`, `max_prompt_tokens`, `max_output_tokens`, `max_n`, `max_messages`, `require_user` | PromptLimit (not yet shipped) |
-/// | `credit_limit_usd`, `rpm`, `tpm` | spend and rate layers (not yet shipped) |
+/// | `blocked_features`, `blocked_models` | [`FeatureBlock`](crate::feature_block::FeatureBlock) |
+/// | `max_prompt_chars`, `max_prompt_tokens`, `max_output_tokens`, `max_n`, `max_messages`, `require_user` | [`PromptLimit`](crate::prompt_limit::PromptLimit) |
+/// | `name`, `metadata` (again) | [`AuditLayer`](crate::audit::AuditLayer) records |
+/// | `credit_limit_usd`, `rpm`, `tpm` | not enforced yet: kept for spend and rate layers to come |
 ///
 /// Build one with [`ApiKey::new`] and the builder methods, or load it from a file store (the
 /// field names are the configuration keys; unknown fields are an error).
