@@ -144,11 +144,27 @@ def watchdog(_signum, _frame):
     os._exit(3)
 
 
+def die_with_parent():
+    """In the child, on Linux: SIGKILL when this script dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def spawn(args, log_path: Path, env=None) -> subprocess.Popen:
     """Starts `args` with stdout and stderr in `log_path` (a file: no pipe to drain)."""
     log = open(log_path, "wb")
     proc = subprocess.Popen(
-        args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        args,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
     )
     log.close()
     PROCESSES.append(proc)
@@ -615,10 +631,17 @@ class OpenAISdkThroughProxy(unittest.TestCase):
                 self.assertIsNone(record["key"], record)
 
 
+def terminated(_signum, _frame):
+    kill_all()
+    sys.exit(143)
+
+
 if __name__ == "__main__":
     signal.signal(signal.SIGALRM, watchdog)
+    signal.signal(signal.SIGTERM, terminated)
     signal.alarm(TIMEOUT)
     try:
         unittest.main(verbosity=2)
     finally:
+        signal.alarm(0)
         kill_all()
