@@ -11,7 +11,6 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tower_llm_policy::audit::JsonlSink;
 use tower_llm_policy::keys::{FileKeyStore, KeyStore, MemoryKeyStore};
-use tower_llm_policy::request::BodyOptions;
 use tower_llm_policy::{ApiKey, FeatureSet};
 
 use crate::config::{Config, ConfigError};
@@ -83,7 +82,6 @@ pub(crate) struct Proxy {
     #[allow(dead_code)] // for tests; `main` prints the banner
     pub(crate) mock: Option<(SocketAddr, mock::MockLog)>,
     service: ProxyService,
-    body_limits: Option<BodyOptions>,
     listener: TcpListener,
     grace: Duration,
     audit_sink: Option<JsonlSink>,
@@ -170,7 +168,6 @@ impl Proxy {
             _ => None,
         };
         let policy = (!args.no_policy).then(|| Policy::new(config, store, audit_sink.clone()));
-        let body_limits = policy.as_ref().map(|p| p.body);
         let service = build_stack(policy.as_ref(), upstream);
 
         let listener = TcpListener::bind(listen)
@@ -203,7 +200,6 @@ impl Proxy {
             demo_key,
             mock,
             service,
-            body_limits,
             listener,
             grace,
             audit_sink,
@@ -217,14 +213,7 @@ impl Proxy {
         self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let served = server::run(
-            self.service,
-            self.body_limits,
-            self.listener,
-            self.grace,
-            shutdown,
-        )
-        .await;
+        let served = server::run(self.service, self.listener, self.grace, shutdown).await;
         if let Some(sink) = self.audit_sink {
             // Records are emitted when response bodies end, so after the connections closed.
             // Flushing waits for the sink's writer thread: keep it off the runtime's threads.

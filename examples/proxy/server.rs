@@ -9,16 +9,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::{Service, ServiceExt};
-use tower_llm_policy::error::Layer;
-use tower_llm_policy::request::BodyOptions;
-use tower_llm_policy::{ClientIp, PolicyBody, PolicyError, Rejection};
+use tower_llm_policy::{ClientIp, PolicyBody, Rejection};
 
 use crate::stack::{ProxyBody, ProxyService};
 
@@ -26,12 +24,10 @@ use crate::stack::{ProxyBody, ProxyService};
 /// open connections finish their in-flight requests and streams for at most `grace`, and
 /// returns. Idle keep-alive connections are closed at once.
 ///
-/// With `body_limits`, request bodies are held to them on their way up: a `Content-Length`
-/// over the limit is a 413 at once; a body without one is streamed and cut off (the upstream
-/// request fails) at the limit. Bodies are never buffered here.
+/// Bodies are never buffered here; the stack holds them to `[body]` (see
+/// [`crate::stack::BodyLimit`]), inside the audit layer so that a 413 is recorded too.
 pub(crate) async fn run(
     service: ProxyService,
-    body_limits: Option<BodyOptions>,
     listener: TcpListener,
     grace: Duration,
     shutdown: impl Future<Output = ()>,
@@ -55,7 +51,7 @@ pub(crate) async fn run(
         let _ = stream.set_nodelay(true);
         let service = service.clone();
         let per_connection = hyper::service::service_fn(move |req: Request<Incoming>| {
-            handle(service.clone(), body_limits, peer, req)
+            handle(service.clone(), peer, req)
         });
         let connection = builder
             .serve_connection(TokioIo::new(stream), per_connection)
@@ -85,36 +81,13 @@ pub(crate) async fn run(
 /// One request: `/healthz` here, everything else through the stack.
 async fn handle(
     mut service: ProxyService,
-    body_limits: Option<BodyOptions>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     if req.uri().path() == "/healthz" && matches!(*req.method(), Method::GET | Method::HEAD) {
         return Ok(healthz());
     }
-    let mut req = match body_limits {
-        None => req.map(PolicyBody::new),
-        Some(limits) => {
-            let limit = if is_multipart(&req) {
-                limits.multipart_limit
-            } else {
-                limits.limit
-            };
-            let declared = req
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            if declared.is_some_and(|len| len > limit as u64) {
-                tracing::debug!(%peer, path = req.uri().path(), "request body over the limit");
-                let response = PolicyError::BodyTooLarge { limit }
-                    .into_response(Layer::RequestBody)
-                    .map(|body| body.map_err(|never| match never {}).boxed_unsync());
-                return Ok(response);
-            }
-            req.map(|body| PolicyBody::new(Limited::new(body, limit)))
-        }
-    };
+    let mut req = req.map(PolicyBody::new);
     // KeyAuth reads the client's address for the keys' `allow_ips`. The proxy listens for
     // clients directly, so the socket's peer is the client: no forwarding header is trusted.
     req.extensions_mut().insert(ClientIp(peer.ip()));
@@ -135,17 +108,6 @@ async fn handle(
         "request"
     );
     Ok(response)
-}
-
-fn is_multipart<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("multipart/")
-        })
 }
 
 fn healthz() -> Response<ProxyBody> {

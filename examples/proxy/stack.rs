@@ -18,6 +18,7 @@ use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_layer::Layer;
 use tower_llm_policy::audit::JsonlSink;
+use tower_llm_policy::error::Layer as LayerName;
 use tower_llm_policy::model::{ModelList, ModelNames};
 use tower_llm_policy::pricing::PricingTable;
 use tower_llm_policy::request::BodyOptions;
@@ -25,6 +26,7 @@ use tower_llm_policy::{
     AuditLayer, FeatureBlockLayer, KeyAuthLayer, KeyStore, ModelAllowListLayer, OutputLimitMode,
     PolicyBody, PromptLimitLayer,
 };
+use tower_llm_policy::{PolicyError, ResponseBody};
 
 use crate::config::{BlockedConfig, Config, PromptLimitsConfig};
 use crate::upstream::{BoxError, Upstream};
@@ -149,6 +151,10 @@ pub(crate) fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyS
 
     // A key's own blocks and limits come with its `Arc<ApiKey>` from KeyAuth.
     let policed = ServiceBuilder::new()
+        .layer_fn(|inner| BodyLimit {
+            inner,
+            limits: policy.body,
+        })
         .layer(KeyAuthLayer::new(policy.store.clone()))
         .layer(allow_list)
         .layer(feature_block)
@@ -179,4 +185,67 @@ where
     B::Error: Into<BoxError>,
 {
     response.map(|body| body.map_err(Into::into).boxed_unsync())
+}
+
+/// Holds every request body to `[body]`, whether or not a layer reads it: a declared
+/// `Content-Length` over the limit is a 413 at once (with the `Rejection` the audit layer
+/// records); a body without one is streamed on and cut off at the limit (the upstream request
+/// then fails, a 502 in the audit log). Uploads no layer reads (files) are held too.
+#[derive(Clone, Debug)]
+pub(crate) struct BodyLimit<S> {
+    inner: S,
+    limits: BodyOptions,
+}
+
+impl<S, ResBody> tower::Service<Request<PolicyBody>> for BodyLimit<S>
+where
+    S: tower::Service<Request<PolicyBody>, Response = Response<ResBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<PolicyBody>) -> Self::Future {
+        let multipart = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("multipart/")
+            });
+        let limit = if multipart {
+            self.limits.multipart_limit
+        } else {
+            self.limits.limit
+        };
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit as u64) {
+            let error = PolicyError::BodyTooLarge { limit };
+            let json = error.to_json();
+            let response = error
+                .into_response(LayerName::RequestBody)
+                .map(|_| ResponseBody::full(json));
+            return Box::pin(std::future::ready(Ok(response)));
+        }
+        let req = req.map(|body| PolicyBody::new(http_body_util::Limited::new(body, limit)));
+        let future = self.inner.call(req);
+        Box::pin(async move { Ok(future.await?.map(ResponseBody::inner)) })
+    }
 }

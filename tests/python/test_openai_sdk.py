@@ -555,7 +555,8 @@ class OpenAISdkThroughProxy(unittest.TestCase):
             self.rejected_chat(SHORT_KEY, "gpt-4o-mini", "x" * 500)
         self.assert_error(ctx, openai.BadRequestError, 400, "prompt_too_long")
 
-    # --- rejected: the server's body limit (before the stack, so not audited) ---
+    # --- rejected: the body limit, refused before the body or the key is read (so the
+    # --- audit record has neither a key name nor a model, but it is there) ---
 
     def test_body_over_the_limit_is_413(self):
         with self.assertRaises(openai.APIStatusError) as ctx:
@@ -564,12 +565,11 @@ class OpenAISdkThroughProxy(unittest.TestCase):
                     model="gpt-4o-mini",
                     messages=[{"role": "user", "content": "y " * BODY_LIMIT}],
                 ),
-                key=CHAT_KEY,
+                key=None,
                 method="POST",
                 path="/v1/chat/completions",
-                model="gpt-4o-mini",
+                model=None,
                 rejected=True,
-                audited=False,
             )
         self.assert_error(ctx, openai.APIStatusError, 413, "request_too_large")
 
