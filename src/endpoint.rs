@@ -184,8 +184,30 @@ impl Route {
     /// Classifies a request from its URI (the method matters only to
     /// [`Endpoint::has_model_body`]).
     pub fn classify(uri: &http::Uri) -> Route {
-        let segments = normalise(uri.path());
-        let (api, deployment) = split_api(&segments);
+        let path = uri.path();
+        // The common case, a plain lowercase path, needs no normalising and no allocation.
+        let plain = path.len() <= 128
+            && !path.contains("//")
+            && path.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'/' | b'_' | b'-')
+            });
+        if plain {
+            let mut buf = [""; 12];
+            let mut n = 0;
+            for segment in path.split('/').filter(|s| !s.is_empty()) {
+                if n == buf.len() {
+                    return Self::classify_segments(&normalise(path), uri.query());
+                }
+                buf[n] = segment;
+                n += 1;
+            }
+            return Self::classify_segments(&buf[..n], uri.query());
+        }
+        Self::classify_segments(&normalise(path), uri.query())
+    }
+
+    fn classify_segments<S: AsRef<str>>(segments: &[S], query: Option<&str>) -> Route {
+        let (api, deployment) = split_api(segments);
         let mut route = Route {
             endpoint: Endpoint::Other,
             path_model: None,
@@ -213,16 +235,17 @@ impl Route {
             ("models", _, _) => {
                 if api.len() >= 2 {
                     // Model ids may contain '/', e.g. fine-tuned or provider-prefixed names.
-                    route.path_model = Some(api[1..].join("/"));
+                    let rest: Vec<&str> = api[1..].iter().map(AsRef::as_ref).collect();
+                    route.path_model = Some(rest.join("/"));
                 }
                 Endpoint::Models
             }
             ("realtime", _, _) => {
-                route.path_model = query_param(uri.query(), "model");
+                route.path_model = query_param(query, "model");
                 if route.deployment.is_none() {
                     // Azure OpenAI names the deployment in the query:
                     // `/openai/realtime?api-version=...&deployment={name}`.
-                    route.deployment = query_param(uri.query(), "deployment");
+                    route.deployment = query_param(query, "deployment");
                 }
                 Endpoint::Realtime
             }
@@ -238,19 +261,19 @@ impl Route {
 /// Whichever of `v1` and `deployments/{name}` comes first decides, so a deployment may be
 /// named `v1`. Without either, a leading `openai` segment is a prefix too (Azure's
 /// `/openai/realtime`).
-fn split_api<'s, 'p>(segments: &'s [Cow<'p, str>]) -> (&'s [Cow<'p, str>], Option<String>) {
+fn split_api<S: AsRef<str>>(segments: &[S]) -> (&[S], Option<String>) {
     for (i, segment) in segments.iter().enumerate() {
-        if segment == "v1" {
+        if segment.as_ref() == "v1" {
             return (&segments[i + 1..], None);
         }
-        if segment == "deployments" {
+        if segment.as_ref() == "deployments" {
             if let Some(name) = segments.get(i + 1) {
-                return (&segments[i + 2..], Some(name.to_string()));
+                return (&segments[i + 2..], Some(name.as_ref().to_owned()));
             }
         }
     }
     match segments.split_first() {
-        Some((first, rest)) if first == "openai" => (rest, None),
+        Some((first, rest)) if first.as_ref() == "openai" => (rest, None),
         // A bare path (`/chat/completions`), as some clients use against a base URL without
         // /v1.
         _ => (segments, None),

@@ -348,7 +348,16 @@ pub(crate) fn next_request_id() -> String {
         hasher.finish() & 0xffff_ffff_ffff
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("req_{prefix:012x}{:08x}", n & 0xffff_ffff)
+    // Written by hand: `format!` with hex formatting is a measurable share of the audit
+    // layer's cost per request.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let id = (u128::from(prefix) << 32) | u128::from(n & 0xffff_ffff);
+    let mut out = String::with_capacity(24);
+    out.push_str("req_");
+    for shift in (0..20).rev() {
+        out.push(char::from(HEX[((id >> (shift * 4)) & 0xf) as usize]));
+    }
+    out
 }
 
 /// Whether an incoming `x-request-id` is a plausible id: 1 to 128 characters of
