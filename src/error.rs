@@ -267,3 +267,14 @@ impl PolicyError {
         response
     }
 }
+
+/// Longest client-sent value (a model name, a size) quoted back in an error message.
+const QUOTE_LIMIT: usize = 200;
+
+/// A client-sent value for an error message, cut at [`QUOTE_LIMIT`] characters.
+pub(crate) fn quote(value: &str) -> String {
+    match value.char_indices().nth(QUOTE_LIMIT) {
+        Some((i, _)) => format!("{}…", &value[..i]),
+        None => value.to_owned(),
+    }
+}

@@ -83,13 +83,10 @@ use tower_service::Service;
 use crate::body::{BoxError, PolicyBody, ResponseBody};
 use crate::check::{CheckFuture, RequestCheck};
 use crate::endpoint::{Endpoint, Feature, FeatureSet, Route};
-use crate::error::{Layer as LayerName, PolicyError};
+use crate::error::{quote, Layer as LayerName, PolicyError};
 use crate::keys::ApiKey;
 use crate::model::{ModelList, ModelNames};
 use crate::request::{BodyOptions, LlmRequest};
-
-/// Longest client-sent value (model, size, quality) quoted back in an error message.
-const QUOTE_LIMIT: usize = 200;
 
 #[derive(Clone, Debug, Default)]
 struct Config {
@@ -413,13 +410,6 @@ fn feature_label(feature: Feature, set: FeatureSet) -> &'static str {
 
 fn blocked(message: String) -> PolicyError {
     PolicyError::FeatureBlocked(Cow::Owned(message))
-}
-
-fn quote(value: &str) -> String {
-    match value.char_indices().nth(QUOTE_LIMIT) {
-        Some((i, _)) => format!("{}…", &value[..i]),
-        None => value.to_owned(),
-    }
 }
 
 impl RequestCheck for BlockCheck {

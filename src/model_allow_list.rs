@@ -60,16 +60,13 @@ use tower_service::Service;
 use crate::body::{BoxError, PolicyBody, ResponseBody};
 use crate::check::{CheckFuture, RequestCheck};
 use crate::endpoint::{Endpoint, Route};
-use crate::error::{Layer as LayerName, PolicyError};
+use crate::error::{quote, Layer as LayerName, PolicyError};
 use crate::keys::ApiKey;
 use crate::model::{ModelList, ModelNames};
 use crate::request::{BodyOptions, LlmRequest};
 
 /// Largest `GET /v1/models` response body that is filtered (4 MiB).
 pub const DEFAULT_MODELS_RESPONSE_LIMIT: usize = 4 * 1024 * 1024;
-
-/// Longest model name quoted back in an error message.
-const QUOTE_LIMIT: usize = 200;
 
 #[derive(Clone, Debug)]
 struct Config {
@@ -222,13 +219,6 @@ impl AllowCheck {
                 model: quote(model),
             })
         }
-    }
-}
-
-fn quote(model: &str) -> String {
-    match model.char_indices().nth(QUOTE_LIMIT) {
-        Some((i, _)) => format!("{}…", &model[..i]),
-        None => model.to_owned(),
     }
 }
 
