@@ -26,7 +26,8 @@
 //!   "gpt-4o")`), else the endpoint's documented default (`dall-e-2` for images), so blocking
 //!   `dall-e-2` also catches an images request that names no model.
 //! - **Image sizes and qualities** (`1792x1024`, `hd`) apply to the image endpoints only,
-//!   compared without regard to case. They are workspace-level only.
+//!   compared without regard to case, for everyone and per key (`blocked_image_sizes`,
+//!   `blocked_image_qualities`).
 //! - **Default deny**: with [`allow_only`], a request is refused unless its feature is in the
 //!   list; requests to unknown endpoints ([`Endpoint::Other`]) are refused too. Include
 //!   `models` if clients should still list models.
@@ -331,7 +332,11 @@ impl BlockCheck {
         !self.config.models.is_empty()
             || key.is_some_and(|k| !k.blocked_models.is_empty())
             || (is_image(endpoint)
-                && !(self.config.sizes.is_empty() && self.config.qualities.is_empty()))
+                && !(self.config.sizes.is_empty()
+                    && self.config.qualities.is_empty()
+                    && key.is_none_or(|k| {
+                        k.blocked_image_sizes.is_empty() && k.blocked_image_qualities.is_empty()
+                    })))
     }
 
     /// Whether `model` (as sent) is blocked for `key`.
@@ -357,24 +362,51 @@ impl BlockCheck {
         Ok(())
     }
 
-    fn check_image_options(&self, view: &LlmRequest) -> Result<(), PolicyError> {
+    fn check_image_options(
+        &self,
+        key: Option<&ApiKey>,
+        view: &LlmRequest,
+    ) -> Result<(), PolicyError> {
         if !is_image(view.endpoint()) {
             return Ok(());
         }
+        let none: &[String] = &[];
         let options = [
-            ("size", view.size(), &self.config.sizes),
-            ("quality", view.quality(), &self.config.qualities),
+            (
+                Level::Workspace,
+                "size",
+                view.size(),
+                &self.config.sizes[..],
+            ),
+            (
+                Level::Workspace,
+                "quality",
+                view.quality(),
+                &self.config.qualities[..],
+            ),
+            (
+                Level::Key,
+                "size",
+                view.size(),
+                key.map_or(none, |k| &k.blocked_image_sizes[..]),
+            ),
+            (
+                Level::Key,
+                "quality",
+                view.quality(),
+                key.map_or(none, |k| &k.blocked_image_qualities[..]),
+            ),
         ];
-        for (what, value, blocked_values) in options {
+        for (level, what, value, blocked_values) in options {
             let Some(value) = value else { continue };
             let value_trimmed = value.trim();
             if blocked_values
                 .iter()
-                .any(|b| b.eq_ignore_ascii_case(value_trimmed))
+                .any(|b| b.trim().eq_ignore_ascii_case(value_trimmed))
             {
                 return Err(blocked(format!(
                     "{} blocks image {what}: {}",
-                    Level::Workspace.as_str(),
+                    level.as_str(),
                     quote(value_trimmed)
                 )));
             }
@@ -438,7 +470,7 @@ impl RequestCheck for BlockCheck {
                 if let Some(model) = view.model() {
                     self.check_model(key, model)?;
                 }
-                self.check_image_options(view)
+                self.check_image_options(key, view)
             }
             None => {
                 let route = Route::classify(req.uri());

@@ -753,3 +753,55 @@ async fn long_model_names_are_quoted_short() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(message(&json).len() < 400);
 }
+
+#[tokio::test]
+async fn a_keys_image_sizes_and_qualities_are_blocked_for_that_key_only() {
+    let (svc, calls) = stack(FeatureBlockLayer::new());
+    let mut key = ApiKey::new("thrifty");
+    key.blocked_image_sizes = vec!["1792x1024".into()];
+    key.blocked_image_qualities = vec!["hd".into()];
+    let images = |body: &str| request(Method::POST, "/v1/images/generations", body);
+    let (status, json, _) = send(
+        &svc,
+        with_key(
+            images(r#"{"model":"dall-e-3","prompt":"x","size":"1792X1024"}"#),
+            key.clone(),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(message(&json), "This key blocks image size: 1792X1024");
+    let (status, json, _) = send(
+        &svc,
+        with_key(
+            images(r#"{"model":"dall-e-3","prompt":"x","quality":"hd"}"#),
+            key.clone(),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(message(&json), "This key blocks image quality: hd");
+    assert!(
+        calls.lock().unwrap().is_empty(),
+        "a blocked request reached the inner service"
+    );
+    // Another key, or the same key with allowed options, passes.
+    let (status, ..) = send(
+        &svc,
+        with_key(
+            images(r#"{"model":"dall-e-3","prompt":"x","size":"1792x1024","quality":"hd"}"#),
+            ApiKey::new("other"),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, ..) = send(
+        &svc,
+        with_key(
+            images(r#"{"model":"dall-e-3","prompt":"x","size":"1024x1024"}"#),
+            key,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}

@@ -109,7 +109,7 @@ pub struct InvalidDigest;
 /// | `name`, `metadata` | audit records (the key's identity and labels) |
 /// | `disabled`, `expires_at`, `allow_ips` | [`KeyAuth`](crate::key_auth::KeyAuth) |
 /// | `model_limits_enabled`, `model_limits` | [`ModelAllowList`](crate::model_allow_list::ModelAllowList) |
-/// | `blocked_features`, `blocked_models` | [`FeatureBlock`](crate::feature_block::FeatureBlock) |
+/// | `blocked_features`, `blocked_models`, `blocked_image_sizes`, `blocked_image_qualities` | [`FeatureBlock`](crate::feature_block::FeatureBlock) |
 /// | `max_prompt_chars`, `max_prompt_tokens`, `max_output_tokens`, `max_n`, `max_messages`, `require_user` | [`PromptLimit`](crate::prompt_limit::PromptLimit) |
 /// | `name`, `metadata` (again) | [`AuditLayer`](crate::audit::AuditLayer) records |
 /// | `credit_limit_usd`, `rpm`, `tpm` | not enforced yet: kept for spend and rate layers to come |
@@ -133,6 +133,13 @@ pub struct ApiKey {
     /// Models this key may not use, whatever else allows them.
     #[serde(default)]
     pub blocked_models: ModelList,
+    /// Image sizes (`1792x1024`, ...) this key may not request (compared without regard to
+    /// case).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocked_image_sizes: Vec<String>,
+    /// Image qualities (`hd`, `high`, ...) this key may not request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocked_image_qualities: Vec<String>,
     /// Maximum prompt size in characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_prompt_chars: Option<u64>,
@@ -314,6 +321,8 @@ impl fmt::Debug for ApiKey {
             .field("model_limits", &self.model_limits)
             .field("blocked_features", &self.blocked_features)
             .field("blocked_models", &self.blocked_models)
+            .field("blocked_image_sizes", &self.blocked_image_sizes)
+            .field("blocked_image_qualities", &self.blocked_image_qualities)
             .field("max_prompt_chars", &self.max_prompt_chars)
             .field("max_prompt_tokens", &self.max_prompt_tokens)
             .field("max_output_tokens", &self.max_output_tokens)
