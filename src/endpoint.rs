@@ -38,7 +38,7 @@ pub enum Endpoint {
     AudioTranslation,
     /// `/v1/moderations`.
     Moderations,
-    /// `/v1/responses` and its sub-resources.
+    /// `/v1/responses` and its sub-resources, and `/v1/conversations`.
     Responses,
     /// `/v1/files` and `/v1/uploads`.
     Files,
@@ -228,7 +228,8 @@ impl Route {
             ("audio", Some("transcriptions"), 2) => Endpoint::AudioTranscription,
             ("audio", Some("translations"), 2) => Endpoint::AudioTranslation,
             ("moderations", None, _) => Endpoint::Moderations,
-            ("responses", _, _) => Endpoint::Responses,
+            // Conversations hold Responses API state.
+            ("responses" | "conversations", _, _) => Endpoint::Responses,
             ("files" | "uploads", _, _) => Endpoint::Files,
             ("batches", _, _) => Endpoint::Batches,
             ("fine_tuning" | "fine-tunes" | "fine_tunes", _, _) => Endpoint::FineTuning,

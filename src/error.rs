@@ -13,6 +13,7 @@
 //! | key's IP allow-list refuses the client | 403 | `ip_not_allowed` |
 //! | model not in the key's allow-list | 403 | `model_not_allowed` |
 //! | feature or model on a block list | 422 | `feature_blocked` |
+//! | unknown endpoint, when unknown endpoints are refused | 404 | `unknown_url` |
 //! | prompt over the limit | 400 | `prompt_too_long` |
 //! | `user` required but absent | 400 | `user_required` |
 //! | content / prompt-injection guard blocks | 400 | `content_blocked` |
@@ -113,6 +114,10 @@ pub enum PolicyError {
     /// A feature, endpoint or model is on a block list.
     #[error("{0}")]
     FeatureBlocked(Cow<'static, str>),
+    /// The request is for no OpenAI endpoint the policy knows, and unknown endpoints are
+    /// refused rather than forwarded.
+    #[error("Unknown request URL: this gateway forwards only the OpenAI API endpoints it knows.")]
+    UnknownEndpoint,
     /// The prompt (or a requested output size) is over a limit.
     #[error("{message}")]
     PromptTooLong {
@@ -169,6 +174,7 @@ impl PolicyError {
             | PolicyError::ModelNotAllowed { .. }
             | PolicyError::NoModelsAllowed => StatusCode::FORBIDDEN,
             PolicyError::FeatureBlocked(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            PolicyError::UnknownEndpoint => StatusCode::NOT_FOUND,
             PolicyError::PromptTooLong { .. }
             | PolicyError::UserRequired
             | PolicyError::ContentBlocked(_)
@@ -193,6 +199,7 @@ impl PolicyError {
                 "model_not_allowed"
             }
             PolicyError::FeatureBlocked(_) => "feature_blocked",
+            PolicyError::UnknownEndpoint => "unknown_url",
             PolicyError::PromptTooLong { .. } => "prompt_too_long",
             PolicyError::UserRequired => "user_required",
             PolicyError::ContentBlocked(_) => "content_blocked",

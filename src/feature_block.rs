@@ -5,7 +5,8 @@
 //! - the **workspace** level, built into the layer: [`block_features`], [`block_models`],
 //!   [`block_image_sizes`], [`block_image_qualities`], and optionally a default-deny
 //!   [`allow_only`] list of features;
-//! - the **key** level: the `blocked_features` and `blocked_models` of the
+//! - the **key** level: the `blocked_features`, `blocked_models`, `blocked_image_sizes` and
+//!   `blocked_image_qualities` of the
 //!   [`ApiKey`] that [`KeyAuth`](crate::key_auth::KeyAuth) put in the request's extensions.
 //!   A key's blocks add to the workspace's; they never lift one.
 //!
@@ -28,6 +29,8 @@
 //! - **Image sizes and qualities** (`1792x1024`, `hd`) apply to the image endpoints only,
 //!   compared without regard to case, for everyone and per key (`blocked_image_sizes`,
 //!   `blocked_image_qualities`).
+//! - **Unknown endpoints**: with [`deny_unknown_endpoints`], a request for an endpoint the
+//!   classifier does not know is a 404 `unknown_url`, never forwarded.
 //! - **Default deny**: with [`allow_only`], a request is refused unless its feature is in the
 //!   list; requests to unknown endpoints ([`Endpoint::Other`]) are refused too. Include
 //!   `models` if clients should still list models.
@@ -69,6 +72,7 @@
 //! [`block_image_sizes`]: FeatureBlockLayer::block_image_sizes
 //! [`block_image_qualities`]: FeatureBlockLayer::block_image_qualities
 //! [`allow_only`]: FeatureBlockLayer::allow_only
+//! [`deny_unknown_endpoints`]: FeatureBlockLayer::deny_unknown_endpoints
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -96,6 +100,7 @@ struct Config {
     sizes: Vec<String>,
     qualities: Vec<String>,
     allow_only: Option<FeatureSet>,
+    deny_unknown: bool,
     names: ModelNames,
     body: BodyOptions,
 }
@@ -183,6 +188,15 @@ impl FeatureBlockLayer {
     #[must_use]
     pub fn allow_only(mut self, features: FeatureSet) -> Self {
         self.config_mut().allow_only = Some(features);
+        self
+    }
+
+    /// Refuses requests to endpoints the classifier does not know ([`Endpoint::Other`]) with
+    /// 404 `unknown_url` instead of passing them on, so a typo or an API the policy cannot
+    /// judge never reaches the upstream. Off by default.
+    #[must_use]
+    pub fn deny_unknown_endpoints(mut self, deny: bool) -> Self {
+        self.config_mut().deny_unknown = deny;
         self
     }
 
@@ -288,6 +302,9 @@ impl BlockCheck {
     /// Decides on the endpoint alone: default deny and blocked features.
     fn check_endpoint(&self, key: Option<&ApiKey>, endpoint: Endpoint) -> Result<(), PolicyError> {
         let feature = endpoint.feature();
+        if feature.is_none() && self.config.deny_unknown {
+            return Err(PolicyError::UnknownEndpoint);
+        }
         if let Some(allowed) = self.config.allow_only {
             match feature {
                 None => {

@@ -805,3 +805,37 @@ async fn a_keys_image_sizes_and_qualities_are_blocked_for_that_key_only() {
     .await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn unknown_endpoints_are_404_when_denied_and_pass_otherwise() {
+    let (svc, calls) = stack(FeatureBlockLayer::new().deny_unknown_endpoints(true));
+    for path in [
+        "/v1/does-not-exist",
+        "/v1/chat/complete",
+        "/v2/chat/completions",
+        "/",
+    ] {
+        let (status, json, response) = send(&svc, request(Method::POST, path, "{}")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(json["error"]["code"], "unknown_url", "{path}");
+        assert_eq!(
+            response.extensions().get::<Rejection>().unwrap().layer,
+            Layer::FeatureBlock
+        );
+    }
+    assert!(
+        calls.lock().unwrap().is_empty(),
+        "an unknown endpoint was forwarded"
+    );
+    // Known endpoints are untouched by the switch.
+    let (status, ..) = send(
+        &svc,
+        request(Method::POST, "/v1/conversations", r#"{"items":[]}"#),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // Without it, unknown endpoints pass (FeatureBlock blocks only what it is told to).
+    let (svc, _) = stack(FeatureBlockLayer::new());
+    let (status, ..) = send(&svc, request(Method::POST, "/v1/does-not-exist", "{}")).await;
+    assert_eq!(status, StatusCode::OK);
+}

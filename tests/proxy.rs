@@ -528,6 +528,19 @@ async fn no_rejected_request_reaches_the_upstream() -> TestResult {
         let answer: Value = serde_json::from_slice(&answer)?;
         assert!(answer["error"]["code"].is_string(), "{answer}");
     }
+    // An endpoint the policy does not know is refused, not forwarded (`[blocked]
+    // unknown_endpoints` defaults to true).
+    let auth = bearer(OPEN_KEY);
+    let (status, answer) = send(
+        Method::POST,
+        &format!("{}/chat/complete", h.base()),
+        &[("authorization", auth.as_str()), json],
+        body,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let answer: Value = serde_json::from_slice(&answer)?;
+    assert_eq!(answer["error"]["code"], "unknown_url");
     assert!(
         h.log.is_empty(),
         "rejected requests reached the upstream: {:?}",

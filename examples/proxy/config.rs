@@ -169,9 +169,13 @@ impl ModelNamesConfig {
 }
 
 /// `[blocked]`: for the FeatureBlock layer.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BlockedConfig {
+    /// `unknown_endpoints = false`: forward requests for endpoints the policy does not know
+    /// (default `true`: refuse them with 404 `unknown_url`, never forwarded).
+    #[serde(default = "yes")]
+    pub(crate) unknown_endpoints: bool,
     /// `features = ["fine_tuning", "audio"]`: blocked for every key.
     #[serde(default)]
     pub(crate) features: FeatureSet,
@@ -184,6 +188,22 @@ pub(crate) struct BlockedConfig {
     /// `image_qualities = ["hd"]`: image qualities blocked for every key.
     #[serde(default)]
     pub(crate) image_qualities: Vec<String>,
+}
+
+impl Default for BlockedConfig {
+    fn default() -> Self {
+        BlockedConfig {
+            unknown_endpoints: true,
+            features: FeatureSet::default(),
+            models: ModelList::default(),
+            image_sizes: Vec::new(),
+            image_qualities: Vec::new(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `[prompt_limits]`: for the PromptLimit layer. Same names as the key fields.

@@ -111,6 +111,7 @@ pub(crate) fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyS
         allow_list = allow_list.workspace_models(models.entries());
     }
     let feature_block = FeatureBlockLayer::new()
+        .deny_unknown_endpoints(policy.blocked.unknown_endpoints)
         .block_features(policy.blocked.features)
         .block_models(policy.blocked.models.entries())
         .block_image_sizes(&policy.blocked.image_sizes)
