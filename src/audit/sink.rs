@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use super::record::AuditRecord;
 
@@ -293,6 +294,9 @@ pub const DEFAULT_JSONL_QUEUE: usize = 8192;
 /// Default size of a [`JsonlSink`]'s write buffer (64 KiB).
 pub const DEFAULT_JSONL_BUFFER: usize = 64 * 1024;
 
+/// How often a busy [`JsonlSink`]'s writer thread writes and flushes what was queued: 10 ms.
+pub const DEFAULT_JSONL_FLUSH_INTERVAL: Duration = Duration::from_millis(10);
+
 enum Message {
     Line(Vec<u8>),
     Flush(SyncSender<io::Result<()>>),
@@ -313,8 +317,9 @@ struct Counters {
 /// microseconds) and hands the line to a writer thread that the sink owns, through a bounded
 /// queue ([`DEFAULT_JSONL_QUEUE`] lines), without ever waiting: when the queue is full the
 /// record is dropped and counted in [`dropped`](Self::dropped). The writer thread writes
-/// through a buffer, flushed whenever the queue runs empty; lines are written whole by that one
-/// thread, so the file is valid JSON Lines however many requests record at once. (Share one
+/// in batches: while records arrive it wakes every flush interval (10 ms by default), writes
+/// what was queued and flushes, and senders never wake it, so a busy sink costs neither a
+/// thread switch nor a write per record; lines are written whole by that one thread, so the file is valid JSON Lines however many requests record at once. (Share one
 /// sink rather than opening the same file twice.)
 ///
 /// [`flush`](Self::flush) waits until everything queued is written and flushed;
@@ -347,6 +352,7 @@ struct JsonlShared {
 pub struct JsonlSinkBuilder {
     queue: usize,
     buffer: usize,
+    flush_interval: Duration,
 }
 
 impl Default for JsonlSinkBuilder {
@@ -354,6 +360,7 @@ impl Default for JsonlSinkBuilder {
         JsonlSinkBuilder {
             queue: DEFAULT_JSONL_QUEUE,
             buffer: DEFAULT_JSONL_BUFFER,
+            flush_interval: DEFAULT_JSONL_FLUSH_INTERVAL,
         }
     }
 }
@@ -373,6 +380,15 @@ impl JsonlSinkBuilder {
         self
     }
 
+    /// How often the writer thread writes and flushes what was queued while records arrive
+    /// (default [`DEFAULT_JSONL_FLUSH_INTERVAL`]): records reach the file at most about this
+    /// much later. Make sure the queue holds what arrives in one interval at peak.
+    #[must_use]
+    pub fn flush_interval(mut self, interval: Duration) -> Self {
+        self.flush_interval = interval;
+        self
+    }
+
     /// Appends to the file at `path`, creating it if needed.
     pub fn open(self, path: impl AsRef<Path>) -> io::Result<JsonlSink> {
         let file: File = OpenOptions::new()
@@ -388,6 +404,7 @@ impl JsonlSinkBuilder {
         let counters = Arc::new(Counters::default());
         let thread_counters = counters.clone();
         let buffer = self.buffer;
+        let interval = self.flush_interval;
         let thread = std::thread::Builder::new()
             .name("llm-audit-jsonl".into())
             .spawn(move || {
@@ -395,6 +412,7 @@ impl JsonlSinkBuilder {
                     rx,
                     BufWriter::with_capacity(buffer, writer),
                     &thread_counters,
+                    interval,
                 )
             })?;
         Ok(JsonlSink {
@@ -407,8 +425,17 @@ impl JsonlSinkBuilder {
     }
 }
 
-/// The writer thread: writes lines as they come, flushes when the queue runs empty.
-fn write_lines<W: Write>(rx: Receiver<Message>, mut out: BufWriter<W>, counters: &Counters) {
+/// The writer thread. While records arrive it wakes every `interval`, writes everything queued
+/// and flushes once per batch; senders never wake it, so a busy sink costs neither a thread
+/// switch nor a write per record. After ten quiet intervals it parks on the queue until the
+/// next record. A `Flush` is answered after everything queued before it is written.
+fn write_lines<W: Write>(
+    rx: Receiver<Message>,
+    mut out: BufWriter<W>,
+    counters: &Counters,
+    interval: Duration,
+) {
+    const QUIET_BEFORE_PARKING: u32 = 10;
     let flush = |out: &mut BufWriter<W>| {
         let result = out.flush();
         if result.is_err() {
@@ -416,31 +443,54 @@ fn write_lines<W: Write>(rx: Receiver<Message>, mut out: BufWriter<W>, counters:
         }
         result
     };
-    loop {
-        let message = match rx.try_recv() {
-            Ok(message) => message,
-            Err(TryRecvError::Empty) => {
-                let _ = flush(&mut out);
-                match rx.recv() {
-                    Ok(message) => message,
-                    Err(_) => break,
+    // Handles one message; false when the thread should stop.
+    let handle = |out: &mut BufWriter<W>, message: Message| match message {
+        Message::Line(line) => {
+            match out.write_all(&line) {
+                Ok(()) => counters.written.fetch_add(1, Ordering::Relaxed),
+                Err(_) => counters.write_errors.fetch_add(1, Ordering::Relaxed),
+            };
+            true
+        }
+        Message::Flush(done) => {
+            let _ = done.send(flush(out));
+            true
+        }
+        Message::Shutdown => false,
+    };
+    let mut quiet = 0;
+    'run: loop {
+        let mut got = false;
+        loop {
+            match rx.try_recv() {
+                Ok(message) => {
+                    got = true;
+                    if !handle(&mut out, message) {
+                        break 'run;
+                    }
                 }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => break 'run,
             }
-            Err(TryRecvError::Disconnected) => break,
-        };
-        match message {
-            Message::Line(line) => match out.write_all(&line) {
-                Ok(()) => {
-                    counters.written.fetch_add(1, Ordering::Relaxed);
+        }
+        if got {
+            quiet = 0;
+            let _ = flush(&mut out);
+            std::thread::sleep(interval);
+        } else if quiet < QUIET_BEFORE_PARKING {
+            quiet += 1;
+            std::thread::sleep(interval);
+        } else {
+            // Idle: park until the next message (one wake-up after a quiet spell).
+            match rx.recv() {
+                Ok(message) => {
+                    quiet = 0;
+                    if !handle(&mut out, message) {
+                        break 'run;
+                    }
                 }
-                Err(_) => {
-                    counters.write_errors.fetch_add(1, Ordering::Relaxed);
-                }
-            },
-            Message::Flush(done) => {
-                let _ = done.send(flush(&mut out));
+                Err(_) => break 'run,
             }
-            Message::Shutdown => break,
         }
     }
     let _ = flush(&mut out);
