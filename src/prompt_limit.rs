@@ -602,11 +602,16 @@ impl LimitCheck {
         if let Some((limit, level)) = effective(global.max_messages, own.max_messages) {
             let count = view.message_count() as u64;
             if count > limit {
+                let param = if endpoint == Endpoint::Responses {
+                    "input"
+                } else {
+                    "messages"
+                };
                 return Err(too_long(
                     format!(
                         "Request has {count} messages; the limit for {level} is {limit} messages."
                     ),
-                    Some("messages"),
+                    Some(param),
                 ));
             }
         }

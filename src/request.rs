@@ -335,7 +335,7 @@ impl LlmRequest {
         self.best_of
     }
 
-    /// The number of chat messages.
+    /// The number of chat messages, or of Responses API `input` items.
     pub fn message_count(&self) -> usize {
         self.messages
     }
@@ -436,6 +436,8 @@ fn invalid(message: impl Into<String>) -> PolicyError {
 
 struct Collector<'a> {
     base: &'a [u8],
+    /// Count the elements of a top-level `input` array as messages (Responses API items).
+    input_items_are_messages: bool,
     parts: Vec<(PromptSource, Span)>,
     messages: usize,
     names: usize,
@@ -478,6 +480,7 @@ impl<'a> Collector<'a> {
 fn parse_json(req: &mut LlmRequest, body: &Bytes) -> Result<(), PolicyError> {
     let mut collector = Collector {
         base: body,
+        input_items_are_messages: req.route.endpoint == Endpoint::Responses,
         parts: Vec::new(),
         messages: 0,
         names: 0,
@@ -858,6 +861,9 @@ impl<'de, 'c> Visitor<'de> for InputSeed<'c, 'de> {
             while seq.next_element::<IgnoredAny>()?.is_some() {}
             return Ok(());
         }
+        let items_are_messages = self.depth == 0
+            && self.source == PromptSource::Input
+            && self.c.input_items_are_messages;
         while seq
             .next_element_seed(InputSeed {
                 c: &mut *self.c,
@@ -865,7 +871,11 @@ impl<'de, 'c> Visitor<'de> for InputSeed<'c, 'de> {
                 depth: self.depth + 1,
             })?
             .is_some()
-        {}
+        {
+            if items_are_messages {
+                self.c.messages += 1;
+            }
+        }
         Ok(())
     }
 

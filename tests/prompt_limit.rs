@@ -1092,3 +1092,43 @@ async fn a_prompt_no_longer_in_bytes_than_the_limit_passes_uncounted() {
     let (status, json, _) = send(&svc, chat(body)).await;
     assert_too_long(status, &json, "messages");
 }
+
+#[tokio::test]
+async fn max_messages_counts_responses_input_items() {
+    let (svc, log) = stack(PromptLimitLayer::new().max_messages(2));
+    let items = |n: usize| {
+        let input: Vec<Value> = (0..n)
+            .map(|i| json!({"role": "user", "content": [{"type": "input_text", "text": format!("turn {i}")}]}))
+            .collect();
+        post("/v1/responses", &json!({"model": "gpt-4o", "input": input}))
+    };
+    let (status, ..) = send(&svc, items(2)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, json, _) = send(&svc, items(3)).await;
+    assert_too_long(status, &json, "input");
+    assert_eq!(
+        message(&json),
+        "Request has 3 messages; the limit for this workspace is 2 messages."
+    );
+    // A plain string input is no list of items, and embeddings inputs are not messages.
+    let (status, ..) = send(
+        &svc,
+        post("/v1/responses", &json!({"model": "gpt-4o", "input": "hi"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, ..) = send(
+        &svc,
+        post(
+            "/v1/embeddings",
+            &json!({"model": "text-embedding-3-small", "input": ["a", "b", "c"]}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        log.lock().unwrap().len(),
+        3,
+        "the refused request reached the inner service"
+    );
+}
