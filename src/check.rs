@@ -13,7 +13,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{header, Request, Response};
+use http::{Request, Response};
 use http_body::Body;
 use http_body_util::combinators::Collect;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -108,21 +108,24 @@ where
         let (parts, body) = req.into_parts();
         if parts.extensions.get::<LlmRequest>().is_some() || !check.needs_body(&parts) {
             let mut req = Request::from_parts(parts, PolicyBody::new(body));
-            return Self::decide(&check, inner, &mut req)
+            return check
+                .check(&mut req)
+                .map_err(|e| (e, check.layer()))
                 .map(|()| State::Inner {
                     future: inner.call(req),
                 })
                 .unwrap_or_else(|error| State::Rejected { error: Some(error) })
                 .into();
         }
-        let options = check.body_options();
-        let limit = options.limit_for(&parts);
-        if let Err(error) = content_length_within(&parts, limit) {
-            return State::Rejected {
-                error: Some((error, Layer::RequestBody)),
+        let limit = match check.body_options().check_declared_length(&parts.headers) {
+            Ok(limit) => limit,
+            Err(error) => {
+                return State::Rejected {
+                    error: Some((error, Layer::RequestBody)),
+                }
+                .into()
             }
-            .into();
-        }
+        };
         let clone = inner.clone();
         let ready = mem::replace(inner, clone);
         State::Reading {
@@ -133,14 +136,6 @@ where
             limit,
         }
         .into()
-    }
-
-    fn decide(
-        check: &C,
-        _inner: &mut S,
-        req: &mut Request<PolicyBody>,
-    ) -> Result<(), (PolicyError, Layer)> {
-        check.check(req).map_err(|e| (e, check.layer()))
     }
 }
 
@@ -153,27 +148,6 @@ where
     fn from(state: State<S, B, C>) -> Self {
         CheckFuture { state }
     }
-}
-
-/// Checks a declared `Content-Length` against the limit before anything is read.
-pub(crate) fn content_length_within(parts: &Parts, limit: usize) -> Result<(), PolicyError> {
-    let mut values = parts.headers.get_all(header::CONTENT_LENGTH).iter();
-    let Some(value) = values.next() else {
-        return Ok(());
-    };
-    let declared = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|_| values.next().is_none())
-        .ok_or_else(|| PolicyError::InvalidBody {
-            message: "Invalid Content-Length header.".into(),
-            param: None,
-        })?;
-    if declared > limit as u64 {
-        return Err(PolicyError::BodyTooLarge { limit });
-    }
-    Ok(())
 }
 
 /// Turns the outcome of reading a body into its bytes or the error to answer with.

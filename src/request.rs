@@ -19,8 +19,8 @@ use std::fmt;
 use std::ops::Range;
 
 use bytes::Bytes;
-use http::header;
 use http::request::Parts;
+use http::{header, HeaderMap};
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -57,19 +57,42 @@ impl Default for BodyOptions {
 }
 
 impl BodyOptions {
-    /// The limit for this request (by its content type).
-    pub(crate) fn limit_for(&self, parts: &Parts) -> usize {
-        if is_multipart(parts) {
+    /// The limit for a request with these headers: [`multipart_limit`](Self::multipart_limit)
+    /// for `multipart/form-data` bodies, [`limit`](Self::limit) otherwise.
+    pub fn limit_for(&self, headers: &HeaderMap) -> usize {
+        if is_multipart(headers) {
             self.multipart_limit
         } else {
             self.limit
         }
     }
+
+    /// Checks a declared `Content-Length` before anything is read and returns the limit that
+    /// applies: 413 `request_too_large` when it is over, 400 when it is unreadable or sent
+    /// twice. A body without `Content-Length` passes here and is held to the limit as it is
+    /// read.
+    pub fn check_declared_length(&self, headers: &HeaderMap) -> Result<usize, PolicyError> {
+        let limit = self.limit_for(headers);
+        let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+        let Some(value) = values.next() else {
+            return Ok(limit);
+        };
+        let declared = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|_| values.next().is_none())
+            .ok_or_else(|| invalid("Invalid Content-Length header."))?;
+        if declared > limit as u64 {
+            return Err(PolicyError::BodyTooLarge { limit });
+        }
+        Ok(limit)
+    }
 }
 
-fn is_multipart(parts: &Parts) -> bool {
-    parts
-        .headers
+/// Whether these headers announce a `multipart/form-data` body.
+pub fn is_multipart(headers: &HeaderMap) -> bool {
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| {
@@ -236,7 +259,7 @@ impl LlmRequest {
             req.finish();
             return Ok(req);
         }
-        if is_multipart(parts) {
+        if is_multipart(&parts.headers) {
             parse_multipart(&mut req, parts, &body)?;
         } else {
             parse_json(&mut req, &body)?;

@@ -22,11 +22,11 @@ use tower_llm_policy::error::Layer as LayerName;
 use tower_llm_policy::model::{ModelList, ModelNames};
 use tower_llm_policy::pricing::PricingTable;
 use tower_llm_policy::request::BodyOptions;
+use tower_llm_policy::ResponseBody;
 use tower_llm_policy::{
     AuditLayer, FeatureBlockLayer, KeyAuthLayer, KeyStore, ModelAllowListLayer, OutputLimitMode,
     PolicyBody, PromptLimitLayer,
 };
-use tower_llm_policy::{PolicyError, ResponseBody};
 
 use crate::config::{BlockedConfig, Config, PromptLimitsConfig};
 use crate::upstream::{BoxError, Upstream};
@@ -218,33 +218,16 @@ where
     }
 
     fn call(&mut self, req: Request<PolicyBody>) -> Self::Future {
-        let multipart = req
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.trim_start()
-                    .to_ascii_lowercase()
-                    .starts_with("multipart/")
-            });
-        let limit = if multipart {
-            self.limits.multipart_limit
-        } else {
-            self.limits.limit
+        let limit = match self.limits.check_declared_length(req.headers()) {
+            Ok(limit) => limit,
+            Err(error) => {
+                let json = error.to_json();
+                let response = error
+                    .into_response(LayerName::RequestBody)
+                    .map(|_| ResponseBody::full(json));
+                return Box::pin(std::future::ready(Ok(response)));
+            }
         };
-        let declared = req
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if declared.is_some_and(|len| len > limit as u64) {
-            let error = PolicyError::BodyTooLarge { limit };
-            let json = error.to_json();
-            let response = error
-                .into_response(LayerName::RequestBody)
-                .map(|_| ResponseBody::full(json));
-            return Box::pin(std::future::ready(Ok(response)));
-        }
         let req = req.map(|body| PolicyBody::new(http_body_util::Limited::new(body, limit)));
         let future = self.inner.call(req);
         Box::pin(async move { Ok(future.await?.map(ResponseBody::inner)) })

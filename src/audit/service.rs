@@ -22,7 +22,7 @@ use crate::endpoint::{Endpoint, Route};
 use crate::error::{Layer as LayerName, PolicyError};
 use crate::key_auth::ClientIp;
 use crate::keys::ApiKey;
-use crate::request::{BodyOptions, LlmRequest};
+use crate::request::{is_multipart, BodyOptions, LlmRequest};
 
 /// Middleware that writes one [`AuditRecord`](super::AuditRecord) per request. See the
 /// [module docs](super).
@@ -255,7 +255,7 @@ fn inject_include_usage(req: &mut Request<PolicyBody>) -> bool {
             Endpoint::ChatCompletions | Endpoint::Completions
         )
         || !view.has_body()
-        || is_multipart(req)
+        || is_multipart(req.headers())
     {
         return false;
     }
@@ -271,13 +271,6 @@ fn inject_include_usage(req: &mut Request<PolicyBody>) -> bool {
         view.set_include_usage(Some(true));
     }
     true
-}
-
-fn is_multipart<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.trim_start().starts_with("multipart/"))
 }
 
 const INCLUDE_USAGE: &[u8] = br#""stream_options":{"include_usage":true}"#;
