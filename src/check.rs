@@ -150,6 +150,16 @@ where
     }
 }
 
+/// Whether this request is one whose body may name a model (see [`Endpoint::has_model_body`]):
+/// the usual answer of [`RequestCheck::needs_body`].
+///
+/// [`Endpoint::has_model_body`]: crate::endpoint::Endpoint::has_model_body
+pub fn carries_model_body(parts: &Parts) -> bool {
+    crate::endpoint::Route::classify(&parts.uri)
+        .endpoint
+        .has_model_body(&parts.method)
+}
+
 /// Turns the outcome of reading a body into its bytes or the error to answer with.
 pub(crate) fn read_outcome<E: Into<BoxError>>(
     result: Result<http_body_util::Collected<Bytes>, E>,

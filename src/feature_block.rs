@@ -89,7 +89,7 @@ use crate::body::{BoxError, PolicyBody, ResponseBody};
 use crate::check::{CheckFuture, RequestCheck};
 use crate::endpoint::{Endpoint, Feature, FeatureSet, Route};
 use crate::error::{quote, Layer as LayerName, PolicyError};
-use crate::keys::ApiKey;
+use crate::keys::{key_in, ApiKey};
 use crate::model::{ModelList, ModelNames};
 use crate::request::{BodyOptions, LlmRequest};
 
@@ -471,7 +471,7 @@ impl RequestCheck for BlockCheck {
     }
 
     fn needs_body(&self, parts: &Parts) -> bool {
-        let key = parts.extensions.get::<Arc<ApiKey>>().map(|k| &**k);
+        let key = key_in(&parts.extensions);
         let endpoint = Route::classify(&parts.uri).endpoint;
         // A request refused on its endpoint alone is refused without reading the body.
         self.check_endpoint(key, endpoint).is_ok()
@@ -480,7 +480,7 @@ impl RequestCheck for BlockCheck {
     }
 
     fn check(&self, req: &mut Request<PolicyBody>) -> Result<(), PolicyError> {
-        let key = req.extensions().get::<Arc<ApiKey>>().map(|k| &**k);
+        let key = key_in(req.extensions());
         match req.extensions().get::<LlmRequest>() {
             Some(view) => {
                 self.check_endpoint(key, view.endpoint())?;

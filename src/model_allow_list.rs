@@ -58,10 +58,10 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::{BoxError, PolicyBody, ResponseBody};
-use crate::check::{CheckFuture, RequestCheck};
+use crate::check::{carries_model_body, CheckFuture, RequestCheck};
 use crate::endpoint::{Endpoint, Route};
 use crate::error::{quote, Layer as LayerName, PolicyError};
-use crate::keys::ApiKey;
+use crate::keys::{key_in, ApiKey};
 use crate::model::{ModelList, ModelNames};
 use crate::request::{BodyOptions, LlmRequest};
 
@@ -232,14 +232,11 @@ impl RequestCheck for AllowCheck {
     }
 
     fn needs_body(&self, parts: &Parts) -> bool {
-        self.applies(parts.extensions.get::<Arc<ApiKey>>().map(|k| &**k))
-            && Route::classify(&parts.uri)
-                .endpoint
-                .has_model_body(&parts.method)
+        self.applies(key_in(&parts.extensions)) && carries_model_body(parts)
     }
 
     fn check(&self, req: &mut Request<PolicyBody>) -> Result<(), PolicyError> {
-        let key = req.extensions().get::<Arc<ApiKey>>().map(|k| &**k);
+        let key = key_in(req.extensions());
         if !self.applies(key) {
             return Ok(());
         }

@@ -114,10 +114,10 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::{BoxError, PolicyBody, ResponseBody};
-use crate::check::{CheckFuture, RequestCheck};
-use crate::endpoint::{Endpoint, Route};
+use crate::check::{carries_model_body, CheckFuture, RequestCheck};
+use crate::endpoint::Endpoint;
 use crate::error::{Layer as LayerName, PolicyError};
-use crate::keys::ApiKey;
+use crate::keys::{key_in, ApiKey};
 use crate::model::ModelNames;
 use crate::request::{BodyOptions, LlmRequest, OutputField};
 use crate::tokens::{chat_overhead, Count, TokenCounter};
@@ -789,14 +789,11 @@ impl RequestCheck for LimitCheck {
     }
 
     fn needs_body(&self, parts: &Parts) -> bool {
-        self.applies(parts.extensions.get::<Arc<ApiKey>>().map(|k| &**k))
-            && Route::classify(&parts.uri)
-                .endpoint
-                .has_model_body(&parts.method)
+        self.applies(key_in(&parts.extensions)) && carries_model_body(parts)
     }
 
     fn check(&self, req: &mut Request<PolicyBody>) -> Result<(), PolicyError> {
-        let key = req.extensions().get::<Arc<ApiKey>>().map(|k| &**k);
+        let key = key_in(req.extensions());
         if !self.applies(key) {
             return Ok(());
         }

@@ -17,7 +17,7 @@ use super::future::{Recorder, RequestInfo, ResponseFuture};
 use super::layer::{AuditLayer, Config};
 use super::record::{next_request_id, plausible_request_id, AuditFlags, Facts, RequestId};
 use crate::body::{BoxError, PolicyBody};
-use crate::check::{CheckFuture, RequestCheck};
+use crate::check::{carries_model_body, CheckFuture, RequestCheck};
 use crate::endpoint::{Endpoint, Route};
 use crate::error::{Layer as LayerName, PolicyError};
 use crate::key_auth::ClientIp;
@@ -156,9 +156,7 @@ impl RequestCheck for AuditCheck {
     }
 
     fn needs_body(&self, parts: &Parts) -> bool {
-        Route::classify(&parts.uri)
-            .endpoint
-            .has_model_body(&parts.method)
+        carries_model_body(parts)
     }
 
     fn check(&self, req: &mut Request<PolicyBody>) -> Result<(), PolicyError> {
