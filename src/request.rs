@@ -197,16 +197,20 @@ impl LlmRequest {
     /// Builds the view of a request that has no body to read (e.g. `GET /v1/models/{id}`):
     /// only the route and the model named in the path.
     pub fn from_parts(parts: &Parts) -> Self {
-        let route = Route::classify(&parts.uri);
-        Self::empty(route)
+        let mut req = Self::blank(Route::classify(&parts.uri));
+        req.model = req
+            .route
+            .path_model
+            .clone()
+            .or_else(|| req.route.deployment.clone());
+        req.finish();
+        req
     }
 
-    fn empty(route: Route) -> Self {
-        let mut req = LlmRequest {
-            model: route
-                .path_model
-                .clone()
-                .or_else(|| route.deployment.clone()),
+    /// A view of `route` with nothing filled in yet.
+    fn blank(route: Route) -> Self {
+        LlmRequest {
+            model: None,
             route,
             body: Bytes::new(),
             model_from_default: false,
@@ -228,9 +232,7 @@ impl LlmRequest {
             size: None,
             quality: None,
             parsed_body: false,
-        };
-        req.finish();
-        req
+        }
     }
 
     fn finish(&mut self) {
@@ -249,10 +251,7 @@ impl LlmRequest {
     /// `prompt`, `user`, `n`, `size`, `quality` and `stream` fields (with the `multipart`
     /// feature; without it, a multipart body is an error). An empty body gives an empty view.
     pub fn parse(parts: &Parts, body: Bytes) -> Result<Self, PolicyError> {
-        let route = Route::classify(&parts.uri);
-        let mut req = Self::empty(route);
-        req.model = None;
-        req.model_from_default = false;
+        let mut req = Self::blank(Route::classify(&parts.uri));
         req.parsed_body = true;
         if body.iter().all(u8::is_ascii_whitespace) {
             req.body = body;
