@@ -1,52 +1,58 @@
-//! The machinery shared by the layers that read the request body: read it once (when the
-//! request needs it and no earlier layer did), store the [`LlmRequest`], decide, then call the
-//! inner service or answer with the rejection.
+//! The machinery the policy layers share (private): resolve the request once, decide on its
+//! head, read the body only when a decision (or the audit record) needs it, decide, apply the
+//! queued body edits once, then call the inner service or answer with the rejection.
 //!
-//! A layer describes its decision as a [`RequestCheck`]; its service's future is a
-//! [`CheckFuture`]. The trait is public so that a host can write its own body-aware policy
-//! layer (a guard) that shares the same parsed-once view.
+//! A layer describes its decision as a [`Check`]; its service's future wraps a
+//! [`CheckFuture`].
 
 use std::future::Future;
 use std::mem;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{Request, Response};
+use http::{header, HeaderValue, Request, Response};
 use http_body::Body;
 use http_body_util::combinators::Collect;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use crate::audit::AuditHandle;
 use crate::body::{BoxError, PolicyBody, ResponseBody};
-use crate::error::{Layer, PolicyError};
-use crate::request::{BodyOptions, LlmRequest};
+use crate::error::{LayerName, PolicyError};
+use crate::keys::ApiKey;
+use crate::policy::Policy;
+use crate::request::LlmRequest;
 
-/// One layer's decision on a request, made with the parsed-once [`LlmRequest`] at hand.
-pub trait RequestCheck: Clone + Send + 'static {
+/// One layer's decision on a request.
+pub(crate) trait Check: Clone + Send + 'static {
     /// The layer named in rejections.
-    fn layer(&self) -> Layer;
+    fn layer(&self) -> LayerName;
 
-    /// Size limits for reading the body, if this layer is the first to read it.
-    fn body_options(&self) -> BodyOptions {
-        BodyOptions::default()
+    /// The policy a request is resolved with when this layer is the first to see it.
+    fn policy(&self) -> &Policy;
+
+    /// Decides what the head alone can decide (the route, the model in the path, the key):
+    /// `Err` rejects the request before its body is read; `Ok(true)` asks for the body.
+    fn on_head(&self, view: &LlmRequest, key: Option<&ApiKey>) -> Result<bool, PolicyError>;
+
+    /// Decides on the resolved view, with its body when there is one and it was asked for.
+    /// May queue body edits on the view.
+    fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError>;
+
+    /// Whether this layer reads a pending body for the audit record when no decision needs it
+    /// (every policy layer does, once the key is known; the audit layer itself does not).
+    fn reads_for_audit(&self) -> bool {
+        true
     }
-
-    /// Whether this request's body must be parsed for [`check`](RequestCheck::check). Called
-    /// only when no earlier layer parsed it; the key (if any) is in `parts.extensions`.
-    fn needs_body(&self, parts: &Parts) -> bool;
-
-    /// Decides on the request: `Err` rejects it. When `needs_body` was true (or an earlier
-    /// layer parsed the body) the [`LlmRequest`] is in the extensions. A check may rewrite
-    /// the body (replace it with `PolicyBody::full`) and update the view accordingly.
-    fn check(&self, req: &mut Request<PolicyBody>) -> Result<(), PolicyError>;
 }
 
 pin_project! {
-    /// The response future of a body-reading policy layer.
-    pub struct CheckFuture<S, B, C>
+    /// The response future of a policy layer.
+    pub(crate) struct CheckFuture<S, B, C>
     where
         S: Service<Request<PolicyBody>>,
         B: Body,
@@ -78,7 +84,7 @@ pin_project! {
             future: S::Future,
         },
         Rejected {
-            error: Option<(PolicyError, Layer)>,
+            error: Option<(PolicyError, LayerName)>,
         },
     }
 }
@@ -99,33 +105,33 @@ where
     S: Service<Request<PolicyBody>> + Clone,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
-    C: RequestCheck,
+    C: Check,
 {
-    /// Starts handling `req`: decides at once when the body is not needed (or already parsed),
+    /// Starts handling `req`: decides at once when the body is not needed (or already read),
     /// otherwise reads it first. `inner` must be ready; when the call is deferred, the ready
     /// service moves into the future and a clone takes its place.
-    pub fn new(check: C, inner: &mut S, req: Request<B>) -> Self {
-        let (parts, body) = req.into_parts();
-        if parts.extensions.get::<LlmRequest>().is_some() || !check.needs_body(&parts) {
-            let mut req = Request::from_parts(parts, PolicyBody::new(body));
-            return check
-                .check(&mut req)
-                .map_err(|e| (e, check.layer()))
-                .map(|()| State::Inner {
-                    future: inner.call(req),
-                })
-                .unwrap_or_else(|error| State::Rejected { error: Some(error) })
-                .into();
-        }
-        let limit = match check.body_options().check_declared_length(&parts.headers) {
-            Ok(limit) => limit,
-            Err(error) => {
-                return State::Rejected {
-                    error: Some((error, Layer::RequestBody)),
-                }
-                .into()
-            }
+    pub(crate) fn new(check: C, inner: &mut S, req: Request<B>) -> Self {
+        let (mut parts, body) = req.into_parts();
+        let key = parts.extensions.get::<Arc<ApiKey>>().cloned();
+        let audit = parts.extensions.get::<AuditHandle>().cloned();
+        let view = LlmRequest::resolve(&mut parts, check.policy());
+        let needs_body = match check.on_head(view, key.as_deref()) {
+            Ok(needs) => needs,
+            Err(error) => return Self::rejected(error, check.layer()),
         };
+        let for_audit = check.reads_for_audit() && audit.as_ref().is_some_and(|a| a.wants_body());
+        if !(view.body_pending() && (needs_body || for_audit)) {
+            return Self::decided(check, inner, parts, PolicyBody::new(body), key, audit);
+        }
+        let options = *view.policy().body();
+        let limit = match options.check_declared_length(&parts.headers) {
+            Ok(limit) => limit,
+            Err(error) => return Self::rejected(error, LayerName::RequestBody),
+        };
+        if let Some(audit) = &audit {
+            // This read serves the record: the audit layer need not copy the body.
+            audit.claim_body();
+        }
         let clone = inner.clone();
         let ready = mem::replace(inner, clone);
         State::Reading {
@@ -136,6 +142,31 @@ where
             limit,
         }
         .into()
+    }
+
+    fn rejected(error: PolicyError, layer: LayerName) -> Self {
+        State::Rejected {
+            error: Some((error, layer)),
+        }
+        .into()
+    }
+
+    /// Decides with the view as it is, then calls `inner` or rejects.
+    fn decided(
+        check: C,
+        inner: &mut S,
+        parts: Parts,
+        body: PolicyBody,
+        key: Option<Arc<ApiKey>>,
+        audit: Option<AuditHandle>,
+    ) -> Self {
+        match decide_and_forward(&check, parts, body, key.as_deref(), audit.as_ref()) {
+            Ok(req) => State::Inner {
+                future: inner.call(req),
+            }
+            .into(),
+            Err(error) => Self::rejected(error, check.layer()),
+        }
     }
 }
 
@@ -150,14 +181,34 @@ where
     }
 }
 
-/// Whether this request is one whose body may name a model (see [`Endpoint::has_model_body`]):
-/// the usual answer of [`RequestCheck::needs_body`].
-///
-/// [`Endpoint::has_model_body`]: crate::endpoint::Endpoint::has_model_body
-pub fn carries_model_body(parts: &Parts) -> bool {
-    crate::endpoint::Route::classify(&parts.uri)
-        .endpoint
-        .has_model_body(&parts.method)
+/// Runs the check's decision on the view in `parts`, applies the queued edits to the body,
+/// and gives the request to send on.
+fn decide_and_forward<C: Check>(
+    check: &C,
+    mut parts: Parts,
+    mut body: PolicyBody,
+    key: Option<&ApiKey>,
+    audit: Option<&AuditHandle>,
+) -> Result<Request<PolicyBody>, PolicyError> {
+    let view = parts
+        .extensions
+        .get_mut::<LlmRequest>()
+        .expect("the view is resolved before any decision");
+    check.decide(view, key)?;
+    if let Some(rendered) = view.take_rendered() {
+        let rendered = rendered?;
+        if let Some(audit) = audit {
+            audit.observe_edits(view);
+        }
+        // The new body is in memory and of known length: it is sent with that length, never
+        // chunked, whatever the client did.
+        parts.headers.remove(header::TRANSFER_ENCODING);
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(rendered.len()));
+        body = PolicyBody::full(rendered);
+    }
+    Ok(Request::from_parts(parts, body))
 }
 
 /// Turns the outcome of reading a body into its bytes or the error to answer with.
@@ -169,7 +220,7 @@ pub(crate) fn read_outcome<E: Into<BoxError>>(
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) => {
             let e: BoxError = e.into();
-            if e.downcast_ref::<LengthLimitError>().is_some() {
+            if is_length_limit(&*e) {
                 Err(PolicyError::BodyTooLarge { limit })
             } else {
                 Err(PolicyError::InvalidBody {
@@ -181,12 +232,38 @@ pub(crate) fn read_outcome<E: Into<BoxError>>(
     }
 }
 
+/// Whether `e` (or what it wraps) is a body over its size limit.
+pub(crate) fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(e) = current {
+        if e.is::<LengthLimitError>() || e.is::<crate::body_limit::TooLarge>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// Reads the parsed body into the view in `parts` and tells the audit handle.
+fn resolve_body(parts: &mut Parts, bytes: Bytes) -> Result<(), PolicyError> {
+    let audit = parts.extensions.get::<AuditHandle>().cloned();
+    let view = parts
+        .extensions
+        .get_mut::<LlmRequest>()
+        .expect("the view is resolved before the body is read");
+    view.read_body(&parts.headers, bytes)?;
+    if let Some(audit) = audit {
+        audit.observe(view);
+    }
+    Ok(())
+}
+
 impl<S, B, C, ResBody> Future for CheckFuture<S, B, C>
 where
     S: Service<Request<PolicyBody>, Response = Response<ResBody>>,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
-    C: RequestCheck,
+    C: Check,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 
@@ -203,22 +280,26 @@ where
                 } => {
                     let result = ready!(collect.poll(cx));
                     let mut parts = parts.take().expect("CheckFuture polled after completion");
-                    let outcome = read_outcome(result, *limit).and_then(|bytes| {
-                        let view = LlmRequest::parse(&parts, bytes.clone())?;
-                        parts.extensions.insert(view);
-                        Ok(bytes)
-                    });
-                    let next = match outcome {
+                    let next = match read_outcome(result, *limit)
+                        .and_then(|bytes| resolve_body(&mut parts, bytes.clone()).map(|()| bytes))
+                    {
                         Err(error) => State::Rejected {
-                            error: Some((error, Layer::RequestBody)),
+                            error: Some((error, LayerName::RequestBody)),
                         },
                         Ok(bytes) => {
-                            let mut req = Request::from_parts(parts, PolicyBody::full(bytes));
-                            match check.check(&mut req) {
+                            let key = parts.extensions.get::<Arc<ApiKey>>().cloned();
+                            let audit = parts.extensions.get::<AuditHandle>().cloned();
+                            match decide_and_forward(
+                                check,
+                                parts,
+                                PolicyBody::full(bytes),
+                                key.as_deref(),
+                                audit.as_ref(),
+                            ) {
                                 Err(error) => State::Rejected {
                                     error: Some((error, check.layer())),
                                 },
-                                Ok(()) => {
+                                Ok(req) => {
                                     let mut svc =
                                         inner.take().expect("CheckFuture polled after completion");
                                     State::Inner {
@@ -244,6 +325,6 @@ where
 }
 
 /// The rejection response for `error`, in a layer's response body type.
-pub(crate) fn reject<B>(error: PolicyError, layer: Layer) -> Response<ResponseBody<B>> {
+pub(crate) fn reject<B>(error: PolicyError, layer: LayerName) -> Response<ResponseBody<B>> {
     error.into_response(layer).map(ResponseBody::from_full)
 }

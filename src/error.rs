@@ -32,7 +32,7 @@ use http_body_util::Full;
 /// Which layer produced a [`Rejection`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum Layer {
+pub enum LayerName {
     /// [`KeyAuth`](crate::key_auth::KeyAuth).
     KeyAuth,
     /// [`ModelAllowList`](crate::model_allow_list::ModelAllowList).
@@ -43,28 +43,29 @@ pub enum Layer {
     PromptLimit,
     /// The audit layer.
     Audit,
-    /// Reading or parsing the request body (whichever layer read it first).
+    /// Reading or parsing the request body (whichever layer read it first), or the
+    /// [`BodyLimit`](crate::body_limit::BodyLimit) layer.
     RequestBody,
     /// A layer outside this crate.
     Other(&'static str),
 }
 
-impl Layer {
+impl LayerName {
     /// A stable, lowercase name for logs and audit records (`"key_auth"`, ...).
     pub fn as_str(&self) -> &'static str {
         match self {
-            Layer::KeyAuth => "key_auth",
-            Layer::ModelAllowList => "model_allow_list",
-            Layer::FeatureBlock => "feature_block",
-            Layer::PromptLimit => "prompt_limit",
-            Layer::Audit => "audit",
-            Layer::RequestBody => "request_body",
-            Layer::Other(name) => name,
+            LayerName::KeyAuth => "key_auth",
+            LayerName::ModelAllowList => "model_allow_list",
+            LayerName::FeatureBlock => "feature_block",
+            LayerName::PromptLimit => "prompt_limit",
+            LayerName::Audit => "audit",
+            LayerName::RequestBody => "request_body",
+            LayerName::Other(name) => name,
         }
     }
 }
 
-impl std::fmt::Display for Layer {
+impl std::fmt::Display for LayerName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
@@ -74,7 +75,7 @@ impl std::fmt::Display for Layer {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
     /// The layer that rejected the request.
-    pub layer: Layer,
+    pub layer: LayerName,
     /// The OpenAI `code` of the error (`"model_not_allowed"`, ...).
     pub code: &'static str,
     /// The human-readable message sent to the client.
@@ -247,7 +248,7 @@ impl PolicyError {
     }
 
     /// The whole rejection response, with a [`Rejection`] from `layer` in its extensions.
-    pub fn into_response(self, layer: Layer) -> Response<Full<Bytes>> {
+    pub fn into_response(self, layer: LayerName) -> Response<Full<Bytes>> {
         let mut response = Response::new(Full::new(self.to_json()));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();

@@ -16,15 +16,15 @@
 //!
 //! # What is matched
 //!
-//! - **Features** are classified from the method and path by [`Route::classify`], including
+//! - **Features** are classified from the method and path by [`Route::classify`](crate::Route::classify), including
 //!   paths with a prefix before `/v1` (`/openai/v1/chat/completions`) and Azure deployment
 //!   paths (`/openai/deployments/{name}/chat/completions`). A blocked group is named as a group
 //!   where the whole group is blocked (`images`, `audio`), otherwise by the feature's name.
-//! - **Models** are resolved with the layer's [`ModelNames`] and matched on normalised and
+//! - **Models** are resolved once, through the [`Policy`]'s [`ModelNames`](crate::ModelNames), and matched on normalised and
 //!   canonical names, with `prefix*` wildcards (see [`crate::model`]). The model is the one
 //!   sent (body, multipart field, path, realtime `model` query), else the Azure deployment
 //!   name (map it to a model with an alias: `ModelNames::new().alias("my-deployment",
-//!   "gpt-4o")`), else the endpoint's documented default (`dall-e-2` for images), so blocking
+//!   "gpt-4o")` on the [`Policy`]), else the endpoint's documented default (`dall-e-2` for images), so blocking
 //!   `dall-e-2` also catches an images request that names no model.
 //! - **Image sizes and qualities** (`1792x1024`, `hd`) apply to the image endpoints only,
 //!   compared without regard to case, for everyone and per key (`blocked_image_sizes`,
@@ -35,8 +35,8 @@
 //!   list; requests to unknown endpoints ([`Endpoint::Other`]) are refused too. Include
 //!   `models` if clients should still list models.
 //!
-//! The body is read only when a model, size or quality block could apply to the request; a
-//! decision on the endpoint alone is made without buffering it.
+//! A request refused on its endpoint is refused from the path alone, before any of its body is
+//! read; the body is read only when a model, size or quality block could apply to the request.
 //!
 //! ```
 //! use http::{Request, Response, StatusCode};
@@ -75,23 +75,26 @@
 //! [`deny_unknown_endpoints`]: FeatureBlockLayer::deny_unknown_endpoints
 
 use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
+use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::{BoxError, PolicyBody, ResponseBody};
-use crate::check::{CheckFuture, RequestCheck};
-use crate::endpoint::{Endpoint, Feature, FeatureSet, Route};
-use crate::error::{quote, Layer as LayerName, PolicyError};
-use crate::keys::{key_in, ApiKey};
-use crate::model::{ModelList, ModelNames};
-use crate::request::{BodyOptions, LlmRequest};
+use crate::check::{Check, CheckFuture};
+use crate::endpoint::{Endpoint, Feature, FeatureSet};
+use crate::error::{quote, LayerName, PolicyError};
+use crate::keys::ApiKey;
+use crate::model::{ModelList, ModelName};
+use crate::policy::Policy;
+use crate::request::LlmRequest;
 
 #[derive(Clone, Debug, Default)]
 struct Config {
@@ -101,8 +104,7 @@ struct Config {
     qualities: Vec<String>,
     allow_only: Option<FeatureSet>,
     deny_unknown: bool,
-    names: ModelNames,
-    body: BodyOptions,
+    policy: Policy,
 }
 
 /// Layer that blocks features, models and image options. See the [module docs](self).
@@ -200,18 +202,10 @@ impl FeatureBlockLayer {
         self
     }
 
-    /// The alias table used to resolve model names (and Azure deployment names) before they
-    /// are matched.
+    /// The [`Policy`] a request is resolved with when this layer is the first to see it.
     #[must_use]
-    pub fn model_names(mut self, names: ModelNames) -> Self {
-        self.config_mut().names = names;
-        self
-    }
-
-    /// Size limits for reading the body, if this layer reads it first.
-    #[must_use]
-    pub fn body_options(mut self, options: BodyOptions) -> Self {
-        self.config_mut().body = options;
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.config_mut().policy = policy;
         self
     }
 }
@@ -292,9 +286,9 @@ impl Level {
     }
 }
 
-/// The block decision, as a [`RequestCheck`].
+/// The block decision.
 #[derive(Clone, Debug)]
-pub struct BlockCheck {
+struct BlockCheck {
     config: Arc<Config>,
 }
 
@@ -356,19 +350,20 @@ impl BlockCheck {
                     })))
     }
 
-    /// Whether `model` (as sent) is blocked for `key`.
-    pub fn check_model(&self, key: Option<&ApiKey>, model: &str) -> Result<(), PolicyError> {
+    /// Whether the model `name` (resolved from `model` as sent) is blocked for `key`.
+    fn check_model(
+        &self,
+        key: Option<&ApiKey>,
+        name: &ModelName,
+        model: &str,
+    ) -> Result<(), PolicyError> {
         let key_list = key.map(|k| &k.blocked_models).filter(|l| !l.is_empty());
-        if self.config.models.is_empty() && key_list.is_none() {
-            return Ok(());
-        }
-        let name = self.config.names.resolve(model);
         let levels = [
             (Level::Workspace, Some(&self.config.models)),
             (Level::Key, key_list),
         ];
         for (level, list) in levels {
-            if list.is_some_and(|l| l.contains(&name)) {
+            if list.is_some_and(|l| l.contains(name)) {
                 return Err(blocked(format!(
                     "{} blocks usage of model: {}",
                     level.as_str(),
@@ -461,53 +456,28 @@ fn blocked(message: String) -> PolicyError {
     PolicyError::FeatureBlocked(Cow::Owned(message))
 }
 
-impl RequestCheck for BlockCheck {
+impl Check for BlockCheck {
     fn layer(&self) -> LayerName {
         LayerName::FeatureBlock
     }
 
-    fn body_options(&self) -> BodyOptions {
-        self.config.body
+    fn policy(&self) -> &Policy {
+        &self.config.policy
     }
 
-    fn needs_body(&self, parts: &Parts) -> bool {
-        let key = key_in(&parts.extensions);
-        let endpoint = Route::classify(&parts.uri).endpoint;
-        // A request refused on its endpoint alone is refused without reading the body.
-        self.check_endpoint(key, endpoint).is_ok()
-            && endpoint.has_model_body(&parts.method)
-            && self.body_blocks_apply(key, endpoint)
+    fn on_head(&self, view: &LlmRequest, key: Option<&ApiKey>) -> Result<bool, PolicyError> {
+        // A request refused on its endpoint is refused before its body is read.
+        self.check_endpoint(key, view.endpoint())?;
+        Ok(self.body_blocks_apply(key, view.endpoint()))
     }
 
-    fn check(&self, req: &mut Request<PolicyBody>) -> Result<(), PolicyError> {
-        let key = key_in(req.extensions());
-        match req.extensions().get::<LlmRequest>() {
-            Some(view) => {
-                self.check_endpoint(key, view.endpoint())?;
-                if let Some(model) = view.model() {
-                    self.check_model(key, model)?;
-                }
-                self.check_image_options(key, view)
-            }
-            None => {
-                let route = Route::classify(req.uri());
-                self.check_endpoint(key, route.endpoint)?;
-                let model = route
-                    .path_model
-                    .as_deref()
-                    .or(route.deployment.as_deref())
-                    .or(route.endpoint.default_model());
-                match model {
-                    Some(model) => self.check_model(key, model),
-                    None => Ok(()),
-                }
-            }
+    fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError> {
+        if let (Some(name), Some(model)) = (view.model_name(), view.model()) {
+            self.check_model(key, name, model)?;
         }
+        self.check_image_options(key, view)
     }
 }
-
-/// Response future of [`FeatureBlock`].
-pub type ResponseFuture<S, B> = CheckFuture<S, B, BlockCheck>;
 
 impl<S, B, ResBody> Service<Request<B>> for FeatureBlock<S>
 where
@@ -524,6 +494,45 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        CheckFuture::new(self.check.clone(), &mut self.inner, req)
+        ResponseFuture {
+            inner: CheckFuture::new(self.check.clone(), &mut self.inner, req),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`FeatureBlock`].
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<PolicyBody>>,
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
+        #[pin]
+        inner: CheckFuture<S, B, BlockCheck>,
+    }
+}
+
+impl<S, B> std::fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<Request<PolicyBody>>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, B, ResBody> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<PolicyBody>, Response = Response<ResBody>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx)
     }
 }

@@ -9,10 +9,10 @@
 //!
 //! A store that cannot answer fails closed with 503 `policy_unavailable`.
 //!
-//! Once a key is found, the same `Arc<ApiKey>` is also left in the *response's* extensions
-//! (for allowed requests, and for rejections of a found key: disabled, expired, refused
-//! address), so that an outer audit layer, which runs before this one, learns the key's name
-//! and labels.
+//! Nothing of the body is read before the key is admitted. Behind an
+//! [`AuditLayer`](crate::AuditLayer), the found key (admitted or refused) is written into the
+//! request's [`AuditHandle`](crate::AuditHandle), and an admitted request whose body the audit
+//! record needs (its model, its prompt) has it read here, once, for every later layer.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -20,13 +20,14 @@
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //! use tower_llm_policy::key_auth::KeyAuthLayer;
 //! use tower_llm_policy::keys::{ApiKey, MemoryKeyStore};
+//! use tower_llm_policy::PolicyBody;
 //!
 //! # tokio_test();
 //! # fn tokio_test() { tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! let store = MemoryKeyStore::new().with_key("sk-team-a", ApiKey::new("team-a"));
 //! let svc = ServiceBuilder::new()
 //!     .layer(KeyAuthLayer::new(Arc::new(store)))
-//!     .service(service_fn(|req: Request<String>| async move {
+//!     .service(service_fn(|req: Request<PolicyBody>| async move {
 //!         // The virtual key was removed; the key's policy is in the extensions.
 //!         assert!(req.headers().get("authorization").is_none());
 //!         assert_eq!(req.extensions().get::<Arc<ApiKey>>().unwrap().name, "team-a");
@@ -50,15 +51,20 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, Request, Response};
+use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::ResponseBody;
-use crate::check::reject;
-use crate::error::{Layer as LayerName, PolicyError};
+use crate::audit::AuditHandle;
+use crate::body::{BoxError, PolicyBody, ResponseBody};
+use crate::check::{reject, Check, CheckFuture};
+use crate::error::{LayerName, PolicyError};
 use crate::keys::{ApiKey, BoxFuture, KeyDigest, KeyStore, StoreError};
+use crate::policy::Policy;
+use crate::request::LlmRequest;
 
 /// The client's address, for keys with `allow_ips`. The host inserts it into the request's
 /// extensions (a plain [`SocketAddr`] extension is read too). Without either, a key with an
@@ -76,12 +82,23 @@ const KEY_HEADERS: [HeaderName; 2] = [
 #[derive(Clone)]
 pub struct KeyAuthLayer {
     store: Arc<dyn KeyStore>,
+    policy: Policy,
 }
 
 impl KeyAuthLayer {
     /// Authenticates against `store`.
     pub fn new(store: Arc<dyn KeyStore>) -> Self {
-        KeyAuthLayer { store }
+        KeyAuthLayer {
+            store,
+            policy: Policy::default(),
+        }
+    }
+
+    /// The [`Policy`] a request is resolved with when this layer is the first to see it.
+    #[must_use]
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
     }
 }
 
@@ -98,6 +115,9 @@ impl<S> Layer<S> for KeyAuthLayer {
         KeyAuth {
             inner,
             store: self.store.clone(),
+            check: Admitted {
+                policy: self.policy.clone(),
+            },
         }
     }
 }
@@ -107,12 +127,13 @@ impl<S> Layer<S> for KeyAuthLayer {
 pub struct KeyAuth<S> {
     inner: S,
     store: Arc<dyn KeyStore>,
+    check: Admitted,
 }
 
 impl<S> KeyAuth<S> {
     /// Wraps `inner`, authenticating against `store`.
     pub fn new(inner: S, store: Arc<dyn KeyStore>) -> Self {
-        KeyAuth { inner, store }
+        KeyAuthLayer::new(store).layer(inner)
     }
 
     /// A [`KeyAuthLayer`] for `store`.
@@ -186,23 +207,47 @@ fn client_ip<B>(req: &Request<B>) -> Option<IpAddr> {
         .or_else(|| ext.get::<SocketAddr>().map(SocketAddr::ip))
 }
 
-/// Applies a found key to the request, or says why it is refused (with the key, when one was
-/// found, for the response's extensions).
-fn admit<B>(
-    req: &mut Request<B>,
-    found: Result<Option<Arc<ApiKey>>, StoreError>,
-) -> Result<Arc<ApiKey>, (PolicyError, Option<Arc<ApiKey>>)> {
+/// Applies a found key to the request, or says why it is refused. A found key is written into
+/// the audit handle either way.
+fn admit<B>(req: &mut Request<B>, found: Result<Option<Arc<ApiKey>>, StoreError>) -> Result<(), PolicyError> {
     let key = found
-        .map_err(|_| (PolicyError::PolicyUnavailable, None))?
-        .ok_or((PolicyError::InvalidKey, None))?;
-    check_key(req, &key).map_err(|error| (error, Some(key.clone())))?;
+        .map_err(|_| PolicyError::PolicyUnavailable)?
+        .ok_or(PolicyError::InvalidKey)?;
+    if let Some(audit) = req.extensions().get::<AuditHandle>() {
+        audit.set_key(key.clone());
+    }
+    check_key(req, &key)?;
     let headers = req.headers_mut();
     headers.remove(header::AUTHORIZATION);
     for name in &KEY_HEADERS {
         headers.remove(name);
     }
-    req.extensions_mut().insert(key.clone());
-    Ok(key)
+    req.extensions_mut().insert(key);
+    Ok(())
+}
+
+/// The admitted request goes on; its body is read here when the audit record needs it.
+#[derive(Clone, Debug)]
+struct Admitted {
+    policy: Policy,
+}
+
+impl Check for Admitted {
+    fn layer(&self) -> LayerName {
+        LayerName::KeyAuth
+    }
+
+    fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn on_head(&self, _: &LlmRequest, _: Option<&ApiKey>) -> Result<bool, PolicyError> {
+        Ok(false)
+    }
+
+    fn decide(&self, _: &mut LlmRequest, _: Option<&ApiKey>) -> Result<(), PolicyError> {
+        Ok(())
+    }
 }
 
 /// Whether a found key may be used for this request.
@@ -234,7 +279,9 @@ fn check_key<B>(req: &Request<B>, key: &ApiKey) -> Result<(), PolicyError> {
 
 impl<S, B, ResBody> Service<Request<B>> for KeyAuth<S>
 where
-    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    S: Service<Request<PolicyBody>, Response = Response<ResBody>> + Clone,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
@@ -249,20 +296,17 @@ where
             Ok(key) => KeyDigest::of(key),
             Err(error) => return ResponseFuture::rejected(error),
         };
-        // Stores that can answer at once (in memory, a file) need no boxed future and no
-        // clone of the inner service: decide now and call the (ready) inner service.
+        // Stores that can answer at once (in memory, a file) need no boxed future: decide now
+        // and go on with the (ready) inner service.
         if let Some(found) = self.store.lookup_now(&digest) {
-            let state = match admit(&mut req, found) {
-                Ok(key) => State::Inner {
-                    future: self.inner.call(req),
-                    key: Some(key),
+            return match admit(&mut req, found) {
+                Ok(()) => ResponseFuture {
+                    state: State::Admitted {
+                        future: CheckFuture::new(self.check.clone(), &mut self.inner, req),
+                    },
                 },
-                Err((error, key)) => State::Rejected {
-                    error: Some(error),
-                    key,
-                },
+                Err(error) => ResponseFuture::rejected(error),
             };
-            return ResponseFuture { state };
         }
         let store = self.store.clone();
         let clone = self.inner.clone();
@@ -272,6 +316,7 @@ where
                 lookup: Box::pin(async move { store.lookup(&digest).await }),
                 req: Some(req),
                 inner: Some(inner),
+                check: self.check.clone(),
             },
         }
     }
@@ -281,7 +326,9 @@ pin_project! {
     /// Response future of [`KeyAuth`].
     pub struct ResponseFuture<S, B>
     where
-        S: Service<Request<B>>,
+        S: Service<Request<PolicyBody>>,
+        B: Body,
+        B::Error: Into<BoxError>,
     {
         #[pin]
         state: State<S, B>,
@@ -292,37 +339,45 @@ pin_project! {
     #[project = StateProj]
     enum State<S, B>
     where
-        S: Service<Request<B>>,
+        S: Service<Request<PolicyBody>>,
+        B: Body,
+        B::Error: Into<BoxError>,
     {
         Lookup {
             lookup: BoxFuture<'static, Result<Option<Arc<ApiKey>>, StoreError>>,
             req: Option<Request<B>>,
             inner: Option<S>,
+            check: Admitted,
         },
-        Inner {
+        Admitted {
             #[pin]
-            future: S::Future,
-            key: Option<Arc<ApiKey>>,
+            future: CheckFuture<S, B, Admitted>,
         },
         Rejected {
             error: Option<PolicyError>,
-            key: Option<Arc<ApiKey>>,
         },
     }
 }
 
-impl<S: Service<Request<B>>, B> ResponseFuture<S, B> {
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<PolicyBody>>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
     fn rejected(error: PolicyError) -> Self {
         ResponseFuture {
-            state: State::Rejected {
-                error: Some(error),
-                key: None,
-            },
+            state: State::Rejected { error: Some(error) },
         }
     }
 }
 
-impl<S: Service<Request<B>>, B> std::fmt::Debug for ResponseFuture<S, B> {
+impl<S, B> std::fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<Request<PolicyBody>>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
@@ -330,7 +385,9 @@ impl<S: Service<Request<B>>, B> std::fmt::Debug for ResponseFuture<S, B> {
 
 impl<S, B, ResBody> Future for ResponseFuture<S, B>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
+    S: Service<Request<PolicyBody>, Response = Response<ResBody>> + Clone,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 
@@ -338,42 +395,33 @@ where
         let mut state = self.project().state;
         loop {
             match state.as_mut().project() {
-                StateProj::Lookup { lookup, req, inner } => {
+                StateProj::Lookup {
+                    lookup,
+                    req,
+                    inner,
+                    check,
+                } => {
                     let found = ready!(lookup.as_mut().poll(cx));
                     let mut req = req.take().expect("ResponseFuture polled after completion");
                     let next = match admit(&mut req, found) {
-                        Ok(key) => {
+                        Ok(()) => {
                             let mut svc = inner
                                 .take()
                                 .expect("ResponseFuture polled after completion");
-                            State::Inner {
-                                future: svc.call(req),
-                                key: Some(key),
+                            State::Admitted {
+                                future: CheckFuture::new(check.clone(), &mut svc, req),
                             }
                         }
-                        Err((error, key)) => State::Rejected {
-                            error: Some(error),
-                            key,
-                        },
+                        Err(error) => State::Rejected { error: Some(error) },
                     };
                     state.set(next);
                 }
-                StateProj::Inner { future, key } => {
-                    let mut response = ready!(future.poll(cx))?;
-                    if let Some(key) = key.take() {
-                        response.extensions_mut().insert(key);
-                    }
-                    return Poll::Ready(Ok(response.map(ResponseBody::inner)));
-                }
-                StateProj::Rejected { error, key } => {
+                StateProj::Admitted { future } => return future.poll(cx),
+                StateProj::Rejected { error } => {
                     let error = error
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    let mut response = reject(error, LayerName::KeyAuth);
-                    if let Some(key) = key.take() {
-                        response.extensions_mut().insert(key);
-                    }
-                    return Poll::Ready(Ok(response));
+                    return Poll::Ready(Ok(reject(error, LayerName::KeyAuth)));
                 }
             }
         }

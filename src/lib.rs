@@ -3,7 +3,8 @@
 
 pub mod audit;
 pub mod body;
-pub mod check;
+pub mod body_limit;
+mod check;
 pub mod endpoint;
 pub mod error;
 pub mod feature_block;
@@ -11,20 +12,22 @@ pub mod key_auth;
 pub mod keys;
 pub mod model;
 pub mod model_allow_list;
-pub mod pricing;
+pub mod policy;
 pub mod prompt_limit;
 pub mod request;
+pub mod rewrite;
 pub mod tokens;
-pub mod usage;
 
-pub use audit::{AuditLayer, AuditRecord, LogSink};
+pub use audit::{AuditHandle, AuditLayer, AuditRecord, LogSink};
 pub use body::{PolicyBody, ResponseBody};
+pub use body_limit::{BodyLimit, BodyLimitLayer};
 pub use endpoint::{Endpoint, Feature, FeatureSet, Route};
-pub use error::{PolicyError, Rejection};
+pub use error::{LayerName, PolicyError, Rejection};
 pub use feature_block::{FeatureBlock, FeatureBlockLayer};
 pub use key_auth::{ClientIp, KeyAuth, KeyAuthLayer};
 pub use keys::{ApiKey, KeyDigest, KeyStore, MemoryKeyStore};
 pub use model::{ModelList, ModelName, ModelNames};
 pub use model_allow_list::{ModelAllowList, ModelAllowListLayer};
+pub use policy::Policy;
 pub use prompt_limit::{OutputLimitMode, PromptLimit, PromptLimitLayer, PromptLimits};
 pub use request::{BodyOptions, LlmRequest};

@@ -2,8 +2,8 @@
 //!
 //! A request's model — from the body, a multipart field, the path (`GET /v1/models/{model}`),
 //! the `model` query parameter of `/v1/realtime`, an Azure deployment name, or the endpoint's
-//! documented default when omitted — is resolved with the layer's [`ModelNames`] (see
-//! [`crate::model`]) and checked:
+//! documented default when omitted — is resolved once, through the [`Policy`]'s
+//! [`ModelNames`] (see [`crate::model`]), and checked:
 //!
 //! 1. against the workspace entitlement the layer is built with, if any;
 //! 2. then, when the key (from [`KeyAuth`](crate::key_auth::KeyAuth)) has
@@ -41,14 +41,12 @@
 //! # });
 //! ```
 
-use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::request::Parts;
 use http::{header, Method, Request, Response};
 use http_body::Body;
 use http_body_util::combinators::Collect;
@@ -58,12 +56,13 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::{BoxError, PolicyBody, ResponseBody};
-use crate::check::{carries_model_body, CheckFuture, RequestCheck};
-use crate::endpoint::{Endpoint, Route};
-use crate::error::{quote, Layer as LayerName, PolicyError};
-use crate::keys::{key_in, ApiKey};
-use crate::model::{ModelList, ModelNames};
-use crate::request::{BodyOptions, LlmRequest};
+use crate::check::{Check, CheckFuture};
+use crate::endpoint::Endpoint;
+use crate::error::{quote, LayerName, PolicyError};
+use crate::keys::ApiKey;
+use crate::model::{ModelList, ModelName};
+use crate::policy::Policy;
+use crate::request::LlmRequest;
 
 /// Largest `GET /v1/models` response body that is filtered (4 MiB).
 pub const DEFAULT_MODELS_RESPONSE_LIMIT: usize = 4 * 1024 * 1024;
@@ -71,8 +70,7 @@ pub const DEFAULT_MODELS_RESPONSE_LIMIT: usize = 4 * 1024 * 1024;
 #[derive(Clone, Debug)]
 struct Config {
     workspace: Option<ModelList>,
-    names: ModelNames,
-    body: BodyOptions,
+    policy: Policy,
     models_response_limit: usize,
 }
 
@@ -94,8 +92,7 @@ impl ModelAllowListLayer {
         ModelAllowListLayer {
             config: Arc::new(Config {
                 workspace: None,
-                names: ModelNames::new(),
-                body: BodyOptions::default(),
+                policy: Policy::default(),
                 models_response_limit: DEFAULT_MODELS_RESPONSE_LIMIT,
             }),
         }
@@ -116,17 +113,10 @@ impl ModelAllowListLayer {
         self
     }
 
-    /// The alias table used to resolve names before any check.
+    /// The [`Policy`] a request is resolved with when this layer is the first to see it.
     #[must_use]
-    pub fn model_names(mut self, names: ModelNames) -> Self {
-        self.config_mut().names = names;
-        self
-    }
-
-    /// Size limits for reading the body, if this layer reads it first.
-    #[must_use]
-    pub fn body_options(mut self, options: BodyOptions) -> Self {
-        self.config_mut().body = options;
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.config_mut().policy = policy;
         self
     }
 
@@ -185,9 +175,9 @@ impl<S> ModelAllowList<S> {
     }
 }
 
-/// The allow-list decision, as a [`RequestCheck`].
+/// The allow-list decision.
 #[derive(Clone, Debug)]
-pub struct AllowCheck {
+struct AllowCheck {
     config: Arc<Config>,
 }
 
@@ -196,68 +186,54 @@ impl AllowCheck {
         self.config.workspace.is_some() || key.is_some_and(|k| k.model_limits_enabled)
     }
 
-    /// Whether `model` (as sent) is allowed for `key` under this layer's lists.
-    pub fn allows(&self, key: Option<&ApiKey>, model: &str) -> Result<(), PolicyError> {
-        if let Some(key) = key.filter(|k| k.model_limits_enabled) {
-            if key.model_limits.is_empty() {
-                return Err(PolicyError::NoModelsAllowed);
-            }
+    /// Whether the model `name` (resolved from `sent`) is allowed for `key`.
+    fn allows(&self, key: Option<&ApiKey>, name: &ModelName, sent: &str) -> Result<(), PolicyError> {
+        let key = key.filter(|k| k.model_limits_enabled);
+        if key.is_some_and(|k| k.model_limits.is_empty()) {
+            return Err(PolicyError::NoModelsAllowed);
         }
-        let name = self.config.names.resolve(model);
         let workspace_ok = self
             .config
             .workspace
             .as_ref()
-            .is_none_or(|w| w.contains(&name));
-        let key_ok = key
-            .filter(|k| k.model_limits_enabled)
-            .is_none_or(|k| k.model_limits.contains(&name));
+            .is_none_or(|w| w.contains(name));
+        let key_ok = key.is_none_or(|k| k.model_limits.contains(name));
         if workspace_ok && key_ok {
             Ok(())
         } else {
             Err(PolicyError::ModelNotAllowed {
-                model: quote(model),
+                model: quote(sent),
             })
         }
     }
 }
 
-impl RequestCheck for AllowCheck {
+impl Check for AllowCheck {
     fn layer(&self) -> LayerName {
         LayerName::ModelAllowList
     }
 
-    fn body_options(&self) -> BodyOptions {
-        self.config.body
+    fn policy(&self) -> &Policy {
+        &self.config.policy
     }
 
-    fn needs_body(&self, parts: &Parts) -> bool {
-        self.applies(key_in(&parts.extensions)) && carries_model_body(parts)
+    fn on_head(&self, _: &LlmRequest, key: Option<&ApiKey>) -> Result<bool, PolicyError> {
+        Ok(self.applies(key))
     }
 
-    fn check(&self, req: &mut Request<PolicyBody>) -> Result<(), PolicyError> {
-        let key = key_in(req.extensions());
+    fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError> {
         if !self.applies(key) {
             return Ok(());
         }
-        let (endpoint, model): (Endpoint, Option<Cow<'_, str>>) =
-            match req.extensions().get::<LlmRequest>() {
-                Some(view) => (view.endpoint(), view.model().map(Cow::Borrowed)),
-                None => {
-                    let route = Route::classify(req.uri());
-                    let model = route.path_model.or(route.deployment);
-                    (route.endpoint, model.map(Cow::Owned))
-                }
-            };
-        match model {
-            Some(model) => self.allows(key, &model),
-            None if endpoint.model_required() && req.method() == Method::POST => {
+        match (view.model_name(), view.model()) {
+            (Some(name), Some(sent)) => self.allows(key, name, sent),
+            _ if view.endpoint().model_required() && view.carries_model_body() => {
                 Err(PolicyError::InvalidBody {
                     message: "You must provide a model parameter.".into(),
                     param: Some("model"),
                 })
             }
-            None => Ok(()),
+            _ => Ok(()),
         }
     }
 }
@@ -279,23 +255,27 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        if req.method() == Method::GET {
-            let key = req.extensions().get::<Arc<ApiKey>>().cloned();
-            let route = Route::classify(req.uri());
-            let listing = route.endpoint == Endpoint::Models && route.path_model.is_none();
+        let (mut parts, body) = req.into_parts();
+        if parts.method == Method::GET {
+            let key = parts.extensions.get::<Arc<ApiKey>>().cloned();
+            let view = LlmRequest::resolve(&mut parts, &self.check.config.policy);
+            let listing = view.endpoint() == Endpoint::Models && view.route().path_model.is_none();
             if listing && self.check.applies(key.as_deref()) {
                 let filter = Filter {
                     check: self.check.clone(),
+                    policy: view.policy().clone(),
                     key,
                 };
+                let req = Request::from_parts(parts, PolicyBody::new(body));
                 return ResponseFuture {
                     state: State::Listing {
-                        future: self.inner.call(req.map(PolicyBody::new)),
+                        future: self.inner.call(req),
                         filter: Some(filter),
                     },
                 };
             }
         }
+        let req = Request::from_parts(parts, body);
         ResponseFuture {
             state: State::Check {
                 future: CheckFuture::new(self.check.clone(), &mut self.inner, req),
@@ -306,6 +286,7 @@ where
 
 struct Filter {
     check: AllowCheck,
+    policy: Policy,
     key: Option<Arc<ApiKey>>,
 }
 
@@ -318,7 +299,10 @@ impl Filter {
             entry
                 .get("id")
                 .and_then(|id| id.as_str())
-                .is_some_and(|id| self.check.allows(self.key.as_deref(), id).is_ok())
+                .is_some_and(|id| {
+                    let name = self.policy.names().resolve(id);
+                    self.check.allows(self.key.as_deref(), &name, id).is_ok()
+                })
         });
         serde_json::to_vec(&value).ok().map(Bytes::from)
     }

@@ -41,8 +41,8 @@
 //!   [`ROLE_TOKENS`] per message. The Responses API documents no such framing; its input is
 //!   counted as text only.
 //!
-//! Tokens are counted with the encoding of the request's canonical model (after the layer's
-//! [`ModelNames`] aliases), `o200k_base` or `cl100k_base` ([`TokenCounter::for_model`]), exactly
+//! Tokens are counted with the encoding of the request's canonical model (after the
+//! [`Policy`]'s alias table), `o200k_base` or `cl100k_base` ([`TokenCounter::for_model`]), exactly
 //! with the `tokens` cargo feature. Without it, tokens are **estimated** at 4 characters per
 //! token ([`estimate`](crate::tokens::estimate)) and the message says so. Counting stops as
 //! soon as the limit is crossed, and a long run of text without whitespace is bounded by its
@@ -55,8 +55,9 @@
 //! With [`OutputLimitMode::Reject`] (the default) a request asking for more output tokens than
 //! the limit is refused. With [`OutputLimitMode::Clamp`] the body is rewritten instead: every
 //! output field sent above the limit is set to the limit (the other fields are kept byte for
-//! byte) and the [`LlmRequest`] in the extensions is updated; its
-//! [`body`](LlmRequest::body) still holds the bytes as sent. A request that sets none of the
+//! byte) and the [`LlmRequest`] in the extensions is updated. The clamp is queued on the view
+//! with any other edit ([`LlmRequest::edits`]) and applied once, by the crate's one rewriter;
+//! the view's [`body`](LlmRequest::body) still holds the bytes as sent. A request that sets none of the
 //! three fields is not limited by them, unless [`require_output_limit`] is on: then a chat,
 //! completions or responses request without one is refused.
 //!
@@ -98,28 +99,27 @@
 //!
 //! [`require_output_limit`]: PromptLimitLayer::require_output_limit
 
-use std::borrow::Cow;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::request::Parts;
-use http::{header, HeaderValue, Request, Response};
+use http::{Request, Response};
 use http_body::Body;
-use serde::de::{Deserializer, MapAccess, Visitor};
+use pin_project_lite::pin_project;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::{BoxError, PolicyBody, ResponseBody};
-use crate::check::{carries_model_body, CheckFuture, RequestCheck};
+use crate::check::{Check, CheckFuture};
 use crate::endpoint::Endpoint;
-use crate::error::{Layer as LayerName, PolicyError};
-use crate::keys::{key_in, ApiKey};
-use crate::model::ModelNames;
-use crate::request::{BodyOptions, LlmRequest, OutputField};
+use crate::error::{LayerName, PolicyError};
+use crate::keys::ApiKey;
+use crate::policy::Policy;
+use crate::request::LlmRequest;
 use crate::tokens::{chat_overhead, Count, TokenCounter};
 
 /// Tokens counted for each chat message's `role`: every role OpenAI accepts (`system`,
@@ -269,8 +269,7 @@ struct Config {
     output_mode: OutputLimitMode,
     require_output_limit: bool,
     media: MediaTokens,
-    names: ModelNames,
-    body: BodyOptions,
+    policy: Policy,
 }
 
 /// Layer that enforces prompt and output limits. See the [module docs](self).
@@ -368,18 +367,11 @@ impl PromptLimitLayer {
         self
     }
 
-    /// The alias table used to resolve the model (and Azure deployment) name, which chooses
-    /// the token encoding.
+    /// The [`Policy`] a request is resolved with when this layer is the first to see it (its
+    /// alias table resolves the model, which chooses the token encoding).
     #[must_use]
-    pub fn model_names(mut self, names: ModelNames) -> Self {
-        self.config_mut().names = names;
-        self
-    }
-
-    /// Size limits for reading the body, if this layer reads it first.
-    #[must_use]
-    pub fn body_options(mut self, options: BodyOptions) -> Self {
-        self.config_mut().body = options;
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.config_mut().policy = policy;
         self
     }
 }
@@ -530,9 +522,9 @@ fn fixed_tokens(view: &LlmRequest, media: &MediaTokens) -> usize {
         .saturating_add(to_usize(media_tokens))
 }
 
-/// The limit decision, as a [`RequestCheck`].
+/// The limit decision.
 #[derive(Clone, Debug)]
-pub struct LimitCheck {
+struct LimitCheck {
     config: Arc<Config>,
 }
 
@@ -564,18 +556,13 @@ fn output_field_for(endpoint: Endpoint) -> Option<(&'static str, &'static str)> 
     }
 }
 
-const OUTPUT_FIELDS: [(OutputField, &str); 3] = [
-    (OutputField::MaxTokens, "max_tokens"),
-    (OutputField::MaxCompletionTokens, "max_completion_tokens"),
-    (OutputField::MaxOutputTokens, "max_output_tokens"),
-];
-
-fn output_value(view: &LlmRequest, field: OutputField) -> Option<u64> {
-    match field {
-        OutputField::MaxTokens => view.max_tokens(),
-        OutputField::MaxCompletionTokens => view.max_completion_tokens(),
-        OutputField::MaxOutputTokens => view.max_output_tokens(),
-    }
+/// The output-token fields of a request, as sent.
+fn output_fields(view: &LlmRequest) -> [(&'static str, Option<u64>); 3] {
+    [
+        ("max_tokens", view.max_tokens()),
+        ("max_completion_tokens", view.max_completion_tokens()),
+        ("max_output_tokens", view.max_output_tokens()),
+    ]
 }
 
 impl LimitCheck {
@@ -587,7 +574,7 @@ impl LimitCheck {
 
     /// Checks `view` against the limits; returns the output limit to clamp to, if the body
     /// must be rewritten.
-    fn decide(&self, key: Option<&ApiKey>, view: &LlmRequest) -> Result<Option<u64>, PolicyError> {
+    fn decide_limits(&self, key: Option<&ApiKey>, view: &LlmRequest) -> Result<Option<u64>, PolicyError> {
         let global = &self.config.limits;
         let own = key.map(PromptLimits::of_key).unwrap_or_default();
         let endpoint = view.endpoint();
@@ -637,8 +624,8 @@ impl LimitCheck {
             }
         }
         if let Some((limit, level)) = effective(global.max_output_tokens, own.max_output_tokens) {
-            for (field, param) in OUTPUT_FIELDS {
-                let Some(value) = output_value(view, field).filter(|v| *v > limit) else {
+            for (param, value) in output_fields(view) {
+                let Some(value) = value.filter(|v| *v > limit) else {
                     continue;
                 };
                 match self.config.output_mode {
@@ -692,16 +679,9 @@ impl LimitCheck {
         Ok(clamp)
     }
 
-    /// The token counter for the request's model, resolved through the alias table.
+    /// The token counter for the request's model (resolved through the alias table).
     fn counter(&self, view: &LlmRequest) -> TokenCounter {
-        if self.config.names.is_empty() {
-            return TokenCounter::for_model(view.canonical_model().unwrap_or_default());
-        }
-        let canonical = view
-            .model()
-            .map(|m| self.config.names.resolve(m).canonical)
-            .unwrap_or_default();
-        TokenCounter::for_model(&canonical)
+        TokenCounter::for_model(view.canonical_model().unwrap_or_default())
     }
 }
 
@@ -719,121 +699,29 @@ fn prompt_param(endpoint: Endpoint) -> Option<&'static str> {
     }
 }
 
-/// A JSON object's members in order, each value kept as its raw text.
-struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
-
-impl<'de> Deserialize<'de> for Members<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct MembersVisitor;
-
-        impl<'de> Visitor<'de> for MembersVisitor {
-            type Value = Members<'de>;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut members = Vec::new();
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    members.push((key, map.next_value::<&'de RawValue>()?));
-                }
-                Ok(Members(members))
-            }
-        }
-
-        d.deserialize_map(MembersVisitor)
-    }
-}
-
-/// Rewrites a JSON body so that every output field above `limit` is `limit`; every other
-/// member is copied as it was sent.
-fn clamp_body(body: &[u8], limit: u64) -> Result<Vec<u8>, PolicyError> {
-    let members: Members<'_> =
-        serde_json::from_slice(body).map_err(|e| PolicyError::InvalidBody {
-            message: format!("The request body could not be rewritten: {e}"),
-            param: None,
-        })?;
-    let limit_text = limit.to_string();
-    let mut out = Vec::with_capacity(body.len());
-    out.push(b'{');
-    for (i, (key, value)) in members.0.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        // Keys re-serialise without error: they are strings.
-        serde_json::to_writer(&mut out, key.as_ref()).map_err(|_| PolicyError::InvalidBody {
-            message: "The request body could not be rewritten.".into(),
-            param: None,
-        })?;
-        out.push(b':');
-        let over = OUTPUT_FIELDS.iter().any(|(_, name)| *name == key.as_ref())
-            && value.get().parse::<u64>().is_ok_and(|v| v > limit);
-        if over {
-            out.extend_from_slice(limit_text.as_bytes());
-        } else {
-            out.extend_from_slice(value.get().as_bytes());
-        }
-    }
-    out.push(b'}');
-    Ok(out)
-}
-
-impl RequestCheck for LimitCheck {
+impl Check for LimitCheck {
     fn layer(&self) -> LayerName {
         LayerName::PromptLimit
     }
 
-    fn body_options(&self) -> BodyOptions {
-        self.config.body
+    fn policy(&self) -> &Policy {
+        &self.config.policy
     }
 
-    fn needs_body(&self, parts: &Parts) -> bool {
-        self.applies(key_in(&parts.extensions)) && carries_model_body(parts)
+    fn on_head(&self, _: &LlmRequest, key: Option<&ApiKey>) -> Result<bool, PolicyError> {
+        Ok(self.applies(key))
     }
 
-    fn check(&self, req: &mut Request<PolicyBody>) -> Result<(), PolicyError> {
-        let key = key_in(req.extensions());
-        if !self.applies(key) {
+    fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError> {
+        if !view.has_body() || !self.applies(key) {
             return Ok(());
         }
-        let Some(view) = req.extensions().get::<LlmRequest>() else {
-            return Ok(());
-        };
-        if !view.has_body() {
-            return Ok(());
-        }
-        let Some(limit) = self.decide(key, view)? else {
-            return Ok(());
-        };
-        // Clamp: rewrite the body as the inner service will see it (an outer layer may have
-        // rewritten it already), else the bytes as read.
-        let rewritten = match req.body().as_bytes() {
-            Some(bytes) if !bytes.is_empty() => clamp_body(bytes, limit)?,
-            _ => clamp_body(view.body(), limit)?,
-        };
-        let clamped: Vec<OutputField> = OUTPUT_FIELDS
-            .iter()
-            .filter(|(field, _)| output_value(view, *field).is_some_and(|v| v > limit))
-            .map(|(field, _)| *field)
-            .collect();
-        // The new body is in memory and of known length: it is sent with that length, never
-        // chunked, whatever the client did.
-        req.headers_mut().remove(header::TRANSFER_ENCODING);
-        req.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
-        *req.body_mut() = PolicyBody::full(Bytes::from(rewritten));
-        if let Some(view) = req.extensions_mut().get_mut::<LlmRequest>() {
-            for field in clamped {
-                view.set_max_output(field, Some(limit));
-            }
+        if let Some(limit) = self.decide_limits(key, view)? {
+            view.clamp_output(limit);
         }
         Ok(())
     }
 }
-
-/// Response future of [`PromptLimit`].
-pub type ResponseFuture<S, B> = CheckFuture<S, B, LimitCheck>;
 
 impl<S, B, ResBody> Service<Request<B>> for PromptLimit<S>
 where
@@ -850,6 +738,45 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        CheckFuture::new(self.check.clone(), &mut self.inner, req)
+        ResponseFuture {
+            inner: CheckFuture::new(self.check.clone(), &mut self.inner, req),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`PromptLimit`].
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<PolicyBody>>,
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
+        #[pin]
+        inner: CheckFuture<S, B, LimitCheck>,
+    }
+}
+
+impl<S, B> fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<Request<PolicyBody>>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, B, ResBody> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<PolicyBody>, Response = Response<ResBody>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx)
     }
 }

@@ -27,7 +27,9 @@ use serde_json::value::RawValue;
 
 use crate::endpoint::{Endpoint, Route};
 use crate::error::PolicyError;
-use crate::model::canonical_model;
+use crate::model::ModelName;
+use crate::policy::Policy;
+use crate::rewrite::{self, Edits};
 
 /// Default limit for JSON request bodies: 16 MiB (a chat request with several base64 images
 /// fits; a 200-page prompt is well under 1 MiB).
@@ -144,14 +146,24 @@ enum Span {
     Owned(Box<str>),
 }
 
-/// The parsed view of an LLM request. Built at most once per request; see the module docs.
+/// The resolved view of an LLM request, decided once per request; see the module docs.
+///
+/// The first layer of this crate that sees a request resolves its head (the route, the model
+/// named in the path, the endpoint's default model) and stores the view in the request's
+/// extensions; the first layer that needs the body reads and parses it into the same view.
+/// The model is resolved through the [`Policy`]'s alias table once, and every layer, the price
+/// and the audit record use that name. Changes to the body are queued on the view and applied
+/// once, from the bytes as read, by one rewriter ([`edits`](Self::edits)).
 #[derive(Clone)]
 pub struct LlmRequest {
     route: Route,
+    policy: Policy,
+    has_model_body: bool,
+    multipart: bool,
     body: Bytes,
     model: Option<String>,
     model_from_default: bool,
-    canonical: Option<String>,
+    name: Option<ModelName>,
     user: Option<String>,
     safety_identifier: Option<String>,
     stream: bool,
@@ -169,6 +181,8 @@ pub struct LlmRequest {
     size: Option<String>,
     quality: Option<String>,
     parsed_body: bool,
+    edits: Edits,
+    dirty: bool,
 }
 
 impl fmt::Debug for LlmRequest {
@@ -177,7 +191,7 @@ impl fmt::Debug for LlmRequest {
         f.debug_struct("LlmRequest")
             .field("endpoint", &self.route.endpoint)
             .field("model", &self.model)
-            .field("canonical_model", &self.canonical)
+            .field("canonical_model", &self.canonical_model())
             .field("user", &self.user)
             .field("stream", &self.stream)
             .field("include_usage", &self.include_usage)
@@ -189,32 +203,25 @@ impl fmt::Debug for LlmRequest {
             .field("prompt_token_ids", &self.token_ids)
             .field("media", &self.media)
             .field("body_len", &self.body.len())
+            .field("edits", &self.edits)
             .finish()
     }
 }
 
 impl LlmRequest {
-    /// Builds the view of a request that has no body to read (e.g. `GET /v1/models/{id}`):
-    /// only the route and the model named in the path.
-    pub fn from_parts(parts: &Parts) -> Self {
-        let mut req = Self::blank(Route::classify(&parts.uri));
-        req.model = req
-            .route
-            .path_model
-            .clone()
-            .or_else(|| req.route.deployment.clone());
-        req.finish();
-        req
-    }
-
-    /// A view of `route` with nothing filled in yet.
-    fn blank(route: Route) -> Self {
-        LlmRequest {
+    /// The view of a request's head: its route, the model named in the path (or the Azure
+    /// deployment), else the endpoint's documented default, resolved with `policy`.
+    pub(crate) fn from_head(parts: &Parts, policy: &Policy) -> Self {
+        let route = Route::classify(&parts.uri);
+        let mut req = LlmRequest {
+            has_model_body: route.endpoint.has_model_body(&parts.method),
+            multipart: is_multipart(&parts.headers),
             model: None,
             route,
+            policy: policy.clone(),
             body: Bytes::new(),
             model_from_default: false,
-            canonical: None,
+            name: None,
             user: None,
             safety_identifier: None,
             stream: false,
@@ -232,45 +239,100 @@ impl LlmRequest {
             size: None,
             quality: None,
             parsed_body: false,
-        }
+            edits: Edits::default(),
+            dirty: false,
+        };
+        req.finish();
+        req
     }
 
+    /// The view of `parts` in its extensions, resolved now (with `policy`) if no earlier layer
+    /// did.
+    pub(crate) fn resolve<'a>(parts: &'a mut Parts, policy: &Policy) -> &'a mut LlmRequest {
+        if parts.extensions.get::<LlmRequest>().is_none() {
+            let view = LlmRequest::from_head(parts, policy);
+            parts.extensions.insert(view);
+        }
+        parts
+            .extensions
+            .get_mut::<LlmRequest>()
+            .expect("the view was just inserted")
+    }
+
+    /// Settles the model: the one sent, else the one in the path, the Azure deployment
+    /// whatever the body says, else the endpoint's default; then resolves it once.
     fn finish(&mut self) {
+        if self.model.is_none() {
+            self.model = self.route.path_model.clone();
+        }
+        if let Some(deployment) = &self.route.deployment {
+            // Azure routes by deployment and ignores a `model` in the body: the deployment is
+            // what runs, so it is what every check sees.
+            self.model = Some(deployment.clone());
+        }
+        self.model_from_default = false;
         if self.model.is_none() {
             if let Some(default) = self.route.endpoint.default_model() {
                 self.model = Some(default.to_owned());
                 self.model_from_default = true;
             }
         }
-        self.canonical = self.model.as_deref().map(canonical_model);
+        self.name = self.model.as_deref().map(|m| self.policy.names().resolve(m));
     }
 
-    /// Parses a request's body. `parts` gives the route and the content type.
+    /// Parses a request's body, as the layers do with the default [`Policy`]. `parts` gives
+    /// the route and the content type.
     ///
     /// JSON bodies must be a JSON object; multipart bodies are read for their `model`,
     /// `prompt`, `user`, `n`, `size`, `quality` and `stream` fields (with the `multipart`
     /// feature; without it, a multipart body is an error). An empty body gives an empty view.
     pub fn parse(parts: &Parts, body: Bytes) -> Result<Self, PolicyError> {
-        let mut req = Self::blank(Route::classify(&parts.uri));
-        req.parsed_body = true;
-        if body.iter().all(u8::is_ascii_whitespace) {
-            req.body = body;
-            req.finish();
-            return Ok(req);
-        }
-        if is_multipart(&parts.headers) {
-            parse_multipart(&mut req, parts, &body)?;
-        } else {
-            parse_json(&mut req, &body)?;
-        }
-        req.body = body;
-        if let Some(deployment) = &req.route.deployment {
-            // Azure routes by deployment and ignores a `model` in the body: the deployment is
-            // what runs, so it is what every check sees.
-            req.model = Some(deployment.clone());
-        }
-        req.finish();
+        Self::parse_with(parts, body, &Policy::default())
+    }
+
+    /// [`parse`](Self::parse) with the model names and limits of `policy`.
+    pub fn parse_with(parts: &Parts, body: Bytes, policy: &Policy) -> Result<Self, PolicyError> {
+        let mut req = Self::from_head(parts, policy);
+        req.read_body(&parts.headers, body)?;
         Ok(req)
+    }
+
+    /// Fills the view from the body (once).
+    pub(crate) fn read_body(&mut self, headers: &HeaderMap, body: Bytes) -> Result<(), PolicyError> {
+        self.parsed_body = true;
+        self.model = None;
+        if !body.iter().all(u8::is_ascii_whitespace) {
+            if self.multipart {
+                parse_multipart(self, headers, &body)?;
+            } else {
+                parse_json(self, &body)?;
+            }
+        }
+        self.body = body;
+        self.finish();
+        Ok(())
+    }
+
+    /// The policy this request was resolved with.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Whether the request may carry a body with a model and a prompt
+    /// ([`Endpoint::has_model_body`]) that has not been read yet.
+    pub(crate) fn body_pending(&self) -> bool {
+        self.has_model_body && !self.parsed_body
+    }
+
+    /// Whether the request may carry a body with a model and a prompt
+    /// ([`Endpoint::has_model_body`]), read or not.
+    pub(crate) fn carries_model_body(&self) -> bool {
+        self.has_model_body
+    }
+
+    /// Whether the body is `multipart/form-data`.
+    pub(crate) fn is_multipart(&self) -> bool {
+        self.multipart
     }
 
     /// The route: endpoint, model in the path, Azure deployment.
@@ -295,9 +357,15 @@ impl LlmRequest {
         self.model_from_default
     }
 
-    /// The model's canonical name under the built-in rules ([`crate::model`]).
+    /// The model resolved through the [`Policy`]'s alias table: its normalised and canonical
+    /// names, which every check, the price and the audit record use.
+    pub fn model_name(&self) -> Option<&ModelName> {
+        self.name.as_ref()
+    }
+
+    /// The model's canonical name, after the alias table ([`crate::model`]).
     pub fn canonical_model(&self) -> Option<&str> {
-        self.canonical.as_deref()
+        self.name.as_ref().map(|n| n.canonical.as_str())
     }
 
     /// The end user: `user`, else `safety_identifier`.
@@ -408,42 +476,55 @@ impl LlmRequest {
         self.quality.as_deref()
     }
 
-    /// The body as read from the client, before any layer rewrote it (a clamped output limit,
-    /// an injected `stream_options`): the prompt parts point into these bytes. The body that
-    /// travels on is the request's own.
+    /// The body as read from the client, before the queued [`edits`](Self::edits) (a
+    /// clamped output limit, an injected `stream_options`): the prompt parts point into these
+    /// bytes. The body that travels on is the request's own, with the edits applied.
     pub fn body(&self) -> &Bytes {
         &self.body
     }
 
-    /// Whether the view was built from a body (false for [`LlmRequest::from_parts`]).
+    /// Whether the view was built from a body (false for a view of the head only).
     pub fn has_body(&self) -> bool {
         self.parsed_body
     }
 
-    /// Records that a layer changed the output-token limits (after rewriting the body).
-    pub fn set_max_output(&mut self, field: OutputField, value: Option<u64>) {
-        match field {
-            OutputField::MaxTokens => self.max_tokens = value,
-            OutputField::MaxCompletionTokens => self.max_completion_tokens = value,
-            OutputField::MaxOutputTokens => self.max_output_tokens = value,
+    /// The changes queued for the body, applied once to the bytes as read before the request
+    /// goes on.
+    pub fn edits(&self) -> &Edits {
+        &self.edits
+    }
+
+    /// Queues a clamp of every output-token field above `limit` to `limit`, and updates the
+    /// view's fields to match.
+    pub(crate) fn clamp_output(&mut self, limit: u64) {
+        for field in [
+            &mut self.max_tokens,
+            &mut self.max_completion_tokens,
+            &mut self.max_output_tokens,
+        ] {
+            if field.is_some_and(|v| v > limit) {
+                *field = Some(limit);
+            }
         }
+        let limit = self.edits.clamp_output.map_or(limit, |l| l.min(limit));
+        self.edits.clamp_output = Some(limit);
+        self.dirty = true;
     }
 
-    /// Records that a layer changed `stream_options.include_usage` (after rewriting the body).
-    pub fn set_include_usage(&mut self, value: Option<bool>) {
-        self.include_usage = value;
+    /// Queues `stream_options.include_usage: true`.
+    pub(crate) fn request_usage(&mut self) {
+        self.include_usage = Some(true);
+        self.edits.include_usage = true;
+        self.dirty = true;
     }
-}
 
-/// The output-token fields of a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum OutputField {
-    /// `max_tokens`.
-    MaxTokens,
-    /// `max_completion_tokens`.
-    MaxCompletionTokens,
-    /// `max_output_tokens`.
-    MaxOutputTokens,
+    /// The body with every queued edit applied, if edits were queued since the last call.
+    pub(crate) fn take_rendered(&mut self) -> Option<Result<Bytes, PolicyError>> {
+        if !std::mem::take(&mut self.dirty) {
+            return None;
+        }
+        Some(rewrite::apply(&self.body, &self.edits))
+    }
 }
 
 fn invalid(message: impl Into<String>) -> PolicyError {
@@ -978,11 +1059,14 @@ impl<'de, 'c> Visitor<'de> for ItemSeed<'c, 'de> {
 // multipart
 
 #[cfg(feature = "multipart")]
-fn parse_multipart(req: &mut LlmRequest, parts: &Parts, body: &Bytes) -> Result<(), PolicyError> {
+fn parse_multipart(
+    req: &mut LlmRequest,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(), PolicyError> {
     use futures_util::FutureExt;
 
-    let content_type = parts
-        .headers
+    let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
@@ -1055,7 +1139,7 @@ fn parse_multipart(req: &mut LlmRequest, parts: &Parts, body: &Bytes) -> Result<
 }
 
 #[cfg(not(feature = "multipart"))]
-fn parse_multipart(_: &mut LlmRequest, _: &Parts, _: &Bytes) -> Result<(), PolicyError> {
+fn parse_multipart(_: &mut LlmRequest, _: &HeaderMap, _: &Bytes) -> Result<(), PolicyError> {
     Err(invalid(
         "multipart/form-data bodies need the `multipart` feature of tower-llm-policy",
     ))

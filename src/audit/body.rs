@@ -6,9 +6,9 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use super::future::{End, Recorder};
+use super::recorder::{End, Recorder};
 use crate::body::ResponseBody;
-use crate::usage::UsageChunkStripper;
+use crate::audit::usage::UsageChunkStripper;
 
 pin_project! {
     /// Response body of [`Audit`](super::Audit): the inner body, passed through frame by frame

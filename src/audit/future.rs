@@ -1,27 +1,22 @@
 use std::fmt;
 use std::future::Future;
-use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{header, HeaderValue, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::body::AuditBody;
-use super::layer::Config;
-use super::record::{flag, AuditFlags, AuditRecord, ContentLog, Facts, Outcome, UsageEstimate};
-use super::service::{reports_usage, truncate, AuditCheck, REDACTION_MARGIN};
-use crate::body::{BoxError, PolicyBody};
-use crate::check::CheckFuture;
-use crate::endpoint::{Endpoint, Route};
-use crate::error::{Layer as LayerName, Rejection};
+use super::recorder::{End, Recorder};
+use crate::body::PolicyBody;
+use crate::check::{Check, CheckFuture};
+use crate::error::{LayerName, PolicyError};
 use crate::keys::ApiKey;
-use crate::usage::{ScanMode, UsageScanner};
+use crate::policy::Policy;
+use crate::request::LlmRequest;
 
 pin_project! {
     /// Response future of [`Audit`](super::Audit).
@@ -29,25 +24,21 @@ pin_project! {
     /// If it is dropped before the response is ready (the client went away), the request is
     /// recorded as [`Cancelled`](super::Outcome::Cancelled); if the inner service fails, as
     /// [`UpstreamError`](super::Outcome::UpstreamError).
-    pub struct ResponseFuture<S, B>
+    pub struct ResponseFuture<S>
     where
         S: Service<Request<PolicyBody>>,
-        B: Body,
-        B::Error: Into<BoxError>,
     {
         #[pin]
-        inner: CheckFuture<S, B, AuditCheck>,
+        inner: CheckFuture<S, PolicyBody, AuditCheck>,
         recorder: Option<Recorder>,
     }
 }
 
-impl<S, B> ResponseFuture<S, B>
+impl<S> ResponseFuture<S>
 where
     S: Service<Request<PolicyBody>>,
-    B: Body,
-    B::Error: Into<BoxError>,
 {
-    pub(crate) fn new(inner: CheckFuture<S, B, AuditCheck>, recorder: Recorder) -> Self {
+    pub(crate) fn new(inner: CheckFuture<S, PolicyBody, AuditCheck>, recorder: Recorder) -> Self {
         ResponseFuture {
             inner,
             recorder: Some(recorder),
@@ -55,22 +46,18 @@ where
     }
 }
 
-impl<S, B> fmt::Debug for ResponseFuture<S, B>
+impl<S> fmt::Debug for ResponseFuture<S>
 where
     S: Service<Request<PolicyBody>>,
-    B: Body,
-    B::Error: Into<BoxError>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
-impl<S, B, ResBody> Future for ResponseFuture<S, B>
+impl<S, ResBody> Future for ResponseFuture<S>
 where
     S: Service<Request<PolicyBody>, Response = Response<ResBody>>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
     ResBody: Body<Data = Bytes>,
 {
     type Output = Result<Response<AuditBody<ResBody>>, S::Error>;
@@ -108,274 +95,39 @@ where
     }
 }
 
-/// What is known about a request when it arrives.
-#[derive(Debug)]
-pub(crate) struct RequestInfo {
-    pub(crate) request_id: String,
-    pub(crate) timestamp: SystemTime,
-    pub(crate) start: Instant,
-    pub(crate) key: Option<Arc<ApiKey>>,
-    pub(crate) client_ip: Option<IpAddr>,
-    pub(crate) method: Method,
-    pub(crate) uri: Uri,
+
+/// The audit layer's part in the shared machinery: it never rejects, and reads the body only
+/// when the key is known already (authenticated before this layer).
+#[derive(Clone, Debug)]
+pub(crate) struct AuditCheck {
+    policy: Policy,
+    key_known: bool,
 }
 
-/// How the response ended, as the body wrapper saw it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum End {
-    /// The body ended (or there was none to send).
-    Completed,
-    /// The body or the inner service failed.
-    Failed,
-    /// Dropped before the end.
-    Cancelled,
-}
-
-/// Collects one request's record from arrival to the end of the response body, and emits it
-/// exactly once: on [`finish`](Self::finish), or, if that never came, when dropped.
-pub(crate) struct Recorder {
-    config: Arc<Config>,
-    flags: AuditFlags,
-    pub(crate) info: RequestInfo,
-    status: Option<StatusCode>,
-    rejection: Option<(LayerName, &'static str)>,
-    response_flags: Option<AuditFlags>,
-    facts: Option<Facts>,
-    scanner: Option<UsageScanner>,
-    ttfb: Option<Duration>,
-    response_bytes: u64,
-    content: Option<Vec<u8>>,
-    content_truncated: bool,
-    done: bool,
-}
-
-impl fmt::Debug for Recorder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Recorder")
-            .field("request_id", &self.info.request_id)
-            .field("done", &self.done)
-            .finish_non_exhaustive()
+impl AuditCheck {
+    pub(crate) fn new(policy: Policy, key_known: bool) -> Self {
+        AuditCheck { policy, key_known }
     }
 }
 
-impl Recorder {
-    pub(crate) fn new(config: Arc<Config>, flags: AuditFlags, info: RequestInfo) -> Self {
-        Recorder {
-            content: config.log_content.then(Vec::new),
-            config,
-            flags,
-            info,
-            status: None,
-            rejection: None,
-            response_flags: None,
-            facts: None,
-            scanner: None,
-            ttfb: None,
-            response_bytes: 0,
-            content_truncated: false,
-            done: false,
-        }
+impl Check for AuditCheck {
+    fn layer(&self) -> LayerName {
+        LayerName::Audit
     }
 
-    /// Takes note of the response head. Returns whether the usage-only chunk must be stripped
-    /// from the body.
-    pub(crate) fn on_response(&mut self, parts: &mut http::response::Parts) -> bool {
-        self.status = Some(parts.status);
-        self.rejection = parts
-            .extensions
-            .get::<Rejection>()
-            .map(|r| (r.layer, r.code));
-        if self.info.key.is_none() {
-            self.info.key = parts.extensions.get::<Arc<ApiKey>>().cloned();
-        }
-        self.response_flags = parts
-            .extensions
-            .get::<AuditFlags>()
-            .filter(|f| !f.same_as(&self.flags))
-            .cloned();
-        self.facts = self.flags.take_facts();
-        if self.rejection.is_some() {
-            return false;
-        }
-        let mode = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(ScanMode::from_content_type);
-        self.scanner = mode.map(UsageScanner::new);
-        mode == Some(ScanMode::Sse)
-            && parts.status.is_success()
-            && self.facts.as_ref().is_some_and(|f| f.usage_injected)
+    fn policy(&self) -> &Policy {
+        &self.policy
     }
 
-    /// Whether the request was rejected by a policy layer.
-    pub(crate) fn is_rejection(&self) -> bool {
-        self.rejection.is_some()
+    fn on_head(&self, _: &LlmRequest, _: Option<&ApiKey>) -> Result<bool, PolicyError> {
+        Ok(self.key_known)
     }
 
-    /// A chunk of the body as it came from the upstream.
-    pub(crate) fn on_upstream(&mut self, chunk: &[u8]) {
-        if self.ttfb.is_none() && !chunk.is_empty() {
-            self.ttfb = Some(self.info.start.elapsed());
-        }
-        if let Some(scanner) = &mut self.scanner {
-            scanner.feed(chunk);
-        }
+    fn decide(&self, _: &mut LlmRequest, _: Option<&ApiKey>) -> Result<(), PolicyError> {
+        Ok(())
     }
 
-    /// A chunk of the body as it goes to the client.
-    pub(crate) fn on_forwarded(&mut self, chunk: &[u8]) {
-        self.response_bytes += chunk.len() as u64;
-        if let Some(content) = &mut self.content {
-            let limit = self.config.max_content_bytes + REDACTION_MARGIN;
-            let room = limit.saturating_sub(content.len());
-            if chunk.len() > room {
-                self.content_truncated = true;
-            }
-            content.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        }
-    }
-
-    /// Counts a body the layer made (a rejection) that is sent whole.
-    pub(crate) fn set_response_bytes(&mut self, bytes: u64) {
-        self.response_bytes = bytes;
-    }
-
-    /// Bytes held for this record now (the scanner's usage buffer, logged content).
-    pub(crate) fn buffered(&self) -> usize {
-        self.scanner
-            .as_ref()
-            .map_or(0, UsageScanner::buffered_high_water)
-            + self.content.as_ref().map_or(0, Vec::capacity)
-    }
-
-    /// Builds and emits the record (once).
-    pub(crate) fn finish(&mut self, end: End) {
-        if std::mem::replace(&mut self.done, true) {
-            return;
-        }
-        let record = self.build(end);
-        self.config.sink.record(&record);
-    }
-
-    fn build(&mut self, end: End) -> AuditRecord {
-        let elapsed_ms = |d: Duration| d.as_micros() as f64 / 1000.0;
-        let facts = self
-            .facts
-            .take()
-            .or_else(|| self.flags.take_facts())
-            .unwrap_or_default();
-        let route = facts
-            .endpoint
-            .is_none()
-            .then(|| Route::classify(&self.info.uri));
-        let endpoint = facts
-            .endpoint
-            .or(route.as_ref().map(|r| r.endpoint))
-            .unwrap_or(Endpoint::Other);
-        let model = facts
-            .model
-            .or_else(|| route.and_then(|r| r.path_model.or(r.deployment)));
-        let canonical_model = facts
-            .canonical_model
-            .or_else(|| model.as_deref().map(crate::model::canonical_model));
-
-        let usage = self.scanner.as_mut().and_then(|scanner| {
-            if end == End::Completed {
-                scanner.finish();
-            }
-            scanner.take_usage()
-        });
-
-        let outcome = match (self.rejection, end) {
-            (Some(_), _) => Outcome::Rejected,
-            (None, End::Cancelled) => Outcome::Cancelled,
-            (None, End::Failed) => Outcome::UpstreamError,
-            (None, End::Completed) if self.status.is_some_and(|s| s.is_success()) => {
-                Outcome::Completed
-            }
-            (None, End::Completed) => Outcome::UpstreamError,
-        };
-
-        let mut flags = Vec::new();
-        if self.rejection.is_some() {
-            flags.push(flag::BLOCKED.to_owned());
-        }
-        self.flags.drain_into(&mut flags);
-        if let Some(extra) = &self.response_flags {
-            extra.drain_into(&mut flags);
-        }
-
-        let usage_expected = self.rejection.is_none()
-            && self.info.method == Method::POST
-            && reports_usage(endpoint)
-            && (outcome == Outcome::Completed || outcome == Outcome::Cancelled);
-        let mut usage_estimate = None;
-        if usage.is_none() && usage_expected {
-            flags.push(flag::USAGE_MISSING.to_owned());
-            usage_estimate = facts.prompt_estimate.map(|prompt_tokens| UsageEstimate {
-                prompt_tokens,
-                method: "chars_div_4".to_owned(),
-            });
-        }
-        let cost_usd = usage.as_ref().and_then(|usage| {
-            let cost = canonical_model
-                .as_deref()
-                .and_then(|model| self.config.pricing.cost(model, usage));
-            if cost.is_none() {
-                flags.push(flag::UNKNOWN_PRICE.to_owned());
-            }
-            cost
-        });
-
-        let content = self.content.take().map(|bytes| {
-            let mut text = (self.config.redact)(&String::from_utf8_lossy(&bytes));
-            let cut = truncate(&mut text, self.config.max_content_bytes);
-            ContentLog {
-                prompt: facts.prompt,
-                response: (!text.is_empty()).then_some(text),
-                truncated: facts.prompt_truncated || self.content_truncated || cut,
-            }
-        });
-
-        let key = self.info.key.as_deref();
-        AuditRecord {
-            request_id: std::mem::take(&mut self.info.request_id),
-            timestamp: self.info.timestamp,
-            key: key.map(|k| k.name.clone()),
-            key_metadata: key.map(|k| k.metadata.clone()).unwrap_or_default(),
-            user: facts.user,
-            client_ip: self.info.client_ip,
-            method: self.info.method.as_str().to_owned(),
-            path: self.info.uri.path().to_owned(),
-            endpoint: endpoint.as_str().to_owned(),
-            model,
-            canonical_model,
-            stream: facts.stream,
-            usage_injected: facts.usage_injected,
-            status: self.status.map(|s| s.as_u16()),
-            outcome,
-            blocked_by: self.rejection.map(|(layer, _)| layer.as_str().to_owned()),
-            code: self.rejection.map(|(_, code)| code.to_owned()),
-            flags,
-            prompt_tokens: usage.as_ref().map(|u| u.prompt_tokens),
-            completion_tokens: usage.as_ref().map(|u| u.completion_tokens),
-            total_tokens: usage.as_ref().map(|u| u.total_tokens),
-            cached_tokens: usage.as_ref().and_then(|u| u.cached_tokens),
-            reasoning_tokens: usage.as_ref().and_then(|u| u.reasoning_tokens),
-            usage_estimate,
-            cost_usd,
-            latency_ms: elapsed_ms(self.info.start.elapsed()),
-            ttft_ms: self.ttfb.map(elapsed_ms),
-            response_bytes: self.response_bytes,
-            content,
-        }
-    }
-}
-
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        // Dropped without an end: the client went away (before the response or mid-body).
-        self.finish(End::Cancelled);
+    fn reads_for_audit(&self) -> bool {
+        false
     }
 }

@@ -1,13 +1,10 @@
 use std::fmt;
 use std::sync::Arc;
 
-use tower_layer::Layer;
-
+use super::pricing::PricingTable;
 use super::record::redact_api_keys;
-use super::service::Audit;
 use super::sink::LogSink;
-use crate::pricing::PricingTable;
-use crate::request::BodyOptions;
+use crate::policy::Policy;
 
 /// Default bound on the prompt text and on the response text kept per record when content
 /// logging is on (16 KiB each).
@@ -24,7 +21,7 @@ pub(crate) struct Config {
     pub(crate) log_content: bool,
     pub(crate) redact: Redact,
     pub(crate) max_content_bytes: usize,
-    pub(crate) body: BodyOptions,
+    pub(crate) policy: Policy,
     pub(crate) trust_request_id: bool,
 }
 
@@ -32,7 +29,7 @@ pub(crate) struct Config {
 /// [`LogSink`]. See the [module docs](super).
 #[derive(Clone)]
 pub struct AuditLayer {
-    config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
 }
 
 impl AuditLayer {
@@ -46,7 +43,7 @@ impl AuditLayer {
                 log_content: false,
                 redact: Arc::new(redact_api_keys),
                 max_content_bytes: DEFAULT_MAX_CONTENT_BYTES,
-                body: BodyOptions::default(),
+                policy: Policy::default(),
                 trust_request_id: true,
             }),
         }
@@ -101,10 +98,11 @@ impl AuditLayer {
         self
     }
 
-    /// Size limits for reading the body (the audit layer, outermost, reads it first).
+    /// The [`Policy`] a request is resolved with when this layer is the first to see it
+    /// (outermost, it is: give it the policy every layer shares).
     #[must_use]
-    pub fn body_options(mut self, options: BodyOptions) -> Self {
-        self.config_mut().body = options;
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.config_mut().policy = policy;
         self
     }
 
@@ -126,16 +124,8 @@ impl fmt::Debug for AuditLayer {
             .field("inject_usage", &c.inject_usage)
             .field("log_content", &c.log_content)
             .field("max_content_bytes", &c.max_content_bytes)
-            .field("body", &c.body)
+            .field("policy", &c.policy)
             .field("trust_request_id", &c.trust_request_id)
             .finish_non_exhaustive()
-    }
-}
-
-impl<S> Layer<S> for AuditLayer {
-    type Service = Audit<S>;
-
-    fn layer(&self, inner: S) -> Audit<S> {
-        Audit::from_config(inner, self.config.clone())
     }
 }

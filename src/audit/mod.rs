@@ -26,7 +26,7 @@
 //!   ask for usage gets `stream_options.include_usage` turned on upstream, and the usage-only
 //!   chunk is removed before the client sees it ([`AuditLayer::inject_usage`], on by
 //!   default); when the client asked for usage itself its stream is untouched. The cost comes
-//!   from the layer's [`PricingTable`](crate::pricing::PricingTable) and the canonical model:
+//!   from the layer's [`PricingTable`](crate::audit::pricing::PricingTable) and the canonical model:
 //!   an unknown model gives `cost_usd: null` and the flag `unknown_price`, never a guess. No
 //!   usage gives the flag `usage_missing` and an estimate of the prompt labelled as one.
 //! - **Timing**: latency to the end of the body, time to the first byte of the body.
@@ -80,20 +80,26 @@
 //! # });
 //! ```
 //!
-//! [`UsageScanner`]: crate::usage::UsageScanner
+//! [`UsageScanner`]: crate::audit::usage::UsageScanner
 
 mod body;
 mod future;
+mod handle;
 mod layer;
 mod record;
+mod recorder;
 mod service;
+
+pub mod pricing;
 pub mod sink;
+pub mod usage;
 
 pub use body::AuditBody;
 pub use future::ResponseFuture;
+pub use handle::AuditHandle;
 pub use layer::{AuditLayer, DEFAULT_MAX_CONTENT_BYTES};
 pub use record::{
-    flag, redact_api_keys, AuditFlags, AuditRecord, ContentLog, Outcome, RequestId, UsageEstimate,
+    flag, redact_api_keys, AuditRecord, ContentLog, Outcome, RequestId, UsageEstimate,
 };
 pub use service::Audit;
 #[cfg(feature = "tracing")]

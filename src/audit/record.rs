@@ -1,13 +1,10 @@
-//! The audit record, the flags inner layers attach to it, and the request id.
+//! The audit record and the request id.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
-
-use crate::endpoint::Endpoint;
 
 /// One request, as the audit layer saw it: who, what, what happened, how many tokens, what it
 /// cost. Emitted exactly once per request, when the response body ends, fails or is dropped.
@@ -79,7 +76,7 @@ pub struct AuditRecord {
     /// When the upstream reported no usage: an estimate, labelled as one. `null` otherwise.
     #[serde(default)]
     pub usage_estimate: Option<UsageEstimate>,
-    /// The cost in USD from the layer's [`PricingTable`](crate::pricing::PricingTable);
+    /// The cost in USD from the layer's [`PricingTable`](crate::audit::pricing::PricingTable);
     /// `null` when there is no usage or no price for the model (flagged
     /// [`flag::UNKNOWN_PRICE`]).
     pub cost_usd: Option<f64>,
@@ -165,109 +162,6 @@ pub mod flag {
     /// Usage was reported, but the pricing table has no price for the model: `cost_usd` is
     /// `null`.
     pub const UNKNOWN_PRICE: &str = "unknown_price";
-}
-
-/// Flags for the audit record, set by layers that only observe (a word list in audit mode, a
-/// guard in dry-run mode).
-///
-/// The audit layer puts one `AuditFlags` in every request's extensions; any inner layer (or
-/// the inner service) adds to it, and the flags end up in the request's [`AuditRecord`]. A
-/// layer may also leave an `AuditFlags` of its own in the response's extensions; its flags
-/// are added too. Cloning shares the same list.
-///
-/// ```
-/// use tower_llm_policy::audit::AuditFlags;
-///
-/// # let mut req = http::Request::new(());
-/// # req.extensions_mut().insert(AuditFlags::new());
-/// if let Some(flags) = req.extensions().get::<AuditFlags>() {
-///     flags.add("word_list:competitor_names");
-/// }
-/// # assert_eq!(req.extensions().get::<AuditFlags>().unwrap().to_vec().len(), 1);
-/// ```
-#[derive(Clone, Default)]
-pub struct AuditFlags(Arc<Shared>);
-
-/// What one request's audit layer shares with the inner stack: the flags, and the facts its
-/// body check learned (kept here to spend one allocation per request, not two).
-#[derive(Default)]
-struct Shared {
-    flags: Mutex<Vec<String>>,
-    facts: Mutex<Option<Facts>>,
-}
-
-/// What the audit layer's body check learned about the request, for the record.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Facts {
-    pub(crate) endpoint: Option<Endpoint>,
-    pub(crate) model: Option<String>,
-    pub(crate) canonical_model: Option<String>,
-    pub(crate) user: Option<String>,
-    pub(crate) stream: bool,
-    pub(crate) usage_injected: bool,
-    pub(crate) prompt_estimate: Option<u64>,
-    pub(crate) prompt: Option<String>,
-    pub(crate) prompt_truncated: bool,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl AuditFlags {
-    /// An empty list.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Adds a flag (a repeated flag is kept once).
-    pub fn add(&self, flag: impl Into<String>) {
-        let flag = flag.into();
-        let mut flags = lock(&self.0.flags);
-        if !flags.contains(&flag) {
-            flags.push(flag);
-        }
-    }
-
-    /// The flags so far, in the order they were added.
-    pub fn to_vec(&self) -> Vec<String> {
-        lock(&self.0.flags).clone()
-    }
-
-    /// Whether no flag was added.
-    pub fn is_empty(&self) -> bool {
-        lock(&self.0.flags).is_empty()
-    }
-
-    /// Whether `other` is this same list.
-    pub(crate) fn same_as(&self, other: &AuditFlags) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-
-    /// Moves the flags to `out`, leaving out repeats.
-    pub(crate) fn drain_into(&self, out: &mut Vec<String>) {
-        for flag in lock(&self.0.flags).drain(..) {
-            if !out.contains(&flag) {
-                out.push(flag);
-            }
-        }
-    }
-
-    pub(crate) fn set_facts(&self, facts: Facts) {
-        *lock(&self.0.facts) = Some(facts);
-    }
-
-    pub(crate) fn take_facts(&self) -> Option<Facts> {
-        lock(&self.0.facts).take()
-    }
-}
-
-impl std::fmt::Debug for AuditFlags {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("AuditFlags")
-            .field(&*lock(&self.0.flags))
-            .finish()
-    }
 }
 
 /// The request's id, in the request's extensions for inner layers and services (the example

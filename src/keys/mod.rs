@@ -312,11 +312,6 @@ impl ApiKey {
     }
 }
 
-/// The key KeyAuth left in these extensions, if any.
-pub(crate) fn key_in(extensions: &http::Extensions) -> Option<&ApiKey> {
-    extensions.get::<Arc<ApiKey>>().map(|k| &**k)
-}
-
 impl fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Every field is policy, none is secret; the key itself is never part of an ApiKey.

@@ -125,7 +125,7 @@ impl<'de> Deserialize<'de> for ModelPrice {
 
 /// Token usage of one response, as reported by the upstream.
 ///
-/// Built from either usage shape OpenAI uses (see [`crate::usage`]): chat completions,
+/// Built from either usage shape OpenAI uses (see [`crate::audit::usage`]): chat completions,
 /// completions and embeddings (`prompt_tokens`, `completion_tokens`, ...) and the Responses API
 /// (`input_tokens`, `output_tokens`, ...).
 ///

@@ -6,7 +6,7 @@
 //!
 //! - [`UsageScanner`] finds the usage in a JSON body (the top-level `"usage"` object) or in a
 //!   `text/event-stream` body (a chunk with a non-null `usage`, or the Responses API's
-//!   `response.completed` event), and turns it into a [`pricing::Usage`](crate::pricing::Usage).
+//!   `response.completed` event), and turns it into a [`pricing::Usage`](crate::audit::pricing::Usage).
 //!   It holds only the bytes of the usage value itself (at most
 //!   [`DEFAULT_MAX_USAGE_BYTES`] by default), whatever the size of the body or of one event.
 //! - [`UsageChunkStripper`] removes the usage-only chunk (`"choices":[]` with a non-null
@@ -47,7 +47,7 @@ use bytes::{Bytes, BytesMut};
 use memchr::{memchr, memchr2};
 use serde::{Deserialize, Deserializer};
 
-use crate::pricing::Usage;
+use crate::audit::pricing::Usage;
 
 /// Default bound on the bytes of one `usage` value the [`UsageScanner`] keeps while reading
 /// it (16 KiB; a real one is a few hundred bytes). A larger value is skipped.

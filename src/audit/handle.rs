@@ -1,0 +1,323 @@
+use std::fmt;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use super::layer::Config;
+use crate::endpoint::Endpoint;
+use crate::keys::ApiKey;
+use crate::request::LlmRequest;
+
+/// The audit layer's handle on one request, in the request's extensions.
+///
+/// [`AuditLayer`](super::AuditLayer) puts one into every request it sees; the layers after it
+/// write what the record needs into it as they learn it: [`KeyAuth`](crate::KeyAuth) the key,
+/// the layer that resolves the request the model (after aliases), the end user and the
+/// prompt, and any layer or service its own flags ([`flag`](Self::flag)). The record is made
+/// from it when the response ends. Cloning shares the same handle.
+///
+/// ```
+/// use tower_llm_policy::audit::AuditHandle;
+///
+/// # fn inner_layer<B>(req: &http::Request<B>) {
+/// // A word list in audit mode lets the request through and flags it.
+/// if let Some(audit) = req.extensions().get::<AuditHandle>() {
+///     audit.flag("word_list:competitor_names");
+/// }
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct AuditHandle {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: Arc<Config>,
+    state: Mutex<State>,
+}
+
+/// What the handle holds for the record.
+#[derive(Default)]
+pub(crate) struct State {
+    pub(crate) key: Option<Arc<ApiKey>>,
+    pub(crate) flags: Vec<String>,
+    pub(crate) facts: Facts,
+    /// The request may have a body with a model and a prompt that no layer has read yet.
+    body_pending: bool,
+    /// A layer is reading the body for the view: the audit layer's copy is not needed.
+    claimed: bool,
+    /// The audit layer's copy of a body no layer read (bounded), with the head it goes with.
+    copy: Option<Copy>,
+}
+
+struct Copy {
+    head: LlmRequest,
+    bytes: Vec<u8>,
+    limit: usize,
+    over: bool,
+}
+
+/// What the record says of the request itself.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Facts {
+    pub(crate) endpoint: Option<Endpoint>,
+    pub(crate) model: Option<String>,
+    pub(crate) canonical_model: Option<String>,
+    pub(crate) user: Option<String>,
+    pub(crate) stream: bool,
+    pub(crate) usage_injected: bool,
+    pub(crate) prompt_estimate: Option<u64>,
+    pub(crate) prompt: Option<String>,
+    pub(crate) prompt_truncated: bool,
+}
+
+/// Extra bytes of content kept past the limit until redaction has run, so that a secret that
+/// straddles the limit is redacted whole rather than cut into an unrecognisable prefix.
+pub(crate) const REDACTION_MARGIN: usize = 256;
+
+/// Whether the endpoint's successful responses report token usage.
+pub(crate) fn reports_usage(endpoint: Endpoint) -> bool {
+    matches!(
+        endpoint,
+        Endpoint::ChatCompletions
+            | Endpoint::Completions
+            | Endpoint::Embeddings
+            | Endpoint::Responses
+    )
+}
+
+/// Cuts `text` to at most `max` bytes, on a character boundary. Whether it was cut.
+pub(crate) fn truncate(text: &mut String, max: usize) -> bool {
+    if text.len() <= max {
+        return false;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    true
+}
+
+impl Facts {
+    /// The facts of a resolved view (its head only, or with its body).
+    pub(crate) fn of(view: &LlmRequest, config: &Config) -> Facts {
+        let mut facts = Facts {
+            endpoint: Some(view.endpoint()),
+            model: view.model().map(str::to_owned),
+            canonical_model: view.canonical_model().map(str::to_owned),
+            user: view.user().map(str::to_owned),
+            stream: view.stream(),
+            usage_injected: view.edits().include_usage,
+            ..Facts::default()
+        };
+        if !view.has_body() {
+            return facts;
+        }
+        if reports_usage(view.endpoint()) {
+            let estimate: usize = view
+                .prompt_parts()
+                .map(|p| crate::tokens::estimate(p.text))
+                .sum();
+            facts.prompt_estimate = Some(estimate as u64 + view.prompt_token_ids());
+        }
+        if config.log_content {
+            let mut prompt = String::new();
+            for (i, part) in view.prompt_parts().enumerate() {
+                if i > 0 {
+                    prompt.push('\n');
+                }
+                prompt.push_str(part.text);
+                if prompt.len() > config.max_content_bytes + REDACTION_MARGIN {
+                    break;
+                }
+            }
+            // Redact before cutting, so that a key across the cut is still recognised.
+            let long = truncate(&mut prompt, config.max_content_bytes + REDACTION_MARGIN);
+            let mut prompt = (config.redact)(&prompt);
+            facts.prompt_truncated = truncate(&mut prompt, config.max_content_bytes) || long;
+            facts.prompt = Some(prompt);
+        }
+        facts
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl AuditHandle {
+    pub(crate) fn new(config: Arc<Config>, view: &LlmRequest, key: Option<Arc<ApiKey>>) -> Self {
+        let facts = Facts::of(view, &config);
+        AuditHandle {
+            shared: Arc::new(Shared {
+                config,
+                state: Mutex::new(State {
+                    key,
+                    facts,
+                    body_pending: view.body_pending(),
+                    ..State::default()
+                }),
+            }),
+        }
+    }
+
+    /// Adds a flag to the request's record (a repeated flag is kept once).
+    pub fn flag(&self, flag: impl Into<String>) {
+        let flag = flag.into();
+        let mut state = lock(&self.shared.state);
+        if !state.flags.contains(&flag) {
+            state.flags.push(flag);
+        }
+    }
+
+    /// The flags added so far, in order.
+    pub fn flags(&self) -> Vec<String> {
+        lock(&self.shared.state).flags.clone()
+    }
+
+    /// Records the key the request was made with (found, whether admitted or not).
+    pub(crate) fn set_key(&self, key: Arc<ApiKey>) {
+        lock(&self.shared.state).key = Some(key);
+    }
+
+    /// Whether the record still waits for the request's body: a layer that has admitted the
+    /// request and can read it should.
+    pub(crate) fn wants_body(&self) -> bool {
+        let state = lock(&self.shared.state);
+        state.body_pending && !state.claimed
+    }
+
+    /// A layer reads the body for the view: the record will have it.
+    pub(crate) fn claim_body(&self) {
+        let mut state = lock(&self.shared.state);
+        state.claimed = true;
+        state.copy = None;
+    }
+
+    /// The view was parsed: asks for usage in a stream that did not (when the layer is set to)
+    /// and takes the request's facts.
+    pub(crate) fn observe(&self, view: &mut LlmRequest) {
+        let config = &self.shared.config;
+        if config.inject_usage
+            && view.stream()
+            && view.include_usage() != Some(true)
+            && matches!(
+                view.endpoint(),
+                Endpoint::ChatCompletions | Endpoint::Completions
+            )
+            && !view.is_multipart()
+        {
+            view.request_usage();
+        }
+        let facts = Facts::of(view, config);
+        let mut state = lock(&self.shared.state);
+        state.facts = facts;
+        state.body_pending = false;
+    }
+
+    /// The body was rewritten with the view's edits.
+    pub(crate) fn observe_edits(&self, view: &LlmRequest) {
+        lock(&self.shared.state).facts.usage_injected = view.edits().include_usage;
+    }
+
+    /// Starts the audit layer's own copy of a body that no layer may read (bounded by
+    /// `limit`); see [`TeeBody`].
+    pub(crate) fn start_copy(&self, head: LlmRequest, limit: usize) {
+        lock(&self.shared.state).copy = Some(Copy {
+            head,
+            bytes: Vec::new(),
+            limit,
+            over: false,
+        });
+    }
+
+    fn copy_chunk(&self, chunk: &[u8]) {
+        let mut state = lock(&self.shared.state);
+        if state.claimed {
+            return;
+        }
+        if let Some(copy) = &mut state.copy {
+            if copy.over || copy.bytes.len() + chunk.len() > copy.limit {
+                copy.over = true;
+                copy.bytes = Vec::new();
+            } else {
+                copy.bytes.extend_from_slice(chunk);
+            }
+        }
+    }
+
+    /// Everything the record needs from the handle. A body that only the audit layer's copy
+    /// saw is parsed now, for the model, the user and the prompt.
+    pub(crate) fn take(&self) -> State {
+        let mut state = std::mem::take(&mut *lock(&self.shared.state));
+        if let Some(copy) = state.copy.take().filter(|c| !c.over && !c.bytes.is_empty()) {
+            let mut view = copy.head;
+            if view
+                .read_body(&http::HeaderMap::new(), Bytes::from(copy.bytes))
+                .is_ok()
+            {
+                state.facts = Facts::of(&view, &self.shared.config);
+            }
+        }
+        state
+    }
+}
+
+impl fmt::Debug for AuditHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = lock(&self.shared.state);
+        f.debug_struct("AuditHandle")
+            .field("key", &state.key.as_ref().map(|k| &k.name))
+            .field("flags", &state.flags)
+            .finish_non_exhaustive()
+    }
+}
+
+pin_project! {
+    /// A request body that no layer reads, passed to the inner service frame by frame while
+    /// the audit layer keeps a bounded copy for the record (stopped as soon as a layer reads
+    /// the body itself).
+    pub(crate) struct TeeBody<B> {
+        #[pin]
+        inner: B,
+        handle: AuditHandle,
+    }
+}
+
+impl<B> TeeBody<B> {
+    pub(crate) fn new(inner: B, handle: AuditHandle) -> Self {
+        TeeBody { inner, handle }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for TeeBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &frame {
+            if let Some(data) = frame.data_ref() {
+                this.handle.copy_chunk(data);
+            }
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

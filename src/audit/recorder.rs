@@ -1,0 +1,277 @@
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::{header, Method, StatusCode, Uri};
+
+use super::handle::{reports_usage, truncate, AuditHandle, Facts, REDACTION_MARGIN};
+use super::layer::Config;
+use super::record::{flag, AuditRecord, ContentLog, Outcome, UsageEstimate};
+use super::usage::{ScanMode, UsageScanner};
+use crate::endpoint::Endpoint;
+use crate::error::{LayerName, Rejection};
+use crate::keys::ApiKey;
+
+/// What is known about a request when it arrives.
+#[derive(Debug)]
+pub(crate) struct RequestInfo {
+    pub(crate) request_id: String,
+    pub(crate) timestamp: SystemTime,
+    pub(crate) start: Instant,
+    pub(crate) client_ip: Option<IpAddr>,
+    pub(crate) method: Method,
+    pub(crate) uri: Uri,
+}
+
+/// How the response ended, as the body wrapper saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum End {
+    /// The body ended (or there was none to send).
+    Completed,
+    /// The body or the inner service failed.
+    Failed,
+    /// Dropped before the end.
+    Cancelled,
+}
+
+/// Collects one request's record from arrival to the end of the response body, and emits it
+/// exactly once: on [`finish`](Self::finish), or, if that never came, when dropped.
+pub(crate) struct Recorder {
+    config: Arc<Config>,
+    handle: AuditHandle,
+    pub(crate) info: RequestInfo,
+    status: Option<StatusCode>,
+    rejection: Option<(LayerName, &'static str)>,
+    /// What the layers wrote into the handle, taken when the response arrives.
+    key: Option<Arc<ApiKey>>,
+    flags: Vec<String>,
+    facts: Option<Facts>,
+    scanner: Option<UsageScanner>,
+    ttfb: Option<Duration>,
+    response_bytes: u64,
+    content: Option<Vec<u8>>,
+    content_truncated: bool,
+    done: bool,
+}
+
+impl fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Recorder")
+            .field("request_id", &self.info.request_id)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Recorder {
+    pub(crate) fn new(config: Arc<Config>, handle: AuditHandle, info: RequestInfo) -> Self {
+        Recorder {
+            content: config.log_content.then(Vec::new),
+            config,
+            handle,
+            info,
+            status: None,
+            rejection: None,
+            key: None,
+            flags: Vec::new(),
+            facts: None,
+            scanner: None,
+            ttfb: None,
+            response_bytes: 0,
+            content_truncated: false,
+            done: false,
+        }
+    }
+
+    /// Takes note of the response head. Returns whether the usage-only chunk must be stripped
+    /// from the body.
+    pub(crate) fn on_response(&mut self, parts: &mut http::response::Parts) -> bool {
+        self.status = Some(parts.status);
+        self.rejection = parts
+            .extensions
+            .get::<Rejection>()
+            .map(|r| (r.layer, r.code));
+        self.take_handle();
+        if self.rejection.is_some() {
+            return false;
+        }
+        let mode = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(ScanMode::from_content_type);
+        self.scanner = mode.map(UsageScanner::new);
+        mode == Some(ScanMode::Sse)
+            && parts.status.is_success()
+            && self.facts.as_ref().is_some_and(|f| f.usage_injected)
+    }
+
+    /// Takes what the layers wrote into the handle (once).
+    fn take_handle(&mut self) {
+        if self.facts.is_none() {
+            let state = self.handle.take();
+            self.key = state.key;
+            self.flags = state.flags;
+            self.facts = Some(state.facts);
+        }
+    }
+
+    /// Whether the request was rejected by a policy layer.
+    pub(crate) fn is_rejection(&self) -> bool {
+        self.rejection.is_some()
+    }
+
+    /// A chunk of the body as it came from the upstream.
+    pub(crate) fn on_upstream(&mut self, chunk: &[u8]) {
+        if self.ttfb.is_none() && !chunk.is_empty() {
+            self.ttfb = Some(self.info.start.elapsed());
+        }
+        if let Some(scanner) = &mut self.scanner {
+            scanner.feed(chunk);
+        }
+    }
+
+    /// A chunk of the body as it goes to the client.
+    pub(crate) fn on_forwarded(&mut self, chunk: &[u8]) {
+        self.response_bytes += chunk.len() as u64;
+        if let Some(content) = &mut self.content {
+            let limit = self.config.max_content_bytes + REDACTION_MARGIN;
+            let room = limit.saturating_sub(content.len());
+            if chunk.len() > room {
+                self.content_truncated = true;
+            }
+            content.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+    }
+
+    /// Counts a body the layer made (a rejection) that is sent whole.
+    pub(crate) fn set_response_bytes(&mut self, bytes: u64) {
+        self.response_bytes = bytes;
+    }
+
+    /// Bytes held for this record now (the scanner's usage buffer, logged content).
+    pub(crate) fn buffered(&self) -> usize {
+        self.scanner
+            .as_ref()
+            .map_or(0, UsageScanner::buffered_high_water)
+            + self.content.as_ref().map_or(0, Vec::capacity)
+    }
+
+    /// Builds and emits the record (once).
+    pub(crate) fn finish(&mut self, end: End) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let record = self.build(end);
+        self.config.sink.record(&record);
+    }
+
+    fn build(&mut self, end: End) -> AuditRecord {
+        let elapsed_ms = |d: Duration| d.as_micros() as f64 / 1000.0;
+        self.take_handle();
+        let facts = self.facts.take().unwrap_or_default();
+        let endpoint = facts.endpoint.unwrap_or(Endpoint::Other);
+        let model = facts.model;
+        let canonical_model = facts.canonical_model;
+
+        let usage = self.scanner.as_mut().and_then(|scanner| {
+            if end == End::Completed {
+                scanner.finish();
+            }
+            scanner.take_usage()
+        });
+
+        let outcome = match (self.rejection, end) {
+            (Some(_), _) => Outcome::Rejected,
+            (None, End::Cancelled) => Outcome::Cancelled,
+            (None, End::Failed) => Outcome::UpstreamError,
+            (None, End::Completed) if self.status.is_some_and(|s| s.is_success()) => {
+                Outcome::Completed
+            }
+            (None, End::Completed) => Outcome::UpstreamError,
+        };
+
+        let mut flags = Vec::new();
+        if self.rejection.is_some() {
+            flags.push(flag::BLOCKED.to_owned());
+        }
+        for flag in self.flags.drain(..) {
+            if !flags.contains(&flag) {
+                flags.push(flag);
+            }
+        }
+
+        let usage_expected = self.rejection.is_none()
+            && self.info.method == Method::POST
+            && reports_usage(endpoint)
+            && (outcome == Outcome::Completed || outcome == Outcome::Cancelled);
+        let mut usage_estimate = None;
+        if usage.is_none() && usage_expected {
+            flags.push(flag::USAGE_MISSING.to_owned());
+            usage_estimate = facts.prompt_estimate.map(|prompt_tokens| UsageEstimate {
+                prompt_tokens,
+                method: "chars_div_4".to_owned(),
+            });
+        }
+        let cost_usd = usage.as_ref().and_then(|usage| {
+            let cost = canonical_model
+                .as_deref()
+                .and_then(|model| self.config.pricing.cost(model, usage));
+            if cost.is_none() {
+                flags.push(flag::UNKNOWN_PRICE.to_owned());
+            }
+            cost
+        });
+
+        let content = self.content.take().map(|bytes| {
+            let mut text = (self.config.redact)(&String::from_utf8_lossy(&bytes));
+            let cut = truncate(&mut text, self.config.max_content_bytes);
+            ContentLog {
+                prompt: facts.prompt,
+                response: (!text.is_empty()).then_some(text),
+                truncated: facts.prompt_truncated || self.content_truncated || cut,
+            }
+        });
+
+        let key = self.key.as_deref();
+        AuditRecord {
+            request_id: std::mem::take(&mut self.info.request_id),
+            timestamp: self.info.timestamp,
+            key: key.map(|k| k.name.clone()),
+            key_metadata: key.map(|k| k.metadata.clone()).unwrap_or_default(),
+            user: facts.user,
+            client_ip: self.info.client_ip,
+            method: self.info.method.as_str().to_owned(),
+            path: self.info.uri.path().to_owned(),
+            endpoint: endpoint.as_str().to_owned(),
+            model,
+            canonical_model,
+            stream: facts.stream,
+            usage_injected: facts.usage_injected,
+            status: self.status.map(|s| s.as_u16()),
+            outcome,
+            blocked_by: self.rejection.map(|(layer, _)| layer.as_str().to_owned()),
+            code: self.rejection.map(|(_, code)| code.to_owned()),
+            flags,
+            prompt_tokens: usage.as_ref().map(|u| u.prompt_tokens),
+            completion_tokens: usage.as_ref().map(|u| u.completion_tokens),
+            total_tokens: usage.as_ref().map(|u| u.total_tokens),
+            cached_tokens: usage.as_ref().and_then(|u| u.cached_tokens),
+            reasoning_tokens: usage.as_ref().and_then(|u| u.reasoning_tokens),
+            usage_estimate,
+            cost_usd,
+            latency_ms: elapsed_ms(self.info.start.elapsed()),
+            ttft_ms: self.ttfb.map(elapsed_ms),
+            response_bytes: self.response_bytes,
+            content,
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        // Dropped without an end: the client went away (before the response or mid-body).
+        self.finish(End::Cancelled);
+    }
+}
