@@ -11,7 +11,7 @@
 //!
 //! Nothing of the body is read before the key is admitted. Behind an
 //! [`AuditLayer`](crate::AuditLayer), the found key (admitted or refused) is written into the
-//! request's [`AuditHandle`](crate::AuditHandle), and an admitted request whose body the audit
+//! request's [`AuditHandle`], and an admitted request whose body the audit
 //! record needs (its model, its prompt) has it read here, once, for every later layer.
 //!
 //! ```
@@ -209,7 +209,10 @@ fn client_ip<B>(req: &Request<B>) -> Option<IpAddr> {
 
 /// Applies a found key to the request, or says why it is refused. A found key is written into
 /// the audit handle either way.
-fn admit<B>(req: &mut Request<B>, found: Result<Option<Arc<ApiKey>>, StoreError>) -> Result<(), PolicyError> {
+fn admit<B>(
+    req: &mut Request<B>,
+    found: Result<Option<Arc<ApiKey>>, StoreError>,
+) -> Result<(), PolicyError> {
     let key = found
         .map_err(|_| PolicyError::PolicyUnavailable)?
         .ok_or(PolicyError::InvalidKey)?;

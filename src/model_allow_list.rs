@@ -3,7 +3,7 @@
 //! A request's model — from the body, a multipart field, the path (`GET /v1/models/{model}`),
 //! the `model` query parameter of `/v1/realtime`, an Azure deployment name, or the endpoint's
 //! documented default when omitted — is resolved once, through the [`Policy`]'s
-//! [`ModelNames`] (see [`crate::model`]), and checked:
+//! [`ModelNames`](crate::ModelNames) (see [`crate::model`]), and checked:
 //!
 //! 1. against the workspace entitlement the layer is built with, if any;
 //! 2. then, when the key (from [`KeyAuth`](crate::key_auth::KeyAuth)) has
@@ -187,7 +187,12 @@ impl AllowCheck {
     }
 
     /// Whether the model `name` (resolved from `sent`) is allowed for `key`.
-    fn allows(&self, key: Option<&ApiKey>, name: &ModelName, sent: &str) -> Result<(), PolicyError> {
+    fn allows(
+        &self,
+        key: Option<&ApiKey>,
+        name: &ModelName,
+        sent: &str,
+    ) -> Result<(), PolicyError> {
         let key = key.filter(|k| k.model_limits_enabled);
         if key.is_some_and(|k| k.model_limits.is_empty()) {
             return Err(PolicyError::NoModelsAllowed);
@@ -201,9 +206,7 @@ impl AllowCheck {
         if workspace_ok && key_ok {
             Ok(())
         } else {
-            Err(PolicyError::ModelNotAllowed {
-                model: quote(sent),
-            })
+            Err(PolicyError::ModelNotAllowed { model: quote(sent) })
         }
     }
 }

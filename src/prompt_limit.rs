@@ -574,7 +574,11 @@ impl LimitCheck {
 
     /// Checks `view` against the limits; returns the output limit to clamp to, if the body
     /// must be rewritten.
-    fn decide_limits(&self, key: Option<&ApiKey>, view: &LlmRequest) -> Result<Option<u64>, PolicyError> {
+    fn decide_limits(
+        &self,
+        key: Option<&ApiKey>,
+        view: &LlmRequest,
+    ) -> Result<Option<u64>, PolicyError> {
         let global = &self.config.limits;
         let own = key.map(PromptLimits::of_key).unwrap_or_default();
         let endpoint = view.endpoint();

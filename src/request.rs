@@ -277,7 +277,10 @@ impl LlmRequest {
                 self.model_from_default = true;
             }
         }
-        self.name = self.model.as_deref().map(|m| self.policy.names().resolve(m));
+        self.name = self
+            .model
+            .as_deref()
+            .map(|m| self.policy.names().resolve(m));
     }
 
     /// Parses a request's body, as the layers do with the default [`Policy`]. `parts` gives
@@ -298,7 +301,11 @@ impl LlmRequest {
     }
 
     /// Fills the view from the body (once).
-    pub(crate) fn read_body(&mut self, headers: &HeaderMap, body: Bytes) -> Result<(), PolicyError> {
+    pub(crate) fn read_body(
+        &mut self,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<(), PolicyError> {
         self.parsed_body = true;
         self.model = None;
         if !body.iter().all(u8::is_ascii_whitespace) {

@@ -16,14 +16,14 @@ use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+use tower_llm_policy::audit::pricing::{ModelPrice, PricingTable};
 use tower_llm_policy::audit::{
-    flag, AuditFlags, AuditLayer, AuditRecord, FanOut, FnSink, JsonlSink, LogSink, MemorySink,
+    flag, AuditHandle, AuditLayer, AuditRecord, FanOut, FnSink, JsonlSink, LogSink, MemorySink,
     Outcome, RequestId,
 };
 use tower_llm_policy::key_auth::{ClientIp, KeyAuthLayer};
 use tower_llm_policy::keys::{ApiKey, MemoryKeyStore};
 use tower_llm_policy::model_allow_list::ModelAllowListLayer;
-use tower_llm_policy::pricing::{ModelPrice, PricingTable};
 use tower_llm_policy::PolicyBody;
 
 // ---- fixtures -------------------------------------------------------------------------------
@@ -446,8 +446,9 @@ async fn unknown_key_is_recorded_as_rejected_by_key_auth() {
     assert_eq!(r.flags, [flag::BLOCKED]);
     assert_eq!(r.status, Some(401));
     assert_eq!(r.key, None);
-    // The body was parsed before KeyAuth ran: the model is known.
-    assert_eq!(r.model.as_deref(), Some("gpt-4o-mini"));
+    // Nothing of the body is read before the key is admitted: the model is not known.
+    assert_eq!(r.model, None);
+    assert_eq!(r.endpoint, "chat_completions");
     assert_eq!(r.cost_usd, None);
     assert!(seen.0.lock().unwrap().is_empty());
     // The body is still the OpenAI error, and nothing more is recorded.
@@ -497,16 +498,15 @@ async fn flags_from_audit_only_layers_are_recorded() {
     let svc = ServiceBuilder::new()
         .layer(AuditLayer::new(sink.clone()))
         .service(service_fn(|req: Request<PolicyBody>| async move {
-            // A word list in audit mode: it lets the request through and flags it.
-            req.extensions()
-                .get::<AuditFlags>()
-                .unwrap()
-                .add("word_list:secret_project");
-            let mut res = json(CHAT_JSON);
-            let extra = AuditFlags::new();
-            extra.add("guard:dry_run");
-            res.extensions_mut().insert(extra);
-            Ok::<_, Infallible>(res)
+            // A word list in audit mode: it lets the request through and flags it; so does a
+            // guard in dry-run mode (a repeated flag is kept once).
+            let audit = req.extensions().get::<AuditHandle>().unwrap();
+            audit.flag("word_list:secret_project");
+            audit.flag("guard:dry_run");
+            audit.flag("word_list:secret_project");
+            // An inner service that reads the body: the record keeps a copy of it on the way.
+            req.into_body().collect().await.unwrap();
+            Ok::<_, Infallible>(json(CHAT_JSON))
         }));
     let res = svc
         .oneshot(request("/v1/chat/completions", chat_body(false, "")))
@@ -516,6 +516,8 @@ async fn flags_from_audit_only_layers_are_recorded() {
     let r = sink.last().unwrap();
     assert_eq!(r.outcome, Outcome::Completed);
     assert_eq!(r.flags, ["word_list:secret_project", "guard:dry_run"]);
+    assert_eq!(r.model.as_deref(), Some("gpt-4o-mini"));
+    assert_eq!(r.user.as_deref(), Some("alice"));
 }
 
 // ---- cancellation and errors ----------------------------------------------------------------
@@ -556,7 +558,7 @@ async fn client_dropping_the_body_mid_stream_is_recorded_once_as_cancelled() {
 async fn client_leaving_before_the_response_is_recorded_as_cancelled() {
     let sink = MemorySink::new();
     let mut svc = ServiceBuilder::new()
-        .layer(AuditLayer::new(sink.clone()))
+        .layer(AuditLayer::new(sink.clone()).read_body(true))
         .service(service_fn(|_req: Request<PolicyBody>| async {
             std::future::pending::<Result<Response<String>, Infallible>>().await
         }));
@@ -718,7 +720,7 @@ async fn huge_stream_keeps_memory_bounded() {
         chunk: Bytes::from(chunk.clone()),
     })));
     let svc = ServiceBuilder::new()
-        .layer(AuditLayer::new(sink.clone()))
+        .layer(AuditLayer::new(sink.clone()).read_body(true))
         .service(service_fn(move |_req: Request<PolicyBody>| {
             let body = upstream.lock().unwrap().take().unwrap();
             async move {
@@ -780,7 +782,7 @@ async fn cost_counts_cached_tokens_at_their_price_and_reasoning_tokens_once() {
 async fn unknown_model_has_no_cost_and_a_flag() {
     let sink = MemorySink::new();
     let svc = ServiceBuilder::new()
-        .layer(AuditLayer::new(sink.clone()))
+        .layer(AuditLayer::new(sink.clone()).read_body(true))
         .service(service_fn(|_req: Request<PolicyBody>| async {
             Ok::<_, Infallible>(json(CHAT_JSON))
         }));

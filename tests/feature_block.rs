@@ -9,7 +9,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_llm_policy::endpoint::{Endpoint, Route};
-use tower_llm_policy::error::Layer;
+use tower_llm_policy::error::LayerName as Layer;
 use tower_llm_policy::feature_block::FeatureBlockLayer;
 use tower_llm_policy::key_auth::KeyAuthLayer;
 use tower_llm_policy::keys::{ApiKey, MemoryKeyStore};
@@ -371,7 +371,7 @@ async fn azure_deployment_maps_to_a_model_through_an_alias() {
     let names = ModelNames::new().alias("my-gpt4-deployment", "gpt-4o");
     let (svc, log) = stack(
         FeatureBlockLayer::new()
-            .model_names(names)
+            .policy(tower_llm_policy::Policy::new().model_names(names))
             .block_models(["gpt-4o"]),
     );
     let path = "/openai/deployments/my-gpt4-deployment/chat/completions?api-version=2024-10-21";

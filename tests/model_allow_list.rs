@@ -178,7 +178,10 @@ async fn aliases_resolve_before_the_check_and_cannot_escape_the_list() {
         .strip_suffix("-thinking")
         .strip_suffix("-latest")
         .alias("best", "o3");
-    let layer = || ModelAllowListLayer::new().model_names(names.clone());
+    let layer = || {
+        ModelAllowListLayer::new()
+            .policy(tower_llm_policy::Policy::new().model_names(names.clone()))
+    };
     let go = |key: Option<ApiKey>, model: &str| {
         send(layer(), key, post("/v1/chat/completions", chat(model)))
     };
@@ -245,7 +248,10 @@ async fn prefixed_and_azure_paths_are_checked() {
 
     // Azure routes by deployment, whatever the body says; an alias maps it to a model.
     let names = ModelNames::new().alias("prod-gpt4", "gpt-4");
-    let layer = || ModelAllowListLayer::new().model_names(names.clone());
+    let layer = || {
+        ModelAllowListLayer::new()
+            .policy(tower_llm_policy::Policy::new().model_names(names.clone()))
+    };
     let path = "/openai/deployments/prod-gpt4/chat/completions?api-version=2024-10-21";
     let (a, inner) = send(layer(), limited(&["gpt-4o"]), post(path, chat("gpt-4o"))).await;
     assert_eq!(

@@ -1,6 +1,6 @@
 //! Prices, snapshot look-ups, overrides and the cost arithmetic.
 
-use tower_llm_policy::pricing::{ModelPrice, PricingTable, Usage};
+use tower_llm_policy::audit::pricing::{ModelPrice, PricingTable, Usage};
 
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() < 1e-12

@@ -10,11 +10,10 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
-use tower_llm_policy::error::Layer;
+use tower_llm_policy::error::LayerName as Layer;
 use tower_llm_policy::prompt_limit::{
     prompt_chars, prompt_tokens_up_to, MediaTokens, OutputLimitMode, PromptLimitLayer, PromptLimits,
 };
-use tower_llm_policy::request::OutputField;
 use tower_llm_policy::tokens::{Count, TokenCounter};
 use tower_llm_policy::{ApiKey, LlmRequest, ModelNames, PolicyBody, Rejection};
 
@@ -727,7 +726,10 @@ async fn azure_deployment_alias_chooses_the_encoding() {
     let o200k = TokenCounter::for_model("gpt-4o").count(text) as u64;
     let cl100k = TokenCounter::for_model("gpt-4").count(text) as u64;
     let aliased = PromptLimitLayer::new()
-        .model_names(ModelNames::new().alias("my-deployment", "gpt-4o"))
+        .policy(
+            tower_llm_policy::Policy::new()
+                .model_names(ModelNames::new().alias("my-deployment", "gpt-4o")),
+        )
         .max_prompt_tokens(o200k);
     let (svc, _) = stack(aliased);
     let (status, json, _) = send(&svc, post(path, &body)).await;
@@ -1000,14 +1002,6 @@ mod estimated {
             Count::Within { tokens: 11 }
         );
     }
-}
-
-#[test]
-fn output_fields_are_public_for_view_updates() {
-    // The clamp updates the view with `set_max_output`; hosts can do the same.
-    let mut view = view("/v1/chat/completions", &json!({"max_tokens": 5}));
-    view.set_max_output(OutputField::MaxTokens, Some(3));
-    assert_eq!(view.max_output(), Some(3));
 }
 
 // ---------------------------------------------------------------------------------------------

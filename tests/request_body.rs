@@ -43,10 +43,12 @@ async fn view_of(body: &str) -> LlmRequest {
 
 #[tokio::test]
 async fn declared_length_over_the_limit_is_413_before_reading() {
-    let layer = ModelAllowListLayer::new().body_options(BodyOptions {
-        limit: 1024,
-        ..BodyOptions::default()
-    });
+    let layer = ModelAllowListLayer::new().policy(tower_llm_policy::Policy::new().body_options(
+        BodyOptions {
+            limit: 1024,
+            ..BodyOptions::default()
+        },
+    ));
     let mut req = post("/v1/chat/completions", chat("gpt-4o"));
     req.headers_mut()
         .insert("content-length", "999999".parse().unwrap());
@@ -59,10 +61,12 @@ async fn declared_length_over_the_limit_is_413_before_reading() {
 #[tokio::test]
 async fn a_body_longer_than_declared_or_without_length_stops_at_the_limit() {
     let layer = || {
-        ModelAllowListLayer::new().body_options(BodyOptions {
-            limit: 1024,
-            ..BodyOptions::default()
-        })
+        ModelAllowListLayer::new().policy(tower_llm_policy::Policy::new().body_options(
+            BodyOptions {
+                limit: 1024,
+                ..BodyOptions::default()
+            },
+        ))
     };
     let big = chat(&"gpt-4o".repeat(400));
     // No Content-Length: the limit still holds while reading.

@@ -2,8 +2,8 @@
 //! body wrapper feeds them: chunk by chunk, split anywhere.
 
 use bytes::Bytes;
-use tower_llm_policy::pricing::Usage;
-use tower_llm_policy::usage::{ScanMode, UsageChunkStripper, UsageScanner};
+use tower_llm_policy::audit::pricing::Usage;
+use tower_llm_policy::audit::usage::{ScanMode, UsageChunkStripper, UsageScanner};
 
 // ---- fixtures -------------------------------------------------------------------------------
 

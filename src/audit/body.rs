@@ -7,8 +7,8 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use super::recorder::{End, Recorder};
-use crate::body::ResponseBody;
 use crate::audit::usage::UsageChunkStripper;
+use crate::body::ResponseBody;
 
 pin_project! {
     /// Response body of [`Audit`](super::Audit): the inner body, passed through frame by frame

@@ -95,18 +95,20 @@ where
     }
 }
 
-
 /// The audit layer's part in the shared machinery: it never rejects, and reads the body only
-/// when the key is known already (authenticated before this layer).
+/// when the key is known already (authenticated before this layer) or it is told to.
 #[derive(Clone, Debug)]
 pub(crate) struct AuditCheck {
     policy: Policy,
-    key_known: bool,
+    reads_itself: bool,
 }
 
 impl AuditCheck {
-    pub(crate) fn new(policy: Policy, key_known: bool) -> Self {
-        AuditCheck { policy, key_known }
+    pub(crate) fn new(policy: Policy, reads_itself: bool) -> Self {
+        AuditCheck {
+            policy,
+            reads_itself,
+        }
     }
 }
 
@@ -120,7 +122,7 @@ impl Check for AuditCheck {
     }
 
     fn on_head(&self, _: &LlmRequest, _: Option<&ApiKey>) -> Result<bool, PolicyError> {
-        Ok(self.key_known)
+        Ok(self.reads_itself)
     }
 
     fn decide(&self, _: &mut LlmRequest, _: Option<&ApiKey>) -> Result<(), PolicyError> {

@@ -18,6 +18,7 @@ pub(crate) struct Config {
     pub(crate) sink: Arc<dyn LogSink>,
     pub(crate) pricing: Arc<PricingTable>,
     pub(crate) inject_usage: bool,
+    pub(crate) read_body: bool,
     pub(crate) log_content: bool,
     pub(crate) redact: Redact,
     pub(crate) max_content_bytes: usize,
@@ -40,6 +41,7 @@ impl AuditLayer {
                 sink: Arc::new(sink),
                 pricing: Arc::new(PricingTable::builtin()),
                 inject_usage: true,
+                read_body: false,
                 log_content: false,
                 redact: Arc::new(redact_api_keys),
                 max_content_bytes: DEFAULT_MAX_CONTENT_BYTES,
@@ -68,6 +70,24 @@ impl AuditLayer {
     #[must_use]
     pub fn inject_usage(mut self, inject: bool) -> Self {
         self.config_mut().inject_usage = inject;
+        self
+    }
+
+    /// Whether this layer reads the request body itself, before the layers inside it (default:
+    /// no).
+    ///
+    /// By default the body is never read before the key is checked: behind this layer,
+    /// [`KeyAuth`](crate::KeyAuth) (or, without it, the first policy layer of this crate) reads
+    /// it once the request is admitted and writes the model, the prompt and the end user into
+    /// the request's [`AuditHandle`](super::AuditHandle); a key already known when the request
+    /// reaches this layer (authenticated before it) lets it read the body itself. With no
+    /// policy layer of this crate inside and no key check, turn this on: the layer then reads
+    /// the body, records it and turns `include_usage` on for streams. Left off in such a
+    /// stack, the record takes a bounded copy of the body as the inner service reads it (so
+    /// the model and the prompt are still recorded) but cannot ask for usage.
+    #[must_use]
+    pub fn read_body(mut self, read: bool) -> Self {
+        self.config_mut().read_body = read;
         self
     }
 
@@ -122,6 +142,7 @@ impl fmt::Debug for AuditLayer {
         f.debug_struct("AuditLayer")
             .field("prices", &c.pricing.len())
             .field("inject_usage", &c.inject_usage)
+            .field("read_body", &c.read_body)
             .field("log_content", &c.log_content)
             .field("max_content_bytes", &c.max_content_bytes)
             .field("policy", &c.policy)

@@ -5,20 +5,27 @@
 //! rejects:
 //!
 //! ```text
-//! client ──► Audit ──► KeyAuth ──► ModelAllowList ──► ... ──► upstream
+//! client ──► Audit ──► BodyLimit ──► KeyAuth ──► FeatureBlock ──► ModelAllowList ──► PromptLimit ──► upstream
 //! ```
+//!
+//! The layer puts an [`AuditHandle`] into each request's extensions; the layers after it
+//! write into it what the record needs, as they learn it: the key ([`KeyAuth`](crate::KeyAuth)),
+//! the resolved request (the layer that reads the body: the model after aliases, the end user,
+//! the prompt), and flags. Nothing of the body is read before the key is checked; see
+//! [`AuditLayer::read_body`] for a stack with no key check.
 //!
 //! # What is recorded
 //!
 //! - **Who and what**: the request id (`x-request-id`, honoured when plausible, otherwise
 //!   generated, and sent back on the response), the key's name and metadata labels (never
-//!   the key: [`KeyAuth`](crate::KeyAuth) leaves the found `Arc<ApiKey>` in the response's
-//!   extensions, since it runs after this layer), the end user, the client address, the
-//!   endpoint, the model as sent and its canonical name, whether the response is streamed.
+//!   the key: [`KeyAuth`](crate::KeyAuth) writes the found key into the handle), the end user, the client address, the
+//!   endpoint, the model as sent and its canonical name after the [`Policy`](crate::Policy)'s
+//!   aliases (the name every check used, and the one priced), whether the response is
+//!   streamed.
 //! - **What happened**: the status, the [`Outcome`], and for a rejection the layer and the
 //!   code (read from the [`Rejection`](crate::Rejection) the rejecting layer leaves in the
 //!   response's extensions; a body that cannot be parsed is `blocked_by: "request_body"`).
-//!   Flags from layers that only audit ([`AuditFlags`]) and from this layer ([`flag`]).
+//!   Flags from layers that only audit ([`AuditHandle::flag`]) and from this layer ([`flag`]).
 //! - **Usage and cost**: the response body is wrapped ([`AuditBody`]), never buffered: every
 //!   frame is passed on as it comes and scanned on the way ([`UsageScanner`]): a JSON
 //!   body's `usage`, a chat/completions stream's usage chunk, a Responses stream's
@@ -56,7 +63,8 @@
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! let sink = MemorySink::new();
 //! let svc = ServiceBuilder::new()
-//!     .layer(AuditLayer::new(sink.clone()))
+//!     // No key check and no policy layer inside: the audit layer reads the body itself.
+//!     .layer(AuditLayer::new(sink.clone()).read_body(true))
 //!     .service(service_fn(|_req: Request<PolicyBody>| async {
 //!         let body = r#"{"choices":[],"usage":{"prompt_tokens":1000,"completion_tokens":100,"total_tokens":1100}}"#;
 //!         Ok::<_, std::convert::Infallible>(

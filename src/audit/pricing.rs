@@ -11,7 +11,7 @@
 //! serde format as a map of model name to price, so it can live in a TOML or JSON config file:
 //!
 //! ```
-//! use tower_llm_policy::pricing::{PricingTable, Usage};
+//! use tower_llm_policy::audit::pricing::{PricingTable, Usage};
 //!
 //! // e.g. the `[pricing]` table of the host's TOML config, here as JSON.
 //! let overrides: PricingTable = serde_json::from_str(

@@ -54,12 +54,12 @@ pub struct AuditRecord {
     pub status: Option<u16>,
     /// How the request ended.
     pub outcome: Outcome,
-    /// The layer that rejected the request ([`Layer::as_str`](crate::error::Layer::as_str)),
+    /// The layer that rejected the request ([`LayerName::as_str`](crate::LayerName::as_str)),
     /// `null` when it was allowed.
     pub blocked_by: Option<String>,
     /// The rejection's OpenAI error code, `null` when the request was allowed.
     pub code: Option<String>,
-    /// Flags: from layers that only audit ([`AuditFlags`]) and from the audit layer itself
+    /// Flags: from layers that only audit ([`AuditHandle::flag`](crate::AuditHandle::flag)) and from the audit layer itself
     /// (see [`flag`]).
     #[serde(default)]
     pub flags: Vec<String>,

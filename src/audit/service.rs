@@ -114,7 +114,8 @@ where
         // With the key not known yet, the body is not read here: the layer that admits the
         // request reads it for the record. Should no layer of this crate read it, the record
         // takes a bounded copy of it on its way to the inner service.
-        let copy = view.body_pending() && key.is_none() && !view.is_multipart();
+        let reads_itself = key.is_some() || self.config.read_body;
+        let copy = view.body_pending() && !reads_itself && !view.is_multipart();
         if copy {
             handle.start_copy(view.clone(), view.policy().body().limit);
         }
@@ -134,12 +135,11 @@ where
             uri,
         };
         let recorder = Recorder::new(self.config.clone(), handle, info);
-        let check = AuditCheck::new(self.config.policy.clone(), key.is_some());
+        let check = AuditCheck::new(self.config.policy.clone(), reads_itself);
         let req = Request::from_parts(parts, body);
         ResponseFuture::new(CheckFuture::new(check, &mut self.inner, req), recorder)
     }
 }
-
 
 impl<S> tower_layer::Layer<S> for AuditLayer {
     type Service = Audit<S>;

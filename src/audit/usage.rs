@@ -17,7 +17,7 @@
 //!
 //! ```
 //! use bytes::Bytes;
-//! use tower_llm_policy::usage::{ScanMode, UsageChunkStripper, UsageScanner};
+//! use tower_llm_policy::audit::usage::{ScanMode, UsageChunkStripper, UsageScanner};
 //!
 //! let upstream = [
 //!     "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
