@@ -84,6 +84,12 @@ impl From<Bytes> for PolicyBody {
     }
 }
 
+impl From<&'static str> for PolicyBody {
+    fn from(text: &'static str) -> Self {
+        Self::full(Bytes::from_static(text.as_bytes()))
+    }
+}
+
 impl From<String> for PolicyBody {
     fn from(text: String) -> Self {
         Self::full(Bytes::from(text))

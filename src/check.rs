@@ -43,8 +43,9 @@ pub(crate) trait Check: Clone + Send + 'static {
     /// May queue body edits on the view.
     fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError>;
 
-    /// Whether this layer reads a pending body for the audit record when no decision needs it
-    /// (every policy layer does, once the key is known; the audit layer itself does not).
+    /// Whether this layer reads a pending body for the audit record when no decision needs it,
+    /// once its own head checks passed (the body-reading policy layers do; the audit layer and
+    /// KeyAuth do not).
     fn reads_for_audit(&self) -> bool {
         true
     }

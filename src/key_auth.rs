@@ -9,10 +9,8 @@
 //!
 //! A store that cannot answer fails closed with 503 `policy_unavailable`.
 //!
-//! Nothing of the body is read before the key is admitted. Behind an
-//! [`AuditLayer`](crate::AuditLayer), the found key (admitted or refused) is written into the
-//! request's [`AuditHandle`], and an admitted request whose body the audit
-//! record needs (its model, its prompt) has it read here, once, for every later layer.
+//! Nothing of the body is read here. Behind an [`AuditLayer`](crate::AuditLayer), the found key
+//! (admitted or refused) is written into the request's [`AuditHandle`] for the record.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -229,7 +227,8 @@ fn admit<B>(
     Ok(())
 }
 
-/// The admitted request goes on; its body is read here when the audit record needs it.
+/// The admitted request goes on. Its body is not read here even for the audit record: a later
+/// layer may refuse the request on its path alone, before any of it is read.
 #[derive(Clone, Debug)]
 struct Admitted {
     policy: Policy,
@@ -250,6 +249,10 @@ impl Check for Admitted {
 
     fn decide(&self, _: &mut LlmRequest, _: Option<&ApiKey>) -> Result<(), PolicyError> {
         Ok(())
+    }
+
+    fn reads_for_audit(&self) -> bool {
+        false
     }
 }
 

@@ -37,6 +37,8 @@ async fn call(key: &str) -> (StatusCode, Option<Rejection>, AuditRecord) {
         .service(service_fn(|req: Request<PolicyBody>| async move {
             // The key is in the request's extensions for the inner service, not in the response.
             assert!(req.extensions().get::<Arc<ApiKey>>().is_some());
+            // Read as a forwarding client does: the record keeps a copy on the way.
+            req.into_body().collect().await.unwrap();
             Ok::<_, Infallible>(Response::new(String::new()))
         }));
     let req = Request::post("/v1/chat/completions")

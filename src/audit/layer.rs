@@ -76,15 +76,16 @@ impl AuditLayer {
     /// Whether this layer reads the request body itself, before the layers inside it (default:
     /// no).
     ///
-    /// By default the body is never read before the key is checked: behind this layer,
-    /// [`KeyAuth`](crate::KeyAuth) (or, without it, the first policy layer of this crate) reads
-    /// it once the request is admitted and writes the model, the prompt and the end user into
-    /// the request's [`AuditHandle`](super::AuditHandle); a key already known when the request
-    /// reaches this layer (authenticated before it) lets it read the body itself. With no
-    /// policy layer of this crate inside and no key check, turn this on: the layer then reads
-    /// the body, records it and turns `include_usage` on for streams. Left off in such a
-    /// stack, the record takes a bounded copy of the body as the inner service reads it (so
-    /// the model and the prompt are still recorded) but cannot ask for usage.
+    /// By default the body is never read before the key is checked: behind this layer, the
+    /// first of [`FeatureBlock`](crate::FeatureBlock), [`ModelAllowList`](crate::ModelAllowList)
+    /// and [`PromptLimit`](crate::PromptLimit) whose path checks pass reads it (after
+    /// [`KeyAuth`](crate::KeyAuth) in the recommended order) and writes the model, the prompt
+    /// and the end user into the request's [`AuditHandle`](super::AuditHandle); a key already
+    /// known when the request reaches this layer (authenticated before it) lets it read the
+    /// body itself. With none of those layers inside and no key check, turn this on: the layer
+    /// then reads the body, records it and turns `include_usage` on for streams. Left off in
+    /// such a stack, the record takes a bounded copy of the body as the inner service reads it
+    /// (so the model and the prompt are still recorded) but cannot ask for usage.
     #[must_use]
     pub fn read_body(mut self, read: bool) -> Self {
         self.config_mut().read_body = read;
