@@ -27,6 +27,70 @@ use crate::keys::ApiKey;
 use crate::policy::Policy;
 use crate::request::LlmRequest;
 
+/// The `Service` impl and the response future of a layer whose whole work is a [`Check`]
+/// (`$svc { inner, check }`): one `CheckFuture` in a public newtype, as tower-http does.
+macro_rules! check_service {
+    ($svc:ident, $check:ty) => {
+        impl<S, B, ResBody> Service<Request<B>> for $svc<S>
+        where
+            S: Service<Request<PolicyBody>, Response = Response<ResBody>> + Clone,
+            B: Body<Data = Bytes> + Send + 'static,
+            B::Error: Into<BoxError>,
+        {
+            type Response = Response<ResponseBody<ResBody>>;
+            type Error = S::Error;
+            type Future = ResponseFuture<S, B>;
+
+            fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+                self.inner.poll_ready(cx)
+            }
+
+            fn call(&mut self, req: Request<B>) -> Self::Future {
+                ResponseFuture {
+                    inner: CheckFuture::new(self.check.clone(), &mut self.inner, req),
+                }
+            }
+        }
+
+        pin_project! {
+            #[doc = concat!("Response future of [`", stringify!($svc), "`].")]
+            pub struct ResponseFuture<S, B>
+            where
+                S: Service<Request<PolicyBody>>,
+                B: Body,
+                B::Error: Into<BoxError>,
+            {
+                #[pin]
+                inner: CheckFuture<S, B, $check>,
+            }
+        }
+
+        impl<S, B> std::fmt::Debug for ResponseFuture<S, B>
+        where
+            S: Service<Request<PolicyBody>>,
+            B: Body,
+            B::Error: Into<BoxError>,
+        {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct("ResponseFuture").finish_non_exhaustive()
+            }
+        }
+
+        impl<S, B, ResBody> Future for ResponseFuture<S, B>
+        where
+            S: Service<Request<PolicyBody>, Response = Response<ResBody>>,
+            B: Body<Data = Bytes>,
+            B::Error: Into<BoxError>,
+        {
+            type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+
+            fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+                self.project().inner.poll(cx)
+            }
+        }
+    };
+}
+
 /// One layer's decision on a request.
 pub(crate) trait Check: Clone + Send + 'static {
     /// The layer named in rejections.

@@ -3,8 +3,9 @@
 
 pub mod audit;
 pub mod body;
-pub mod body_limit;
+#[macro_use]
 mod check;
+pub mod body_limit;
 pub mod endpoint;
 pub mod error;
 pub mod feature_block;
