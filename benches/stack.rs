@@ -161,9 +161,10 @@ fn stack_all(bencher: divan::Bencher<'_, '_>) {
     });
     let mut svc = ServiceBuilder::new()
         .layer(AuditLayer::new(sink))
+        .layer(tower_llm_policy::BodyLimitLayer::new())
         .layer(KeyAuthLayer::new(store))
-        .layer(ModelAllowListLayer::new().workspace_models(["gpt-4o*", "o3-mini"]))
         .layer(FeatureBlockLayer::new().block_models(["dall-e-3", "gpt-4.5*"]))
+        .layer(ModelAllowListLayer::new().workspace_models(["gpt-4o*", "o3-mini"]))
         .layer(
             PromptLimitLayer::new()
                 .max_prompt_chars(100_000)
