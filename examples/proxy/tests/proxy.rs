@@ -1,22 +1,8 @@
-//! The example proxy (`examples/proxy.rs`), run in-process on a loopback port in front of the
-//! mock upstream (`examples/common/mock.rs`), driven by a real OpenAI client (async-openai).
+//! The example proxy (this package's library, as `src/main.rs` runs it), in-process on a
+//! loopback port in front of the mock upstream (`src/mock.rs`), driven by a real OpenAI client
+//! (async-openai).
 //!
 //! Every rejected request is also checked not to have reached the upstream.
-
-#[path = "../examples/proxy/app.rs"]
-#[allow(dead_code)]
-mod app;
-#[path = "../examples/proxy/config.rs"]
-#[allow(dead_code)]
-mod config;
-#[path = "../examples/common/mock.rs"]
-mod mock;
-#[path = "../examples/proxy/server.rs"]
-mod server;
-#[path = "../examples/proxy/stack.rs"]
-mod stack;
-#[path = "../examples/common/upstream.rs"]
-mod upstream;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,6 +16,7 @@ use async_openai::types::chat::{
 };
 use async_openai::Client;
 use bytes::Bytes;
+use example_proxy::{app, config, mock};
 use futures_util::StreamExt;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -769,7 +756,7 @@ async fn the_proxy_refuses_to_start_on_an_invalid_config() -> TestResult {
 #[tokio::test]
 async fn the_sample_config_parses_and_builds() -> TestResult {
     init();
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/proxy.toml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
     let config = config::Config::load(&path)?;
     assert_eq!(config.listen, "127.0.0.1:8080".parse()?);
     assert_eq!(config.upstream.base_url, "https://api.openai.com/v1");

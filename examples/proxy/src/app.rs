@@ -27,22 +27,22 @@ use crate::upstream::Upstream;
 /// upstream and a demo key, printed with a ready-to-paste curl command.
 #[derive(Debug, Parser)]
 #[command(name = "proxy", version, about, long_about = None)]
-pub(crate) struct Args {
+pub struct Args {
     /// The configuration file (TOML). Without it: the embedded default.
     #[arg(long, value_name = "PATH")]
-    pub(crate) config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// Listen on this address instead of the configuration's `listen`.
     #[arg(long, value_name = "ADDR")]
-    pub(crate) listen: Option<SocketAddr>,
+    pub listen: Option<SocketAddr>,
     /// Forward without any policy layer (for performance comparisons). Every request goes
     /// upstream with the provider key, whatever key the client sent.
     #[arg(long)]
-    pub(crate) no_policy: bool,
+    pub no_policy: bool,
 }
 
 /// Why the proxy could not start.
 #[derive(Debug)]
-pub(crate) enum StartError {
+pub enum StartError {
     /// The configuration is invalid.
     Config(ConfigError),
     /// The upstream settings are unusable.
@@ -70,17 +70,15 @@ impl From<ConfigError> for StartError {
 }
 
 /// A proxy ready to serve: bound, configured, not yet accepting.
-pub(crate) struct Proxy {
+pub struct Proxy {
     /// The address it listens on (the real port when `:0` was asked for).
-    pub(crate) addr: SocketAddr,
+    pub addr: SocketAddr,
     /// What to tell the user at start-up (printed on stdout by `main`).
-    pub(crate) banner: String,
+    pub banner: String,
     /// The embedded default's demo key (`None` with a configuration file).
-    #[allow(dead_code)] // for tests; `main` prints the banner
-    pub(crate) demo_key: Option<String>,
+    pub demo_key: Option<String>,
     /// The embedded default's mock upstream (`None` with a configuration file).
-    #[allow(dead_code)] // for tests; `main` prints the banner
-    pub(crate) mock: Option<(SocketAddr, mock::MockLog)>,
+    pub mock: Option<(SocketAddr, mock::MockLog)>,
     service: ProxyService,
     listener: TcpListener,
     grace: Duration,
@@ -100,7 +98,7 @@ impl Proxy {
     /// Loads the configuration (or sets up the embedded default), builds the stack and binds
     /// the listener. `env` looks environment variables up (the provider key): `main` passes
     /// `std::env::var`, tests a closure.
-    pub(crate) async fn prepare(
+    pub async fn prepare(
         args: &Args,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Proxy, StartError> {
@@ -209,10 +207,7 @@ impl Proxy {
     /// Serves until `shutdown` completes, then shuts down gracefully (see [`server::run`])
     /// and flushes the audit log: every request answered has its record on disk when this
     /// returns.
-    pub(crate) async fn run(
-        self,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) -> std::io::Result<()> {
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
         let served = server::run(self.service, self.listener, self.grace, shutdown).await;
         if let Some(sink) = self.audit_sink {
             // Records are emitted when response bodies end, so after the connections closed.
@@ -275,7 +270,7 @@ fn display_addr(addr: SocketAddr) -> SocketAddr {
 }
 
 /// The ready-to-paste curl command of the banner.
-pub(crate) fn curl_command(base: &str, key: &str) -> String {
+pub fn curl_command(base: &str, key: &str) -> String {
     format!(
         "curl -sS {base}/chat/completions \\\n  -H 'Authorization: Bearer {key}' \\\n  \
          -H 'Content-Type: application/json' \\\n  \

@@ -32,32 +32,31 @@ use crate::config::{BlockedConfig, Config, PromptLimitsConfig};
 use crate::upstream::{BoxError, Upstream};
 
 /// The response body every variant of the stack answers with.
-pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// The whole stack, type-erased (its request body is the client's, streamed, and limited to
 /// `[body]` by the server before it gets here) so that the policy and `--no-policy` variants (and any set of
 /// layers) are one type. One box per request, in both variants alike.
-pub(crate) type ProxyService =
-    BoxCloneService<Request<PolicyBody>, Response<ProxyBody>, Infallible>;
+pub type ProxyService = BoxCloneService<Request<PolicyBody>, Response<ProxyBody>, Infallible>;
 
 /// Everything the policy layers are built from, resolved from the [`Config`] once.
-pub(crate) struct Policy {
+pub struct Policy {
     /// The keys (a file store on the config file, or the embedded default's memory store).
-    pub(crate) store: Arc<dyn KeyStore>,
+    pub store: Arc<dyn KeyStore>,
     /// `[workspace] models`.
-    pub(crate) workspace_models: Option<ModelList>,
+    pub workspace_models: Option<ModelList>,
     /// `[model_names]`.
-    pub(crate) names: ModelNames,
+    pub names: ModelNames,
     /// `[body]`, for whichever layer reads the body first.
-    pub(crate) body: BodyOptions,
+    pub body: BodyOptions,
     /// `[blocked]`: for FeatureBlock.
-    pub(crate) blocked: BlockedConfig,
+    pub blocked: BlockedConfig,
     /// `[prompt_limits]`: for PromptLimit.
-    pub(crate) prompt_limits: PromptLimitsConfig,
+    pub prompt_limits: PromptLimitsConfig,
     /// The built-in prices with `[pricing]` on top: for the audit records' `cost_usd`.
-    pub(crate) pricing: PricingTable,
+    pub pricing: PricingTable,
     /// `[audit] jsonl`, opened: the audit layer's sink (no audit layer without it).
-    pub(crate) audit_sink: Option<JsonlSink>,
+    pub audit_sink: Option<JsonlSink>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -75,11 +74,7 @@ impl std::fmt::Debug for Policy {
 impl Policy {
     /// The policy of `config`, with its keys served by `store` and its audit records written
     /// to `audit_sink` (opened from `[audit] jsonl` by the caller).
-    pub(crate) fn new(
-        config: Config,
-        store: Arc<dyn KeyStore>,
-        audit_sink: Option<JsonlSink>,
-    ) -> Policy {
+    pub fn new(config: Config, store: Arc<dyn KeyStore>, audit_sink: Option<JsonlSink>) -> Policy {
         let mut pricing = PricingTable::builtin();
         pricing.merge(config.pricing);
         Policy {
@@ -96,7 +91,7 @@ impl Policy {
 }
 
 /// The stack: the policy layers (when `policy` is some) in front of `upstream`.
-pub(crate) fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService {
+pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService {
     let Some(policy) = policy else {
         // `--no-policy`: the same forwarding, server and boxing; no layer at all.
         return BoxCloneService::new(ServiceExt::<Request<PolicyBody>>::map_response(
@@ -193,7 +188,7 @@ where
 /// records); a body without one is streamed on and cut off at the limit (the upstream request
 /// then fails, a 502 in the audit log). Uploads no layer reads (files) are held too.
 #[derive(Clone, Debug)]
-pub(crate) struct BodyLimit<S> {
+pub struct BodyLimit<S> {
     inner: S,
     limits: BodyOptions,
 }
