@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use tokio::net::TcpListener;
-use tower_llm_policy::audit::JsonlSink;
+use tower_llm_policy::audit::{FanOut, JsonlSink};
 use tower_llm_policy::keys::{FileKeyStore, KeyStore, MemoryKeyStore};
 use tower_llm_policy::{ApiKey, FeatureSet};
 
+use crate::audit_line::{self, LineWriter};
 use crate::config::{Config, ConfigError};
 use crate::mock;
 use crate::server;
@@ -24,7 +25,8 @@ use crate::upstream::Upstream;
 /// Clients use `http://<listen>/v1` as their OpenAI base URL and a virtual key from the
 /// configuration; the proxy sends `/v1/<rest>` to `<upstream.base_url>/<rest>` with the
 /// provider key instead. Without `--config` it runs on an embedded default: a built-in mock
-/// upstream and a demo key, printed with a ready-to-paste curl command.
+/// upstream and a demo key, printed with a ready-to-paste curl command, and every request's
+/// audit record printed as one line on stdout.
 #[derive(Debug, Parser)]
 #[command(name = "proxy", version, about, long_about = None)]
 pub struct Args {
@@ -97,10 +99,21 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     /// Loads the configuration (or sets up the embedded default), builds the stack and binds
     /// the listener. `env` looks environment variables up (the provider key): `main` passes
-    /// `std::env::var`, tests a closure.
+    /// `std::env::var`, tests a closure. The embedded default prints its audit lines on
+    /// stdout.
     pub async fn prepare(
         args: &Args,
         env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Proxy, StartError> {
+        Proxy::prepare_with(args, env, audit_line::stdout()).await
+    }
+
+    /// [`Proxy::prepare`], with the embedded default's audit lines (see [`audit_line`]) handed
+    /// to `audit_lines` instead of stdout.
+    pub async fn prepare_with(
+        args: &Args,
+        env: impl Fn(&str) -> Option<String>,
+        audit_lines: LineWriter,
     ) -> Result<Proxy, StartError> {
         let (config, store, demo_key, mock) = match &args.config {
             Some(path) => {
@@ -165,7 +178,15 @@ impl Proxy {
             })?),
             _ => None,
         };
-        let policy = (!args.no_policy).then(|| Policy::new(config, store, audit_sink.clone()));
+        let mut audit = FanOut::new();
+        if let Some(sink) = &audit_sink {
+            audit = audit.with(sink.clone());
+        }
+        if mock.is_some() && !args.no_policy {
+            // The embedded default: a newcomer sees the audit records, one line each.
+            audit = audit.with(audit_line::sink(audit_lines));
+        }
+        let policy = (!args.no_policy).then(|| Policy::new(config, store, audit));
         let service = build_stack(policy.as_ref(), upstream);
 
         let listener = TcpListener::bind(listen)
@@ -188,7 +209,13 @@ impl Proxy {
         if let Some(secret) = &demo_key {
             banner.push_str(&format!(
                 "  demo key: {secret} (models gpt-4o-mini and gpt-4o; no images or audio; \
-                 prompts up to 1000 tokens)\n\nTry it:\n{}\n",
+                 prompts up to 1000 tokens)\n{}\nTry it:\n{}\n",
+                if args.no_policy {
+                    ""
+                } else {
+                    "  audit:    one line per request below (key, model, status, blocked_by, \
+                     tokens, cost)\n"
+                },
                 curl_command(&base, secret)
             ));
         }

@@ -3,6 +3,7 @@
 //! tests (`tests/`) use them to run the proxy in-process.
 //!
 //! - [`app`]: command line, configuration or embedded default, start-up;
+//! - [`audit_line`]: the embedded default's audit records, one line each on stdout;
 //! - [`config`]: the TOML configuration (see `proxy.toml` in this package);
 //! - [`stack`]: the policy layers in front of the forwarding client;
 //! - [`server`]: the HTTP server, `/healthz`, graceful shutdown;
@@ -10,6 +11,7 @@
 //! - [`mock`]: a deterministic mock of the OpenAI API (the embedded default's upstream).
 
 pub mod app;
+pub mod audit_line;
 pub mod config;
 pub mod mock;
 pub mod server;

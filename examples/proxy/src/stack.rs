@@ -4,8 +4,9 @@
 //! client ──► AuditSink ──► KeyAuth ──► ModelAllowList ──► FeatureBlock ──► PromptLimit ──► Upstream
 //! ```
 //!
-//! The audit layer is there when `[audit] jsonl` is set; the other layers always, each
-//! configured from its own table (and each key's own fields, which come with its `ApiKey`).
+//! The audit layer is there when records have somewhere to go (`[audit] jsonl`, or the
+//! console lines of the embedded default); the other layers always, each configured from its
+//! own table (and each key's own fields, which come with its `ApiKey`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use http_body_util::BodyExt;
 use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_layer::Layer;
-use tower_llm_policy::audit::JsonlSink;
+use tower_llm_policy::audit::FanOut;
 use tower_llm_policy::error::Layer as LayerName;
 use tower_llm_policy::model::{ModelList, ModelNames};
 use tower_llm_policy::pricing::PricingTable;
@@ -55,8 +56,9 @@ pub struct Policy {
     pub prompt_limits: PromptLimitsConfig,
     /// The built-in prices with `[pricing]` on top: for the audit records' `cost_usd`.
     pub pricing: PricingTable,
-    /// `[audit] jsonl`, opened: the audit layer's sink (no audit layer without it).
-    pub audit_sink: Option<JsonlSink>,
+    /// Where the audit records go: `[audit] jsonl` (opened), the embedded default's console
+    /// lines. No audit layer when empty.
+    pub audit: FanOut,
 }
 
 impl std::fmt::Debug for Policy {
@@ -66,15 +68,15 @@ impl std::fmt::Debug for Policy {
             .field("body", &self.body)
             .field("blocked", &self.blocked)
             .field("prompt_limits", &self.prompt_limits)
-            .field("audit_sink", &self.audit_sink)
+            .field("audit", &self.audit)
             .finish_non_exhaustive()
     }
 }
 
 impl Policy {
-    /// The policy of `config`, with its keys served by `store` and its audit records written
-    /// to `audit_sink` (opened from `[audit] jsonl` by the caller).
-    pub fn new(config: Config, store: Arc<dyn KeyStore>, audit_sink: Option<JsonlSink>) -> Policy {
+    /// The policy of `config`, with its keys served by `store` and its audit records sent to
+    /// `audit` (the caller opens `[audit] jsonl`, adds the console lines).
+    pub fn new(config: Config, store: Arc<dyn KeyStore>, audit: FanOut) -> Policy {
         let mut pricing = PricingTable::builtin();
         pricing.merge(config.pricing);
         Policy {
@@ -85,7 +87,7 @@ impl Policy {
             blocked: config.blocked,
             prompt_limits: config.prompt_limits,
             pricing,
-            audit_sink,
+            audit,
         }
     }
 }
@@ -156,11 +158,11 @@ pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService 
         .layer(feature_block)
         .layer(prompt_limit)
         .service(upstream);
-    match &policy.audit_sink {
+    match (!policy.audit.is_empty()).then_some(&policy.audit) {
         // Outermost, so that it sees every request, rejected ones included, and every
         // response body to its end.
-        Some(sink) => {
-            let audited = AuditLayer::new(sink.clone())
+        Some(sinks) => {
+            let audited = AuditLayer::new(sinks.clone())
                 .pricing(policy.pricing.clone())
                 .body_options(policy.body)
                 .layer(policed);
