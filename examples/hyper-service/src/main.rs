@@ -1,7 +1,7 @@
 //! Wrap a plain hyper service with KeyAuth and ModelAllowList.
 //!
 //! ```sh
-//! cargo run --example hyper_service
+//! cargo run -p example-hyper-service
 //! curl -s localhost:3001/v1/chat/completions -H 'x-api-key: sk-demo' \
 //!   -d '{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
 //! ```
@@ -70,5 +70,32 @@ async fn main() -> std::io::Result<()> {
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    use super::{demo_store, service};
+
+    fn chat(model: &str, header: &str, key: &str) -> Request<String> {
+        Request::post("/v1/chat/completions")
+            .header(header, key)
+            .body(format!(
+                r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#
+            ))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn hyper_service_example_applies_the_policy() {
+        let svc = service::<http_body_util::Full<bytes::Bytes>>(demo_store());
+        let req = |model: &str| chat(model, "x-api-key", "sk-demo").map(http_body_util::Full::from);
+        let ok = svc.clone().oneshot(req("gpt-4o")).await.unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+        let denied = svc.oneshot(req("o1-pro")).await.unwrap();
+        assert_eq!(denied.status(), StatusCode::FORBIDDEN);
     }
 }

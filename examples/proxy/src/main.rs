@@ -3,37 +3,25 @@
 //!
 //! ```sh
 //! # The embedded default: a built-in mock upstream and a demo key, with a curl to paste.
-//! cargo run --release --example proxy
-//! # A real upstream, keys and policy from a file (see examples/proxy.toml).
-//! OPENAI_API_KEY=sk-... cargo run --release --example proxy -- --config proxy.toml
+//! cargo run --release -p example-proxy
+//! # A real upstream, keys and policy from a file (see examples/proxy/proxy.toml).
+//! OPENAI_API_KEY=sk-... cargo run --release -p example-proxy -- --config proxy.toml
 //! # The built binary takes the same options.
-//! target/release/examples/proxy --config proxy.toml --listen 0.0.0.0:8080
+//! target/release/proxy --config proxy.toml --listen 0.0.0.0:8080
 //! ```
 //!
 //! Clients use `http://<listen>/v1` as their OpenAI base URL. Logs go to stderr (`RUST_LOG`,
-//! default `info`; `RUST_LOG=proxy=debug` adds a line per request). SIGINT or SIGTERM stops
-//! accepting, lets in-flight requests and streams finish (`[server] shutdown_grace`) and
+//! default `info`; `RUST_LOG=example_proxy=debug` adds a line per request). SIGINT or SIGTERM
+//! stops accepting, lets in-flight requests and streams finish (`[server] shutdown_grace`) and
 //! exits.
 //!
-//! The modules live in `examples/proxy/`, the mock and the forwarding client in
-//! `examples/common/`; `tests/proxy.rs` includes the same files to run the proxy in-process.
-
-#[path = "proxy/app.rs"]
-mod app;
-#[path = "proxy/config.rs"]
-mod config;
-#[path = "common/mock.rs"]
-mod mock;
-#[path = "proxy/server.rs"]
-mod server;
-#[path = "proxy/stack.rs"]
-mod stack;
-#[path = "common/upstream.rs"]
-mod upstream;
+//! The modules are the package's library (`src/lib.rs`), which the tests use to run the proxy
+//! in-process.
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use example_proxy::app;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]

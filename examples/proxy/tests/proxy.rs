@@ -1,22 +1,8 @@
-//! The example proxy (`examples/proxy.rs`), run in-process on a loopback port in front of the
-//! mock upstream (`examples/common/mock.rs`), driven by a real OpenAI client (async-openai).
+//! The example proxy (this package's library, as `src/main.rs` runs it), in-process on a
+//! loopback port in front of the mock upstream (`src/mock.rs`), driven by a real OpenAI client
+//! (async-openai).
 //!
 //! Every rejected request is also checked not to have reached the upstream.
-
-#[path = "../examples/proxy/app.rs"]
-#[allow(dead_code)]
-mod app;
-#[path = "../examples/proxy/config.rs"]
-#[allow(dead_code)]
-mod config;
-#[path = "../examples/common/mock.rs"]
-mod mock;
-#[path = "../examples/proxy/server.rs"]
-mod server;
-#[path = "../examples/proxy/stack.rs"]
-mod stack;
-#[path = "../examples/common/upstream.rs"]
-mod upstream;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,6 +16,8 @@ use async_openai::types::chat::{
 };
 use async_openai::Client;
 use bytes::Bytes;
+use example_proxy::audit_line as app_audit;
+use example_proxy::{app, config, mock};
 use futures_util::StreamExt;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -769,7 +757,7 @@ async fn the_proxy_refuses_to_start_on_an_invalid_config() -> TestResult {
 #[tokio::test]
 async fn the_sample_config_parses_and_builds() -> TestResult {
     init();
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/proxy.toml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
     let config = config::Config::load(&path)?;
     assert_eq!(config.listen, "127.0.0.1:8080".parse()?);
     assert_eq!(config.upstream.base_url, "https://api.openai.com/v1");
@@ -891,6 +879,136 @@ async fn the_embedded_default_serves_the_printed_curl() -> TestResult {
 
     let _ = tx.send(());
     tokio::time::timeout(Duration::from_secs(20), server).await???;
+    Ok(())
+}
+
+/// Audit lines collected instead of printed.
+#[derive(Clone, Default)]
+struct Lines(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Lines {
+    fn writer(&self) -> app_audit::LineWriter {
+        let lines = self.0.clone();
+        std::sync::Arc::new(move |line: &str| lines.lock().unwrap().push(line.to_owned()))
+    }
+
+    fn get(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Waits (a record is made when the response body ends, which the server may see just
+    /// after the client) until there are `n` lines.
+    async fn wait_for(&self, n: usize) -> Vec<String> {
+        for _ in 0..200 {
+            if self.get().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.get()
+    }
+}
+
+#[tokio::test]
+async fn the_embedded_default_prints_one_audit_line_per_request() -> TestResult {
+    init();
+    let args = app::Args {
+        config: None,
+        listen: Some("127.0.0.1:0".parse()?),
+        no_policy: false,
+    };
+    let lines = Lines::default();
+    let proxy = app::Proxy::prepare_with(&args, |_| None, lines.writer()).await?;
+    assert!(
+        proxy.banner.contains("audit:    one line per request"),
+        "{}",
+        proxy.banner
+    );
+    let key = proxy.demo_key.clone().expect("a demo key");
+    let base = format!("http://{}/v1", proxy.addr);
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(proxy.run(async {
+        let _ = rx.await;
+    }));
+    let client = Client::with_config(OpenAIConfig::new().with_api_base(&base).with_api_key(&key));
+
+    client
+        .chat()
+        .create(chat("gpt-4o-mini", "one two three"))
+        .await?;
+    let seen = lines.wait_for(1).await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let line = &seen[0];
+    assert!(
+        line.starts_with("audit key=demo model=gpt-4o-mini status=200 blocked_by=- tokens="),
+        "{line}"
+    );
+    // The mock answers with 8 words; gpt-4o-mini has a built-in price.
+    assert!(line.contains("+8 cost_usd=0.0"), "{line}");
+    assert!(!line.contains(&key), "{line}");
+
+    let (status, _) = api_error(client.chat().create(chat("gpt-4.1", "hi")).await);
+    assert_eq!(status, 403);
+    let (status, _) = send(
+        Method::POST,
+        &format!("{base}/chat/completions"),
+        &[("authorization", "Bearer sk-not-a-key")],
+        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let seen = lines.wait_for(3).await;
+    assert_eq!(
+        seen[1..],
+        [
+            "audit key=demo model=gpt-4.1 status=403 \
+             blocked_by=model_allow_list:model_not_allowed tokens=- cost_usd=-",
+            "audit key=- model=gpt-4o-mini status=401 blocked_by=key_auth:invalid_api_key \
+             tokens=- cost_usd=-",
+        ],
+        "{seen:?}"
+    );
+
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(20), server).await???;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_configuration_file_sends_the_records_to_its_jsonl_only() -> TestResult {
+    init();
+    let (mock_addr, _log) = mock::spawn(MockOptions::default()).await?;
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("proxy.toml");
+    let audit_path = dir.path().join("audit.jsonl");
+    std::fs::write(
+        &config_path,
+        config_text(&format!("http://{mock_addr}/v1"), &audit_path),
+    )?;
+    let args = app::Args {
+        config: Some(config_path),
+        listen: None,
+        no_policy: false,
+    };
+    let lines = Lines::default();
+    let proxy = app::Proxy::prepare_with(&args, env, lines.writer()).await?;
+    assert!(!proxy.banner.contains("audit:"), "{}", proxy.banner);
+    let base = format!("http://{}/v1", proxy.addr);
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(proxy.run(async {
+        let _ = rx.await;
+    }));
+    let client = Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(&base)
+            .with_api_key(CHAT_KEY),
+    );
+    client.chat().create(chat("gpt-4o-mini", "hello")).await?;
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(20), server).await???;
+    // Run to its end: the JSONL is flushed, and no console line was written.
+    assert_eq!(std::fs::read_to_string(&audit_path)?.lines().count(), 1);
+    assert!(lines.get().is_empty(), "{:?}", lines.get());
     Ok(())
 }
 

@@ -4,8 +4,9 @@
 //! client ──► AuditSink ──► KeyAuth ──► ModelAllowList ──► FeatureBlock ──► PromptLimit ──► Upstream
 //! ```
 //!
-//! The audit layer is there when `[audit] jsonl` is set; the other layers always, each
-//! configured from its own table (and each key's own fields, which come with its `ApiKey`).
+//! The audit layer is there when records have somewhere to go (`[audit] jsonl`, or the
+//! console lines of the embedded default); the other layers always, each configured from its
+//! own table (and each key's own fields, which come with its `ApiKey`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use http_body_util::BodyExt;
 use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_layer::Layer;
-use tower_llm_policy::audit::JsonlSink;
+use tower_llm_policy::audit::FanOut;
 use tower_llm_policy::error::Layer as LayerName;
 use tower_llm_policy::model::{ModelList, ModelNames};
 use tower_llm_policy::pricing::PricingTable;
@@ -32,32 +33,32 @@ use crate::config::{BlockedConfig, Config, PromptLimitsConfig};
 use crate::upstream::{BoxError, Upstream};
 
 /// The response body every variant of the stack answers with.
-pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// The whole stack, type-erased (its request body is the client's, streamed, and limited to
 /// `[body]` by the server before it gets here) so that the policy and `--no-policy` variants (and any set of
 /// layers) are one type. One box per request, in both variants alike.
-pub(crate) type ProxyService =
-    BoxCloneService<Request<PolicyBody>, Response<ProxyBody>, Infallible>;
+pub type ProxyService = BoxCloneService<Request<PolicyBody>, Response<ProxyBody>, Infallible>;
 
 /// Everything the policy layers are built from, resolved from the [`Config`] once.
-pub(crate) struct Policy {
+pub struct Policy {
     /// The keys (a file store on the config file, or the embedded default's memory store).
-    pub(crate) store: Arc<dyn KeyStore>,
+    pub store: Arc<dyn KeyStore>,
     /// `[workspace] models`.
-    pub(crate) workspace_models: Option<ModelList>,
+    pub workspace_models: Option<ModelList>,
     /// `[model_names]`.
-    pub(crate) names: ModelNames,
+    pub names: ModelNames,
     /// `[body]`, for whichever layer reads the body first.
-    pub(crate) body: BodyOptions,
+    pub body: BodyOptions,
     /// `[blocked]`: for FeatureBlock.
-    pub(crate) blocked: BlockedConfig,
+    pub blocked: BlockedConfig,
     /// `[prompt_limits]`: for PromptLimit.
-    pub(crate) prompt_limits: PromptLimitsConfig,
+    pub prompt_limits: PromptLimitsConfig,
     /// The built-in prices with `[pricing]` on top: for the audit records' `cost_usd`.
-    pub(crate) pricing: PricingTable,
-    /// `[audit] jsonl`, opened: the audit layer's sink (no audit layer without it).
-    pub(crate) audit_sink: Option<JsonlSink>,
+    pub pricing: PricingTable,
+    /// Where the audit records go: `[audit] jsonl` (opened), the embedded default's console
+    /// lines. No audit layer when empty.
+    pub audit: FanOut,
 }
 
 impl std::fmt::Debug for Policy {
@@ -67,19 +68,15 @@ impl std::fmt::Debug for Policy {
             .field("body", &self.body)
             .field("blocked", &self.blocked)
             .field("prompt_limits", &self.prompt_limits)
-            .field("audit_sink", &self.audit_sink)
+            .field("audit", &self.audit)
             .finish_non_exhaustive()
     }
 }
 
 impl Policy {
-    /// The policy of `config`, with its keys served by `store` and its audit records written
-    /// to `audit_sink` (opened from `[audit] jsonl` by the caller).
-    pub(crate) fn new(
-        config: Config,
-        store: Arc<dyn KeyStore>,
-        audit_sink: Option<JsonlSink>,
-    ) -> Policy {
+    /// The policy of `config`, with its keys served by `store` and its audit records sent to
+    /// `audit` (the caller opens `[audit] jsonl`, adds the console lines).
+    pub fn new(config: Config, store: Arc<dyn KeyStore>, audit: FanOut) -> Policy {
         let mut pricing = PricingTable::builtin();
         pricing.merge(config.pricing);
         Policy {
@@ -90,13 +87,13 @@ impl Policy {
             blocked: config.blocked,
             prompt_limits: config.prompt_limits,
             pricing,
-            audit_sink,
+            audit,
         }
     }
 }
 
 /// The stack: the policy layers (when `policy` is some) in front of `upstream`.
-pub(crate) fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService {
+pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService {
     let Some(policy) = policy else {
         // `--no-policy`: the same forwarding, server and boxing; no layer at all.
         return BoxCloneService::new(ServiceExt::<Request<PolicyBody>>::map_response(
@@ -161,11 +158,11 @@ pub(crate) fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyS
         .layer(feature_block)
         .layer(prompt_limit)
         .service(upstream);
-    match &policy.audit_sink {
+    match (!policy.audit.is_empty()).then_some(&policy.audit) {
         // Outermost, so that it sees every request, rejected ones included, and every
         // response body to its end.
-        Some(sink) => {
-            let audited = AuditLayer::new(sink.clone())
+        Some(sinks) => {
+            let audited = AuditLayer::new(sinks.clone())
                 .pricing(policy.pricing.clone())
                 .body_options(policy.body)
                 .layer(policed);
@@ -193,7 +190,7 @@ where
 /// records); a body without one is streamed on and cut off at the limit (the upstream request
 /// then fails, a 502 in the audit log). Uploads no layer reads (files) are held too.
 #[derive(Clone, Debug)]
-pub(crate) struct BodyLimit<S> {
+pub struct BodyLimit<S> {
     inner: S,
     limits: BodyOptions,
 }

@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use tokio::net::TcpListener;
-use tower_llm_policy::audit::JsonlSink;
+use tower_llm_policy::audit::{FanOut, JsonlSink};
 use tower_llm_policy::keys::{FileKeyStore, KeyStore, MemoryKeyStore};
 use tower_llm_policy::{ApiKey, FeatureSet};
 
+use crate::audit_line::{self, LineWriter};
 use crate::config::{Config, ConfigError};
 use crate::mock;
 use crate::server;
@@ -24,25 +25,26 @@ use crate::upstream::Upstream;
 /// Clients use `http://<listen>/v1` as their OpenAI base URL and a virtual key from the
 /// configuration; the proxy sends `/v1/<rest>` to `<upstream.base_url>/<rest>` with the
 /// provider key instead. Without `--config` it runs on an embedded default: a built-in mock
-/// upstream and a demo key, printed with a ready-to-paste curl command.
+/// upstream and a demo key, printed with a ready-to-paste curl command, and every request's
+/// audit record printed as one line on stdout.
 #[derive(Debug, Parser)]
 #[command(name = "proxy", version, about, long_about = None)]
-pub(crate) struct Args {
+pub struct Args {
     /// The configuration file (TOML). Without it: the embedded default.
     #[arg(long, value_name = "PATH")]
-    pub(crate) config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// Listen on this address instead of the configuration's `listen`.
     #[arg(long, value_name = "ADDR")]
-    pub(crate) listen: Option<SocketAddr>,
+    pub listen: Option<SocketAddr>,
     /// Forward without any policy layer (for performance comparisons). Every request goes
     /// upstream with the provider key, whatever key the client sent.
     #[arg(long)]
-    pub(crate) no_policy: bool,
+    pub no_policy: bool,
 }
 
 /// Why the proxy could not start.
 #[derive(Debug)]
-pub(crate) enum StartError {
+pub enum StartError {
     /// The configuration is invalid.
     Config(ConfigError),
     /// The upstream settings are unusable.
@@ -70,17 +72,15 @@ impl From<ConfigError> for StartError {
 }
 
 /// A proxy ready to serve: bound, configured, not yet accepting.
-pub(crate) struct Proxy {
+pub struct Proxy {
     /// The address it listens on (the real port when `:0` was asked for).
-    pub(crate) addr: SocketAddr,
+    pub addr: SocketAddr,
     /// What to tell the user at start-up (printed on stdout by `main`).
-    pub(crate) banner: String,
+    pub banner: String,
     /// The embedded default's demo key (`None` with a configuration file).
-    #[allow(dead_code)] // for tests; `main` prints the banner
-    pub(crate) demo_key: Option<String>,
+    pub demo_key: Option<String>,
     /// The embedded default's mock upstream (`None` with a configuration file).
-    #[allow(dead_code)] // for tests; `main` prints the banner
-    pub(crate) mock: Option<(SocketAddr, mock::MockLog)>,
+    pub mock: Option<(SocketAddr, mock::MockLog)>,
     service: ProxyService,
     listener: TcpListener,
     grace: Duration,
@@ -99,10 +99,21 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     /// Loads the configuration (or sets up the embedded default), builds the stack and binds
     /// the listener. `env` looks environment variables up (the provider key): `main` passes
-    /// `std::env::var`, tests a closure.
-    pub(crate) async fn prepare(
+    /// `std::env::var`, tests a closure. The embedded default prints its audit lines on
+    /// stdout.
+    pub async fn prepare(
         args: &Args,
         env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Proxy, StartError> {
+        Proxy::prepare_with(args, env, audit_line::stdout()).await
+    }
+
+    /// [`Proxy::prepare`], with the embedded default's audit lines (see [`audit_line`]) handed
+    /// to `audit_lines` instead of stdout.
+    pub async fn prepare_with(
+        args: &Args,
+        env: impl Fn(&str) -> Option<String>,
+        audit_lines: LineWriter,
     ) -> Result<Proxy, StartError> {
         let (config, store, demo_key, mock) = match &args.config {
             Some(path) => {
@@ -167,7 +178,15 @@ impl Proxy {
             })?),
             _ => None,
         };
-        let policy = (!args.no_policy).then(|| Policy::new(config, store, audit_sink.clone()));
+        let mut audit = FanOut::new();
+        if let Some(sink) = &audit_sink {
+            audit = audit.with(sink.clone());
+        }
+        if mock.is_some() && !args.no_policy {
+            // The embedded default: a newcomer sees the audit records, one line each.
+            audit = audit.with(audit_line::sink(audit_lines));
+        }
+        let policy = (!args.no_policy).then(|| Policy::new(config, store, audit));
         let service = build_stack(policy.as_ref(), upstream);
 
         let listener = TcpListener::bind(listen)
@@ -190,7 +209,13 @@ impl Proxy {
         if let Some(secret) = &demo_key {
             banner.push_str(&format!(
                 "  demo key: {secret} (models gpt-4o-mini and gpt-4o; no images or audio; \
-                 prompts up to 1000 tokens)\n\nTry it:\n{}\n",
+                 prompts up to 1000 tokens)\n{}\nTry it:\n{}\n",
+                if args.no_policy {
+                    ""
+                } else {
+                    "  audit:    one line per request below (key, model, status, blocked_by, \
+                     tokens, cost)\n"
+                },
                 curl_command(&base, secret)
             ));
         }
@@ -209,10 +234,7 @@ impl Proxy {
     /// Serves until `shutdown` completes, then shuts down gracefully (see [`server::run`])
     /// and flushes the audit log: every request answered has its record on disk when this
     /// returns.
-    pub(crate) async fn run(
-        self,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) -> std::io::Result<()> {
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
         let served = server::run(self.service, self.listener, self.grace, shutdown).await;
         if let Some(sink) = self.audit_sink {
             // Records are emitted when response bodies end, so after the connections closed.
@@ -275,7 +297,7 @@ fn display_addr(addr: SocketAddr) -> SocketAddr {
 }
 
 /// The ready-to-paste curl command of the banner.
-pub(crate) fn curl_command(base: &str, key: &str) -> String {
+pub fn curl_command(base: &str, key: &str) -> String {
     format!(
         "curl -sS {base}/chat/completions \\\n  -H 'Authorization: Bearer {key}' \\\n  \
          -H 'Content-Type: application/json' \\\n  \

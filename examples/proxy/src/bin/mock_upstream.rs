@@ -1,24 +1,23 @@
 //! A fast mock of the OpenAI API, to run the example proxy (or a benchmark) against.
 //!
 //! ```sh
-//! cargo run --example mock_upstream -- --listen 127.0.0.1:9090 --latency-ms 50
+//! cargo run -p example-proxy --bin mock_upstream -- --listen 127.0.0.1:9090 --latency-ms 50
 //! curl -s localhost:9090/v1/chat/completions \
 //!   -d '{"model":"gpt-4o","messages":[{"role":"user","content":"hello there"}]}'
 //! ```
 //!
-//! The server itself lives in `examples/common/mock.rs`, shared with the tests.
+//! The server itself is the package's `mock` module (`src/mock.rs`), shared with the proxy's
+//! embedded default and the tests.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-
-#[path = "common/mock.rs"]
-mod mock;
+use example_proxy::mock;
 
 /// A mock of the OpenAI API, with deterministic answers and token counts.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "mock_upstream", version, about)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:9090")]

@@ -1,4 +1,5 @@
-//! A fast, deterministic mock of the OpenAI API, for the examples, the tests and the benches.
+//! A fast, deterministic mock of the OpenAI API: the upstream of the proxy's embedded default,
+//! the `mock_upstream` binary, and the tests' stand-in for OpenAI.
 //!
 //! Serves `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
 //! `/v1/images/generations`, `/v1/moderations`, `/v1/responses`, `/v1/models`,
@@ -9,12 +10,6 @@
 //! Token counts are predictable: the prompt tokens are the whitespace-separated words of the
 //! request's texts ([`count_words`]), the completion tokens are the number of words the mock
 //! answers, which is [`MockOptions::stream_chunks`].
-//!
-//! This file depends on nothing in the crate, so a test can include it with
-//! `#[path = "../examples/common/mock.rs"] mod mock;`.
-
-// Shared by several examples and tests; each uses a different part of it.
-#![allow(dead_code)]
 
 use std::convert::Infallible;
 use std::fmt;
@@ -37,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 /// The models `GET /v1/models` lists.
-pub(crate) const MODELS: &[&str] = &[
+pub const MODELS: &[&str] = &[
     "gpt-4o",
     "gpt-4o-mini",
     "gpt-4.1",
@@ -53,24 +48,24 @@ const WORDS: &[&str] = &[
 ];
 
 /// The text every transcription returns.
-pub(crate) const TRANSCRIPTION: &str = "This is a mock transcription.";
+pub const TRANSCRIPTION: &str = "This is a mock transcription.";
 
 /// How the mock behaves, and where it records what it received.
 #[derive(Clone, Debug)]
-pub(crate) struct MockOptions {
+pub struct MockOptions {
     /// Fixed delay before the response headers (time to first byte).
-    pub(crate) latency: Duration,
+    pub latency: Duration,
     /// Number of content chunks in streamed responses, and words in every answer.
-    pub(crate) stream_chunks: usize,
+    pub stream_chunks: usize,
     /// Delay before each content chunk of a streamed response.
-    pub(crate) chunk_delay: Duration,
+    pub chunk_delay: Duration,
     /// Whether requests are recorded in [`MockOptions::log`]. Off for a long-running server,
     /// whose log would otherwise grow without bound.
-    pub(crate) record: bool,
+    pub record: bool,
     /// How many bytes of each request body are kept in the log (the length is always kept).
-    pub(crate) record_body_limit: usize,
+    pub record_body_limit: usize,
     /// What the mock received.
-    pub(crate) log: MockLog,
+    pub log: MockLog,
 }
 
 impl Default for MockOptions {
@@ -89,35 +84,35 @@ impl Default for MockOptions {
 impl MockOptions {
     /// Sets [`MockOptions::latency`].
     #[must_use]
-    pub(crate) fn latency(mut self, latency: Duration) -> Self {
+    pub fn latency(mut self, latency: Duration) -> Self {
         self.latency = latency;
         self
     }
 
     /// Sets [`MockOptions::stream_chunks`] (at least one).
     #[must_use]
-    pub(crate) fn stream_chunks(mut self, n: usize) -> Self {
+    pub fn stream_chunks(mut self, n: usize) -> Self {
         self.stream_chunks = n.max(1);
         self
     }
 
     /// Sets [`MockOptions::chunk_delay`].
     #[must_use]
-    pub(crate) fn chunk_delay(mut self, delay: Duration) -> Self {
+    pub fn chunk_delay(mut self, delay: Duration) -> Self {
         self.chunk_delay = delay;
         self
     }
 
     /// Sets [`MockOptions::record`].
     #[must_use]
-    pub(crate) fn record(mut self, record: bool) -> Self {
+    pub fn record(mut self, record: bool) -> Self {
         self.record = record;
         self
     }
 
     /// Sets [`MockOptions::record_body_limit`].
     #[must_use]
-    pub(crate) fn record_body_limit(mut self, limit: usize) -> Self {
+    pub fn record_body_limit(mut self, limit: usize) -> Self {
         self.record_body_limit = limit;
         self
     }
@@ -125,33 +120,33 @@ impl MockOptions {
 
 /// One request as the mock received it.
 #[derive(Clone, Debug)]
-pub(crate) struct Received {
+pub struct Received {
     /// The request method.
-    pub(crate) method: Method,
+    pub method: Method,
     /// The path, without the query string.
-    pub(crate) path: String,
+    pub path: String,
     /// The query string, without `?`.
-    pub(crate) query: Option<String>,
+    pub query: Option<String>,
     /// The `authorization` header, if any (as text; `None` if absent or not visible ASCII).
-    pub(crate) authorization: Option<String>,
+    pub authorization: Option<String>,
     /// All request headers.
-    pub(crate) headers: HeaderMap,
+    pub headers: HeaderMap,
     /// The first [`MockOptions::record_body_limit`] bytes of the body.
-    pub(crate) body: Bytes,
+    pub body: Bytes,
     /// The full length of the body.
-    pub(crate) body_len: usize,
+    pub body_len: usize,
 }
 
 impl Received {
     /// The body as JSON, if it is JSON.
-    pub(crate) fn json(&self) -> Option<Value> {
+    pub fn json(&self) -> Option<Value> {
         serde_json::from_slice(&self.body).ok()
     }
 }
 
 /// What the mock received, shared between the server and whoever holds a clone.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct MockLog {
+pub struct MockLog {
     inner: Arc<LogInner>,
 }
 
@@ -163,7 +158,7 @@ struct LogInner {
 
 impl MockLog {
     /// The received requests, oldest first (a lock: do not hold it across an `.await`).
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Vec<Received>> {
+    pub fn lock(&self) -> MutexGuard<'_, Vec<Received>> {
         self.inner
             .received
             .lock()
@@ -171,33 +166,33 @@ impl MockLog {
     }
 
     /// A copy of the received requests, oldest first.
-    pub(crate) fn received(&self) -> Vec<Received> {
+    pub fn received(&self) -> Vec<Received> {
         self.lock().clone()
     }
 
     /// How many requests were received.
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.lock().len()
     }
 
     /// Whether no request was received.
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
     }
 
     /// The last request received.
-    pub(crate) fn last(&self) -> Option<Received> {
+    pub fn last(&self) -> Option<Received> {
         self.lock().last().cloned()
     }
 
     /// Forgets the received requests.
-    pub(crate) fn clear(&self) {
+    pub fn clear(&self) {
         self.lock().clear();
     }
 
     /// How many streamed responses the mock has finished writing (`data: [DONE]` sent or,
     /// for the Responses API, `response.completed`).
-    pub(crate) fn streams_completed(&self) -> usize {
+    pub fn streams_completed(&self) -> usize {
         self.inner.streams_completed.load(Ordering::SeqCst)
     }
 
@@ -211,18 +206,18 @@ impl MockLog {
 }
 
 /// The mock as an axum [`Router`] (every route, unknown ones included, is recorded).
-pub(crate) fn router(opts: MockOptions) -> Router {
+pub fn router(opts: MockOptions) -> Router {
     Router::new().fallback(handle).with_state(Arc::new(opts))
 }
 
 /// Serves the mock on `listener` until the task is dropped or the listener fails.
-pub(crate) async fn serve(listener: TcpListener, opts: MockOptions) -> std::io::Result<()> {
+pub async fn serve(listener: TcpListener, opts: MockOptions) -> std::io::Result<()> {
     axum::serve(listener, router(opts)).await
 }
 
 /// Starts the mock on `127.0.0.1` on a free port, in a background task; returns its address
 /// and its log. The server lives as long as the runtime.
-pub(crate) async fn spawn(opts: MockOptions) -> std::io::Result<(std::net::SocketAddr, MockLog)> {
+pub async fn spawn(opts: MockOptions) -> std::io::Result<(std::net::SocketAddr, MockLog)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let log = opts.log.clone();
@@ -231,7 +226,7 @@ pub(crate) async fn spawn(opts: MockOptions) -> std::io::Result<(std::net::Socke
 }
 
 /// The number of whitespace-separated words in `text`: the mock's token count.
-pub(crate) fn count_words(text: &str) -> u64 {
+pub fn count_words(text: &str) -> u64 {
     text.split_whitespace().count() as u64
 }
 
@@ -240,7 +235,7 @@ pub(crate) fn count_words(text: &str) -> u64 {
 /// Chat: every message's `content` (a string, or the `text` of its parts). Completions and
 /// embeddings: `prompt` / `input`, a string or an array of strings. Responses: `instructions`
 /// and `input` (a string, or messages as for chat). Images and moderations: `prompt` / `input`.
-pub(crate) fn prompt_tokens(path: &str, body: &Value) -> u64 {
+pub fn prompt_tokens(path: &str, body: &Value) -> u64 {
     match path {
         "/v1/chat/completions" => body
             .get("messages")
@@ -294,7 +289,7 @@ fn count_content(content: &Value) -> u64 {
 }
 
 /// The mock's answer: `n` words.
-pub(crate) fn answer_words(n: usize) -> Vec<&'static str> {
+pub fn answer_words(n: usize) -> Vec<&'static str> {
     WORDS.iter().copied().cycle().take(n).collect()
 }
 

@@ -1,7 +1,7 @@
 //! Wrap an existing axum router with KeyAuth and ModelAllowList.
 //!
 //! ```sh
-//! cargo run --example axum_router
+//! cargo run -p example-axum-router
 //! curl -s localhost:3000/v1/chat/completions -H 'authorization: Bearer sk-demo-team-a' \
 //!   -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
 //! ```
@@ -51,4 +51,55 @@ async fn main() -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
     println!("listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app(demo_store())).await
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::{app, demo_store};
+
+    fn chat(model: &str, header: &str, key: &str) -> Request<String> {
+        Request::post("/v1/chat/completions")
+            .header(header, key)
+            .body(format!(
+                r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#
+            ))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn axum_router_example_applies_the_policy() {
+        let app = app(demo_store());
+        let ok = app
+            .clone()
+            .oneshot(
+                chat("gpt-4o-mini", "authorization", "Bearer sk-demo-team-a")
+                    .map(axum::body::Body::from),
+            )
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+        let body = ok.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("hello, team-a"));
+
+        let denied = app
+            .clone()
+            .oneshot(
+                chat("gpt-4o", "authorization", "Bearer sk-demo-team-a")
+                    .map(axum::body::Body::from),
+            )
+            .await
+            .unwrap();
+        assert_eq!(denied.status(), StatusCode::FORBIDDEN);
+        let unknown = app
+            .oneshot(
+                chat("gpt-4o-mini", "authorization", "Bearer sk-nope").map(axum::body::Body::from),
+            )
+            .await
+            .unwrap();
+        assert_eq!(unknown.status(), StatusCode::UNAUTHORIZED);
+    }
 }

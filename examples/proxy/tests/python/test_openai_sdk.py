@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The official `openai` Python package through the example proxy, unchanged.
 
-Starts the mock upstream (`examples/mock_upstream.rs`) and the example proxy
-(`examples/proxy.rs`) as subprocesses on loopback ports, with a temporary configuration,
+Starts the mock upstream (`src/bin/mock_upstream.rs`) and the example proxy (`src/main.rs`)
+of the `example-proxy` package as subprocesses on loopback ports, with a temporary configuration,
 and drives the proxy with `openai.OpenAI(base_url=..., api_key=<virtual key>)`:
 
 * allowed calls work as against OpenAI (chat, a dated snapshot, streaming, the model list
@@ -16,12 +16,13 @@ and drives the proxy with `openai.OpenAI(base_url=..., api_key=<virtual key>)`:
 Plain `unittest`, so only `openai` needs installing:
 
     pip install openai
-    cargo build --examples --all-features
-    python3 tests/python/test_openai_sdk.py -v
+    cargo build -p example-proxy --bins
+    python3 examples/proxy/tests/python/test_openai_sdk.py -v
 
-Environment: PROXY_BIN and MOCK_BIN (default: target/debug/examples/{proxy,mock_upstream}
-of this repository), SDK_TEST_TIMEOUT (seconds for the whole script, default 60).
-Run by `tests/python_sdk.rs` during `cargo test`.
+Environment: PROXY_BIN and MOCK_BIN (default: target/debug/{proxy,mock_upstream} of this
+repository, or of $CARGO_TARGET_DIR), SDK_TEST_TIMEOUT (seconds for the whole script,
+default 60). Run by `tests/python_sdk.rs` during `cargo test -p example-proxy`, with the
+binaries cargo built for it.
 """
 
 import json
@@ -39,9 +40,11 @@ from pathlib import Path
 
 import openai
 
-REPO = Path(__file__).resolve().parents[2]
-PROXY_BIN = os.environ.get("PROXY_BIN") or str(REPO / "target/debug/examples/proxy")
-MOCK_BIN = os.environ.get("MOCK_BIN") or str(REPO / "target/debug/examples/mock_upstream")
+# examples/proxy/tests/python/ -> the repository (the workspace root).
+REPO = Path(__file__).resolve().parents[4]
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+PROXY_BIN = os.environ.get("PROXY_BIN") or str(TARGET / "debug/proxy")
+MOCK_BIN = os.environ.get("MOCK_BIN") or str(TARGET / "debug/mock_upstream")
 TIMEOUT = int(os.environ.get("SDK_TEST_TIMEOUT", "60"))
 
 PROVIDER_ENV = "PY_SDK_TEST_PROVIDER_KEY"
@@ -218,7 +221,7 @@ class Harness:
         for binary in (PROXY_BIN, MOCK_BIN):
             if not os.access(binary, os.X_OK):
                 raise RuntimeError(
-                    f"{binary} is missing: run `cargo build --examples --all-features` "
+                    f"{binary} is missing: run `cargo build -p example-proxy --bins` "
                     "(or set PROXY_BIN / MOCK_BIN)"
                 )
         cls.dir = tempfile.TemporaryDirectory(prefix="py-sdk-proxy-")

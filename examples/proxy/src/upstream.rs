@@ -24,12 +24,6 @@
 //! headers takes too long, 502 `upstream_unavailable` when the upstream cannot be reached.
 //! A response body that stays silent longer than the idle timeout ends with an
 //! [`IdleTimeout`] error.
-//!
-//! This file depends on nothing in the crate, so a test can include it with
-//! `#[path = "../examples/common/upstream.rs"] mod upstream;`.
-
-// Shared by several examples and tests; each uses a different part of it.
-#![allow(dead_code)]
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
@@ -57,18 +51,18 @@ use tokio::time::{Instant, Sleep};
 use tower::Service;
 
 /// A boxed error, as bodies and hyper use them.
-pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
+pub type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// The request body type the client sends: any incoming body, boxed once.
 type UpBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Default for [`UpstreamBuilder::connect_timeout`].
-pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default for [`UpstreamBuilder::first_byte_timeout`]: a long non-streamed completion of a
 /// reasoning model can take minutes before its headers come.
-pub(crate) const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(600);
+pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default for [`UpstreamBuilder::idle_timeout`].
-pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long an unused pooled connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -92,7 +86,7 @@ const CLIENT_KEY_HEADERS: &[&str] = &["authorization", "api-key", "x-api-key"];
 /// Forwards requests to an OpenAI-compatible upstream. Cheap to clone (the connection pool
 /// is shared).
 #[derive(Clone)]
-pub(crate) struct Upstream {
+pub struct Upstream {
     inner: Arc<Inner>,
 }
 
@@ -128,7 +122,7 @@ impl fmt::Debug for Upstream {
 
 /// Configures an [`Upstream`].
 #[derive(Clone)]
-pub(crate) struct UpstreamBuilder {
+pub struct UpstreamBuilder {
     base_url: String,
     provider_key: Option<String>,
     connect_timeout: Duration,
@@ -155,14 +149,14 @@ impl UpstreamBuilder {
     /// The provider's API key, sent as `authorization: Bearer <key>`. `None` or an empty key
     /// sends no `authorization` at all.
     #[must_use]
-    pub(crate) fn provider_key(mut self, key: Option<String>) -> Self {
+    pub fn provider_key(mut self, key: Option<String>) -> Self {
         self.provider_key = key.filter(|k| !k.is_empty());
         self
     }
 
     /// Longest time to open the TCP connection ([`DEFAULT_CONNECT_TIMEOUT`]).
     #[must_use]
-    pub(crate) fn connect_timeout(mut self, timeout: Duration) -> Self {
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
@@ -170,21 +164,21 @@ impl UpstreamBuilder {
     /// Longest time from sending the request (connecting and uploading included) to the
     /// response headers ([`DEFAULT_FIRST_BYTE_TIMEOUT`]).
     #[must_use]
-    pub(crate) fn first_byte_timeout(mut self, timeout: Duration) -> Self {
+    pub fn first_byte_timeout(mut self, timeout: Duration) -> Self {
         self.first_byte_timeout = timeout;
         self
     }
 
     /// Longest silence while reading the response body ([`DEFAULT_IDLE_TIMEOUT`]).
     #[must_use]
-    pub(crate) fn idle_timeout(mut self, timeout: Duration) -> Self {
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
         self
     }
 
     /// Builds the client. Fails on a base URL that is not `http(s)://host[:port][/path]`, or a
     /// key that cannot be a header value (the error never shows the key).
-    pub(crate) fn build(self) -> Result<Upstream, ConfigError> {
+    pub fn build(self) -> Result<Upstream, ConfigError> {
         let uri: Uri = self
             .base_url
             .parse()
@@ -257,7 +251,7 @@ impl UpstreamBuilder {
 
 /// A bad [`UpstreamBuilder`] setting. The message never contains the provider key.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct ConfigError(&'static str);
+pub struct ConfigError(&'static str);
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -269,7 +263,7 @@ impl StdError for ConfigError {}
 
 impl Upstream {
     /// Starts configuring a client for `base_url`, e.g. `https://api.openai.com/v1`.
-    pub(crate) fn builder(base_url: impl Into<String>) -> UpstreamBuilder {
+    pub fn builder(base_url: impl Into<String>) -> UpstreamBuilder {
         UpstreamBuilder {
             base_url: base_url.into(),
             provider_key: None,
@@ -280,7 +274,7 @@ impl Upstream {
     }
 
     /// A client for `base_url` with `provider_key` and the default timeouts.
-    pub(crate) fn new(
+    pub fn new(
         base_url: impl Into<String>,
         provider_key: Option<String>,
     ) -> Result<Self, ConfigError> {
@@ -288,12 +282,12 @@ impl Upstream {
     }
 
     /// The base URL, normalised (no trailing `/`).
-    pub(crate) fn base_url(&self) -> &str {
+    pub fn base_url(&self) -> &str {
         &self.inner.base_url
     }
 
     /// Whether a provider key is configured.
-    pub(crate) fn has_provider_key(&self) -> bool {
+    pub fn has_provider_key(&self) -> bool {
         self.inner.authorization.is_some()
     }
 
@@ -423,7 +417,7 @@ fn failure(err: &hyper_util::client::legacy::Error) -> Response<UpstreamBody> {
 }
 
 /// An OpenAI-shaped error response: `{"error":{"message","type","param":null,"code"}}`.
-pub(crate) fn error_response(
+pub fn error_response(
     status: StatusCode,
     message: &str,
     kind: &str,
@@ -442,7 +436,7 @@ pub(crate) fn error_response(
 }
 
 /// Removes the hop-by-hop headers, and those the `Connection` header names.
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -482,7 +476,7 @@ where
 }
 
 /// The response body: the upstream's, frame by frame, or an error answered here.
-pub(crate) struct UpstreamBody {
+pub struct UpstreamBody {
     kind: Kind,
 }
 
@@ -519,7 +513,7 @@ impl UpstreamBody {
     }
 
     /// A body of one frame.
-    pub(crate) fn full(bytes: Bytes) -> Self {
+    pub fn full(bytes: Bytes) -> Self {
         Self {
             kind: Kind::Full(Some(bytes)),
         }
@@ -580,7 +574,7 @@ impl Body for UpstreamBody {
 
 /// The upstream's response body sent nothing for the configured idle time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct IdleTimeout(pub(crate) Duration);
+pub struct IdleTimeout(pub Duration);
 
 impl fmt::Display for IdleTimeout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

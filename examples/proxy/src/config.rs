@@ -6,7 +6,7 @@
 //! then served by a [`FileKeyStore`](tower_llm_policy::keys::FileKeyStore) on the same file,
 //! which reloads them on edit; the other tables are read once, at start-up.
 //!
-//! See `examples/proxy.toml` for a documented sample of every table.
+//! See `proxy.toml` (`examples/proxy/proxy.toml`) for a documented sample of every table.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -23,47 +23,47 @@ use tower_llm_policy::{ApiKey, FeatureSet};
 use crate::upstream::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_FIRST_BYTE_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
 
 /// Where the proxy listens when neither the config nor `--listen` says.
-pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
 /// How long in-flight requests may run on after SIGINT/SIGTERM, by default.
-pub(crate) const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// The whole configuration file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct Config {
+pub struct Config {
     /// `listen = "127.0.0.1:8080"`: the address clients use (`http://<listen>/v1`).
     #[serde(default = "default_listen")]
-    pub(crate) listen: SocketAddr,
+    pub listen: SocketAddr,
     /// `[upstream]`: where requests go, with which provider key.
-    pub(crate) upstream: UpstreamConfig,
+    pub upstream: UpstreamConfig,
     /// `[server]`: connection handling.
     #[serde(default)]
-    pub(crate) server: ServerConfig,
+    pub server: ServerConfig,
     /// `[audit]`: where audit records go.
     #[serde(default)]
-    pub(crate) audit: AuditConfig,
+    pub audit: AuditConfig,
     /// `[workspace]`: the models any key may use at most.
     #[serde(default)]
-    pub(crate) workspace: WorkspaceConfig,
+    pub workspace: WorkspaceConfig,
     /// `[model_names]`: aliases resolved before every model check.
     #[serde(default)]
-    pub(crate) model_names: ModelNamesConfig,
+    pub model_names: ModelNamesConfig,
     /// `[blocked]`: features and models blocked for every key.
     #[serde(default)]
-    pub(crate) blocked: BlockedConfig,
+    pub blocked: BlockedConfig,
     /// `[prompt_limits]`: limits for every key (a key's own limits apply too).
     #[serde(default)]
-    pub(crate) prompt_limits: PromptLimitsConfig,
+    pub prompt_limits: PromptLimitsConfig,
     /// `[pricing]`: prices (USD per million tokens) on top of the built-in table.
     #[serde(default)]
-    pub(crate) pricing: PricingTable,
+    pub pricing: PricingTable,
     /// `[body]`: request body size limits.
     #[serde(default)]
-    pub(crate) body: BodyConfig,
+    pub body: BodyConfig,
     /// `[[keys]]`: the virtual keys, with every field of [`ApiKey`].
     #[serde(default)]
-    pub(crate) keys: Vec<ApiKey>,
+    pub keys: Vec<ApiKey>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -73,22 +73,22 @@ fn default_listen() -> SocketAddr {
 /// `[upstream]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct UpstreamConfig {
+pub struct UpstreamConfig {
     /// `base_url = "https://api.openai.com/v1"`: `/v1/<rest>` goes to `<base_url>/<rest>`.
-    pub(crate) base_url: String,
+    pub base_url: String,
     /// `api_key_env = "OPENAI_API_KEY"`: the environment variable holding the provider key.
     /// Absent (or the variable unset): requests go upstream without `authorization`.
     #[serde(default)]
-    pub(crate) api_key_env: Option<String>,
+    pub api_key_env: Option<String>,
     /// `connect_timeout = "10s"`.
     #[serde(default = "default_connect", deserialize_with = "duration")]
-    pub(crate) connect_timeout: Duration,
+    pub connect_timeout: Duration,
     /// `first_byte_timeout = "10m"`: until the response headers.
     #[serde(default = "default_first_byte", deserialize_with = "duration")]
-    pub(crate) first_byte_timeout: Duration,
+    pub first_byte_timeout: Duration,
     /// `idle_timeout = "5m"`: longest silence inside a response body.
     #[serde(default = "default_idle", deserialize_with = "duration")]
-    pub(crate) idle_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 fn default_connect() -> Duration {
@@ -104,11 +104,11 @@ fn default_idle() -> Duration {
 /// `[server]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct ServerConfig {
+pub struct ServerConfig {
     /// `shutdown_grace = "30s"`: how long in-flight requests and streams may run on after
     /// SIGINT/SIGTERM before the proxy exits anyway.
     #[serde(default = "default_grace", deserialize_with = "duration")]
-    pub(crate) shutdown_grace: Duration,
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -126,37 +126,37 @@ fn default_grace() -> Duration {
 /// `[audit]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct AuditConfig {
+pub struct AuditConfig {
     /// `jsonl = "audit.jsonl"`: append one JSON record per request to this file.
     #[serde(default)]
-    pub(crate) jsonl: Option<PathBuf>,
+    pub jsonl: Option<PathBuf>,
 }
 
 /// `[workspace]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct WorkspaceConfig {
+pub struct WorkspaceConfig {
     /// `models = ["gpt-4o*", "o3-mini"]`: the workspace entitlement. Absent: no workspace
     /// list (keys' own lists only).
     #[serde(default)]
-    pub(crate) models: Option<ModelList>,
+    pub models: Option<ModelList>,
 }
 
 /// `[model_names]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct ModelNamesConfig {
+pub struct ModelNamesConfig {
     /// `aliases = { "gpt4" = "gpt-4" }`.
     #[serde(default)]
-    pub(crate) aliases: BTreeMap<String, String>,
+    pub aliases: BTreeMap<String, String>,
     /// `strip_suffixes = ["-latest"]`.
     #[serde(default)]
-    pub(crate) strip_suffixes: Vec<String>,
+    pub strip_suffixes: Vec<String>,
 }
 
 impl ModelNamesConfig {
     /// The alias table.
-    pub(crate) fn to_model_names(&self) -> ModelNames {
+    pub fn to_model_names(&self) -> ModelNames {
         let mut names = ModelNames::new();
         for (from, to) in &self.aliases {
             names = names.alias(from, to);
@@ -171,23 +171,23 @@ impl ModelNamesConfig {
 /// `[blocked]`: for the FeatureBlock layer.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct BlockedConfig {
+pub struct BlockedConfig {
     /// `unknown_endpoints = false`: forward requests for endpoints the policy does not know
     /// (default `true`: refuse them with 404 `unknown_url`, never forwarded).
     #[serde(default = "yes")]
-    pub(crate) unknown_endpoints: bool,
+    pub unknown_endpoints: bool,
     /// `features = ["fine_tuning", "audio"]`: blocked for every key.
     #[serde(default)]
-    pub(crate) features: FeatureSet,
+    pub features: FeatureSet,
     /// `models = ["gpt-4.5*"]`: blocked for every key.
     #[serde(default)]
-    pub(crate) models: ModelList,
+    pub models: ModelList,
     /// `image_sizes = ["1792x1024"]`: image sizes blocked for every key.
     #[serde(default)]
-    pub(crate) image_sizes: Vec<String>,
+    pub image_sizes: Vec<String>,
     /// `image_qualities = ["hd"]`: image qualities blocked for every key.
     #[serde(default)]
-    pub(crate) image_qualities: Vec<String>,
+    pub image_qualities: Vec<String>,
 }
 
 impl Default for BlockedConfig {
@@ -209,45 +209,45 @@ fn yes() -> bool {
 /// `[prompt_limits]`: for the PromptLimit layer. Same names as the key fields.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct PromptLimitsConfig {
+pub struct PromptLimitsConfig {
     /// Characters of prompt text.
     #[serde(default)]
-    pub(crate) max_prompt_chars: Option<u64>,
+    pub max_prompt_chars: Option<u64>,
     /// Prompt tokens.
     #[serde(default)]
-    pub(crate) max_prompt_tokens: Option<u64>,
+    pub max_prompt_tokens: Option<u64>,
     /// Requested output tokens (`max_tokens`, `max_completion_tokens`, `max_output_tokens`).
     #[serde(default)]
-    pub(crate) max_output_tokens: Option<u64>,
+    pub max_output_tokens: Option<u64>,
     /// `n` / `best_of`.
     #[serde(default)]
-    pub(crate) max_n: Option<u64>,
+    pub max_n: Option<u64>,
     /// Chat messages.
     #[serde(default)]
-    pub(crate) max_messages: Option<u64>,
+    pub max_messages: Option<u64>,
     /// Whether every request must carry `user` or `safety_identifier`.
     #[serde(default)]
-    pub(crate) require_user: bool,
+    pub require_user: bool,
     /// `clamp_output = true`: lower a requested output limit above `max_output_tokens` to it
     /// (rewriting the body) instead of refusing the request.
     #[serde(default)]
-    pub(crate) clamp_output: bool,
+    pub clamp_output: bool,
     /// `require_output_limit = true`: refuse chat, completions and responses requests that set
     /// no output-token limit.
     #[serde(default)]
-    pub(crate) require_output_limit: bool,
+    pub require_output_limit: bool,
 }
 
 /// `[body]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct BodyConfig {
+pub struct BodyConfig {
     /// `limit = 16777216`: largest JSON body, in bytes (413 above).
     #[serde(default = "default_body_limit")]
-    pub(crate) limit: usize,
+    pub limit: usize,
     /// `multipart_limit = 33554432`: largest multipart (upload) body, in bytes.
     #[serde(default = "default_multipart_limit")]
-    pub(crate) multipart_limit: usize,
+    pub multipart_limit: usize,
 }
 
 impl Default for BodyConfig {
@@ -261,7 +261,7 @@ impl Default for BodyConfig {
 
 impl BodyConfig {
     /// The options every body-reading layer gets.
-    pub(crate) fn options(&self) -> BodyOptions {
+    pub fn options(&self) -> BodyOptions {
         BodyOptions {
             limit: self.limit,
             multipart_limit: self.multipart_limit,
@@ -296,7 +296,7 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 
 /// Why the configuration could not be loaded. Messages never contain a secret.
 #[derive(Debug)]
-pub(crate) enum ConfigError {
+pub enum ConfigError {
     /// The file could not be read.
     Io(PathBuf, std::io::Error),
     /// Invalid TOML, an unknown field, a bad value: the parser's message names the line.
@@ -320,14 +320,14 @@ impl std::error::Error for ConfigError {}
 
 impl Config {
     /// Reads and parses the file.
-    pub(crate) fn load(path: &Path) -> Result<Config, ConfigError> {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Io(path.to_owned(), e))?;
         Config::parse(path, &text)
     }
 
     /// Parses configuration text (`path` is for messages).
-    pub(crate) fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text)
             .map_err(|e| ConfigError::Parse(path.to_owned(), e.to_string().trim_end().into()))?;
         if let Some(env) = &config.upstream.api_key_env {
@@ -349,7 +349,7 @@ impl Config {
 
     /// The configuration of the embedded default: everything at its default, the upstream
     /// at `base_url` without a provider key, and no keys (the caller adds the demo key).
-    pub(crate) fn embedded(listen: SocketAddr, base_url: String) -> Config {
+    pub fn embedded(listen: SocketAddr, base_url: String) -> Config {
         Config {
             listen,
             upstream: UpstreamConfig {

@@ -1,14 +1,13 @@
 //! The official `openai` Python package through the example proxy: runs
-//! `tests/python/test_openai_sdk.py` (plain `unittest`) against the example binaries.
+//! `tests/python/test_openai_sdk.py` (plain `unittest`) against this package's two binaries.
 //!
-//! This test builds nothing: a build started from here would wait on the lock of the build
-//! directory held by the running `cargo test`. It runs the script with `PROXY_BIN` and
-//! `MOCK_BIN` set to `target/<profile>/examples/{proxy,mock_upstream}`, next to this test's
-//! own binary. CI (`.ci/run`) builds them first:
+//! Cargo builds a package's binaries before its integration tests and tells them where they
+//! are: the script runs with `PROXY_BIN` and `MOCK_BIN` set to `CARGO_BIN_EXE_proxy` and
+//! `CARGO_BIN_EXE_mock_upstream` (`target/<profile>/{proxy,mock_upstream}`). Only the `openai`
+//! package needs installing; CI (`.ci/run`) does:
 //!
 //! ```sh
 //! pip install --quiet openai
-//! cargo build --examples --all-features
 //! export REQUIRE_PYTHON_SDK=1
 //! ```
 //!
@@ -37,19 +36,6 @@ fn skip(why: &str) {
         panic!("REQUIRE_PYTHON_SDK=1 and {why}");
     }
     println!("skipped: {why} (set REQUIRE_PYTHON_SDK=1 to make this a failure)");
-}
-
-/// `target/<profile>`: this test runs from `target/<profile>/deps/python_sdk-<hash>`.
-fn profile_dir() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let deps = exe.parent()?;
-    Some(deps.parent()?.to_owned())
-}
-
-fn example(profile: &Path, name: &str) -> PathBuf {
-    profile
-        .join("examples")
-        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
 }
 
 /// Runs `command` to its end (or `timeout`), collecting its stdout and stderr.
@@ -130,20 +116,15 @@ fn the_openai_python_sdk_works_through_the_proxy() {
         }
     }
 
-    let Some(profile) = profile_dir() else {
-        skip("cannot locate the target directory from this test's executable");
-        return;
-    };
-    let proxy = example(&profile, "proxy");
-    let mock = example(&profile, "mock_upstream");
+    let proxy = PathBuf::from(env!("CARGO_BIN_EXE_proxy"));
+    let mock = PathBuf::from(env!("CARGO_BIN_EXE_mock_upstream"));
     let missing: Vec<_> = [&proxy, &mock]
         .into_iter()
         .filter(|p| !p.is_file())
         .collect();
     if !missing.is_empty() {
         skip(&format!(
-            "the example binaries are missing ({}): run `cargo build --examples --all-features` \
-             before `cargo test` (.ci/run does)",
+            "the proxy's binaries are missing ({}): `cargo test -p example-proxy` builds them",
             missing
                 .iter()
                 .map(|p| p.display().to_string())

@@ -1,11 +1,9 @@
-//! The mock upstream (`examples/common/mock.rs`) answers like OpenAI and records what it got.
+//! The mock upstream (`src/mock.rs`) answers like OpenAI and records what it got.
 //! Driven as a tower service (its axum `Router`), no sockets.
-
-#[path = "../examples/common/mock.rs"]
-mod mock;
 
 use axum::body::Body;
 use bytes::Bytes;
+use example_proxy::mock;
 use http::{header, Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use mock::MockOptions;

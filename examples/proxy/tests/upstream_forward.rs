@@ -1,10 +1,5 @@
-//! The example proxy's forwarder (`examples/common/upstream.rs`) against the mock upstream
-//! (`examples/common/mock.rs`), on loopback.
-
-#[path = "../examples/common/mock.rs"]
-mod mock;
-#[path = "../examples/common/upstream.rs"]
-mod upstream;
+//! The example proxy's forwarder (`src/upstream.rs`) against the mock upstream (`src/mock.rs`),
+//! on loopback.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -12,6 +7,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use example_proxy::{mock, upstream};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};

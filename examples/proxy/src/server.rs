@@ -26,7 +26,7 @@ use crate::stack::{ProxyBody, ProxyService};
 ///
 /// Bodies are never buffered here; the stack holds them to `[body]` (see
 /// [`crate::stack::BodyLimit`]), inside the audit layer so that a 413 is recorded too.
-pub(crate) async fn run(
+pub async fn run(
     service: ProxyService,
     listener: TcpListener,
     grace: Duration,

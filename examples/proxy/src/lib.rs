@@ -1,0 +1,19 @@
+//! The example proxy's modules, as a library: the `proxy` binary (`src/main.rs`) and the
+//! `mock_upstream` binary (`src/bin/mock_upstream.rs`) are thin `main`s over them, and the
+//! tests (`tests/`) use them to run the proxy in-process.
+//!
+//! - [`app`]: command line, configuration or embedded default, start-up;
+//! - [`audit_line`]: the embedded default's audit records, one line each on stdout;
+//! - [`config`]: the TOML configuration (see `proxy.toml` in this package);
+//! - [`stack`]: the policy layers in front of the forwarding client;
+//! - [`server`]: the HTTP server, `/healthz`, graceful shutdown;
+//! - [`upstream`]: the forwarding client to the OpenAI-compatible upstream;
+//! - [`mock`]: a deterministic mock of the OpenAI API (the embedded default's upstream).
+
+pub mod app;
+pub mod audit_line;
+pub mod config;
+pub mod mock;
+pub mod server;
+pub mod stack;
+pub mod upstream;
