@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+use tower_llm_policy::audit::pricing::PricingTable;
 use tower_llm_policy::model::{ModelList, ModelNames};
-use tower_llm_policy::pricing::PricingTable;
 use tower_llm_policy::request::{BodyOptions, DEFAULT_BODY_LIMIT, DEFAULT_MULTIPART_LIMIT};
 use tower_llm_policy::{ApiKey, FeatureSet};
 

@@ -25,7 +25,7 @@ use crate::stack::{ProxyBody, ProxyService};
 /// returns. Idle keep-alive connections are closed at once.
 ///
 /// Bodies are never buffered here; the stack holds them to `[body]` (see
-/// [`crate::stack::BodyLimit`]), inside the audit layer so that a 413 is recorded too.
+/// [`tower_llm_policy::BodyLimit`]), inside the audit layer so that a 413 is recorded too.
 pub async fn run(
     service: ProxyService,
     listener: TcpListener,

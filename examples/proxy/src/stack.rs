@@ -1,8 +1,11 @@
 //! The proxy's tower stack: the crate's policy layers in front of the forwarding client.
 //!
 //! ```text
-//! client ──► AuditSink ──► KeyAuth ──► ModelAllowList ──► FeatureBlock ──► PromptLimit ──► Upstream
+//! client ──► Audit ──► BodyLimit ──► KeyAuth ──► FeatureBlock ──► ModelAllowList ──► PromptLimit ──► Upstream
 //! ```
+//!
+//! Every layer shares one library [`Policy`](tower_llm_policy::Policy) (`[body]` and
+//! `[model_names]`): the request is resolved once, with it.
 //!
 //! The audit layer is there when records have somewhere to go (`[audit] jsonl`, or the
 //! console lines of the embedded default); the other layers always, each configured from its
@@ -18,15 +21,13 @@ use http_body_util::BodyExt;
 use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_layer::Layer;
+use tower_llm_policy::audit::pricing::PricingTable;
 use tower_llm_policy::audit::FanOut;
-use tower_llm_policy::error::Layer as LayerName;
 use tower_llm_policy::model::{ModelList, ModelNames};
-use tower_llm_policy::pricing::PricingTable;
 use tower_llm_policy::request::BodyOptions;
-use tower_llm_policy::ResponseBody;
 use tower_llm_policy::{
-    AuditLayer, FeatureBlockLayer, KeyAuthLayer, KeyStore, ModelAllowListLayer, OutputLimitMode,
-    PolicyBody, PromptLimitLayer,
+    AuditLayer, BodyLimitLayer, FeatureBlockLayer, KeyAuthLayer, KeyStore, ModelAllowListLayer,
+    OutputLimitMode, PolicyBody, PromptLimitLayer,
 };
 
 use crate::config::{BlockedConfig, Config, PromptLimitsConfig};
@@ -101,9 +102,11 @@ pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService 
         ));
     };
 
-    let mut allow_list = ModelAllowListLayer::new()
+    // How requests are resolved, shared by every layer.
+    let resolve = tower_llm_policy::Policy::new()
         .model_names(policy.names.clone())
         .body_options(policy.body);
+    let mut allow_list = ModelAllowListLayer::new().policy(resolve.clone());
     if let Some(models) = &policy.workspace_models {
         allow_list = allow_list.workspace_models(models.entries());
     }
@@ -113,8 +116,7 @@ pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService 
         .block_models(policy.blocked.models.entries())
         .block_image_sizes(&policy.blocked.image_sizes)
         .block_image_qualities(&policy.blocked.image_qualities)
-        .model_names(policy.names.clone())
-        .body_options(policy.body);
+        .policy(resolve.clone());
     let limits = &policy.prompt_limits;
     let mut prompt_limit = PromptLimitLayer::new()
         .require_user(limits.require_user)
@@ -124,8 +126,7 @@ pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService 
         } else {
             OutputLimitMode::Reject
         })
-        .model_names(policy.names.clone())
-        .body_options(policy.body);
+        .policy(resolve.clone());
     for (value, set) in [
         (
             limits.max_prompt_chars,
@@ -148,14 +149,13 @@ pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService 
     }
 
     // A key's own blocks and limits come with its `Arc<ApiKey>` from KeyAuth.
+    // Cheapest and broadest first: the key, then what the path alone decides (a blocked
+    // endpoint needs no body), then what needs the body.
     let policed = ServiceBuilder::new()
-        .layer_fn(|inner| BodyLimit {
-            inner,
-            limits: policy.body,
-        })
-        .layer(KeyAuthLayer::new(policy.store.clone()))
-        .layer(allow_list)
+        .layer(BodyLimitLayer::new().policy(resolve.clone()))
+        .layer(KeyAuthLayer::new(policy.store.clone()).policy(resolve.clone()))
         .layer(feature_block)
+        .layer(allow_list)
         .layer(prompt_limit)
         .service(upstream);
     match (!policy.audit.is_empty()).then_some(&policy.audit) {
@@ -164,7 +164,7 @@ pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService 
         Some(sinks) => {
             let audited = AuditLayer::new(sinks.clone())
                 .pricing(policy.pricing.clone())
-                .body_options(policy.body)
+                .policy(resolve)
                 .layer(policed);
             BoxCloneService::new(ServiceExt::<Request<PolicyBody>>::map_response(
                 audited, box_body,
@@ -183,50 +183,4 @@ where
     B::Error: Into<BoxError>,
 {
     response.map(|body| body.map_err(Into::into).boxed_unsync())
-}
-
-/// Holds every request body to `[body]`, whether or not a layer reads it: a declared
-/// `Content-Length` over the limit is a 413 at once (with the `Rejection` the audit layer
-/// records); a body without one is streamed on and cut off at the limit (the upstream request
-/// then fails, a 502 in the audit log). Uploads no layer reads (files) are held too.
-#[derive(Clone, Debug)]
-pub struct BodyLimit<S> {
-    inner: S,
-    limits: BodyOptions,
-}
-
-impl<S, ResBody> tower::Service<Request<PolicyBody>> for BodyLimit<S>
-where
-    S: tower::Service<Request<PolicyBody>, Response = Response<ResBody>, Error = Infallible>,
-    S::Future: Send + 'static,
-    ResBody: Send + 'static,
-{
-    type Response = Response<ResponseBody<ResBody>>;
-    type Error = Infallible;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<PolicyBody>) -> Self::Future {
-        let limit = match self.limits.check_declared_length(req.headers()) {
-            Ok(limit) => limit,
-            Err(error) => {
-                let json = error.to_json();
-                let response = error
-                    .into_response(LayerName::RequestBody)
-                    .map(|_| ResponseBody::full(json));
-                return Box::pin(std::future::ready(Ok(response)));
-            }
-        };
-        let req = req.map(|body| PolicyBody::new(http_body_util::Limited::new(body, limit)));
-        let future = self.inner.call(req);
-        Box::pin(async move { Ok(future.await?.map(ResponseBody::inner)) })
-    }
 }

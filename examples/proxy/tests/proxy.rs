@@ -963,7 +963,7 @@ async fn the_embedded_default_prints_one_audit_line_per_request() -> TestResult 
         [
             "audit key=demo model=gpt-4.1 status=403 \
              blocked_by=model_allow_list:model_not_allowed tokens=- cost_usd=-",
-            "audit key=- model=gpt-4o-mini status=401 blocked_by=key_auth:invalid_api_key \
+            "audit key=- model=- status=401 blocked_by=key_auth:invalid_api_key \
              tokens=- cost_usd=-",
         ],
         "{seen:?}"
