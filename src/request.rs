@@ -271,7 +271,9 @@ impl LlmRequest {
             self.model = Some(deployment.clone());
         }
         self.model_from_default = false;
-        if self.model.is_none() {
+        // The documented default applies to a request that names no model, which is known only
+        // once its body is read.
+        if self.model.is_none() && !self.body_pending() {
             if let Some(default) = self.route.endpoint.default_model() {
                 self.model = Some(default.to_owned());
                 self.model_from_default = true;

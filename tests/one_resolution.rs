@@ -323,6 +323,8 @@ async fn a_blocked_endpoint_is_refused_from_the_path_alone() {
     assert_eq!(r.outcome, Outcome::Rejected);
     assert_eq!(r.key.as_deref(), Some("no-images"));
     assert_eq!(r.blocked_by.as_deref(), Some("feature_block"));
+    // The body was not read: the record claims no model (not even the endpoint's default).
+    assert_eq!(r.model, None);
 }
 
 #[tokio::test]

@@ -274,9 +274,13 @@ class Harness:
         return openai.OpenAI(base_url=cls.base_url, api_key=key, max_retries=0, timeout=10)
 
 
-def call(fn, *, key, method, path, model=None, stream=False, rejected=False, audited=True):
-    """Runs one SDK call and notes the request for the audit check (whatever happens)."""
+def call(
+    fn, *, key, method, path, model=None, stream=False, rejected=False, audited=True, body_read=True
+):
+    """Runs one SDK call and notes the request for the audit check (whatever happens).
+    `body_read=False`: the proxy refuses it from its path alone, so the record has no model."""
     entry = {
+        "body_read": body_read,
         "key": key,
         "method": method,
         "path": path,
@@ -539,6 +543,7 @@ class OpenAISdkThroughProxy(unittest.TestCase):
                 path="/v1/images/generations",
                 model="dall-e-3",
                 rejected=True,
+                body_read=False,
             )
         self.assert_error(ctx, openai.UnprocessableEntityError, 422, "feature_blocked")
 
@@ -594,14 +599,16 @@ class OpenAISdkThroughProxy(unittest.TestCase):
         def summary(key, method, path, model, stream, status, rejected):
             return (key or "", method, path, model or "", bool(stream), status, bool(rejected))
 
-        # An unknown key has no name; the others are named, rejected or not.
+        # An unknown key has no name; the others are named, rejected or not. A request refused
+        # for its key has nothing of its body read: no model, no stream.
+        read = lambda s: s["body_read"] and s["status"] != 401  # noqa: E731
         expected = sorted(
             summary(
                 KEY_NAMES.get(s["key"]),
                 s["method"],
                 s["path"],
-                s["model"],
-                s["stream"],
+                s["model"] if read(s) else None,
+                s["stream"] if read(s) else False,
                 s["status"],
                 s["rejected"],
             )
