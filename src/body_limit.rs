@@ -41,6 +41,7 @@ use std::task::{ready, Context, Poll};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{LengthLimitError, Limited};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -146,9 +147,7 @@ where
         };
         let tripped = Arc::new(AtomicBool::new(false));
         let body = PolicyBody::new(LimitedBody {
-            inner: body,
-            remaining: limit,
-            limit,
+            inner: Limited::new(body, limit),
             tripped: tripped.clone(),
         });
         ResponseFuture {
@@ -222,25 +221,12 @@ where
     }
 }
 
-/// The error of a body cut off at its limit.
-#[derive(Debug)]
-pub(crate) struct TooLarge;
-
-impl fmt::Display for TooLarge {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("request body over the size limit")
-    }
-}
-
-impl std::error::Error for TooLarge {}
-
 pin_project! {
-    /// A request body that fails once more than `limit` bytes came through, and says so.
+    /// The request body through [`Limited`], noting in `tripped` when it went over the limit
+    /// (the inner service may swallow the error; the response future must still know).
     struct LimitedBody<B> {
         #[pin]
-        inner: B,
-        remaining: usize,
-        limit: usize,
+        inner: Limited<B>,
         tripped: Arc<AtomicBool>,
     }
 }
@@ -258,21 +244,13 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        match ready!(this.inner.poll_frame(cx)) {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    if data.len() > *this.remaining {
-                        *this.remaining = 0;
-                        this.tripped.store(true, Ordering::Release);
-                        return Poll::Ready(Some(Err(Box::new(TooLarge))));
-                    }
-                    *this.remaining -= data.len();
-                }
-                Poll::Ready(Some(Ok(frame)))
+        let frame = ready!(this.inner.poll_frame(cx));
+        if let Some(Err(error)) = &frame {
+            if error.is::<LengthLimitError>() {
+                this.tripped.store(true, Ordering::Release);
             }
-            Some(Err(error)) => Poll::Ready(Some(Err(error.into()))),
-            None => Poll::Ready(None),
         }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -280,14 +258,6 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = self.inner.size_hint();
-        let limit = self.limit as u64;
-        if hint.lower() > limit {
-            return hint;
-        }
-        if hint.upper().is_none_or(|upper| upper > limit) {
-            hint.set_upper(limit);
-        }
-        hint
+        self.inner.size_hint()
     }
 }

@@ -277,7 +277,7 @@ fn decide_and_forward<C: Check>(
 }
 
 /// Turns the outcome of reading a body into its bytes or the error to answer with.
-pub(crate) fn read_outcome<E: Into<BoxError>>(
+fn read_outcome<E: Into<BoxError>>(
     result: Result<http_body_util::Collected<Bytes>, E>,
     limit: usize,
 ) -> Result<Bytes, PolicyError> {
@@ -285,7 +285,8 @@ pub(crate) fn read_outcome<E: Into<BoxError>>(
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) => {
             let e: BoxError = e.into();
-            if is_length_limit(&*e) {
+            // The limit of this read, or of a `BodyLimit` layer's read before it.
+            if e.is::<LengthLimitError>() {
                 Err(PolicyError::BodyTooLarge { limit })
             } else {
                 Err(PolicyError::InvalidBody {
@@ -295,18 +296,6 @@ pub(crate) fn read_outcome<E: Into<BoxError>>(
             }
         }
     }
-}
-
-/// Whether `e` (or what it wraps) is a body over its size limit.
-pub(crate) fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(e);
-    while let Some(e) = current {
-        if e.is::<LengthLimitError>() || e.is::<crate::body_limit::TooLarge>() {
-            return true;
-        }
-        current = e.source();
-    }
-    false
 }
 
 /// Reads the parsed body into the view in `parts` and tells the audit handle.
