@@ -108,8 +108,8 @@ pub(crate) trait Check: Clone + Send + 'static {
     fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError>;
 
     /// Whether this layer reads a pending body for the audit record when no decision needs it,
-    /// once its own head checks passed (the body-reading policy layers do; the audit layer and
-    /// KeyAuth do not).
+    /// once its own head checks passed (the body-reading policy layers do; the audit layer
+    /// does not).
     fn reads_for_audit(&self) -> bool {
         true
     }

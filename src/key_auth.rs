@@ -9,7 +9,7 @@
 //!
 //! A store that cannot answer fails closed with 503 `policy_unavailable`.
 //!
-//! Nothing of the body is read here. Behind an [`AuditLayer`](crate::AuditLayer), the found key
+//! The body is passed on untouched: nothing of it is read here. Behind an [`AuditLayer`](crate::AuditLayer), the found key
 //! (admitted or refused) is written into the request's [`AuditHandle`] for the record.
 //!
 //! ```
@@ -18,14 +18,13 @@
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //! use tower_llm_policy::key_auth::KeyAuthLayer;
 //! use tower_llm_policy::keys::{ApiKey, MemoryKeyStore};
-//! use tower_llm_policy::PolicyBody;
 //!
 //! # tokio_test();
 //! # fn tokio_test() { tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! let store = MemoryKeyStore::new().with_key("sk-team-a", ApiKey::new("team-a"));
 //! let svc = ServiceBuilder::new()
 //!     .layer(KeyAuthLayer::new(Arc::new(store)))
-//!     .service(service_fn(|req: Request<PolicyBody>| async move {
+//!     .service(service_fn(|req: Request<String>| async move {
 //!         // The virtual key was removed; the key's policy is in the extensions.
 //!         assert!(req.headers().get("authorization").is_none());
 //!         assert_eq!(req.extensions().get::<Arc<ApiKey>>().unwrap().name, "team-a");
@@ -49,20 +48,16 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::SystemTime;
 
-use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, Request, Response};
-use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::audit::AuditHandle;
-use crate::body::{BoxError, PolicyBody, ResponseBody};
-use crate::check::{reject, Check, CheckFuture};
+use crate::body::ResponseBody;
+use crate::check::reject;
 use crate::error::{LayerName, PolicyError};
 use crate::keys::{ApiKey, BoxFuture, KeyDigest, KeyStore, StoreError};
-use crate::policy::Policy;
-use crate::request::LlmRequest;
 
 /// The client's address, for keys with `allow_ips`. The host inserts it into the request's
 /// extensions (a plain [`SocketAddr`] extension is read too). Without either, a key with an
@@ -80,23 +75,12 @@ const KEY_HEADERS: [HeaderName; 2] = [
 #[derive(Clone)]
 pub struct KeyAuthLayer {
     store: Arc<dyn KeyStore>,
-    policy: Policy,
 }
 
 impl KeyAuthLayer {
     /// Authenticates against `store`.
     pub fn new(store: Arc<dyn KeyStore>) -> Self {
-        KeyAuthLayer {
-            store,
-            policy: Policy::default(),
-        }
-    }
-
-    /// The [`Policy`] a request is resolved with when this layer is the first to see it.
-    #[must_use]
-    pub fn policy(mut self, policy: Policy) -> Self {
-        self.policy = policy;
-        self
+        KeyAuthLayer { store }
     }
 }
 
@@ -113,9 +97,6 @@ impl<S> Layer<S> for KeyAuthLayer {
         KeyAuth {
             inner,
             store: self.store.clone(),
-            check: Admitted {
-                policy: self.policy.clone(),
-            },
         }
     }
 }
@@ -125,13 +106,12 @@ impl<S> Layer<S> for KeyAuthLayer {
 pub struct KeyAuth<S> {
     inner: S,
     store: Arc<dyn KeyStore>,
-    check: Admitted,
 }
 
 impl<S> KeyAuth<S> {
     /// Wraps `inner`, authenticating against `store`.
     pub fn new(inner: S, store: Arc<dyn KeyStore>) -> Self {
-        KeyAuthLayer::new(store).layer(inner)
+        KeyAuth { inner, store }
     }
 
     /// A [`KeyAuthLayer`] for `store`.
@@ -227,35 +207,6 @@ fn admit<B>(
     Ok(())
 }
 
-/// The admitted request goes on. Its body is not read here even for the audit record: a later
-/// layer may refuse the request on its path alone, before any of it is read.
-#[derive(Clone, Debug)]
-struct Admitted {
-    policy: Policy,
-}
-
-impl Check for Admitted {
-    fn layer(&self) -> LayerName {
-        LayerName::KeyAuth
-    }
-
-    fn policy(&self) -> &Policy {
-        &self.policy
-    }
-
-    fn on_head(&self, _: &LlmRequest, _: Option<&ApiKey>) -> Result<bool, PolicyError> {
-        Ok(false)
-    }
-
-    fn decide(&self, _: &mut LlmRequest, _: Option<&ApiKey>) -> Result<(), PolicyError> {
-        Ok(())
-    }
-
-    fn reads_for_audit(&self) -> bool {
-        false
-    }
-}
-
 /// Whether a found key may be used for this request.
 fn check_key<B>(req: &Request<B>, key: &ApiKey) -> Result<(), PolicyError> {
     if key.disabled {
@@ -285,9 +236,7 @@ fn check_key<B>(req: &Request<B>, key: &ApiKey) -> Result<(), PolicyError> {
 
 impl<S, B, ResBody> Service<Request<B>> for KeyAuth<S>
 where
-    S: Service<Request<PolicyBody>, Response = Response<ResBody>> + Clone,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
@@ -302,13 +251,13 @@ where
             Ok(key) => KeyDigest::of(key),
             Err(error) => return ResponseFuture::rejected(error),
         };
-        // Stores that can answer at once (in memory, a file) need no boxed future: decide now
-        // and go on with the (ready) inner service.
+        // Stores that can answer at once (in memory, a file) need no boxed future and no
+        // clone of the inner service: decide now and call the (ready) inner service.
         if let Some(found) = self.store.lookup_now(&digest) {
             return match admit(&mut req, found) {
                 Ok(()) => ResponseFuture {
-                    state: State::Admitted {
-                        future: CheckFuture::new(self.check.clone(), &mut self.inner, req),
+                    state: State::Inner {
+                        future: self.inner.call(req),
                     },
                 },
                 Err(error) => ResponseFuture::rejected(error),
@@ -322,7 +271,6 @@ where
                 lookup: Box::pin(async move { store.lookup(&digest).await }),
                 req: Some(req),
                 inner: Some(inner),
-                check: self.check.clone(),
             },
         }
     }
@@ -332,9 +280,7 @@ pin_project! {
     /// Response future of [`KeyAuth`].
     pub struct ResponseFuture<S, B>
     where
-        S: Service<Request<PolicyBody>>,
-        B: Body,
-        B::Error: Into<BoxError>,
+        S: Service<Request<B>>,
     {
         #[pin]
         state: State<S, B>,
@@ -345,19 +291,16 @@ pin_project! {
     #[project = StateProj]
     enum State<S, B>
     where
-        S: Service<Request<PolicyBody>>,
-        B: Body,
-        B::Error: Into<BoxError>,
+        S: Service<Request<B>>,
     {
         Lookup {
             lookup: BoxFuture<'static, Result<Option<Arc<ApiKey>>, StoreError>>,
             req: Option<Request<B>>,
             inner: Option<S>,
-            check: Admitted,
         },
-        Admitted {
+        Inner {
             #[pin]
-            future: CheckFuture<S, B, Admitted>,
+            future: S::Future,
         },
         Rejected {
             error: Option<PolicyError>,
@@ -365,12 +308,7 @@ pin_project! {
     }
 }
 
-impl<S, B> ResponseFuture<S, B>
-where
-    S: Service<Request<PolicyBody>>,
-    B: Body,
-    B::Error: Into<BoxError>,
-{
+impl<S: Service<Request<B>>, B> ResponseFuture<S, B> {
     fn rejected(error: PolicyError) -> Self {
         ResponseFuture {
             state: State::Rejected { error: Some(error) },
@@ -378,12 +316,7 @@ where
     }
 }
 
-impl<S, B> std::fmt::Debug for ResponseFuture<S, B>
-where
-    S: Service<Request<PolicyBody>>,
-    B: Body,
-    B::Error: Into<BoxError>,
-{
+impl<S: Service<Request<B>>, B> std::fmt::Debug for ResponseFuture<S, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
@@ -391,9 +324,7 @@ where
 
 impl<S, B, ResBody> Future for ResponseFuture<S, B>
 where
-    S: Service<Request<PolicyBody>, Response = Response<ResBody>> + Clone,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: Service<Request<B>, Response = Response<ResBody>>,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 
@@ -401,12 +332,7 @@ where
         let mut state = self.project().state;
         loop {
             match state.as_mut().project() {
-                StateProj::Lookup {
-                    lookup,
-                    req,
-                    inner,
-                    check,
-                } => {
+                StateProj::Lookup { lookup, req, inner } => {
                     let found = ready!(lookup.as_mut().poll(cx));
                     let mut req = req.take().expect("ResponseFuture polled after completion");
                     let next = match admit(&mut req, found) {
@@ -414,15 +340,18 @@ where
                             let mut svc = inner
                                 .take()
                                 .expect("ResponseFuture polled after completion");
-                            State::Admitted {
-                                future: CheckFuture::new(check.clone(), &mut svc, req),
+                            State::Inner {
+                                future: svc.call(req),
                             }
                         }
                         Err(error) => State::Rejected { error: Some(error) },
                     };
                     state.set(next);
                 }
-                StateProj::Admitted { future } => return future.poll(cx),
+                StateProj::Inner { future } => {
+                    let response = ready!(future.poll(cx))?;
+                    return Poll::Ready(Ok(response.map(ResponseBody::inner)));
+                }
                 StateProj::Rejected { error } => {
                     let error = error
                         .take()

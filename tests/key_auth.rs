@@ -36,6 +36,7 @@ async fn send(store: Arc<dyn KeyStore>, req: http::Request<String>) -> (common::
     let inner = Inner::default();
     let svc = ServiceBuilder::new()
         .layer(KeyAuthLayer::new(store))
+        .map_request(|r: http::Request<String>| r.map(tower_llm_policy::PolicyBody::from))
         .service(inner.service());
     let resp = svc.oneshot(req).await.unwrap();
     (answer(resp).await, inner)

@@ -109,7 +109,7 @@ fn stack(
     let svc = ServiceBuilder::new()
         .layer(AuditLayer::new(sink.clone()).policy(policy.clone()))
         .layer(BodyLimitLayer::new().policy(policy.clone()))
-        .layer(KeyAuthLayer::new(store()).policy(policy.clone()))
+        .layer(KeyAuthLayer::new(store()))
         .layer(FeatureBlockLayer::new().policy(policy.clone()))
         .layer(ModelAllowListLayer::new().policy(policy.clone()))
         .layer(prompt_limit.policy(policy))

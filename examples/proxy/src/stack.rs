@@ -153,7 +153,7 @@ pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService 
     // endpoint needs no body), then what needs the body.
     let policed = ServiceBuilder::new()
         .layer(BodyLimitLayer::new().policy(resolve.clone()))
-        .layer(KeyAuthLayer::new(policy.store.clone()).policy(resolve.clone()))
+        .layer(KeyAuthLayer::new(policy.store.clone()))
         .layer(feature_block)
         .layer(allow_list)
         .layer(prompt_limit)
