@@ -178,22 +178,31 @@ where
     pub(crate) fn new(check: C, inner: &mut S, req: Request<B>) -> Self {
         let (mut parts, body) = req.into_parts();
         let key = parts.extensions.get::<Arc<ApiKey>>().cloned();
-        let audit = parts.extensions.get::<AuditHandle>().cloned();
+        let for_audit = check.reads_for_audit()
+            && parts
+                .extensions
+                .get::<AuditHandle>()
+                .is_some_and(AuditHandle::wants_body);
         let view = LlmRequest::resolve(&mut parts, check.policy());
         let needs_body = match check.on_head(view, key.as_deref()) {
             Ok(needs) => needs,
             Err(error) => return Self::rejected(error, check.layer()),
         };
-        let for_audit = check.reads_for_audit() && audit.as_ref().is_some_and(|a| a.wants_body());
         if !(view.body_pending() && (needs_body || for_audit)) {
-            return Self::decided(check, inner, parts, PolicyBody::new(body), key, audit);
+            return match decide_and_forward(&check, parts, PolicyBody::new(body), key.as_deref()) {
+                Ok(req) => State::Inner {
+                    future: inner.call(req),
+                }
+                .into(),
+                Err(error) => Self::rejected(error, check.layer()),
+            };
         }
         let options = *view.policy().body();
         let limit = match options.check_declared_length(&parts.headers) {
             Ok(limit) => limit,
             Err(error) => return Self::rejected(error, LayerName::RequestBody),
         };
-        if let Some(audit) = &audit {
+        if let Some(audit) = parts.extensions.get::<AuditHandle>() {
             // This read serves the record: the audit layer need not copy the body.
             audit.claim_body();
         }
@@ -215,24 +224,6 @@ where
         }
         .into()
     }
-
-    /// Decides with the view as it is, then calls `inner` or rejects.
-    fn decided(
-        check: C,
-        inner: &mut S,
-        parts: Parts,
-        body: PolicyBody,
-        key: Option<Arc<ApiKey>>,
-        audit: Option<AuditHandle>,
-    ) -> Self {
-        match decide_and_forward(&check, parts, body, key.as_deref(), audit.as_ref()) {
-            Ok(req) => State::Inner {
-                future: inner.call(req),
-            }
-            .into(),
-            Err(error) => Self::rejected(error, check.layer()),
-        }
-    }
 }
 
 impl<S, B, C> From<State<S, B, C>> for CheckFuture<S, B, C>
@@ -253,7 +244,6 @@ fn decide_and_forward<C: Check>(
     mut parts: Parts,
     mut body: PolicyBody,
     key: Option<&ApiKey>,
-    audit: Option<&AuditHandle>,
 ) -> Result<Request<PolicyBody>, PolicyError> {
     let view = parts
         .extensions
@@ -262,9 +252,6 @@ fn decide_and_forward<C: Check>(
     check.decide(view, key)?;
     if let Some(rendered) = view.take_rendered() {
         let rendered = rendered?;
-        if let Some(audit) = audit {
-            audit.observe_edits(view);
-        }
         // The new body is in memory and of known length: it is sent with that length, never
         // chunked, whatever the client did.
         parts.headers.remove(header::TRANSFER_ENCODING);
@@ -342,13 +329,11 @@ where
                         },
                         Ok(bytes) => {
                             let key = parts.extensions.get::<Arc<ApiKey>>().cloned();
-                            let audit = parts.extensions.get::<AuditHandle>().cloned();
                             match decide_and_forward(
                                 check,
                                 parts,
                                 PolicyBody::full(bytes),
                                 key.as_deref(),
-                                audit.as_ref(),
                             ) {
                                 Err(error) => State::Rejected {
                                     error: Some((error, check.layer())),

@@ -20,7 +20,7 @@ use std::ops::Range;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{header, HeaderMap};
+use http::{header, HeaderMap, Method, Uri};
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -212,10 +212,20 @@ impl LlmRequest {
     /// The view of a request's head: its route, the model named in the path (or the Azure
     /// deployment), else the endpoint's documented default, resolved with `policy`.
     pub(crate) fn from_head(parts: &Parts, policy: &Policy) -> Self {
-        let route = Route::classify(&parts.uri);
+        Self::from_request_head(&parts.method, &parts.uri, &parts.headers, policy)
+    }
+
+    /// [`from_head`](Self::from_head) from the head's pieces.
+    pub(crate) fn from_request_head(
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        policy: &Policy,
+    ) -> Self {
+        let route = Route::classify(uri);
         let mut req = LlmRequest {
-            has_model_body: route.endpoint.has_model_body(&parts.method),
-            multipart: is_multipart(&parts.headers),
+            has_model_body: route.endpoint.has_model_body(method),
+            multipart: is_multipart(headers),
             model: None,
             route,
             policy: policy.clone(),

@@ -4,12 +4,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::{HeaderMap, Method, Uri};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use super::layer::Config;
 use crate::endpoint::Endpoint;
 use crate::keys::ApiKey;
+use crate::policy::Policy;
 use crate::request::LlmRequest;
 
 /// The audit layer's handle on one request, in the request's extensions.
@@ -55,7 +57,8 @@ pub(crate) struct State {
 }
 
 struct Copy {
-    head: LlmRequest,
+    /// The policy the request was resolved with, to parse the copy as the layers would have.
+    policy: Policy,
     bytes: Vec<u8>,
     limit: usize,
     over: bool,
@@ -220,16 +223,11 @@ impl AuditHandle {
         state.body_pending = false;
     }
 
-    /// The body was rewritten with the view's edits.
-    pub(crate) fn observe_edits(&self, view: &LlmRequest) {
-        lock(&self.shared.state).facts.usage_injected = view.edits().include_usage;
-    }
-
     /// Starts the audit layer's own copy of a body that no layer may read (bounded by
     /// `limit`); see [`TeeBody`].
-    pub(crate) fn start_copy(&self, head: LlmRequest, limit: usize) {
+    pub(crate) fn start_copy(&self, policy: Policy, limit: usize) {
         lock(&self.shared.state).copy = Some(Copy {
-            head,
+            policy,
             bytes: Vec::new(),
             limit,
             over: false,
@@ -252,15 +250,13 @@ impl AuditHandle {
     }
 
     /// Everything the record needs from the handle. A body that only the audit layer's copy
-    /// saw is parsed now, for the model, the user and the prompt.
-    pub(crate) fn take(&self) -> State {
+    /// saw (never a multipart one) is parsed now, for the model, the user and the prompt.
+    pub(crate) fn take(&self, method: &Method, uri: &Uri) -> State {
         let mut state = std::mem::take(&mut *lock(&self.shared.state));
         if let Some(copy) = state.copy.take().filter(|c| !c.over && !c.bytes.is_empty()) {
-            let mut view = copy.head;
-            if view
-                .read_body(&http::HeaderMap::new(), Bytes::from(copy.bytes))
-                .is_ok()
-            {
+            let headers = HeaderMap::new();
+            let mut view = LlmRequest::from_request_head(method, uri, &headers, &copy.policy);
+            if view.read_body(&headers, Bytes::from(copy.bytes)).is_ok() {
                 state.facts = Facts::of(&view, &self.shared.config);
             }
         }

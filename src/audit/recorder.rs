@@ -110,7 +110,7 @@ impl Recorder {
     /// Takes what the layers wrote into the handle (once).
     fn take_handle(&mut self) {
         if self.facts.is_none() {
-            let state = self.handle.take();
+            let state = self.handle.take(&self.info.method, &self.info.uri);
             self.key = state.key;
             self.flags = state.flags;
             self.facts = Some(state.facts);

@@ -117,7 +117,7 @@ where
         let reads_itself = key.is_some() || self.config.read_body;
         let copy = view.body_pending() && !reads_itself && !view.is_multipart();
         if copy {
-            handle.start_copy(view.clone(), view.policy().body().limit);
+            handle.start_copy(view.policy().clone(), view.policy().body().limit);
         }
         parts.extensions.insert(RequestId(request_id.clone()));
         parts.extensions.insert(handle.clone());
