@@ -566,21 +566,19 @@ fn output_fields(view: &LlmRequest) -> [(&'static str, Option<u64>); 3] {
 }
 
 impl LimitCheck {
-    fn applies(&self, key: Option<&ApiKey>) -> bool {
-        !self.config.limits.is_empty()
-            || self.config.require_output_limit
-            || key.is_some_and(|k| !PromptLimits::of_key(k).is_empty())
+    /// Whether any limit applies, given the key's own limits.
+    fn applies(&self, own: &PromptLimits) -> bool {
+        !self.config.limits.is_empty() || self.config.require_output_limit || !own.is_empty()
     }
 
     /// Checks `view` against the limits; returns the output limit to clamp to, if the body
     /// must be rewritten.
     fn decide_limits(
         &self,
-        key: Option<&ApiKey>,
+        own: &PromptLimits,
         view: &LlmRequest,
     ) -> Result<Option<u64>, PolicyError> {
         let global = &self.config.limits;
-        let own = key.map(PromptLimits::of_key).unwrap_or_default();
         let endpoint = view.endpoint();
 
         if (global.require_user || own.require_user)
@@ -713,14 +711,15 @@ impl Check for LimitCheck {
     }
 
     fn on_head(&self, _: &LlmRequest, key: Option<&ApiKey>) -> Result<bool, PolicyError> {
-        Ok(self.applies(key))
+        Ok(self.applies(&key.map(PromptLimits::of_key).unwrap_or_default()))
     }
 
     fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError> {
-        if !view.has_body() || !self.applies(key) {
+        let own = key.map(PromptLimits::of_key).unwrap_or_default();
+        if !view.has_body() || !self.applies(&own) {
             return Ok(());
         }
-        if let Some(limit) = self.decide_limits(key, view)? {
+        if let Some(limit) = self.decide_limits(&own, view)? {
             view.clamp_output(limit);
         }
         Ok(())
