@@ -20,10 +20,10 @@
 //!   paths with a prefix before `/v1` (`/openai/v1/chat/completions`) and Azure deployment
 //!   paths (`/openai/deployments/{name}/chat/completions`). A blocked group is named as a group
 //!   where the whole group is blocked (`images`, `audio`), otherwise by the feature's name.
-//! - **Models** are resolved once, through the [`Policy`]'s [`ModelNames`](crate::ModelNames), and matched on normalised and
+//! - **Models** are resolved once, through the [`Policy`]'s [`ModelAliases`](crate::ModelAliases), and matched on normalised and
 //!   canonical names, with `prefix*` wildcards (see [`crate::model`]). The model is the one
 //!   sent (body, multipart field, path, realtime `model` query), else the Azure deployment
-//!   name (map it to a model with an alias: `ModelNames::new().alias("my-deployment",
+//!   name (map it to a model with an alias: `ModelAliases::new().alias("my-deployment",
 //!   "gpt-4o")` on the [`Policy`]), else the endpoint's documented default (`dall-e-2` for images), so blocking
 //!   `dall-e-2` also catches an images request that names no model.
 //! - **Image sizes and qualities** (`1792x1024`, `hd`) apply to the image endpoints only,

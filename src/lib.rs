@@ -27,7 +27,7 @@ pub use error::{LayerName, PolicyError, Rejection};
 pub use feature_block::{FeatureBlock, FeatureBlockLayer};
 pub use key_auth::{ClientIp, KeyAuth, KeyAuthLayer};
 pub use keys::{ApiKey, KeyDigest, KeyStore, MemoryKeyStore};
-pub use model::{ModelList, ModelName, ModelNames};
+pub use model::{ModelAliases, ModelList, ModelName};
 pub use model_allow_list::{ModelAllowList, ModelAllowListLayer};
 pub use policy::Policy;
 pub use prompt_limit::{OutputLimitMode, PromptLimit, PromptLimitLayer, PromptLimits};

@@ -5,7 +5,7 @@
 //!
 //! 1. surrounding whitespace is trimmed and the name lowercased;
 //! 2. a provider prefix is dropped (`openai/gpt-4o` → `gpt-4o`; everything up to the last `/`);
-//! 3. the alias table of [`ModelNames`] applies: exact aliases (`gpt4` → `gpt-4`) and variant
+//! 3. the alias table of [`ModelAliases`] applies: exact aliases (`gpt4` → `gpt-4`) and variant
 //!    suffixes (`-thinking`, `-latest`), repeatedly, until nothing changes;
 //! 4. for the **canonical** name only, a trailing dated snapshot is dropped: `-YYYY-MM-DD`
 //!    (`gpt-4o-2024-08-06`), `-YYYYMMDD`, or a `-MMDD` that is a real month and day
@@ -31,12 +31,12 @@ pub struct ModelName {
 
 /// The alias table used to resolve model names. The default has no aliases.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct ModelNames {
+pub struct ModelAliases {
     exact: HashMap<String, String>,
     suffixes: Vec<String>,
 }
 
-impl ModelNames {
+impl ModelAliases {
     /// A table with no aliases: only the built-in rules apply.
     pub fn new() -> Self {
         Self::default()
@@ -110,9 +110,9 @@ impl ModelNames {
     }
 }
 
-impl fmt::Debug for ModelNames {
+impl fmt::Debug for ModelAliases {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ModelNames")
+        f.debug_struct("ModelAliases")
             .field("aliases", &self.exact)
             .field("strip_suffixes", &self.suffixes)
             .finish()

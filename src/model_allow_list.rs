@@ -3,7 +3,7 @@
 //! A request's model — from the body, a multipart field, the path (`GET /v1/models/{model}`),
 //! the `model` query parameter of `/v1/realtime`, an Azure deployment name, or the endpoint's
 //! documented default when omitted — is resolved once, through the [`Policy`]'s
-//! [`ModelNames`](crate::ModelNames) (see [`crate::model`]), and checked:
+//! [`ModelAliases`](crate::ModelAliases) (see [`crate::model`]), and checked:
 //!
 //! 1. against the workspace entitlement the layer is built with, if any;
 //! 2. then, when the key (from [`KeyAuth`](crate::key_auth::KeyAuth)) has
@@ -303,7 +303,7 @@ impl Filter {
                 .get("id")
                 .and_then(|id| id.as_str())
                 .is_some_and(|id| {
-                    let name = self.policy.names().resolve(id);
+                    let name = self.policy.aliases().resolve(id);
                     self.check.allows(self.key.as_deref(), &name, id).is_ok()
                 })
         });

@@ -9,10 +9,10 @@
 //! nothing that an outer one already did.
 //!
 //! ```
-//! use tower_llm_policy::{BodyOptions, ModelAllowListLayer, ModelNames, Policy, PromptLimitLayer};
+//! use tower_llm_policy::{BodyOptions, ModelAllowListLayer, ModelAliases, Policy, PromptLimitLayer};
 //!
 //! let policy = Policy::new()
-//!     .model_names(ModelNames::new().alias("my-gpt4o-deployment", "gpt-4o"))
+//!     .model_aliases(ModelAliases::new().alias("my-gpt4o-deployment", "gpt-4o"))
 //!     .body_options(BodyOptions { limit: 4 << 20, ..BodyOptions::default() });
 //! let allow = ModelAllowListLayer::new().policy(policy.clone()).workspace_models(["gpt-4o*"]);
 //! let limit = PromptLimitLayer::new().policy(policy).max_prompt_tokens(8_000);
@@ -21,13 +21,13 @@
 
 use std::sync::Arc;
 
-use crate::model::ModelNames;
+use crate::model::ModelAliases;
 use crate::request::BodyOptions;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Shared {
     body: BodyOptions,
-    names: ModelNames,
+    aliases: ModelAliases,
 }
 
 /// How requests are resolved: body size limits and the model alias table. See the
@@ -53,8 +53,8 @@ impl Policy {
     /// The alias table that model names are resolved through before any check, price or
     /// record.
     #[must_use]
-    pub fn model_names(mut self, names: ModelNames) -> Self {
-        Arc::make_mut(&mut self.shared).names = names;
+    pub fn model_aliases(mut self, aliases: ModelAliases) -> Self {
+        Arc::make_mut(&mut self.shared).aliases = aliases;
         self
     }
 
@@ -64,7 +64,7 @@ impl Policy {
     }
 
     /// The alias table.
-    pub fn names(&self) -> &ModelNames {
-        &self.shared.names
+    pub fn aliases(&self) -> &ModelAliases {
+        &self.shared.aliases
     }
 }

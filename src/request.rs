@@ -292,7 +292,7 @@ impl LlmRequest {
         self.name = self
             .model
             .as_deref()
-            .map(|m| self.policy.names().resolve(m));
+            .map(|m| self.policy.aliases().resolve(m));
     }
 
     /// Parses a request's body, as the layers do with the default [`Policy`]. `parts` gives

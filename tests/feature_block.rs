@@ -13,7 +13,7 @@ use tower_llm_policy::error::LayerName as Layer;
 use tower_llm_policy::feature_block::FeatureBlockLayer;
 use tower_llm_policy::key_auth::KeyAuthLayer;
 use tower_llm_policy::keys::{ApiKey, MemoryKeyStore};
-use tower_llm_policy::{FeatureSet, LlmRequest, ModelNames, PolicyBody, Rejection};
+use tower_llm_policy::{FeatureSet, LlmRequest, ModelAliases, PolicyBody, Rejection};
 
 /// What the inner service saw of one request.
 #[derive(Debug)]
@@ -368,10 +368,10 @@ async fn blocking_the_default_model_catches_requests_without_a_model() {
 
 #[tokio::test]
 async fn azure_deployment_maps_to_a_model_through_an_alias() {
-    let names = ModelNames::new().alias("my-gpt4-deployment", "gpt-4o");
+    let names = ModelAliases::new().alias("my-gpt4-deployment", "gpt-4o");
     let (svc, log) = stack(
         FeatureBlockLayer::new()
-            .policy(tower_llm_policy::Policy::new().model_names(names))
+            .policy(tower_llm_policy::Policy::new().model_aliases(names))
             .block_models(["gpt-4o"]),
     );
     let path = "/openai/deployments/my-gpt4-deployment/chat/completions?api-version=2024-10-21";

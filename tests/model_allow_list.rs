@@ -8,7 +8,7 @@ use common::{answer, chat, post, Inner};
 use http::{Request, StatusCode};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_llm_policy::model::canonical_model;
-use tower_llm_policy::{ApiKey, ModelAllowListLayer, ModelNames};
+use tower_llm_policy::{ApiKey, ModelAliases, ModelAllowListLayer};
 
 /// Sends `req` through ModelAllowList with `key` already authenticated.
 async fn send(
@@ -174,13 +174,13 @@ async fn workspace_entitlement_applies_and_keys_only_narrow_it() {
 
 #[tokio::test]
 async fn aliases_resolve_before_the_check_and_cannot_escape_the_list() {
-    let names = ModelNames::new()
+    let names = ModelAliases::new()
         .strip_suffix("-thinking")
         .strip_suffix("-latest")
         .alias("best", "o3");
     let layer = || {
         ModelAllowListLayer::new()
-            .policy(tower_llm_policy::Policy::new().model_names(names.clone()))
+            .policy(tower_llm_policy::Policy::new().model_aliases(names.clone()))
     };
     let go = |key: Option<ApiKey>, model: &str| {
         send(layer(), key, post("/v1/chat/completions", chat(model)))
@@ -247,10 +247,10 @@ async fn prefixed_and_azure_paths_are_checked() {
     assert_eq!(a.status, StatusCode::FORBIDDEN);
 
     // Azure routes by deployment, whatever the body says; an alias maps it to a model.
-    let names = ModelNames::new().alias("prod-gpt4", "gpt-4");
+    let names = ModelAliases::new().alias("prod-gpt4", "gpt-4");
     let layer = || {
         ModelAllowListLayer::new()
-            .policy(tower_llm_policy::Policy::new().model_names(names.clone()))
+            .policy(tower_llm_policy::Policy::new().model_aliases(names.clone()))
     };
     let path = "/openai/deployments/prod-gpt4/chat/completions?api-version=2024-10-21";
     let (a, inner) = send(layer(), limited(&["gpt-4o"]), post(path, chat("gpt-4o"))).await;

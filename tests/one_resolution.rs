@@ -20,7 +20,7 @@ use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 use tower_llm_policy::audit::{AuditLayer, AuditRecord, MemorySink, Outcome};
 use tower_llm_policy::{
     ApiKey, BodyLimitLayer, BodyOptions, FeatureBlockLayer, FeatureSet, KeyAuthLayer,
-    MemoryKeyStore, ModelAllowListLayer, ModelNames, OutputLimitMode, Policy, PolicyBody,
+    MemoryKeyStore, ModelAliases, ModelAllowListLayer, OutputLimitMode, Policy, PolicyBody,
     PromptLimitLayer,
 };
 
@@ -173,7 +173,7 @@ fn record(sink: &MemorySink) -> AuditRecord {
 
 #[tokio::test]
 async fn an_aliased_deployment_is_checked_priced_and_recorded_as_its_target() {
-    let policy = Policy::new().model_names(ModelNames::new().alias("prod-chat", "gpt-4o"));
+    let policy = Policy::new().model_aliases(ModelAliases::new().alias("prod-chat", "gpt-4o"));
     let (svc, sink, upstream) = stack(policy, PromptLimitLayer::new());
     let body = r#"{"model":"whatever","messages":[{"role":"user","content":"hi"}]}"#;
     let (status, _) = send(

@@ -15,7 +15,7 @@ use tower_llm_policy::prompt_limit::{
     prompt_chars, prompt_tokens_up_to, MediaTokens, OutputLimitMode, PromptLimitLayer, PromptLimits,
 };
 use tower_llm_policy::tokens::{Count, TokenCounter};
-use tower_llm_policy::{ApiKey, LlmRequest, ModelNames, PolicyBody, Rejection};
+use tower_llm_policy::{ApiKey, LlmRequest, ModelAliases, PolicyBody, Rejection};
 
 /// What the inner service saw of one request.
 #[derive(Debug, Clone)]
@@ -728,7 +728,7 @@ async fn azure_deployment_alias_chooses_the_encoding() {
     let aliased = PromptLimitLayer::new()
         .policy(
             tower_llm_policy::Policy::new()
-                .model_names(ModelNames::new().alias("my-deployment", "gpt-4o")),
+                .model_aliases(ModelAliases::new().alias("my-deployment", "gpt-4o")),
         )
         .max_prompt_tokens(o200k);
     let (svc, _) = stack(aliased);

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 use tower_llm_policy::audit::pricing::PricingTable;
-use tower_llm_policy::model::{ModelList, ModelNames};
+use tower_llm_policy::model::{ModelAliases, ModelList};
 use tower_llm_policy::request::{BodyOptions, DEFAULT_BODY_LIMIT, DEFAULT_MULTIPART_LIMIT};
 use tower_llm_policy::{ApiKey, FeatureSet};
 
@@ -48,7 +48,7 @@ pub struct Config {
     pub workspace: WorkspaceConfig,
     /// `[model_names]`: aliases resolved before every model check.
     #[serde(default)]
-    pub model_names: ModelNamesConfig,
+    pub model_names: ModelAliasesConfig,
     /// `[blocked]`: features and models blocked for every key.
     #[serde(default)]
     pub blocked: BlockedConfig,
@@ -145,7 +145,7 @@ pub struct WorkspaceConfig {
 /// `[model_names]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ModelNamesConfig {
+pub struct ModelAliasesConfig {
     /// `aliases = { "gpt4" = "gpt-4" }`.
     #[serde(default)]
     pub aliases: BTreeMap<String, String>,
@@ -154,10 +154,10 @@ pub struct ModelNamesConfig {
     pub strip_suffixes: Vec<String>,
 }
 
-impl ModelNamesConfig {
+impl ModelAliasesConfig {
     /// The alias table.
-    pub fn to_model_names(&self) -> ModelNames {
-        let mut names = ModelNames::new();
+    pub fn to_model_aliases(&self) -> ModelAliases {
+        let mut names = ModelAliases::new();
         for (from, to) in &self.aliases {
             names = names.alias(from, to);
         }
@@ -362,7 +362,7 @@ impl Config {
             server: ServerConfig::default(),
             audit: AuditConfig::default(),
             workspace: WorkspaceConfig::default(),
-            model_names: ModelNamesConfig::default(),
+            model_names: ModelAliasesConfig::default(),
             blocked: BlockedConfig::default(),
             prompt_limits: PromptLimitsConfig::default(),
             pricing: PricingTable::empty(),

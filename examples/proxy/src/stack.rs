@@ -23,7 +23,7 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_layer::Layer;
 use tower_llm_policy::audit::pricing::PricingTable;
 use tower_llm_policy::audit::FanOut;
-use tower_llm_policy::model::{ModelList, ModelNames};
+use tower_llm_policy::model::{ModelAliases, ModelList};
 use tower_llm_policy::request::BodyOptions;
 use tower_llm_policy::{
     AuditLayer, BodyLimitLayer, FeatureBlockLayer, KeyAuthLayer, KeyStore, ModelAllowListLayer,
@@ -48,7 +48,7 @@ pub struct Policy {
     /// `[workspace] models`.
     pub workspace_models: Option<ModelList>,
     /// `[model_names]`.
-    pub names: ModelNames,
+    pub names: ModelAliases,
     /// `[body]`, for whichever layer reads the body first.
     pub body: BodyOptions,
     /// `[blocked]`: for FeatureBlock.
@@ -83,7 +83,7 @@ impl Policy {
         Policy {
             store,
             workspace_models: config.workspace.models,
-            names: config.model_names.to_model_names(),
+            names: config.model_names.to_model_aliases(),
             body: config.body.options(),
             blocked: config.blocked,
             prompt_limits: config.prompt_limits,
@@ -104,7 +104,7 @@ pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService 
 
     // How requests are resolved, shared by every layer.
     let resolve = tower_llm_policy::Policy::new()
-        .model_names(policy.names.clone())
+        .model_aliases(policy.names.clone())
         .body_options(policy.body);
     let mut allow_list = ModelAllowListLayer::new().policy(resolve.clone());
     if let Some(models) = &policy.workspace_models {
