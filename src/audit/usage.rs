@@ -1,7 +1,7 @@
 //! Reading token usage out of response bodies as they stream past, and removing the
 //! usage-only chunk that the proxy asked for on the client's behalf.
 //!
-//! Both types here are plain synchronous state machines over byte chunks: the audit layer's
+//! The scanner and the stripper are plain synchronous state machines over byte chunks: the audit layer's
 //! body wrapper hands them every frame as it forwards it, and neither ever holds the body.
 //!
 //! - [`UsageScanner`] finds the usage in a JSON body (the top-level `"usage"` object) or in a
@@ -9,15 +9,15 @@
 //!   `response.completed` event), and turns it into a [`pricing::Usage`](crate::audit::pricing::Usage).
 //!   It holds only the bytes of the usage value itself (at most
 //!   [`DEFAULT_MAX_USAGE_BYTES`] by default), whatever the size of the body or of one event.
-//! - [`UsageChunkStripper`] removes the usage-only chunk (`"choices":[]` with a non-null
-//!   `usage`) from a chat or completions stream, for the case where the proxy turned on
-//!   `stream_options.include_usage` upstream although the client did not ask for it.
+//! - The audit layer's own usage-chunk stripper (private) removes the usage-only chunk
+//!   (`"choices":[]` with a non-null `usage`) from a chat or completions stream, for the case
+//!   where the layer turned on `stream_options.include_usage` upstream although the client did
+//!   not ask for it.
 //!
-//! Feed the scanner the bytes as they came from the upstream, then give them to the stripper:
+//! Feed the scanner the bytes as they come from the upstream:
 //!
 //! ```
-//! use bytes::Bytes;
-//! use tower_llm_policy::audit::usage::{ScanMode, UsageChunkStripper, UsageScanner};
+//! use tower_llm_policy::audit::usage::{ScanMode, UsageScanner};
 //!
 //! let upstream = [
 //!     "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
@@ -25,21 +25,16 @@
 //!     "data: [DONE]\n\n",
 //! ];
 //! let mut scanner = UsageScanner::new(ScanMode::Sse);
-//! let mut stripper = UsageChunkStripper::new();
-//! let mut to_client = Vec::new();
 //! for frame in upstream {
 //!     scanner.feed(frame.as_bytes());
-//!     to_client.extend_from_slice(&stripper.push(Bytes::from(frame)));
 //! }
 //! scanner.finish();
-//! to_client.extend_from_slice(&stripper.finish());
 //!
 //! assert_eq!(scanner.usage().map(|u| u.total_tokens), Some(10));
 //! assert!(scanner.saw_done());
-//! assert_eq!(to_client, [upstream[0], upstream[2]].concat().as_bytes());
 //! ```
 //!
-//! Neither type decompresses: the proxy asks the upstream for `accept-encoding: identity`.
+//! Neither decompresses: the proxy asks the upstream for `accept-encoding: identity`.
 
 use std::ops::Range;
 
@@ -53,9 +48,9 @@ use crate::audit::pricing::Usage;
 /// it (16 KiB; a real one is a few hundred bytes). A larger value is skipped.
 pub const DEFAULT_MAX_USAGE_BYTES: usize = 16 * 1024;
 
-/// Default bound on the bytes of one incomplete event the [`UsageChunkStripper`] holds back
+/// Default bound on the bytes of one incomplete event the usage-chunk stripper holds back
 /// (16 KiB; a usage-only chunk is well under 1 KiB). Longer events are never removed.
-pub const DEFAULT_STRIP_WINDOW: usize = 16 * 1024;
+pub(crate) const DEFAULT_STRIP_WINDOW: usize = 16 * 1024;
 
 /// What kind of response body a [`UsageScanner`] reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -261,7 +256,7 @@ impl UsageScanner {
 /// released as it comes and kept. When a chunk holds only bytes to forward in one run, the
 /// result is a zero-copy slice of it.
 #[derive(Debug)]
-pub struct UsageChunkStripper {
+pub(crate) struct UsageChunkStripper {
     window: usize,
     json: JsonScan,
     sse: SseEvents,
@@ -283,7 +278,7 @@ impl Default for UsageChunkStripper {
 
 impl UsageChunkStripper {
     /// A stripper with the default window.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             window: DEFAULT_STRIP_WINDOW,
             json: JsonScan::new(false, false),
@@ -299,14 +294,15 @@ impl UsageChunkStripper {
     /// Sets the largest event, in bytes, that may be held back and removed (default
     /// [`DEFAULT_STRIP_WINDOW`]).
     #[must_use]
-    pub fn with_window(mut self, window: usize) -> Self {
+    #[cfg(test)]
+    pub(crate) fn with_window(mut self, window: usize) -> Self {
         self.window = window;
         self
     }
 
     /// Takes the next chunk of the upstream stream and returns the bytes that may be forwarded
     /// to the client now (possibly empty).
-    pub fn push(&mut self, chunk: Bytes) -> Bytes {
+    pub(crate) fn push(&mut self, chunk: Bytes) -> Bytes {
         if chunk.is_empty() {
             return chunk;
         }
@@ -376,7 +372,7 @@ impl UsageChunkStripper {
     /// Ends the stream and returns what is still held: the start of an event that never got
     /// its closing blank line. It is removed too if it is a complete usage-only chunk (an SSE
     /// client would have dropped it anyway).
-    pub fn finish(&mut self) -> Bytes {
+    pub(crate) fn finish(&mut self) -> Bytes {
         self.sse.end_line(&mut self.json);
         let remove = !self.held.is_empty()
             && !self.pass
@@ -403,17 +399,19 @@ impl UsageChunkStripper {
     }
 
     /// Number of usage-only events removed so far.
-    pub fn removed(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn removed(&self) -> u64 {
         self.removed
     }
 
     /// Bytes held back right now (the start of the current, incomplete event).
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
         self.held.len()
     }
 
     /// The largest buffer, in bytes of capacity, held back so far.
-    pub fn buffered_high_water(&self) -> usize {
+    pub(crate) fn buffered_high_water(&self) -> usize {
         self.high_water
     }
 }
@@ -1095,3 +1093,6 @@ impl WireUsage {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

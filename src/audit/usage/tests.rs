@@ -1,9 +1,9 @@
 //! The usage scanner (JSON and SSE bodies) and the usage-only chunk stripper, fed the way a
 //! body wrapper feeds them: chunk by chunk, split anywhere.
 
+use super::{ScanMode, UsageChunkStripper, UsageScanner};
+use crate::audit::pricing::Usage;
 use bytes::Bytes;
-use tower_llm_policy::audit::pricing::Usage;
-use tower_llm_policy::audit::usage::{ScanMode, UsageChunkStripper, UsageScanner};
 
 // ---- fixtures -------------------------------------------------------------------------------
 
