@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! audit key=demo model=gpt-4o-mini status=200 blocked_by=- tokens=1+8 cost_usd=0.00000495
-//! audit key=demo model=dall-e-3 status=403 blocked_by=model_allow_list:model_not_allowed tokens=- cost_usd=-
+//! audit key=demo model=o3-mini status=403 blocked_by=model_allow_list:model_not_allowed tokens=- cost_usd=-
+//! audit key=demo model=- status=422 blocked_by=feature_block:feature_blocked tokens=- cost_usd=-
 //! audit key=- model=- status=401 blocked_by=key_auth:invalid_api_key tokens=- cost_usd=-
 //! ```
 //!
