@@ -63,7 +63,8 @@ impl PolicyBody {
         }
     }
 
-    /// The bytes of a body that is fully in memory, `None` for a streaming body.
+    /// The bytes of a body that is fully in memory (a layer read it), `None` for a body that
+    /// streams through.
     pub fn as_bytes(&self) -> Option<&[u8]> {
         match &self.kind {
             Kind::Full(bytes) => Some(bytes.as_deref().unwrap_or_default()),
@@ -163,7 +164,7 @@ pin_project! {
 
 impl<B> ResponseBody<B> {
     /// A body made by a layer from bytes.
-    pub fn full(bytes: Bytes) -> Self {
+    pub(crate) fn full(bytes: Bytes) -> Self {
         Self::from_full(Full::new(bytes))
     }
 
@@ -174,15 +175,10 @@ impl<B> ResponseBody<B> {
     }
 
     /// The inner service's body.
-    pub fn inner(body: B) -> Self {
+    pub(crate) fn inner(body: B) -> Self {
         ResponseBody {
             kind: ResponseKind::Inner { body },
         }
-    }
-
-    /// Whether this is the inner service's body (not one the layer made).
-    pub fn is_inner(&self) -> bool {
-        matches!(self.kind, ResponseKind::Inner { .. })
     }
 }
 

@@ -61,7 +61,7 @@ impl Default for BodyOptions {
 impl BodyOptions {
     /// The limit for a request with these headers: [`multipart_limit`](Self::multipart_limit)
     /// for `multipart/form-data` bodies, [`limit`](Self::limit) otherwise.
-    pub fn limit_for(&self, headers: &HeaderMap) -> usize {
+    pub(crate) fn limit_for(&self, headers: &HeaderMap) -> usize {
         if is_multipart(headers) {
             self.multipart_limit
         } else {
@@ -73,7 +73,7 @@ impl BodyOptions {
     /// applies: 413 `request_too_large` when it is over, 400 when it is unreadable or sent
     /// twice. A body without `Content-Length` passes here and is held to the limit as it is
     /// read.
-    pub fn check_declared_length(&self, headers: &HeaderMap) -> Result<usize, PolicyError> {
+    pub(crate) fn check_declared_length(&self, headers: &HeaderMap) -> Result<usize, PolicyError> {
         let limit = self.limit_for(headers);
         let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
         let Some(value) = values.next() else {
@@ -93,7 +93,7 @@ impl BodyOptions {
 }
 
 /// Whether these headers announce a `multipart/form-data` body.
-pub fn is_multipart(headers: &HeaderMap) -> bool {
+pub(crate) fn is_multipart(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
