@@ -32,13 +32,6 @@ pub struct Edits {
     pub include_usage: bool,
 }
 
-impl Edits {
-    /// Whether nothing is queued.
-    pub fn is_empty(&self) -> bool {
-        *self == Edits::default()
-    }
-}
-
 const OUTPUT_FIELDS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
 
 /// A JSON object's members in order, each key unescaped and each value as its raw text.

@@ -359,3 +359,50 @@ async fn a_chunked_body_over_the_limit_is_413_and_not_forwarded() {
     assert_eq!(r.code.as_deref(), Some("request_too_large"));
     assert_eq!(r.status, Some(413));
 }
+
+#[tokio::test]
+async fn a_layer_that_needs_no_body_still_reads_it_for_the_audit_record() {
+    // FeatureBlock with nothing to block on the body, and a key without model limits: no
+    // decision needs the body, but the record does (model, usage injection), and nothing may
+    // be read before the key is checked. FeatureBlock, after KeyAuth, reads it.
+    let sink = MemorySink::new();
+    let upstream = Upstream::default();
+    let seen = upstream.clone();
+    let svc = ServiceBuilder::new()
+        .layer(AuditLayer::new(sink.clone()))
+        .layer(KeyAuthLayer::new(store()))
+        .layer(FeatureBlockLayer::new())
+        .service(service_fn(move |req: Request<PolicyBody>| {
+            let seen = seen.clone();
+            async move {
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                seen.0.lock().unwrap().push(body);
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(PolicyBody::from(format!("{CONTENT}{USAGE}{DONE}")))
+                        .unwrap(),
+                )
+            }
+        }));
+    let body =
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let (status, text) = send(
+        svc,
+        post(
+            "/v1/chat/completions",
+            Some("sk-no-images-0123456789"),
+            body.into(),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let sent: Value = serde_json::from_str(&upstream.last_text()).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    assert!(!text.contains("\"usage\""), "{text}");
+    let r = record(&sink);
+    assert_eq!(r.key.as_deref(), Some("no-images"));
+    assert_eq!(r.model.as_deref(), Some("gpt-4o-mini"));
+    assert!(r.usage_injected);
+    assert_eq!(r.total_tokens, Some(29));
+}
