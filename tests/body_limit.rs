@@ -19,11 +19,13 @@ struct Seen {
     bytes: Option<Bytes>,
 }
 
+type Log = Arc<Mutex<Vec<Seen>>>;
+
 fn limited(
     limit: usize,
 ) -> (
     impl Service<Request<PolicyBody>, Response = Response<impl Body<Data = Bytes>>, Error = Infallible>,
-    Arc<Mutex<Vec<Seen>>>,
+    Log,
 ) {
     let log = Arc::new(Mutex::new(Vec::new()));
     let seen = log.clone();
