@@ -151,3 +151,36 @@ async fn a_body_within_the_limit_passes_as_it_came() {
     assert!(seen[1].end_stream);
     assert_eq!(seen[2].bytes.as_ref().map(Bytes::len), Some(1024));
 }
+
+#[tokio::test]
+async fn readiness_is_the_inner_services() {
+    /// A service that is never ready.
+    #[derive(Clone)]
+    struct NotReady;
+
+    impl Service<Request<PolicyBody>> for NotReady {
+        type Response = Response<PolicyBody>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Response<PolicyBody>, Infallible>>;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Infallible>> {
+            std::task::Poll::Pending
+        }
+
+        fn call(&mut self, _: Request<PolicyBody>) -> Self::Future {
+            unreachable!("never ready, never called")
+        }
+    }
+
+    let mut svc = ServiceBuilder::new()
+        .layer(BodyLimitLayer::new())
+        .service(NotReady);
+    let ready = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(Service::<Request<PolicyBody>>::poll_ready(&mut svc, cx))
+    })
+    .await;
+    assert!(ready.is_pending());
+}
