@@ -317,3 +317,104 @@ impl<B: Body<Data = Bytes>> Body for TeeBody<B> {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{AuditLayer, MemorySink};
+
+    fn view(path: &str, body: &str) -> LlmRequest {
+        let (parts, ()) = http::Request::post(path).body(()).unwrap().into_parts();
+        LlmRequest::parse(&parts, Bytes::from(body.to_owned())).unwrap()
+    }
+
+    fn config(layer: AuditLayer) -> Arc<Config> {
+        layer.config
+    }
+
+    #[test]
+    fn truncate_cuts_on_a_character_boundary() {
+        let mut text = "café!".to_owned();
+        assert!(!truncate(&mut text, 6));
+        assert_eq!(text, "café!");
+        assert!(truncate(&mut text, 4));
+        assert_eq!(text, "caf");
+        let mut text = "ééé".to_owned();
+        assert!(truncate(&mut text, 5));
+        assert_eq!(text, "éé");
+    }
+
+    #[test]
+    fn only_endpoints_that_report_usage_get_a_prompt_estimate() {
+        let config = config(AuditLayer::new(MemorySink::new()));
+        assert!(reports_usage(Endpoint::ChatCompletions));
+        assert!(!reports_usage(Endpoint::ImageGeneration));
+        assert!(!reports_usage(Endpoint::Moderations));
+        // 8 characters are 2 estimated tokens, plus 3 token ids.
+        let completions = view(
+            "/v1/completions",
+            r#"{"model":"gpt-3.5-turbo-instruct","prompt":["abcdefgh",[1,2,3]]}"#,
+        );
+        assert_eq!(Facts::of(&completions, &config).prompt_estimate, Some(5));
+        let images = view(
+            "/v1/images/generations",
+            r#"{"model":"dall-e-3","prompt":"abcdefgh"}"#,
+        );
+        assert_eq!(Facts::of(&images, &config).prompt_estimate, None);
+    }
+
+    #[test]
+    fn logged_prompt_joins_the_parts_and_is_cut_at_the_limit() {
+        let chat = r#"{"model":"m","messages":[{"role":"user","content":"first part"},{"role":"user","content":"second part"},{"role":"user","content":"third part"}]}"#;
+        let roomy = config(
+            AuditLayer::new(MemorySink::new())
+                .log_content(true)
+                .max_content_bytes(1000),
+        );
+        let facts = Facts::of(&view("/v1/chat/completions", chat), &roomy);
+        assert_eq!(
+            facts.prompt.as_deref(),
+            Some("first part\nsecond part\nthird part")
+        );
+        assert!(!facts.prompt_truncated);
+        let tight = config(
+            AuditLayer::new(MemorySink::new())
+                .log_content(true)
+                .max_content_bytes(8),
+        );
+        let facts = Facts::of(&view("/v1/chat/completions", chat), &tight);
+        assert_eq!(facts.prompt.as_deref(), Some("first pa"));
+        assert!(facts.prompt_truncated);
+    }
+
+    #[test]
+    fn a_prompt_cut_before_redaction_is_marked_truncated_even_if_redaction_shortens_it() {
+        let long = "k".repeat(2000);
+        let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{long}"}}]}}"#);
+        let config = config(
+            AuditLayer::new(MemorySink::new())
+                .log_content(true)
+                .max_content_bytes(100)
+                .redact(|_| "[redacted]".to_owned()),
+        );
+        let facts = Facts::of(&view("/v1/chat/completions", &body), &config);
+        assert_eq!(facts.prompt.as_deref(), Some("[redacted]"));
+        assert!(facts.prompt_truncated);
+    }
+
+    #[test]
+    fn flags_are_kept_once_in_order() {
+        let config = config(AuditLayer::new(MemorySink::new()));
+        let handle = AuditHandle::new(config, &view("/v1/chat/completions", "{}"), None);
+        handle.flag("b");
+        handle.flag("a");
+        handle.flag("b");
+        assert_eq!(handle.flags(), ["b", "a"]);
+        assert_eq!(
+            handle
+                .take(&http::Method::POST, &"/".parse().unwrap())
+                .flags,
+            ["b", "a"]
+        );
+    }
+}
