@@ -178,11 +178,9 @@ where
     pub(crate) fn new(check: C, inner: &mut S, req: Request<B>) -> Self {
         let (mut parts, body) = req.into_parts();
         let key = parts.extensions.get::<Arc<ApiKey>>().cloned();
-        let for_audit = check.reads_for_audit()
-            && parts
-                .extensions
-                .get::<AuditHandle>()
-                .is_some_and(AuditHandle::wants_body);
+        // Behind an audit layer, the record wants the body (whether one is pending is the
+        // view's to say).
+        let for_audit = check.reads_for_audit() && parts.extensions.get::<AuditHandle>().is_some();
         let view = LlmRequest::resolve(&mut parts, check.policy());
         let needs_body = match check.on_head(view, key.as_deref()) {
             Ok(needs) => needs,

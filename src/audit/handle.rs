@@ -48,11 +48,9 @@ pub(crate) struct State {
     pub(crate) key: Option<Arc<ApiKey>>,
     pub(crate) flags: Vec<String>,
     pub(crate) facts: Facts,
-    /// The request may have a body with a model and a prompt that no layer has read yet.
-    body_pending: bool,
     /// A layer is reading the body for the view: the audit layer's copy is not needed.
     claimed: bool,
-    /// The audit layer's copy of a body no layer read (bounded), with the head it goes with.
+    /// The audit layer's copy of a body no layer read (bounded).
     copy: Option<Copy>,
 }
 
@@ -162,7 +160,6 @@ impl AuditHandle {
                 state: Mutex::new(State {
                     key,
                     facts,
-                    body_pending: view.body_pending(),
                     ..State::default()
                 }),
             }),
@@ -188,13 +185,6 @@ impl AuditHandle {
         lock(&self.shared.state).key = Some(key);
     }
 
-    /// Whether the record still waits for the request's body: a layer that has admitted the
-    /// request and can read it should.
-    pub(crate) fn wants_body(&self) -> bool {
-        let state = lock(&self.shared.state);
-        state.body_pending && !state.claimed
-    }
-
     /// A layer reads the body for the view: the record will have it.
     pub(crate) fn claim_body(&self) {
         let mut state = lock(&self.shared.state);
@@ -218,9 +208,7 @@ impl AuditHandle {
             view.request_usage();
         }
         let facts = Facts::of(view, config);
-        let mut state = lock(&self.shared.state);
-        state.facts = facts;
-        state.body_pending = false;
+        lock(&self.shared.state).facts = facts;
     }
 
     /// Starts the audit layer's own copy of a body that no layer may read (bounded by
@@ -416,5 +404,32 @@ mod tests {
                 .flags,
             ["b", "a"]
         );
+    }
+
+    #[test]
+    fn the_copy_of_an_unread_body_is_bounded_and_dropped_once_a_layer_reads_it() {
+        let body = r#"{"model":"gpt-4o-mini","user":"ana","messages":[]}"#;
+        let (method, uri) = (http::Method::POST, "/v1/chat/completions".parse().unwrap());
+        let copy = |limit: usize, claim: bool| {
+            let config = config(AuditLayer::new(MemorySink::new()));
+            let head = view("/v1/chat/completions", "");
+            let handle = AuditHandle::new(config, &head, None);
+            handle.start_copy(Policy::default(), limit);
+            let (first, rest) = body.as_bytes().split_at(20);
+            handle.copy_chunk(first);
+            if claim {
+                handle.claim_body();
+            }
+            handle.copy_chunk(rest);
+            handle.take(&method, &uri).facts
+        };
+        // Within the bound, the copy gives the record the model and the user.
+        let facts = copy(body.len(), false);
+        assert_eq!(facts.model.as_deref(), Some("gpt-4o-mini"));
+        assert_eq!(facts.user.as_deref(), Some("ana"));
+        // One byte over it, nothing is kept (no partial body is parsed).
+        assert_eq!(copy(body.len() - 1, false).model, None);
+        // A layer that reads the body itself makes the copy unnecessary.
+        assert_eq!(copy(body.len(), true).model, None);
     }
 }
