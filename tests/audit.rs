@@ -1155,3 +1155,41 @@ async fn prices_from_a_file_override_the_builtin_ones() {
     let err = PricingTable::from_json_file(&path).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidData);
 }
+
+#[tokio::test]
+async fn a_body_the_record_copies_keeps_its_size_and_end_for_the_inner_service() {
+    let sink = MemorySink::new();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let svc = ServiceBuilder::new()
+        .layer(AuditLayer::new(sink.clone()))
+        .service(service_fn(move |req: Request<PolicyBody>| {
+            let log = log.clone();
+            async move {
+                let body = req.into_body();
+                // A forwarding client sends an exact size as Content-Length.
+                log.lock()
+                    .unwrap()
+                    .push((body.size_hint().exact(), body.is_end_stream()));
+                body.collect().await.unwrap();
+                Ok::<_, Infallible>(json(CHAT_JSON))
+            }
+        }));
+    let sent = chat_body(false, "");
+    let res = svc
+        .clone()
+        .oneshot(request("/v1/chat/completions", sent.clone()))
+        .await
+        .unwrap();
+    body_text(res.into_body()).await;
+    let res = svc
+        .oneshot(request("/v1/chat/completions", ""))
+        .await
+        .unwrap();
+    body_text(res.into_body()).await;
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen[0], (Some(sent.len() as u64), false));
+    assert_eq!(seen[1], (Some(0), true));
+    // The copy gave the first record its model.
+    assert_eq!(sink.records()[0].model.as_deref(), Some("gpt-4o-mini"));
+}
