@@ -113,6 +113,12 @@ pub(crate) trait Check: Clone + Send + 'static {
     fn reads_for_audit(&self) -> bool {
         true
     }
+
+    /// Whether this layer refuses a request whose head is ambiguous
+    /// ([`LlmRequest::refusal`]): every policy layer does; the audit layer only records.
+    fn refuses_ambiguous(&self) -> bool {
+        true
+    }
 }
 
 pin_project! {
@@ -182,6 +188,10 @@ where
         // view's to say).
         let for_audit = check.reads_for_audit() && parts.extensions.get::<AuditHandle>().is_some();
         let view = LlmRequest::resolve(&mut parts, check.policy());
+        if let Some(reason) = view.refusal().filter(|_| check.refuses_ambiguous()) {
+            let error = PolicyError::AmbiguousRequest(reason.to_owned().into());
+            return Self::rejected(error, check.layer());
+        }
         let needs_body = match check.on_head(view, key.as_deref()) {
             Ok(needs) => needs,
             Err(error) => return Self::rejected(error, check.layer()),

@@ -52,6 +52,10 @@ pub enum Endpoint {
     Realtime,
     /// `/v1/assistants`, `/v1/threads`, `/v1/vector_stores`.
     Assistants,
+    /// `/v1/videos` and its sub-resources.
+    Videos,
+    /// `/v1/evals` and its runs.
+    Evals,
     /// Anything else.
     Other,
 }
@@ -77,6 +81,8 @@ impl Endpoint {
             Endpoint::Models => "models",
             Endpoint::Realtime => "realtime",
             Endpoint::Assistants => "assistants",
+            Endpoint::Videos => "videos",
+            Endpoint::Evals => "evals",
             Endpoint::Other => "other",
         }
     }
@@ -101,6 +107,8 @@ impl Endpoint {
             Endpoint::Models => Feature::Models,
             Endpoint::Realtime => Feature::Realtime,
             Endpoint::Assistants => Feature::Assistants,
+            Endpoint::Videos => Feature::Videos,
+            Endpoint::Evals => Feature::Evals,
             Endpoint::Other => return None,
         })
     }
@@ -109,6 +117,10 @@ impl Endpoint {
     /// prompt) that the policy layers read: every `POST` to an inference endpoint, and `POST`s
     /// to realtime sessions, fine-tuning jobs and assistants/threads/runs, whose bodies may
     /// name a model too.
+    ///
+    /// This is the endpoint's view; what a request's path selects within the endpoint (a
+    /// sub-resource such as `/v1/responses/{id}/cancel` names no model) is
+    /// [`Route::body_model`], which the layers use.
     pub fn has_model_body(&self, method: &Method) -> bool {
         *method == Method::POST
             && (self.model_required()
@@ -121,6 +133,8 @@ impl Endpoint {
                         | Endpoint::Realtime
                         | Endpoint::FineTuning
                         | Endpoint::Assistants
+                        | Endpoint::Videos
+                        | Endpoint::Evals
                 ))
     }
 
@@ -157,9 +171,35 @@ impl Endpoint {
                 Some("dall-e-2")
             }
             Endpoint::Moderations => Some("omni-moderation-latest"),
+            Endpoint::Videos => Some("sora-2"),
             _ => None,
         }
     }
+}
+
+/// What the body of a request to a route (sent with `POST`, `PUT` or `PATCH`) means for the
+/// model that runs: read by [`LlmRequest`](crate::LlmRequest), checked by the layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BodyModel {
+    /// The body selects no model (a sub-resource such as `/v1/responses/{id}/cancel`, files,
+    /// vector stores).
+    None,
+    /// The body must name the model; without one the request is refused.
+    Required,
+    /// The body may name a model; without one, none runs (modifying an assistant, counting
+    /// input tokens, running a grader that needs no model).
+    Optional,
+    /// A body without a model runs this documented default, which the checks see.
+    Default(&'static str),
+    /// A body without a model runs one the request does not show: an assistant's (thread
+    /// runs), a source video's (remix), a session default the API does not document. A key
+    /// with model limits must name the model, or is refused (fail closed).
+    Unseen,
+    /// The body names an input file of requests (`POST /v1/batches`), each with its own model
+    /// and prompt, stored upstream where the policy cannot read it: a layer that limits the key
+    /// refuses it.
+    Batch,
 }
 
 impl fmt::Display for Endpoint {
@@ -178,12 +218,41 @@ pub struct Route {
     pub path_model: Option<String>,
     /// The deployment name of an Azure-style path (`/openai/deployments/{name}/...`).
     pub deployment: Option<String>,
+    /// What a body sent here means for the model ([`BodyModel`]).
+    pub body_model: BodyModel,
+    /// The realtime WebSocket path (`GET /v1/realtime?model=`): the query selects the model.
+    query_selects_model: bool,
+    /// Why the head is ambiguous and must be refused (see [`Route::refusal`]).
+    refusal: Option<&'static str>,
 }
 
 impl Route {
-    /// Classifies a request from its URI (the method matters only to
-    /// [`Endpoint::has_model_body`]).
+    /// Why this request's path or query is ambiguous, if it is: an upstream could read it
+    /// otherwise than the policy does, so the layers refuse it (400 `ambiguous_request`) rather
+    /// than guess. Percent-encoded `/`, `\` or `.`, a backslash, a NUL, dot segments (`.`,
+    /// `..`), and on realtime paths a `model` or `deployment` query parameter sent twice,
+    /// with an encoded name, or with an encoded value.
+    pub fn refusal(&self) -> Option<&'static str> {
+        self.refusal
+    }
+
+    /// Whether the query of a `GET` to this route selects the model that runs (the realtime
+    /// WebSocket, `?model=`).
+    pub fn query_selects_model(&self) -> bool {
+        self.query_selects_model
+    }
+
+    /// Classifies a request from its URI (the method matters only to whether a body is read:
+    /// see [`BodyModel`]).
     pub fn classify(uri: &http::Uri) -> Route {
+        let mut route = Self::classify_path(uri);
+        if route.refusal.is_none() {
+            route.refusal = ambiguous_path(uri.path());
+        }
+        route
+    }
+
+    fn classify_path(uri: &http::Uri) -> Route {
         let path = uri.path();
         // The common case, a plain lowercase path, needs no normalising and no allocation.
         let plain = path.len() <= 128
@@ -207,52 +276,104 @@ impl Route {
     }
 
     fn classify_segments<S: AsRef<str>>(segments: &[S], query: Option<&str>) -> Route {
-        let (api, deployment) = split_api(segments);
+        let (api, deployment, versioned) = split_api(segments);
         let mut route = Route {
             endpoint: Endpoint::Other,
             path_model: None,
             deployment,
+            body_model: BodyModel::Unseen,
+            query_selects_model: false,
+            refusal: None,
         };
         let Some(first) = api.first() else {
             return route;
         };
-        let second = api.get(1).map(|s| s.as_ref());
-        route.endpoint = match (first.as_ref(), second, api.len()) {
-            ("chat", Some("completions"), _) => Endpoint::ChatCompletions,
-            ("completions", None, _) => Endpoint::Completions,
-            ("embeddings", None, _) => Endpoint::Embeddings,
-            ("images", Some("generations"), 2) => Endpoint::ImageGeneration,
-            ("images", Some("edits"), 2) => Endpoint::ImageEdit,
-            ("images", Some("variations"), 2) => Endpoint::ImageVariation,
-            ("audio", Some("speech"), 2) => Endpoint::AudioSpeech,
-            ("audio", Some("transcriptions"), 2) => Endpoint::AudioTranscription,
-            ("audio", Some("translations"), 2) => Endpoint::AudioTranslation,
-            ("moderations", None, _) => Endpoint::Moderations,
-            // Conversations hold Responses API state.
-            ("responses" | "conversations", _, _) => Endpoint::Responses,
-            ("files" | "uploads", _, _) => Endpoint::Files,
-            ("batches", _, _) => Endpoint::Batches,
-            ("fine_tuning" | "fine-tunes" | "fine_tunes", _, _) => Endpoint::FineTuning,
+        let at = |i: usize| api.get(i).map(|s| s.as_ref());
+        let n = api.len();
+        use BodyModel as M;
+        use Endpoint as E;
+        let (endpoint, body_model) = match (first.as_ref(), at(1), n) {
+            ("chat", Some("completions"), 2) => (E::ChatCompletions, M::Required),
+            // Stored completions: `/chat/completions/{id}` and its messages.
+            ("chat", Some("completions"), _) => (E::ChatCompletions, M::None),
+            ("completions", None, _) => (E::Completions, M::Required),
+            ("embeddings", None, _) => (E::Embeddings, M::Required),
+            ("images", Some("generations"), 2) => (E::ImageGeneration, M::Default("dall-e-2")),
+            ("images", Some("edits"), 2) => (E::ImageEdit, M::Default("dall-e-2")),
+            ("images", Some("variations"), 2) => (E::ImageVariation, M::Default("dall-e-2")),
+            ("audio", Some("speech"), 2) => (E::AudioSpeech, M::Required),
+            ("audio", Some("transcriptions"), 2) => (E::AudioTranscription, M::Required),
+            ("audio", Some("translations"), 2) => (E::AudioTranslation, M::Required),
+            // Custom voices and their consents belong to text to speech.
+            ("audio", Some("voices" | "voice_consents"), _) => (E::AudioSpeech, M::None),
+            ("moderations", None, _) => (E::Moderations, M::Default("omni-moderation-latest")),
+            ("responses", None, _) => (E::Responses, M::Required),
+            ("responses", Some("compact"), 2) => (E::Responses, M::Required),
+            // Counting input tokens names a model but runs none.
+            ("responses", Some("input_tokens"), 2) => (E::Responses, M::Optional),
+            // A stored response, its cancel and input items; conversations hold Responses API
+            // state and run no model.
+            ("responses" | "conversations", _, _) => (E::Responses, M::None),
+            ("files" | "uploads", _, _) => (E::Files, M::None),
+            ("batches", None, _) => (E::Batches, M::Batch),
+            ("batches", _, _) => (E::Batches, M::None),
+            ("fine_tuning" | "fine-tunes" | "fine_tunes", Some("jobs"), 2) => {
+                (E::FineTuning, M::Required)
+            }
+            ("fine-tunes" | "fine_tunes", None, _) => (E::FineTuning, M::Required),
+            // Graders (`/fine_tuning/alpha/graders/run`) name their models inside `grader`.
+            ("fine_tuning", Some("alpha"), _) => (E::FineTuning, M::Optional),
+            ("fine_tuning" | "fine-tunes" | "fine_tunes", _, _) => (E::FineTuning, M::None),
             ("models", _, _) => {
-                if api.len() >= 2 {
+                if n >= 2 {
                     // Model ids may contain '/', e.g. fine-tuned or provider-prefixed names.
                     let rest: Vec<&str> = api[1..].iter().map(AsRef::as_ref).collect();
                     route.path_model = Some(rest.join("/"));
                 }
-                Endpoint::Models
+                (E::Models, M::None)
             }
-            ("realtime", _, _) => {
-                route.path_model = query_param(query, "model");
-                if route.deployment.is_none() {
-                    // Azure OpenAI names the deployment in the query:
-                    // `/openai/realtime?api-version=...&deployment={name}`.
-                    route.deployment = query_param(query, "deployment");
+            ("realtime", None, _) => {
+                // The WebSocket: `GET /v1/realtime?model=`, or Azure's
+                // `/openai/realtime?deployment=` (only on a path without `/v1`: OpenAI ignores
+                // a `deployment` parameter and runs the model it names).
+                route.query_selects_model = true;
+                let (model, refusal) = strict_query_param(query, "model");
+                route.path_model = model;
+                route.refusal = refusal;
+                if route.deployment.is_none() && !versioned {
+                    let (deployment, refusal) = strict_query_param(query, "deployment");
+                    route.deployment = deployment;
+                    route.refusal = route.refusal.or(refusal);
                 }
-                Endpoint::Realtime
+                (E::Realtime, M::Unseen)
             }
-            ("assistants" | "threads" | "vector_stores", _, _) => Endpoint::Assistants,
-            _ => Endpoint::Other,
+            ("realtime", Some("calls"), 3) => (E::Realtime, M::None),
+            ("realtime", Some("calls"), 4) if at(3) != Some("accept") => (E::Realtime, M::None),
+            // Sessions, client secrets, calls and their acceptance: the session's model, else
+            // a default the API does not document.
+            ("realtime", _, _) => (E::Realtime, M::Unseen),
+            ("assistants", None, _) => (E::Assistants, M::Required),
+            ("assistants", Some(_), 2) => (E::Assistants, M::Optional),
+            // A run without `model` runs its assistant's model.
+            ("threads", Some("runs"), 2) => (E::Assistants, M::Unseen),
+            ("threads", Some(_), 3) if at(2) == Some("runs") => (E::Assistants, M::Unseen),
+            ("assistants" | "threads" | "vector_stores", _, _) => (E::Assistants, M::None),
+            ("videos", None, _) => (E::Videos, M::Default("sora-2")),
+            // Edits, extensions and remixes run the source video's model.
+            ("videos", Some("edits" | "extensions"), 2) => (E::Videos, M::Unseen),
+            ("videos", Some(_), 3) if at(2) == Some("remix") => (E::Videos, M::Unseen),
+            ("videos", _, _) => (E::Videos, M::None),
+            // Testing criteria may be model graders; a run's data source names its model.
+            ("evals", None, _) => (E::Evals, M::Optional),
+            ("evals", Some(_), 3) if at(2) == Some("runs") => (E::Evals, M::Unseen),
+            ("evals", _, _) => (E::Evals, M::None),
+            // Known endpoints that run no model.
+            ("containers" | "skills" | "content_provenance_checks", _, _) => (E::Other, M::None),
+            // Anything else (ChatKit sessions run a workflow's models): the model is unseen.
+            _ => (E::Other, M::Unseen),
         };
+        route.endpoint = endpoint;
+        route.body_model = body_model;
         route
     }
 }
@@ -262,23 +383,54 @@ impl Route {
 /// Whichever of `v1` and `deployments/{name}` comes first decides, so a deployment may be
 /// named `v1`. Without either, a leading `openai` segment is a prefix too (Azure's
 /// `/openai/realtime`).
-fn split_api<S: AsRef<str>>(segments: &[S]) -> (&[S], Option<String>) {
+///
+/// The third value tells whether the path had a `v1` segment.
+fn split_api<S: AsRef<str>>(segments: &[S]) -> (&[S], Option<String>, bool) {
     for (i, segment) in segments.iter().enumerate() {
         if segment.as_ref() == "v1" {
-            return (&segments[i + 1..], None);
+            return (&segments[i + 1..], None, true);
         }
         if segment.as_ref() == "deployments" {
             if let Some(name) = segments.get(i + 1) {
-                return (&segments[i + 2..], Some(name.as_ref().to_owned()));
+                return (&segments[i + 2..], Some(name.as_ref().to_owned()), false);
             }
         }
     }
     match segments.split_first() {
-        Some((first, rest)) if first.as_ref() == "openai" => (rest, None),
+        Some((first, rest)) if first.as_ref() == "openai" => (rest, None, false),
         // A bare path (`/chat/completions`), as some clients use against a base URL without
         // /v1.
-        _ => (segments, None),
+        _ => (segments, None, false),
     }
+}
+
+/// Why a raw path is ambiguous: the policy classifies the normalised path, and an upstream
+/// that decodes or resolves differently would route it elsewhere.
+fn ambiguous_path(path: &str) -> Option<&'static str> {
+    let bytes = path.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'\\' {
+            return Some("The request path contains a backslash.");
+        }
+        if b == b'%' {
+            let decoded = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| Some(hex_digit(h[0])? << 4 | hex_digit(h[1])?));
+            match decoded {
+                Some(b'/' | b'\\' | b'.' | 0) => {
+                    return Some(
+                        "The request path contains a percent-encoded `/`, `\\`, `.` or NUL; send the plain path.",
+                    )
+                }
+                None => return Some("The request path contains a malformed percent-encoding."),
+                _ => {}
+            }
+        }
+    }
+    if path.split('/').any(|s| s == "." || s == "..") {
+        return Some("The request path contains a `.` or `..` segment; send the resolved path.");
+    }
+    None
 }
 
 /// Splits a path into lowercase, percent-decoded segments with dot segments resolved.
@@ -331,16 +483,40 @@ pub(crate) fn hex_digit(b: u8) -> Option<u8> {
     }
 }
 
-fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == name).then(|| decode_query_value(v))
-    })
-}
-
-fn decode_query_value(v: &str) -> String {
-    let replaced = v.replace('+', " ");
-    decode_segment(&replaced).into_owned()
+/// The value of the query parameter `name`, read strictly: a parameter sent twice, whose name
+/// is percent-encoded or differs only in case, or whose value is percent-encoded or holds a
+/// `+`, is ambiguous (upstreams decode and fold differently) and gives a refusal instead.
+fn strict_query_param(
+    query: Option<&str>,
+    name: &str,
+) -> (Option<String>, Option<&'static str>) {
+    let Some(query) = query else {
+        return (None, None);
+    };
+    let mut found: Option<&str> = None;
+    for pair in query.split(['&', ';']) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == name {
+            if found.is_some() {
+                return (None, Some("A query parameter that selects the model is sent twice."));
+            }
+            found = Some(v);
+        } else if decode_segment(&k.replace('+', " ")).trim() == name {
+            return (
+                None,
+                Some("A query parameter that selects the model is percent-encoded or not lowercase."),
+            );
+        }
+    }
+    match found {
+        Some(v) if v.contains(['%', '+']) => (
+            None,
+            Some("A query parameter that selects the model has a percent-encoded value."),
+        ),
+        Some(v) if v.is_empty() => (None, None),
+        Some(v) => (Some(v.to_owned()), None),
+        None => (None, None),
+    }
 }
 
 /// A feature that can be blocked: one or more endpoints.
@@ -380,11 +556,15 @@ pub enum Feature {
     Realtime,
     /// `assistants`: assistants, threads and vector stores.
     Assistants,
+    /// `videos`: video generation, edits and remixes.
+    Videos,
+    /// `evals`: evaluations and their runs.
+    Evals,
 }
 
 impl Feature {
     /// Every feature.
-    pub const ALL: [Feature; 15] = [
+    pub const ALL: [Feature; 17] = [
         Feature::Chat,
         Feature::Completions,
         Feature::Embeddings,
@@ -400,6 +580,8 @@ impl Feature {
         Feature::Models,
         Feature::Realtime,
         Feature::Assistants,
+        Feature::Videos,
+        Feature::Evals,
     ];
 
     /// The configuration name.
@@ -420,6 +602,8 @@ impl Feature {
             Feature::Models => "models",
             Feature::Realtime => "realtime",
             Feature::Assistants => "assistants",
+            Feature::Videos => "videos",
+            Feature::Evals => "evals",
         }
     }
 
@@ -546,5 +730,5 @@ impl serde::Serialize for FeatureSet {
 
 /// A feature name that is not known.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown feature `{0}` (known: chat, completions, embeddings, images, image_generation, image_edits, audio, audio_speech, audio_transcription, moderations, responses, files, batches, fine_tuning, models, realtime, assistants)")]
+#[error("unknown feature `{0}` (known: chat, completions, embeddings, images, image_generation, image_edits, audio, audio_speech, audio_transcription, moderations, responses, files, batches, fine_tuning, models, realtime, assistants, videos, evals)")]
 pub struct UnknownFeature(pub String);

@@ -21,6 +21,8 @@
 //! | rate limit (with `retry-after`) | 429 | `rate_limit_exceeded` |
 //! | body over the size limit | 413 | `request_too_large` |
 //! | body not valid JSON / unreadable | 400 | `invalid_request_body` |
+//! | path, query, method or multipart headers an upstream could read otherwise | 400 | `ambiguous_request` |
+//! | the request runs a model (or batch) the policy cannot see, for a key it limits | 403 | `unverifiable_request` |
 //! | key store or ledger unreachable (fail closed) | 503 | `policy_unavailable` |
 
 use std::borrow::Cow;
@@ -109,6 +111,14 @@ pub enum PolicyError {
         /// The model as sent by the client.
         model: String,
     },
+    /// The request's head (path, query, method) or multipart headers could be read otherwise
+    /// by an upstream than by the policy, so it is refused rather than guessed.
+    #[error("{0}")]
+    AmbiguousRequest(Cow<'static, str>),
+    /// The request runs a model the policy cannot see (an assistant's, a session default, the
+    /// requests of a batch input file), and a layer limits this key.
+    #[error("{0}")]
+    Unverifiable(Cow<'static, str>),
     /// The key's allow-list is enabled and empty.
     #[error("This key has no access to any models")]
     NoModelsAllowed,
@@ -173,13 +183,15 @@ impl PolicyError {
             | PolicyError::KeyExpired => StatusCode::UNAUTHORIZED,
             PolicyError::IpNotAllowed(_)
             | PolicyError::ModelNotAllowed { .. }
-            | PolicyError::NoModelsAllowed => StatusCode::FORBIDDEN,
+            | PolicyError::NoModelsAllowed
+            | PolicyError::Unverifiable(_) => StatusCode::FORBIDDEN,
             PolicyError::FeatureBlocked(_) => StatusCode::UNPROCESSABLE_ENTITY,
             PolicyError::UnknownEndpoint => StatusCode::NOT_FOUND,
             PolicyError::PromptTooLong { .. }
             | PolicyError::UserRequired
             | PolicyError::ContentBlocked(_)
-            | PolicyError::InvalidBody { .. } => StatusCode::BAD_REQUEST,
+            | PolicyError::InvalidBody { .. }
+            | PolicyError::AmbiguousRequest(_) => StatusCode::BAD_REQUEST,
             PolicyError::InsufficientQuota(_) | PolicyError::RateLimited { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -208,6 +220,8 @@ impl PolicyError {
             PolicyError::RateLimited { .. } => "rate_limit_exceeded",
             PolicyError::BodyTooLarge { .. } => "request_too_large",
             PolicyError::InvalidBody { .. } => "invalid_request_body",
+            PolicyError::AmbiguousRequest(_) => "ambiguous_request",
+            PolicyError::Unverifiable(_) => "unverifiable_request",
             PolicyError::PolicyUnavailable => "policy_unavailable",
         }
     }

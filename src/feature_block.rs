@@ -89,6 +89,8 @@ use tower_service::Service;
 
 use crate::body::{BoxError, PolicyBody, ResponseBody};
 use crate::check::{Check, CheckFuture};
+use crate::endpoint::BodyModel;
+use crate::model_allow_list::{BATCH_REFUSED, UNSEEN_REFUSED};
 use crate::endpoint::{Endpoint, Feature, FeatureSet};
 use crate::error::{quote, LayerName, PolicyError};
 use crate::keys::ApiKey;
@@ -295,7 +297,15 @@ struct BlockCheck {
 impl BlockCheck {
     /// Decides on the endpoint alone: default deny and blocked features.
     fn check_endpoint(&self, key: Option<&ApiKey>, endpoint: Endpoint) -> Result<(), PolicyError> {
-        let feature = endpoint.feature();
+        self.check_feature(key, endpoint.feature())
+    }
+
+    /// Decides on one feature the request uses (`None`: an unknown endpoint).
+    fn check_feature(
+        &self,
+        key: Option<&ApiKey>,
+        feature: Option<Feature>,
+    ) -> Result<(), PolicyError> {
         if feature.is_none() && self.config.deny_unknown {
             return Err(PolicyError::UnknownEndpoint);
         }
@@ -338,10 +348,36 @@ impl BlockCheck {
         Ok(())
     }
 
-    /// Whether a model, size or quality block could apply to a request to `endpoint`.
+    /// Whether a model block applies to `key`.
+    fn blocks_models(&self, key: Option<&ApiKey>) -> bool {
+        !self.config.models.is_empty() || key.is_some_and(|k| !k.blocked_models.is_empty())
+    }
+
+    /// Whether a feature block applies to `key`.
+    fn blocks_features(&self, key: Option<&ApiKey>) -> bool {
+        self.config.allow_only.is_some()
+            || !self.config.features.is_empty()
+            || key.is_some_and(|k| !k.blocked_features.is_empty())
+    }
+
+    /// Whether a feature that a body can add to its endpoint's (audio output, an image
+    /// generation tool) is blocked for `key`: the body must then be read.
+    fn blocks_body_features(&self, key: Option<&ApiKey>) -> bool {
+        let key_blocked = key.map(|k| k.blocked_features).unwrap_or_default();
+        [Feature::AudioSpeech, Feature::ImageGeneration]
+            .into_iter()
+            .any(|f| {
+                self.config.features.contains(f)
+                    || key_blocked.contains(f)
+                    || self.config.allow_only.is_some_and(|a| !a.contains(f))
+            })
+    }
+
+    /// Whether a model, feature, size or quality block could apply to a request to
+    /// `endpoint`.
     fn body_blocks_apply(&self, key: Option<&ApiKey>, endpoint: Endpoint) -> bool {
-        !self.config.models.is_empty()
-            || key.is_some_and(|k| !k.blocked_models.is_empty())
+        self.blocks_models(key)
+            || self.blocks_body_features(key)
             || (is_image(endpoint)
                 && !(self.config.sizes.is_empty()
                     && self.config.qualities.is_empty()
@@ -468,12 +504,27 @@ impl Check for BlockCheck {
     fn on_head(&self, view: &LlmRequest, key: Option<&ApiKey>) -> Result<bool, PolicyError> {
         // A request refused on its endpoint is refused before its body is read.
         self.check_endpoint(key, view.endpoint())?;
+        if view.body_model() == BodyModel::Batch
+            && (self.blocks_models(key) || self.blocks_features(key))
+        {
+            return Err(PolicyError::Unverifiable(BATCH_REFUSED.into()));
+        }
         Ok(self.body_blocks_apply(key, view.endpoint()))
     }
 
     fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError> {
-        if let (Some(name), Some(model)) = (view.model_name(), view.model()) {
-            self.check_model(key, name, model)?;
+        // Features the body adds to the endpoint's: audio output, an image generation tool.
+        let endpoint_feature = view.endpoint().feature();
+        for feature in view.features().iter() {
+            if Some(feature) != endpoint_feature {
+                self.check_feature(key, Some(feature))?;
+            }
+        }
+        if self.blocks_models(key) && view.model_unseen() {
+            return Err(PolicyError::Unverifiable(UNSEEN_REFUSED.into()));
+        }
+        for (sent, name) in view.models() {
+            self.check_model(key, name, sent)?;
         }
         self.check_image_options(key, view)
     }

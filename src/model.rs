@@ -4,7 +4,11 @@
 //! `gpt-4o-2024-08-06`. Policies are written once, on canonical names:
 //!
 //! 1. surrounding whitespace is trimmed and the name lowercased;
-//! 2. a provider prefix is dropped (`openai/gpt-4o` → `gpt-4o`; everything up to the last `/`);
+//! 2. a configured provider prefix is dropped (`openai/gpt-4o` → `gpt-4o`). Only the
+//!    prefixes of [`ModelAliases::provider_prefix`] are (`openai` by default): any other `/`
+//!    stays part of the name, so `o3-mini/gpt-4o-mini` is not taken for `gpt-4o-mini` — an
+//!    upstream that routes on the part before the `/` would run another model than the one
+//!    checked;
 //! 3. the alias table of [`ModelAliases`] applies: exact aliases (`gpt4` → `gpt-4`) and variant
 //!    suffixes (`-thinking`, `-latest`), repeatedly, until nothing changes;
 //! 4. for the **canonical** name only, a trailing dated snapshot is dropped: `-YYYY-MM-DD`
@@ -29,11 +33,26 @@ pub struct ModelName {
     pub canonical: String,
 }
 
-/// The alias table used to resolve model names. The default has no aliases.
-#[derive(Clone, Default, PartialEq, Eq)]
+/// The alias table used to resolve model names. The default has no aliases and one provider
+/// prefix, `openai/`.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ModelAliases {
     exact: HashMap<String, String>,
     suffixes: Vec<String>,
+    prefixes: Vec<String>,
+}
+
+/// The provider prefixes dropped by default.
+const DEFAULT_PREFIXES: &[&str] = &["openai"];
+
+impl Default for ModelAliases {
+    fn default() -> Self {
+        ModelAliases {
+            exact: HashMap::new(),
+            suffixes: Vec::new(),
+            prefixes: DEFAULT_PREFIXES.iter().map(|p| (*p).to_owned()).collect(),
+        }
+    }
 }
 
 impl ModelAliases {
@@ -45,7 +64,28 @@ impl ModelAliases {
     /// Maps the name `from` to `to` (both are normalised first).
     #[must_use]
     pub fn alias(mut self, from: &str, to: &str) -> Self {
-        self.exact.insert(base_normalize(from), base_normalize(to));
+        let from = base_normalize(from, &self.prefixes);
+        let to = base_normalize(to, &self.prefixes);
+        self.exact.insert(from, to);
+        self
+    }
+
+    /// Drops the provider prefix `prefix/` (`azure` for `azure/gpt-4o`), compared without
+    /// regard to case. `openai` is dropped by default; a name with any other prefix keeps it
+    /// and must be listed (or aliased) as sent.
+    #[must_use]
+    pub fn provider_prefix(mut self, prefix: &str) -> Self {
+        let prefix = prefix.trim().trim_end_matches('/').to_ascii_lowercase();
+        if !prefix.is_empty() && !self.prefixes.contains(&prefix) {
+            self.prefixes.push(prefix);
+        }
+        self
+    }
+
+    /// Drops no provider prefix, not even the default `openai/`.
+    #[must_use]
+    pub fn no_provider_prefixes(mut self) -> Self {
+        self.prefixes.clear();
         self
     }
 
@@ -66,7 +106,7 @@ impl ModelAliases {
 
     /// Resolves a model name as sent into its normalised and canonical forms.
     pub fn resolve(&self, model: &str) -> ModelName {
-        let mut normalized = base_normalize(model);
+        let mut normalized = base_normalize(model, &self.prefixes);
         self.apply_aliases(&mut normalized);
         let mut canonical = normalized.clone();
         // Aliases and date stripping may uncover one another (`x-2024-05-01-latest`).
@@ -115,25 +155,46 @@ impl fmt::Debug for ModelAliases {
         f.debug_struct("ModelAliases")
             .field("aliases", &self.exact)
             .field("strip_suffixes", &self.suffixes)
+            .field("provider_prefixes", &self.prefixes)
             .finish()
     }
 }
 
-/// The canonical name of `model` under the built-in rules only (no alias table).
+/// The canonical name of `model` under the built-in rules only (no alias table, the default
+/// provider prefix).
 pub fn canonical_model(model: &str) -> String {
-    let mut name = base_normalize(model);
+    let mut name = default_normalize(model);
     strip_date(&mut name);
     name
 }
 
-/// Steps 1 and 2: trim, lowercase, drop a provider prefix.
-fn base_normalize(model: &str) -> String {
-    let trimmed = model.trim();
-    let unprefixed = match trimmed.rfind('/') {
-        Some(i) if i + 1 < trimmed.len() => &trimmed[i + 1..],
-        _ => trimmed,
-    };
-    unprefixed.trim().to_ascii_lowercase()
+/// Steps 1 and 2 with the default provider prefix.
+fn default_normalize(model: &str) -> String {
+    let mut name = model.trim().to_ascii_lowercase();
+    strip_prefixes(&mut name, DEFAULT_PREFIXES);
+    name
+}
+
+/// Steps 1 and 2: trim, lowercase, drop the configured provider prefixes.
+fn base_normalize(model: &str, prefixes: &[String]) -> String {
+    let mut name = model.trim().to_ascii_lowercase();
+    strip_prefixes(&mut name, prefixes);
+    name
+}
+
+/// Drops leading `prefix/` segments that are in `prefixes` (lowercase), keeping a non-empty
+/// rest.
+fn strip_prefixes<P: AsRef<str>>(name: &mut String, prefixes: &[P]) {
+    loop {
+        let Some((head, rest)) = name.split_once('/') else {
+            return;
+        };
+        let rest = rest.trim_start();
+        if rest.is_empty() || !prefixes.iter().any(|p| p.as_ref() == head.trim_end()) {
+            return;
+        }
+        *name = rest.to_owned();
+    }
 }
 
 fn strip_date(name: &mut String) {
@@ -217,7 +278,7 @@ impl ModelList {
                 }
             }
             None => {
-                self.names.insert(base_normalize(trimmed));
+                self.names.insert(default_normalize(trimmed));
             }
         }
     }

@@ -57,6 +57,7 @@ use tower_service::Service;
 
 use crate::body::{BoxError, PolicyBody, ResponseBody};
 use crate::check::{Check, CheckFuture};
+use crate::endpoint::BodyModel;
 use crate::endpoint::Endpoint;
 use crate::error::{quote, LayerName, PolicyError};
 use crate::keys::ApiKey;
@@ -175,6 +176,12 @@ impl<S> ModelAllowList<S> {
     }
 }
 
+/// Why a batch is refused to a key with model limits.
+pub(crate) const BATCH_REFUSED: &str = "Batches are not available to this key: the requests of a batch input file are stored upstream, where the policy cannot check their models and prompts. Send the requests one by one.";
+
+/// Why a request that runs an unnamed model is refused to a key with model limits.
+pub(crate) const UNSEEN_REFUSED: &str = "This request runs a model it does not name (an assistant's, a session default, a source video's); this key may use only some models, so name the model in the request.";
+
 /// The allow-list decision.
 #[derive(Clone, Debug)]
 struct AllowCheck {
@@ -220,24 +227,36 @@ impl Check for AllowCheck {
         &self.config.policy
     }
 
-    fn on_head(&self, _: &LlmRequest, key: Option<&ApiKey>) -> Result<bool, PolicyError> {
-        Ok(self.applies(key))
+    fn on_head(&self, view: &LlmRequest, key: Option<&ApiKey>) -> Result<bool, PolicyError> {
+        if !self.applies(key) {
+            return Ok(false);
+        }
+        if view.body_model() == BodyModel::Batch {
+            return Err(PolicyError::Unverifiable(BATCH_REFUSED.into()));
+        }
+        Ok(true)
     }
 
     fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError> {
         if !self.applies(key) {
             return Ok(());
         }
-        match (view.model_name(), view.model()) {
-            (Some(name), Some(sent)) => self.allows(key, name, sent),
-            _ if view.endpoint().model_required() && view.carries_model_body() => {
-                Err(PolicyError::InvalidBody {
+        if view.model().is_none() {
+            if view.body_model() == BodyModel::Required && view.carries_model_body() {
+                return Err(PolicyError::InvalidBody {
                     message: "You must provide a model parameter.".into(),
                     param: Some("model"),
-                })
+                });
             }
-            _ => Ok(()),
+            if view.model_unseen() {
+                return Err(PolicyError::Unverifiable(UNSEEN_REFUSED.into()));
+            }
         }
+        // Every model the request selects, not only the one priced.
+        for (sent, name) in view.models() {
+            self.allows(key, name, sent)?;
+        }
+        Ok(())
     }
 }
 

@@ -115,6 +115,8 @@ use tower_service::Service;
 
 use crate::body::{BoxError, PolicyBody, ResponseBody};
 use crate::check::{Check, CheckFuture};
+use crate::endpoint::BodyModel;
+use crate::model_allow_list::BATCH_REFUSED;
 use crate::endpoint::Endpoint;
 use crate::error::{LayerName, PolicyError};
 use crate::keys::ApiKey;
@@ -556,13 +558,29 @@ fn output_field_for(endpoint: Endpoint) -> Option<(&'static str, &'static str)> 
     }
 }
 
-/// The output-token fields of a request, as sent.
-fn output_fields(view: &LlmRequest) -> [(&'static str, Option<u64>); 3] {
+/// The output-token fields of a request, as sent (`"inf"` as `u64::MAX`), and whether each
+/// can be clamped in place (top-level fields can; a realtime `session`'s cannot).
+fn output_fields(view: &LlmRequest) -> [(&'static str, Option<u64>, bool); 5] {
     [
-        ("max_tokens", view.max_tokens()),
-        ("max_completion_tokens", view.max_completion_tokens()),
-        ("max_output_tokens", view.max_output_tokens()),
+        ("max_tokens", view.max_tokens(), true),
+        ("max_completion_tokens", view.max_completion_tokens(), true),
+        ("max_output_tokens", view.max_output_tokens(), true),
+        (
+            "max_response_output_tokens",
+            view.max_response_output_tokens(),
+            true,
+        ),
+        ("session", view.session_max_output(), false),
     ]
+}
+
+/// An output-token value for a message: `inf` for realtime's unlimited.
+fn show_output(value: u64) -> String {
+    if value == u64::MAX {
+        "\"inf\"".to_owned()
+    } else {
+        value.to_string()
+    }
 }
 
 impl LimitCheck {
@@ -626,19 +644,21 @@ impl LimitCheck {
             }
         }
         if let Some((limit, level)) = effective(global.max_output_tokens, own.max_output_tokens) {
-            for (param, value) in output_fields(view) {
+            for (param, value, clampable) in output_fields(view) {
                 let Some(value) = value.filter(|v| *v > limit) else {
                     continue;
                 };
                 match self.config.output_mode {
-                    OutputLimitMode::Clamp => clamp = Some(limit),
-                    OutputLimitMode::Reject => {
+                    OutputLimitMode::Clamp if clampable => clamp = Some(limit),
+                    _ => {
+                        let shown = show_output(value);
+                        let param = if clampable { param } else { "session.max_output_tokens" };
                         return Err(too_long(
                             format!(
-                                "`{param}` is {value}; the limit for {level} is {limit} tokens."
+                                "`{param}` is {shown}; the limit for {level} is {limit} tokens."
                             ),
-                            Some(param),
-                        ))
+                            Some(if clampable { param } else { "session" }),
+                        ));
                     }
                 }
             }
@@ -710,8 +730,12 @@ impl Check for LimitCheck {
         &self.config.policy
     }
 
-    fn on_head(&self, _: &LlmRequest, key: Option<&ApiKey>) -> Result<bool, PolicyError> {
-        Ok(self.applies(&key.map(PromptLimits::of_key).unwrap_or_default()))
+    fn on_head(&self, view: &LlmRequest, key: Option<&ApiKey>) -> Result<bool, PolicyError> {
+        let applies = self.applies(&key.map(PromptLimits::of_key).unwrap_or_default());
+        if applies && view.body_model() == BodyModel::Batch {
+            return Err(PolicyError::Unverifiable(BATCH_REFUSED.into()));
+        }
+        Ok(applies)
     }
 
     fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError> {

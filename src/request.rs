@@ -25,7 +25,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::endpoint::{Endpoint, Route};
+use crate::endpoint::{BodyModel, Endpoint, Feature, FeatureSet, Route};
 use crate::error::PolicyError;
 use crate::model::ModelName;
 use crate::policy::Policy;
@@ -118,6 +118,12 @@ pub enum PromptSource {
     Instructions,
     /// The JSON text of `tools` / `functions` definitions.
     Tools,
+    /// The JSON text of structured-output schemas (`response_format`, Responses `text`).
+    Schema,
+    /// Completions `suffix`.
+    Suffix,
+    /// Predicted output (`prediction`).
+    Prediction,
 }
 
 /// One piece of prompt text.
@@ -158,12 +164,22 @@ enum Span {
 pub struct LlmRequest {
     route: Route,
     policy: Policy,
+    runs: BodyModel,
+    refusal: Option<Cow<'static, str>>,
     has_model_body: bool,
     multipart: bool,
     body: Bytes,
     model: Option<String>,
     model_from_default: bool,
     name: Option<ModelName>,
+    extra_models: Vec<String>,
+    extra_names: Vec<ModelName>,
+    /// A realtime transcription model that runs when the session names no other model.
+    transcription_model: Option<String>,
+    max_response_output_tokens: Option<u64>,
+    nested_output: Option<u64>,
+    audio_output: bool,
+    image_tool: bool,
     user: Option<String>,
     safety_identifier: Option<String>,
     stream: bool,
@@ -192,6 +208,7 @@ impl fmt::Debug for LlmRequest {
             .field("endpoint", &self.route.endpoint)
             .field("model", &self.model)
             .field("canonical_model", &self.canonical_model())
+            .field("other_models", &self.extra_models)
             .field("user", &self.user)
             .field("stream", &self.stream)
             .field("include_usage", &self.include_usage)
@@ -223,8 +240,41 @@ impl LlmRequest {
         policy: &Policy,
     ) -> Self {
         let route = Route::classify(uri);
+        let body_method = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
+        let runs = if body_method {
+            route.body_model
+        } else if route.query_selects_model() && *method == Method::GET {
+            // The realtime WebSocket runs `?model=`, or a default.
+            BodyModel::Unseen
+        } else {
+            BodyModel::None
+        };
+        let standard = matches!(
+            *method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::DELETE
+                | Method::POST
+                | Method::PUT
+                | Method::PATCH
+                | Method::TRACE
+                | Method::CONNECT
+        );
+        let refusal = if standard {
+            route.refusal().map(Cow::Borrowed)
+        } else {
+            // `post` is not `POST` to us, but some servers fold methods: refuse rather than
+            // guess.
+            Some(Cow::Borrowed(
+                "The request method is not a standard HTTP method (methods are case-sensitive).",
+            ))
+        };
         let mut req = LlmRequest {
-            has_model_body: route.endpoint.has_model_body(method),
+            has_model_body: body_method
+                && !matches!(runs, BodyModel::None | BodyModel::Batch),
+            runs,
+            refusal,
             multipart: is_multipart(headers),
             model: None,
             route,
@@ -232,6 +282,13 @@ impl LlmRequest {
             body: Bytes::new(),
             model_from_default: false,
             name: None,
+            extra_models: Vec::new(),
+            extra_names: Vec::new(),
+            transcription_model: None,
+            max_response_output_tokens: None,
+            nested_output: None,
+            audio_output: false,
+            image_tool: false,
             user: None,
             safety_identifier: None,
             stream: false,
@@ -275,24 +332,35 @@ impl LlmRequest {
         if self.model.is_none() {
             self.model = self.route.path_model.clone();
         }
+        if self.model.is_none() {
+            self.model = self.transcription_model.take();
+        }
         if let Some(deployment) = &self.route.deployment {
             // Azure routes by deployment and ignores a `model` in the body: the deployment is
-            // what runs, so it is what every check sees.
+            // what runs, so it is what prices and records see. A different model in the body
+            // (or the query) is checked too: another upstream would run that one.
+            if let Some(sent) = self.model.take().filter(|m| m != deployment) {
+                self.extra_models.push(sent);
+            }
             self.model = Some(deployment.clone());
         }
         self.model_from_default = false;
         // The documented default applies to a request that names no model, which is known only
         // once its body is read.
         if self.model.is_none() && !self.body_pending() {
-            if let Some(default) = self.route.endpoint.default_model() {
+            if let BodyModel::Default(default) = self.runs {
                 self.model = Some(default.to_owned());
                 self.model_from_default = true;
             }
         }
-        self.name = self
-            .model
-            .as_deref()
-            .map(|m| self.policy.aliases().resolve(m));
+        if let Some(primary) = &self.model {
+            self.extra_models.retain(|m| m != primary);
+        }
+        self.extra_models.sort_unstable();
+        self.extra_models.dedup();
+        let aliases = self.policy.aliases();
+        self.name = self.model.as_deref().map(|m| aliases.resolve(m));
+        self.extra_names = self.extra_models.iter().map(|m| aliases.resolve(m)).collect();
     }
 
     /// Parses a request's body, as the layers do with the default [`Policy`]. `parts` gives
@@ -320,6 +388,7 @@ impl LlmRequest {
     ) -> Result<(), PolicyError> {
         self.parsed_body = true;
         self.model = None;
+        self.extra_models.clear();
         if !body.iter().all(u8::is_ascii_whitespace) {
             if self.multipart {
                 parse_multipart(self, headers, &body)?;
@@ -369,6 +438,55 @@ impl LlmRequest {
     /// endpoint's documented default when the request omits it.
     pub fn model(&self) -> Option<&str> {
         self.model.as_deref()
+    }
+
+    /// Every model the request selects, as sent with its resolved name: [`model`](Self::model)
+    /// first, then the others the body names (a Responses `image_generation` tool's model,
+    /// a grader's, a realtime transcription model, a `model` in the body of an Azure
+    /// deployment path), each once. Every one is checked; only the first is priced.
+    pub fn models(&self) -> impl Iterator<Item = (&str, &ModelName)> + '_ {
+        let primary = self.model.as_deref().zip(self.name.as_ref());
+        primary.into_iter().chain(
+            self.extra_models
+                .iter()
+                .map(String::as_str)
+                .zip(self.extra_names.iter()),
+        )
+    }
+
+    /// What the body means for the model that runs, for this request's method and path
+    /// ([`BodyModel::None`] for a `GET`, except the realtime WebSocket's).
+    pub fn body_model(&self) -> BodyModel {
+        self.runs
+    }
+
+    /// Whether the request runs a model it does not show ([`BodyModel::Unseen`] with no model
+    /// named): a layer that limits models must refuse it.
+    pub fn model_unseen(&self) -> bool {
+        self.runs == BodyModel::Unseen && self.model.is_none() && !self.body_pending()
+    }
+
+    /// Why the request is refused whatever the policy (an ambiguous path, query, method or
+    /// multipart header), if it is.
+    pub fn refusal(&self) -> Option<&str> {
+        self.refusal.as_deref()
+    }
+
+    /// The features the request uses: its endpoint's, plus text to speech for chat
+    /// completions that ask for audio output (`modalities: ["audio"]` or `audio`), plus image
+    /// generation for an `image_generation` tool.
+    pub fn features(&self) -> FeatureSet {
+        let mut set = FeatureSet::empty();
+        if let Some(feature) = self.endpoint().feature() {
+            set.insert(feature);
+        }
+        if self.audio_output && self.endpoint() == Endpoint::ChatCompletions {
+            set.insert(Feature::AudioSpeech);
+        }
+        if self.image_tool {
+            set.insert(Feature::ImageGeneration);
+        }
+        set
     }
 
     /// Whether [`model`](Self::model) is the endpoint's default rather than sent.
@@ -422,12 +540,27 @@ impl LlmRequest {
         self.max_output_tokens
     }
 
-    /// The requested output limit: the largest of the three output-token fields sent.
+    /// Realtime's `max_response_output_tokens` as sent (`"inf"` is `u64::MAX`).
+    pub fn max_response_output_tokens(&self) -> Option<u64> {
+        self.max_response_output_tokens
+    }
+
+    /// An output limit inside a realtime `session` (`max_output_tokens` or
+    /// `max_response_output_tokens`; `"inf"` is `u64::MAX`). It cannot be clamped in place: a
+    /// limit over the policy's is refused.
+    pub fn session_max_output(&self) -> Option<u64> {
+        self.nested_output
+    }
+
+    /// The requested output limit: the largest of the output-token fields sent (`"inf"` is
+    /// `u64::MAX`).
     pub fn max_output(&self) -> Option<u64> {
         [
             self.max_tokens,
             self.max_completion_tokens,
             self.max_output_tokens,
+            self.max_response_output_tokens,
+            self.nested_output,
         ]
         .into_iter()
         .flatten()
@@ -520,6 +653,7 @@ impl LlmRequest {
             &mut self.max_tokens,
             &mut self.max_completion_tokens,
             &mut self.max_output_tokens,
+            &mut self.max_response_output_tokens,
         ] {
             if field.is_some_and(|v| v > limit) {
                 *field = Some(limit);
@@ -565,9 +699,27 @@ struct Collector<'a> {
     names: usize,
     token_ids: u64,
     media: MediaCounts,
+    /// Models named anywhere below the top level (tools, graders, transcription settings).
+    models: Vec<String>,
+    /// An `image_generation` tool was seen.
+    image_tool: bool,
 }
 
 impl<'a> Collector<'a> {
+    fn new(base: &'a [u8], input_items_are_messages: bool) -> Self {
+        Collector {
+            base,
+            input_items_are_messages,
+            parts: Vec::new(),
+            messages: 0,
+            names: 0,
+            token_ids: 0,
+            media: MediaCounts::default(),
+            models: Vec::new(),
+            image_tool: false,
+        }
+    }
+
     fn span(&self, s: Cow<'a, str>) -> Span {
         match s {
             Cow::Borrowed(b) => {
@@ -594,21 +746,25 @@ impl<'a> Collector<'a> {
             "image_url" | "input_image" | "image" => self.media.images += 1,
             "input_audio" | "audio" => self.media.audio += 1,
             "file" | "input_file" => self.media.files += 1,
+            "image_generation" => self.image_tool = true,
             _ => {}
         }
+    }
+
+    /// Counts the raw JSON text of a definition (tools, schemas) as prompt, and reads the
+    /// models and tool types inside it.
+    fn raw(&mut self, source: PromptSource, raw: &'a RawValue) -> Result<(), serde_json::Error> {
+        if raw.get() == "null" {
+            return Ok(());
+        }
+        self.text(source, Cow::Borrowed(raw.get()));
+        let mut de = serde_json::Deserializer::from_str(raw.get());
+        ScanSeed { c: self, depth: 1 }.deserialize(&mut de)
     }
 }
 
 fn parse_json(req: &mut LlmRequest, body: &Bytes) -> Result<(), PolicyError> {
-    let mut collector = Collector {
-        base: body,
-        input_items_are_messages: req.route.endpoint == Endpoint::Responses,
-        parts: Vec::new(),
-        messages: 0,
-        names: 0,
-        token_ids: 0,
-        media: MediaCounts::default(),
-    };
+    let mut collector = Collector::new(body, req.route.endpoint == Endpoint::Responses);
     let mut de = serde_json::Deserializer::from_slice(body);
     let top = TopSeed {
         c: &mut collector,
@@ -628,6 +784,8 @@ fn parse_json(req: &mut LlmRequest, body: &Bytes) -> Result<(), PolicyError> {
     req.message_names = collector.names;
     req.token_ids = collector.token_ids;
     req.media = collector.media;
+    req.extra_models.append(&mut collector.models);
+    req.image_tool |= collector.image_tool;
     Ok(())
 }
 
@@ -641,6 +799,7 @@ fn field_of(e: &serde_json::Error) -> Option<&'static str> {
     })
 }
 
+/// The top-level fields read once each (a duplicate is refused).
 const FIELDS: &[&str] = &[
     "model",
     "user",
@@ -660,21 +819,86 @@ const FIELDS: &[&str] = &[
     "functions",
     "size",
     "quality",
+    "session",
+    "suffix",
+    "prediction",
+    "response_format",
+    "text",
+    "modalities",
+    "audio",
+    "max_response_output_tokens",
+    "additional_instructions",
+    "additional_messages",
+    "thread",
+    "input_audio_transcription",
 ];
+
+/// Every key the parse reads somewhere. A key that differs from one of these only in case
+/// (or in the two characters Go folds onto ASCII letters, KELVIN SIGN and LONG S) is refused:
+/// Go's `encoding/json`, which Go gateways such as new-api and one-api use, matches field
+/// names that way, so it would read `"MODEL"` where we read nothing.
+const READ_KEYS: &[&str] = &[
+    "content",
+    "text",
+    "refusal",
+    "output",
+    "arguments",
+    "summary",
+    "name",
+    "tool_calls",
+    "function_call",
+    "function",
+    "custom",
+    "type",
+    "variables",
+    "messages",
+    "model",
+    "instructions",
+    "max_output_tokens",
+    "max_response_output_tokens",
+    "tools",
+    "input",
+    "grader",
+    "graders",
+    "testing_criteria",
+    "data_source",
+    "transcription",
+    "audio",
+    "metadata",
+    "parameters",
+    "schema",
+    "json_schema",
+    "input_schema",
+];
+
+/// Whether `key` is not one we read but folds onto one (see [`READ_KEYS`]).
+fn folds_onto_read_key(key: &str) -> Option<String> {
+    if key
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        || key.len() > 96
+    {
+        return None;
+    }
+    let folded: String = key
+        .chars()
+        .map(|c| match c {
+            '\u{212A}' => 'k',
+            '\u{17F}' => 's',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect();
+    (folded != key && (FIELDS.contains(&folded.as_str()) || READ_KEYS.contains(&folded.as_str())))
+        .then_some(folded)
+}
 
 /// Deserializes one field with its name in any error message.
 fn field<'de, T: Deserialize<'de>, A: MapAccess<'de>>(
     map: &mut A,
     name: &'static str,
-    seen: &mut u32,
+    seen: &mut u64,
 ) -> Result<T, A::Error> {
-    let bit = 1u32 << FIELDS.iter().position(|f| *f == name).unwrap_or(31);
-    if *seen & bit != 0 {
-        return Err(de::Error::custom(format_args!(
-            "`{name}`: duplicate field; send each field once"
-        )));
-    }
-    *seen |= bit;
+    seen_once(seen, name)?;
     map.next_value::<T>()
         .map_err(|e| de::Error::custom(format_args!("`{name}`: {}", without_position(&e))))
 }
@@ -732,6 +956,63 @@ impl<'de> Deserialize<'de> for Text<'de> {
     }
 }
 
+/// An object key: refused when it folds onto a key we read without being it.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let Text(key) = Text::deserialize(d)?;
+        if let Some(folded) = folds_onto_read_key(&key) {
+            return Err(de::Error::custom(format_args!(
+                "the key `{}` differs from `{folded}` only in case; send `{folded}`",
+                key.escape_debug()
+            )));
+        }
+        Ok(Key(key))
+    }
+}
+
+/// An output-token limit: a non-negative integer, or realtime's `"inf"` (`u64::MAX`).
+struct OutputCap(u64);
+
+impl<'de> Deserialize<'de> for OutputCap {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OutputCap;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a non-negative integer or \"inf\"")
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<OutputCap, E> {
+                Ok(OutputCap(v))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<OutputCap, E> {
+                if v == "inf" {
+                    Ok(OutputCap(u64::MAX))
+                } else {
+                    Err(E::invalid_value(de::Unexpected::Str(v), &self))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `modalities`: whether it asks for audio.
+struct AsksAudio(bool);
+
+impl<'de> Deserialize<'de> for AsksAudio {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let list = Option::<Vec<Text<'de>>>::deserialize(d)?;
+        Ok(AsksAudio(list.is_some_and(|l| {
+            l.iter().any(|m| m.0.eq_ignore_ascii_case("audio"))
+        })))
+    }
+}
+
 impl<'de, 'c> Visitor<'de> for TopSeed<'c, 'de> {
     type Value = ();
 
@@ -740,11 +1021,11 @@ impl<'de, 'c> Visitor<'de> for TopSeed<'c, 'de> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut seen = 0u32;
-        let mut session_model: Option<String> = None;
+        let mut seen = 0u64;
+        let mut session = SessionFacts::default();
         let out = self.out;
         let c = self.c;
-        while let Some(key) = map.next_key::<Text<'de>>()? {
+        while let Some(key) = map.next_key::<Key<'de>>()? {
             match key.0.as_ref() {
                 "model" => {
                     out.model = owned(field::<Option<Text<'de>>, _>(&mut map, "model", &mut seen)?)
@@ -767,67 +1048,126 @@ impl<'de, 'c> Visitor<'de> for TopSeed<'c, 'de> {
                     out.max_completion_tokens = field(&mut map, "max_completion_tokens", &mut seen)?
                 }
                 "max_output_tokens" => {
-                    out.max_output_tokens = field(&mut map, "max_output_tokens", &mut seen)?
+                    out.max_output_tokens =
+                        field::<Option<OutputCap>, _>(&mut map, "max_output_tokens", &mut seen)?
+                            .map(|c| c.0)
+                }
+                "max_response_output_tokens" => {
+                    out.max_response_output_tokens = field::<Option<OutputCap>, _>(
+                        &mut map,
+                        "max_response_output_tokens",
+                        &mut seen,
+                    )?
+                    .map(|c| c.0)
                 }
                 "session" => {
                     // Realtime client secrets name the model inside `session`.
-                    let session: Option<Session> = map.next_value()?;
-                    session_model = session.and_then(|s| s.model);
+                    seen_once(&mut seen, "session")?;
+                    map.next_value_seed(Labelled(
+                        "session",
+                        SessionSeed {
+                            c: &mut *c,
+                            facts: &mut session,
+                        },
+                    ))?;
+                }
+                "input_audio_transcription" => {
+                    // Realtime transcription sessions: the model that transcribes.
+                    seen_once(&mut seen, "input_audio_transcription")?;
+                    map.next_value_seed(Labelled(
+                        "input_audio_transcription",
+                        SessionSeed {
+                            c: &mut *c,
+                            facts: &mut session.transcription,
+                        },
+                    ))?;
                 }
                 "n" => out.n = field(&mut map, "n", &mut seen)?,
                 "best_of" => out.best_of = field(&mut map, "best_of", &mut seen)?,
                 "size" => out.size = owned(field(&mut map, "size", &mut seen)?),
                 "quality" => out.quality = owned(field(&mut map, "quality", &mut seen)?),
-                "instructions" => {
-                    if let Some(text) =
-                        field::<Option<Text<'de>>, _>(&mut map, "instructions", &mut seen)?
-                    {
+                name @ ("instructions" | "additional_instructions") => {
+                    let name = if name == "instructions" {
+                        "instructions"
+                    } else {
+                        "additional_instructions"
+                    };
+                    if let Some(text) = field::<Option<Text<'de>>, _>(&mut map, name, &mut seen)? {
                         c.text(PromptSource::Instructions, text.0);
                     }
                 }
-                name @ ("tools" | "functions") => {
-                    let name = if name == "tools" {
-                        "tools"
-                    } else {
-                        "functions"
-                    };
-                    let raw = field::<&'de RawValue, _>(&mut map, name, &mut seen)?;
-                    if raw.get() != "null" {
-                        c.text(PromptSource::Tools, Cow::Borrowed(raw.get()));
+                "suffix" => {
+                    if let Some(text) = field::<Option<Text<'de>>, _>(&mut map, "suffix", &mut seen)?
+                    {
+                        c.text(PromptSource::Suffix, text.0);
                     }
                 }
-                "messages" => {
-                    seen_once(&mut seen, "messages")?;
-                    map.next_value_seed(Labelled("messages", MessagesSeed { c: &mut *c }))?;
+                "modalities" => {
+                    out.audio_output |= field::<AsksAudio, _>(&mut map, "modalities", &mut seen)?.0
                 }
-                "prompt" => {
-                    seen_once(&mut seen, "prompt")?;
+                "audio" => {
+                    let raw = field::<&'de RawValue, _>(&mut map, "audio", &mut seen)?;
+                    out.audio_output |= raw.get() != "null";
+                }
+                name @ ("tools" | "functions" | "response_format" | "text") => {
+                    let (name, source) = match name {
+                        "tools" => ("tools", PromptSource::Tools),
+                        "functions" => ("functions", PromptSource::Tools),
+                        "response_format" => ("response_format", PromptSource::Schema),
+                        _ => ("text", PromptSource::Schema),
+                    };
+                    let raw = field::<&'de RawValue, _>(&mut map, name, &mut seen)?;
+                    // A `response_format` of `"json_object"` and the like hold no schema.
+                    if !raw.get().starts_with('"') {
+                        c.raw(source, raw).map_err(|e| {
+                            de::Error::custom(format_args!("`{name}`: {}", without_position(&e)))
+                        })?;
+                    }
+                }
+                name @ ("messages" | "additional_messages") => {
+                    let name = if name == "messages" {
+                        "messages"
+                    } else {
+                        "additional_messages"
+                    };
+                    seen_once(&mut seen, name)?;
+                    map.next_value_seed(Labelled(name, MessagesSeed { c: &mut *c }))?;
+                }
+                "thread" => {
+                    // `/v1/threads/runs`: the new thread's messages are prompt.
+                    seen_once(&mut seen, "thread")?;
                     map.next_value_seed(Labelled(
-                        "prompt",
+                        "thread",
+                        ItemSeed {
+                            c: &mut *c,
+                            source: PromptSource::Message,
+                            depth: 1,
+                        },
+                    ))?;
+                }
+                name @ ("prompt" | "input" | "prediction") => {
+                    let (name, source) = match name {
+                        "prompt" => ("prompt", PromptSource::Prompt),
+                        "input" => ("input", PromptSource::Input),
+                        _ => ("prediction", PromptSource::Prediction),
+                    };
+                    seen_once(&mut seen, name)?;
+                    map.next_value_seed(Labelled(
+                        name,
                         InputSeed {
                             c: &mut *c,
-                            source: PromptSource::Prompt,
+                            source,
                             depth: 0,
                         },
                     ))?;
                 }
-                "input" => {
-                    seen_once(&mut seen, "input")?;
-                    map.next_value_seed(Labelled(
-                        "input",
-                        InputSeed {
-                            c: &mut *c,
-                            source: PromptSource::Input,
-                            depth: 0,
-                        },
-                    ))?;
-                }
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
+                _ => scan_member(&key.0, &mut map, &mut *c, 1)?,
             }
         }
-        if let Some(model) = session_model {
+        if let Some(cap) = session.max_output {
+            out.nested_output = Some(cap);
+        }
+        if let Some(model) = session.model {
             match &out.model {
                 Some(top) if *top != model => return Err(de::Error::custom(
                     "`model`: the body names two different models (`model` and `session.model`)",
@@ -835,14 +1175,147 @@ impl<'de, 'c> Visitor<'de> for TopSeed<'c, 'de> {
                 _ => out.model = Some(model),
             }
         }
+        // A transcription session runs its transcription model.
+        let transcribes = session.kind.as_deref() == Some("transcription")
+            || session.transcription.model.is_some();
+        if transcribes && out.model.is_none() {
+            out.transcription_model = session
+                .transcription
+                .model
+                .or_else(|| session.nested.first().cloned());
+        }
+        c.models.append(&mut session.nested);
         Ok(())
     }
 }
 
-#[derive(Deserialize)]
-struct Session {
-    #[serde(default)]
+/// What a realtime `session` (or `input_audio_transcription`) object says.
+#[derive(Default)]
+struct SessionFacts {
     model: Option<String>,
+    kind: Option<String>,
+    max_output: Option<u64>,
+    /// Models named deeper inside (`audio.input.transcription.model`).
+    nested: Vec<String>,
+    transcription: Box<TranscriptionFacts>,
+}
+
+#[derive(Default)]
+struct TranscriptionFacts {
+    model: Option<String>,
+}
+
+/// A realtime `session` object: its model, type, instructions, output limit, tools, and the
+/// models nested in it.
+struct SessionSeed<'c, 'a, F> {
+    c: &'c mut Collector<'a>,
+    facts: &'c mut F,
+}
+
+/// Where a [`SessionSeed`] puts what it reads.
+trait SessionSink {
+    fn model(&mut self, model: String);
+    fn kind(&mut self, _kind: String) {}
+    fn max_output(&mut self, _cap: u64) {}
+    fn nested(&mut self) -> Option<&mut Vec<String>> {
+        None
+    }
+}
+
+impl SessionSink for SessionFacts {
+    fn model(&mut self, model: String) {
+        self.model = Some(model);
+    }
+    fn kind(&mut self, kind: String) {
+        self.kind = Some(kind);
+    }
+    fn max_output(&mut self, cap: u64) {
+        self.max_output = Some(self.max_output.map_or(cap, |c| c.max(cap)));
+    }
+    fn nested(&mut self) -> Option<&mut Vec<String>> {
+        Some(&mut self.nested)
+    }
+}
+
+impl SessionSink for Box<TranscriptionFacts> {
+    fn model(&mut self, model: String) {
+        self.model = Some(model);
+    }
+}
+
+impl<'de, 'c, F: SessionSink> DeserializeSeed<'de> for SessionSeed<'c, 'de, F> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, 'c, F: SessionSink> Visitor<'de> for SessionSeed<'c, 'de, F> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = 0u64;
+        let c = self.c;
+        let facts = self.facts;
+        // Models found deeper go to the session's own list when it keeps one (a transcription
+        // session runs the first), else straight to the request's.
+        let mut nested = Collector::new(c.base, false);
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            match key.0.as_ref() {
+                "model" => {
+                    if let Some(model) = field::<Option<Text<'de>>, _>(&mut map, "model", &mut seen)?
+                    {
+                        facts.model(model.0.into_owned());
+                    }
+                }
+                "type" => {
+                    if let Some(kind) = map.next_value::<Option<Text<'de>>>()? {
+                        facts.kind(kind.0.into_owned());
+                    }
+                }
+                "instructions" => {
+                    if let Some(text) =
+                        field::<Option<Text<'de>>, _>(&mut map, "instructions", &mut seen)?
+                    {
+                        c.text(PromptSource::Instructions, text.0);
+                    }
+                }
+                name @ ("max_output_tokens" | "max_response_output_tokens") => {
+                    let name = if name == "max_output_tokens" {
+                        "max_output_tokens"
+                    } else {
+                        "max_response_output_tokens"
+                    };
+                    if let Some(cap) = field::<Option<OutputCap>, _>(&mut map, name, &mut seen)? {
+                        facts.max_output(cap.0);
+                    }
+                }
+                "tools" => {
+                    let raw = field::<&'de RawValue, _>(&mut map, "tools", &mut seen)?;
+                    nested.raw(PromptSource::Tools, raw).map_err(|e| {
+                        de::Error::custom(format_args!("`tools`: {}", without_position(&e)))
+                    })?;
+                }
+                _ => scan_member(&key.0, &mut map, &mut nested, 2)?,
+            }
+        }
+        c.parts.append(&mut nested.parts);
+        c.image_tool |= nested.image_tool;
+        match facts.nested() {
+            Some(list) => list.append(&mut nested.models),
+            None => c.models.append(&mut nested.models),
+        }
+        Ok(())
+    }
 }
 
 /// serde_json adds the position once more when our wrapped error surfaces: drop the inner one.
@@ -854,8 +1327,8 @@ fn without_position(e: &dyn fmt::Display) -> String {
     }
 }
 
-fn seen_once<E: de::Error>(seen: &mut u32, name: &'static str) -> Result<(), E> {
-    let bit = 1u32 << FIELDS.iter().position(|f| *f == name).unwrap_or(31);
+fn seen_once<E: de::Error>(seen: &mut u64, name: &'static str) -> Result<(), E> {
+    let bit = 1u64 << FIELDS.iter().position(|f| *f == name).unwrap_or(63);
     if *seen & bit != 0 {
         return Err(E::custom(format_args!(
             "`{name}`: duplicate field; send each field once"
@@ -882,6 +1355,177 @@ impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for Labelled<S> {
                 de::Error::custom(format_args!("`{name}`: {}", without_position(&text)))
             }
         })
+    }
+}
+
+/// Deepest nesting the scan for models follows; a body nested deeper is refused (serde_json
+/// itself stops at 128).
+const MAX_SCAN_DEPTH: u8 = 64;
+
+/// Keys whose values are user data (metadata, JSON schemas of tool parameters and structured
+/// output): never a model selection, and not field names an upstream matches.
+fn is_user_data(key: &str) -> bool {
+    matches!(
+        key,
+        "metadata" | "parameters" | "schema" | "json_schema" | "input_schema" | "format"
+    )
+}
+
+/// Reads the value of a member whose key no seed handles: a string `model` is a model the
+/// request selects, a `type` may name a tool, user data is skipped, and anything else is
+/// walked for nested models.
+fn scan_member<'de, A: MapAccess<'de>>(
+    key: &str,
+    map: &mut A,
+    c: &mut Collector<'de>,
+    depth: u8,
+) -> Result<(), A::Error> {
+    match key {
+        "model" => map.next_value_seed(ModelSeed { c, depth }),
+        "type" => {
+            if let Some(ty) = map.next_value::<Option<&'de RawValue>>()? {
+                if ty.get() == "\"image_generation\"" {
+                    c.image_tool = true;
+                }
+            }
+            Ok(())
+        }
+        k if is_user_data(k) => map.next_value::<IgnoredAny>().map(drop),
+        _ => map.next_value_seed(ScanSeed { c, depth }),
+    }
+}
+
+/// The value of a nested `model` key: a string is a model; anything else is walked.
+struct ModelSeed<'c, 'a> {
+    c: &'c mut Collector<'a>,
+    depth: u8,
+}
+
+impl<'de, 'c> DeserializeSeed<'de> for ModelSeed<'c, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, 'c> Visitor<'de> for ModelSeed<'c, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a model name")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.c.models.push(v.to_owned());
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
+        ScanSeed {
+            c: self.c,
+            depth: self.depth,
+        }
+        .visit_seq(seq)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        ScanSeed {
+            c: self.c,
+            depth: self.depth,
+        }
+        .visit_map(map)
+    }
+}
+
+/// Any value: walked for nested `model` keys (and `image_generation` tools), its keys checked
+/// for case variants of the keys we read.
+struct ScanSeed<'c, 'a> {
+    c: &'c mut Collector<'a>,
+    depth: u8,
+}
+
+impl<'de, 'c> DeserializeSeed<'de> for ScanSeed<'c, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, 'c> Visitor<'de> for ScanSeed<'c, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if self.depth >= MAX_SCAN_DEPTH {
+            return Err(de::Error::custom("the body is nested too deeply"));
+        }
+        while seq
+            .next_element_seed(ScanSeed {
+                c: &mut *self.c,
+                depth: self.depth + 1,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        if self.depth >= MAX_SCAN_DEPTH {
+            return Err(de::Error::custom("the body is nested too deeply"));
+        }
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            scan_member(&key.0, &mut map, &mut *self.c, self.depth + 1)?;
+        }
+        Ok(())
     }
 }
 
@@ -924,7 +1568,7 @@ impl<'de, 'c> Visitor<'de> for MessagesSeed<'c, 'de> {
     }
 }
 
-/// Deepest nesting of prompt items we follow (deeper values are still validated as JSON).
+/// Deepest nesting of prompt items we follow (deeper values are still scanned for models).
 const MAX_DEPTH: u8 = 8;
 
 /// `prompt` / `input` / part arrays: a string, an array of strings, token ids, arrays of
@@ -980,8 +1624,11 @@ impl<'de, 'c> Visitor<'de> for InputSeed<'c, 'de> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         if self.depth >= MAX_DEPTH {
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
-            return Ok(());
+            return ScanSeed {
+                c: self.c,
+                depth: self.depth,
+            }
+            .visit_seq(seq);
         }
         let items_are_messages = self.depth == 0
             && self.source == PromptSource::Input
@@ -1011,7 +1658,7 @@ impl<'de, 'c> Visitor<'de> for InputSeed<'c, 'de> {
     }
 }
 
-/// An object: a chat message, a content part, or a Responses input item.
+/// An object: a chat message, a content part, a Responses input item, a prompt template.
 struct ItemSeed<'c, 'a> {
     c: &'c mut Collector<'a>,
     source: PromptSource,
@@ -1022,7 +1669,7 @@ impl<'de, 'c> DeserializeSeed<'de> for ItemSeed<'c, 'de> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
+        d.deserialize_any(self)
     }
 }
 
@@ -1033,13 +1680,19 @@ impl<'de, 'c> Visitor<'de> for ItemSeed<'c, 'de> {
         f.write_str("an object")
     }
 
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let c = self.c;
         let (source, depth) = (self.source, self.depth);
-        while let Some(key) = map.next_key::<Text<'de>>()? {
+        while let Some(key) = map.next_key::<Key<'de>>()? {
             match key.0.as_ref() {
-                // Text-bearing fields: strings or arrays of parts, followed recursively.
-                "content" | "text" | "refusal" | "output" | "arguments" | "summary"
+                // Text-bearing fields: strings or arrays of parts, followed recursively. A
+                // custom tool call's `input` is text the model reads as well.
+                "content" | "text" | "refusal" | "output" | "arguments" | "summary" | "input"
+                | "instructions"
                     if depth < MAX_DEPTH =>
                 {
                     map.next_value_seed(InputSeed {
@@ -1054,21 +1707,66 @@ impl<'de, 'c> Visitor<'de> for ItemSeed<'c, 'de> {
                         c.text(PromptSource::Message, name.0);
                     }
                 }
-                "tool_calls" | "function_call" | "function" if depth < MAX_DEPTH => map
+                "messages" if depth < MAX_DEPTH => {
+                    map.next_value_seed(MessagesSeed { c: &mut *c })?
+                }
+                "tool_calls" | "function_call" | "function" | "custom" if depth < MAX_DEPTH => map
                     .next_value_seed(InputSeed {
                         c: &mut *c,
                         source,
                         depth,
                     })?,
+                // A prompt template's variables: each value is text (or an input part).
+                "variables" if depth < MAX_DEPTH => map.next_value_seed(VariablesSeed {
+                    c: &mut *c,
+                    source,
+                    depth,
+                })?,
                 "type" => {
                     if let Some(ty) = map.next_value::<Option<Text<'de>>>()? {
                         c.media_type(&ty.0);
                     }
                 }
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
+                k => scan_member(k, &mut map, &mut *c, depth + 1)?,
             }
+        }
+        Ok(())
+    }
+}
+
+/// A prompt template's `variables`: names (user data) to text or input parts.
+struct VariablesSeed<'c, 'a> {
+    c: &'c mut Collector<'a>,
+    source: PromptSource,
+    depth: u8,
+}
+
+impl<'de, 'c> DeserializeSeed<'de> for VariablesSeed<'c, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, 'c> Visitor<'de> for VariablesSeed<'c, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object of variables")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_key::<IgnoredAny>()?.is_some() {
+            map.next_value_seed(InputSeed {
+                c: &mut *self.c,
+                source: self.source,
+                depth: self.depth + 1,
+            })?;
         }
         Ok(())
     }
@@ -1078,6 +1776,157 @@ impl<'de, 'c> Visitor<'de> for ItemSeed<'c, 'de> {
 // multipart
 
 #[cfg(feature = "multipart")]
+fn ambiguous(message: &'static str) -> PolicyError {
+    PolicyError::AmbiguousRequest(Cow::Borrowed(message))
+}
+
+#[cfg(feature = "multipart")]
+/// Splits a header value into `;`-separated items, keeping quoted strings whole.
+fn header_items(value: &str) -> Vec<&str> {
+    let mut items = Vec::new();
+    let mut start = 0;
+    let mut quoted = false;
+    for (i, b) in value.bytes().enumerate() {
+        match b {
+            b'"' => quoted = !quoted,
+            b';' if !quoted => {
+                items.push(value[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(value[start..].trim());
+    items
+}
+
+#[cfg(feature = "multipart")]
+/// A parameter's name and unquoted value; `None` for an item without `=`.
+fn header_param(item: &str) -> Result<Option<(&str, &str)>, PolicyError> {
+    let Some((name, value)) = item.split_once('=') else {
+        return Ok(None);
+    };
+    let (name, value) = (name.trim(), value.trim());
+    let value = match value.strip_prefix('"') {
+        Some(rest) => {
+            let inner = rest
+                .strip_suffix('"')
+                .ok_or_else(|| ambiguous("A multipart header has an unterminated quoted value."))?;
+            if inner.contains(['"', '\\']) {
+                // Quoted-pair escapes are read differently by different parsers.
+                return Err(ambiguous(
+                    "A multipart header value holds a backslash or an inner quote.",
+                ));
+            }
+            inner
+        }
+        None => value,
+    };
+    Ok(Some((name, value)))
+}
+
+#[cfg(feature = "multipart")]
+/// The `boundary` of a `multipart/form-data` content type, refused when any parser could read
+/// another: the header sent twice, `boundary` twice (in any case), or in RFC 2231 form.
+pub(crate) fn strict_boundary(headers: &HeaderMap) -> Result<String, PolicyError> {
+    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+    let value = values.next().map(|v| v.to_str());
+    if values.next().is_some() {
+        return Err(ambiguous("The Content-Type header is sent twice."));
+    }
+    let value = value
+        .and_then(Result::ok)
+        .ok_or_else(|| invalid("Invalid multipart/form-data content type."))?;
+    let mut boundary = None;
+    for item in header_items(value).into_iter().skip(1) {
+        let Some((name, value)) = header_param(item)? else {
+            continue;
+        };
+        if name.to_ascii_lowercase().starts_with("boundary") {
+            if name != "boundary" || boundary.is_some() {
+                return Err(ambiguous(
+                    "The multipart boundary is given twice, in another case, or encoded; send one `boundary=`.",
+                ));
+            }
+            boundary = Some(value.to_owned());
+        }
+    }
+    boundary
+        .filter(|b| !b.is_empty())
+        .ok_or_else(|| invalid("Invalid multipart/form-data content type: no boundary."))
+}
+
+#[cfg(feature = "multipart")]
+/// The field name of a part, from its headers, refused when a parser could read another: a
+/// `Content-Disposition` sent twice, not `form-data`, `name` or `filename` twice, in another
+/// case or in RFC 2231 form (`name*=`), or a `Content-Transfer-Encoding` that changes the
+/// bytes (some parsers decode base64 parts).
+fn strict_part_name(headers: &HeaderMap) -> Result<(String, bool), PolicyError> {
+    let mut dispositions = headers.get_all(header::CONTENT_DISPOSITION).iter();
+    let value = dispositions
+        .next()
+        .ok_or_else(|| invalid("A multipart part has no Content-Disposition header."))?;
+    if dispositions.next().is_some() {
+        return Err(ambiguous(
+            "A multipart part has two Content-Disposition headers.",
+        ));
+    }
+    if let Some(encoding) = headers.get("content-transfer-encoding") {
+        let plain = encoding.to_str().is_ok_and(|e| {
+            ["7bit", "8bit", "binary"]
+                .iter()
+                .any(|p| e.trim().eq_ignore_ascii_case(p))
+        });
+        if !plain {
+            return Err(ambiguous(
+                "A multipart part has a Content-Transfer-Encoding other than 7bit, 8bit or binary.",
+            ));
+        }
+    }
+    let value = std::str::from_utf8(value.as_bytes())
+        .map_err(|_| invalid("A multipart Content-Disposition header is not UTF-8."))?;
+    let items = header_items(value);
+    if !items[0].eq_ignore_ascii_case("form-data") {
+        return Err(ambiguous("A multipart part is not `form-data`."));
+    }
+    let (mut name, mut file) = (None, false);
+    for item in &items[1..] {
+        let Some((param, value)) = header_param(item)? else {
+            continue;
+        };
+        let lower = param.to_ascii_lowercase();
+        if lower.ends_with('*') {
+            return Err(ambiguous(
+                "A multipart part uses an encoded parameter (`name*=`); send `name=\"...\"`.",
+            ));
+        }
+        match lower.as_str() {
+            "name" | "filename" if param != lower => {
+                return Err(ambiguous(
+                    "A multipart part's `name` or `filename` is not lowercase.",
+                ))
+            }
+            "name" if name.is_some() => {
+                return Err(ambiguous("A multipart part has two names."))
+            }
+            "name" => name = Some(value.to_owned()),
+            "filename" if file => {
+                return Err(ambiguous("A multipart part has two file names."))
+            }
+            "filename" => file = true,
+            _ => {}
+        }
+    }
+    Ok((name.unwrap_or_default(), file))
+}
+
+/// Fields of a multipart body the policy reads.
+#[cfg(feature = "multipart")]
+const MULTIPART_FIELDS: &[&str] = &[
+    "model", "prompt", "user", "n", "size", "quality", "stream", "session",
+];
+
+#[cfg(feature = "multipart")]
 fn parse_multipart(
     req: &mut LlmRequest,
     headers: &HeaderMap,
@@ -1085,18 +1934,14 @@ fn parse_multipart(
 ) -> Result<(), PolicyError> {
     use futures_util::FutureExt;
 
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    let boundary = multer::parse_boundary(content_type)
-        .map_err(|e| invalid(format!("Invalid multipart/form-data content type: {e}")))?;
+    let boundary = strict_boundary(headers)?;
     let stream = futures_util::stream::once(std::future::ready(Ok::<Bytes, std::io::Error>(
         body.clone(),
     )));
     let mut form = multer::Multipart::new(stream, boundary);
     // The whole body is in memory, so every step completes at once: poll without a runtime.
     let bad = |e: multer::Error| invalid(format!("Invalid multipart/form-data body: {e}"));
+    let mut seen: Vec<&'static str> = Vec::new();
     loop {
         let next = form
             .next_field()
@@ -1104,14 +1949,24 @@ fn parse_multipart(
             .ok_or_else(|| invalid("Invalid multipart/form-data body"))?
             .map_err(bad)?;
         let Some(field) = next else { break };
-        let name = field.name().unwrap_or_default().to_owned();
-        let is_file = field.file_name().is_some();
-        let wanted = !is_file
-            && matches!(
-                name.as_str(),
-                "model" | "prompt" | "user" | "n" | "size" | "quality" | "stream"
-            );
-        if !wanted {
+        let (name, is_file) = strict_part_name(field.headers())?;
+        if field.name().unwrap_or_default() != name {
+            return Err(ambiguous("A multipart part's name is ambiguous."));
+        }
+        let wanted = MULTIPART_FIELDS.iter().find(|f| **f == name).copied();
+        if wanted.is_some() && is_file {
+            return Err(ambiguous(
+                "A multipart field the policy reads (`model`, `prompt`, ...) is sent as a file.",
+            ));
+        }
+        let case_variant = MULTIPART_FIELDS.contains(&name.to_ascii_lowercase().as_str())
+            || folds_onto_read_key(&name).is_some();
+        if wanted.is_none() && case_variant {
+            return Err(ambiguous(
+                "A multipart field differs from one the policy reads only in case.",
+            ));
+        }
+        let Some(wanted) = wanted else {
             // Skip the field's data (a file part is consumed chunk by chunk, no copy).
             let mut field = field;
             while field
@@ -1125,18 +1980,20 @@ fn parse_multipart(
                 req.media.files += 1;
             }
             continue;
+        };
+        if seen.contains(&wanted) {
+            return Err(PolicyError::InvalidBody {
+                message: format!("`{wanted}`: duplicate field; send each field once"),
+                param: None,
+            });
         }
+        seen.push(wanted);
         let text = field
             .text()
             .now_or_never()
             .ok_or_else(|| invalid("Invalid multipart/form-data body"))?
             .map_err(bad)?;
-        let dup = |name: &str| PolicyError::InvalidBody {
-            message: format!("`{name}`: duplicate field; send each field once"),
-            param: None,
-        };
-        match name.as_str() {
-            "model" if req.model.is_some() => return Err(dup("model")),
+        match wanted {
             "model" => req.model = Some(text),
             "prompt" => req
                 .parts
@@ -1151,9 +2008,45 @@ fn parse_multipart(
                     param: None,
                 })?)
             }
-            _ => {}
+            // `POST /v1/realtime/calls`: the session configuration, as JSON.
+            _ => parse_session_part(req, &text)?,
         }
     }
+    Ok(())
+}
+
+/// The `session` part of a realtime call: read like a JSON body's `session`.
+#[cfg(feature = "multipart")]
+fn parse_session_part(req: &mut LlmRequest, text: &str) -> Result<(), PolicyError> {
+    let wrapped = format!("{{\"session\":{text}}}");
+    let mut inner = LlmRequest::from_request_head(
+        &Method::POST,
+        &Uri::from_static("/v1/realtime/client_secrets"),
+        &HeaderMap::new(),
+        &req.policy,
+    );
+    inner
+        .read_body(&HeaderMap::new(), Bytes::from(wrapped))
+        .map_err(|e| match e {
+            PolicyError::InvalidBody { message, param } => PolicyError::InvalidBody {
+                message: format!("The `session` part: {message}"),
+                param,
+            },
+            other => other,
+        })?;
+    let owned: Vec<(PromptSource, Span)> = inner
+        .prompt_parts()
+        .map(|p| (p.source, Span::Owned(p.text.into())))
+        .collect();
+    req.parts.extend(owned);
+    if req.model.is_none() {
+        req.model = inner.model.take();
+    } else if let Some(model) = inner.model.take() {
+        req.extra_models.push(model);
+    }
+    req.extra_models.append(&mut inner.extra_models);
+    req.nested_output = inner.nested_output;
+    req.image_tool |= inner.image_tool;
     Ok(())
 }
 

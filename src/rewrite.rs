@@ -25,14 +25,26 @@ use crate::error::PolicyError;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Edits {
-    /// Every output-token field (`max_tokens`, `max_completion_tokens`, `max_output_tokens`)
-    /// above this value is set to it.
+    /// Every top-level output-token field (`max_tokens`, `max_completion_tokens`,
+    /// `max_output_tokens`, realtime's `max_response_output_tokens`) above this value, or
+    /// `"inf"`, is set to it.
     pub clamp_output: Option<u64>,
     /// `stream_options.include_usage` is set to `true` (the object is added when absent).
     pub include_usage: bool,
 }
 
-const OUTPUT_FIELDS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
+const OUTPUT_FIELDS: [&str; 4] = [
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "max_response_output_tokens",
+];
+
+/// Whether an output-token value as sent is over `limit` (`"inf"`, realtime's "no limit", is).
+fn over(value: &RawValue, limit: u64) -> bool {
+    let text = value.get();
+    text == "\"inf\"" || text.parse::<u64>().is_ok_and(|v| v > limit)
+}
 
 /// A JSON object's members in order, each key unescaped and each value as its raw text.
 struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
@@ -88,9 +100,7 @@ pub(crate) fn apply(body: &[u8], edits: &Edits) -> Result<Bytes, PolicyError> {
         write_key(&mut out, key)?;
         let key = key.as_ref();
         match edits.clamp_output {
-            Some(limit)
-                if OUTPUT_FIELDS.contains(&key)
-                    && value.get().parse::<u64>().is_ok_and(|v| v > limit) =>
+            Some(limit) if OUTPUT_FIELDS.contains(&key) && over(value, limit) =>
             {
                 out.extend_from_slice(limit.to_string().as_bytes());
                 continue;

@@ -795,7 +795,7 @@ async fn unknown_model_has_no_cost_and_a_flag() {
         .unwrap();
     body_text(res.into_body()).await;
     let r = sink.last().unwrap();
-    assert_eq!(r.canonical_model.as_deref(), Some("local-llama-3"));
+    assert_eq!(r.canonical_model.as_deref(), Some("acme/local-llama-3"));
     assert_eq!(r.total_tokens, Some(2300));
     assert_eq!(r.cost_usd, None);
     assert_eq!(r.flags, [flag::UNKNOWN_PRICE]);

@@ -221,6 +221,14 @@ async fn other_features_pass_when_one_is_blocked() {
         let (svc, log) = stack(FeatureBlockLayer::new().block_features(others));
         let req = request(method.parse().unwrap(), path, body);
         let (status, json, _) = send(&svc, req).await;
+        if *path == "/v1/batches" {
+            // A batch could run any blocked feature from its input file, which the policy
+            // cannot read: with other features blocked, batches are refused.
+            assert_eq!(status, StatusCode::FORBIDDEN, "{json}");
+            assert_eq!(json["error"]["code"], "unverifiable_request");
+            assert!(log.lock().unwrap().is_empty());
+            continue;
+        }
         assert_eq!(status, StatusCode::OK, "{feature} {path}: {json}");
         assert_eq!(log.lock().unwrap().len(), 1);
     }
@@ -266,12 +274,22 @@ async fn normalised_paths_cannot_slip_past_a_block() {
     for path in [
         "/V1/IMAGES/GENERATIONS",
         "/v1//images/generations/",
-        "/v1/chat/../images/generations",
         "/v1/images/%67enerations",
     ] {
         let (status, json, _) = send(&svc, request(Method::POST, path, "{}")).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{path}");
         assert_eq!(message(&json), "This workspace blocks the images feature.");
+    }
+    // Dot segments and encoded slashes are refused outright: an upstream that does not
+    // resolve them as we do would route the request elsewhere.
+    for path in [
+        "/v1/chat/../images/generations",
+        "/v1/images%2Fgenerations",
+        "/v1/images/%2e/generations",
+    ] {
+        let (status, json, _) = send(&svc, request(Method::POST, path, "{}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
+        assert_eq!(json["error"]["code"], "ambiguous_request", "{path}");
     }
     assert!(log.lock().unwrap().is_empty());
 }
@@ -660,7 +678,9 @@ async fn default_deny_and_blocks_combine() {
 
 #[tokio::test]
 async fn endpoint_only_blocks_do_not_read_the_body() {
-    let (svc, log) = stack(FeatureBlockLayer::new().block_features(features("images")));
+    // Embeddings: no body can add that feature to a chat request (images and audio could be,
+    // through an image generation tool or audio output, so blocking those reads bodies).
+    let (svc, log) = stack(FeatureBlockLayer::new().block_features(features("embeddings")));
     let (status, ..) = send(
         &svc,
         request(

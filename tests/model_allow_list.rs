@@ -413,11 +413,12 @@ async fn realtime_fine_tuning_and_assistants_bodies_are_checked() {
             r#"{"assistant_id":"a1","model":"gpt-4.1"}"#,
             StatusCode::FORBIDDEN,
         ),
-        // No model in the body: the assistant's own model applies upstream.
+        // No model in the body: the assistant's own model runs upstream, which the policy
+        // cannot see, so a key with model limits is refused (fail closed).
         (
             "/v1/threads/t1/runs",
             r#"{"assistant_id":"a1"}"#,
-            StatusCode::OK,
+            StatusCode::FORBIDDEN,
         ),
         ("/v1/fine_tuning/jobs/ft-1/cancel", "", StatusCode::OK),
     ];

@@ -175,7 +175,9 @@ fn record(sink: &MemorySink) -> AuditRecord {
 async fn an_aliased_deployment_is_checked_priced_and_recorded_as_its_target() {
     let policy = Policy::new().model_aliases(ModelAliases::new().alias("prod-chat", "gpt-4o"));
     let (svc, sink, upstream) = stack(policy, PromptLimitLayer::new());
-    let body = r#"{"model":"whatever","messages":[{"role":"user","content":"hi"}]}"#;
+    // Azure runs the deployment; a body model that names the same model (here through the
+    // alias target) is consistent. (A different one is checked too: see tests/bypass.rs.)
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
     let (status, _) = send(
         svc,
         post(

@@ -132,4 +132,8 @@ impl Check for AuditCheck {
     fn reads_for_audit(&self) -> bool {
         false
     }
+
+    fn refuses_ambiguous(&self) -> bool {
+        false
+    }
 }
