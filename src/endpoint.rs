@@ -486,10 +486,7 @@ pub(crate) fn hex_digit(b: u8) -> Option<u8> {
 /// The value of the query parameter `name`, read strictly: a parameter sent twice, whose name
 /// is percent-encoded or differs only in case, or whose value is percent-encoded or holds a
 /// `+`, is ambiguous (upstreams decode and fold differently) and gives a refusal instead.
-fn strict_query_param(
-    query: Option<&str>,
-    name: &str,
-) -> (Option<String>, Option<&'static str>) {
+fn strict_query_param(query: Option<&str>, name: &str) -> (Option<String>, Option<&'static str>) {
     let Some(query) = query else {
         return (None, None);
     };
@@ -498,13 +495,18 @@ fn strict_query_param(
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         if k == name {
             if found.is_some() {
-                return (None, Some("A query parameter that selects the model is sent twice."));
+                return (
+                    None,
+                    Some("A query parameter that selects the model is sent twice."),
+                );
             }
             found = Some(v);
         } else if decode_segment(&k.replace('+', " ")).trim() == name {
             return (
                 None,
-                Some("A query parameter that selects the model is percent-encoded or not lowercase."),
+                Some(
+                    "A query parameter that selects the model is percent-encoded or not lowercase.",
+                ),
             );
         }
     }

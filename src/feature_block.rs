@@ -90,11 +90,11 @@ use tower_service::Service;
 use crate::body::{BoxError, PolicyBody, ResponseBody};
 use crate::check::{Check, CheckFuture};
 use crate::endpoint::BodyModel;
-use crate::model_allow_list::{BATCH_REFUSED, UNSEEN_REFUSED};
 use crate::endpoint::{Endpoint, Feature, FeatureSet};
 use crate::error::{quote, LayerName, PolicyError};
 use crate::keys::ApiKey;
 use crate::model::{ModelList, ModelName};
+use crate::model_allow_list::{BATCH_REFUSED, UNSEEN_REFUSED};
 use crate::policy::Policy;
 use crate::request::LlmRequest;
 

@@ -116,10 +116,10 @@ use tower_service::Service;
 use crate::body::{BoxError, PolicyBody, ResponseBody};
 use crate::check::{Check, CheckFuture};
 use crate::endpoint::BodyModel;
-use crate::model_allow_list::BATCH_REFUSED;
 use crate::endpoint::Endpoint;
 use crate::error::{LayerName, PolicyError};
 use crate::keys::ApiKey;
+use crate::model_allow_list::BATCH_REFUSED;
 use crate::policy::Policy;
 use crate::request::LlmRequest;
 use crate::tokens::{chat_overhead, Count, TokenCounter};
@@ -652,7 +652,11 @@ impl LimitCheck {
                     OutputLimitMode::Clamp if clampable => clamp = Some(limit),
                     _ => {
                         let shown = show_output(value);
-                        let param = if clampable { param } else { "session.max_output_tokens" };
+                        let param = if clampable {
+                            param
+                        } else {
+                            "session.max_output_tokens"
+                        };
                         return Err(too_long(
                             format!(
                                 "`{param}` is {shown}; the limit for {level} is {limit} tokens."

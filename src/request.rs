@@ -271,8 +271,7 @@ impl LlmRequest {
             ))
         };
         let mut req = LlmRequest {
-            has_model_body: body_method
-                && !matches!(runs, BodyModel::None | BodyModel::Batch),
+            has_model_body: body_method && !matches!(runs, BodyModel::None | BodyModel::Batch),
             runs,
             refusal,
             multipart: is_multipart(headers),
@@ -360,7 +359,11 @@ impl LlmRequest {
         self.extra_models.dedup();
         let aliases = self.policy.aliases();
         self.name = self.model.as_deref().map(|m| aliases.resolve(m));
-        self.extra_names = self.extra_models.iter().map(|m| aliases.resolve(m)).collect();
+        self.extra_names = self
+            .extra_models
+            .iter()
+            .map(|m| aliases.resolve(m))
+            .collect();
     }
 
     /// Parses a request's body, as the layers do with the default [`Policy`]. `parts` gives
@@ -1097,7 +1100,8 @@ impl<'de, 'c> Visitor<'de> for TopSeed<'c, 'de> {
                     }
                 }
                 "suffix" => {
-                    if let Some(text) = field::<Option<Text<'de>>, _>(&mut map, "suffix", &mut seen)?
+                    if let Some(text) =
+                        field::<Option<Text<'de>>, _>(&mut map, "suffix", &mut seen)?
                     {
                         c.text(PromptSource::Suffix, text.0);
                     }
@@ -1272,7 +1276,8 @@ impl<'de, 'c, F: SessionSink> Visitor<'de> for SessionSeed<'c, 'de, F> {
         while let Some(key) = map.next_key::<Key<'de>>()? {
             match key.0.as_ref() {
                 "model" => {
-                    if let Some(model) = field::<Option<Text<'de>>, _>(&mut map, "model", &mut seen)?
+                    if let Some(model) =
+                        field::<Option<Text<'de>>, _>(&mut map, "model", &mut seen)?
                     {
                         facts.model(model.0.into_owned());
                     }
@@ -1906,13 +1911,9 @@ fn strict_part_name(headers: &HeaderMap) -> Result<(String, bool), PolicyError> 
                     "A multipart part's `name` or `filename` is not lowercase.",
                 ))
             }
-            "name" if name.is_some() => {
-                return Err(ambiguous("A multipart part has two names."))
-            }
+            "name" if name.is_some() => return Err(ambiguous("A multipart part has two names.")),
             "name" => name = Some(value.to_owned()),
-            "filename" if file => {
-                return Err(ambiguous("A multipart part has two file names."))
-            }
+            "filename" if file => return Err(ambiguous("A multipart part has two file names.")),
             "filename" => file = true,
             _ => {}
         }

@@ -100,8 +100,7 @@ pub(crate) fn apply(body: &[u8], edits: &Edits) -> Result<Bytes, PolicyError> {
         write_key(&mut out, key)?;
         let key = key.as_ref();
         match edits.clamp_output {
-            Some(limit) if OUTPUT_FIELDS.contains(&key) && over(value, limit) =>
-            {
+            Some(limit) if OUTPUT_FIELDS.contains(&key) && over(value, limit) => {
                 out.extend_from_slice(limit.to_string().as_bytes());
                 continue;
             }

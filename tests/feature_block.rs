@@ -702,11 +702,7 @@ async fn endpoint_only_blocks_do_not_read_the_body() {
     assert_eq!(status, StatusCode::OK);
 
     // A blocked feature is refused before its body is read, so a broken body does not matter.
-    let (status, ..) = send(
-        &svc,
-        request(Method::POST, "/v1/embeddings", "not json"),
-    )
-    .await;
+    let (status, ..) = send(&svc, request(Method::POST, "/v1/embeddings", "not json")).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 }
 
