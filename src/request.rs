@@ -334,6 +334,15 @@ impl LlmRequest {
         if self.model.is_none() {
             self.model = self.transcription_model.take();
         }
+        if self.model.is_none()
+            && self.runs == BodyModel::Unseen
+            && self.route.endpoint != Endpoint::Realtime
+            && !self.extra_models.is_empty()
+        {
+            // An eval run names its model inside `data_source`: that one runs. (A realtime
+            // session's nested models are transcription models; its own stays unseen.)
+            self.model = Some(self.extra_models.remove(0));
+        }
         if let Some(deployment) = &self.route.deployment {
             // Azure routes by deployment and ignores a `model` in the body: the deployment is
             // what runs, so it is what prices and records see. A different model in the body
