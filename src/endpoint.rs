@@ -515,7 +515,7 @@ fn strict_query_param(query: Option<&str>, name: &str) -> (Option<String>, Optio
             None,
             Some("A query parameter that selects the model has a percent-encoded value."),
         ),
-        Some(v) if v.is_empty() => (None, None),
+        Some("") => (None, None),
         Some(v) => (Some(v.to_owned()), None),
         None => (None, None),
     }
