@@ -9,6 +9,9 @@ pub mod body_limit;
 pub mod endpoint;
 pub mod error;
 pub mod feature_block;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod key_auth;
 pub mod keys;
 pub mod model;

@@ -777,7 +777,16 @@ impl<'a> Collector<'a> {
 
 fn parse_json(req: &mut LlmRequest, body: &Bytes) -> Result<(), PolicyError> {
     let mut collector = Collector::new(body, req.route.endpoint == Endpoint::Responses);
-    let mut de = serde_json::Deserializer::from_slice(body);
+    // JSON text is UTF-8 (RFC 8259): serde_json checks the strings it reads, but not those it
+    // skips, and an upstream's parser rejects (or reads otherwise) a body that is not.
+    let text = std::str::from_utf8(body).map_err(|e| PolicyError::InvalidBody {
+        message: format!(
+            "We could not parse the JSON body of your request: invalid UTF-8 at byte {}",
+            e.valid_up_to()
+        ),
+        param: None,
+    })?;
+    let mut de = serde_json::Deserializer::from_str(text);
     let top = TopSeed {
         c: &mut collector,
         out: req,
