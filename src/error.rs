@@ -21,7 +21,7 @@
 //! | rate limit (with `retry-after`) | 429 | `rate_limit_exceeded` |
 //! | body over the size limit | 413 | `request_too_large` |
 //! | body not valid JSON / unreadable | 400 | `invalid_request_body` |
-//! | key store or ledger unreachable (fail closed) | 503 | `policy_unavailable` |
+//! | key store or ledger unreachable, too slow or panicking (fail closed) | 503 | `policy_unavailable` |
 
 use std::borrow::Cow;
 
@@ -158,7 +158,8 @@ pub enum PolicyError {
         /// The field concerned, when known.
         param: Option<&'static str>,
     },
-    /// The key store or a ledger could not be reached: the policy fails closed.
+    /// The key store or a ledger could not answer (an error, a timeout, a panic): the policy
+    /// fails closed. See [`key_auth`](crate::key_auth) for the store's cases.
     #[error("The policy service is temporarily unavailable. Please retry.")]
     PolicyUnavailable,
 }

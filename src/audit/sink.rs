@@ -165,9 +165,20 @@ impl fmt::Debug for FanOut {
 }
 
 impl LogSink for FanOut {
+    /// Sends the record to every sink in turn. A sink that panics does not keep the record
+    /// from the others: the first panic is resumed once every sink has had the record (and the
+    /// audit layer contains it, see [`AuditLayer::sink_panics`](crate::AuditLayer::sink_panics)).
     fn record(&self, record: &AuditRecord) {
+        let mut panic = None;
         for sink in &self.sinks {
-            sink.record(record);
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink.record(record)));
+            if let Err(payload) = result {
+                panic.get_or_insert(payload);
+            }
+        }
+        if let Some(payload) = panic {
+            std::panic::resume_unwind(payload);
         }
     }
 
