@@ -110,6 +110,16 @@ async fn send(
     (status, format!("{head}\n{body}"))
 }
 
+/// A case: its name, method, path, headers, body and the status expected (0: any 4xx).
+type Case<'a> = (
+    &'a str,
+    Method,
+    &'a str,
+    Vec<(&'a str, String)>,
+    String,
+    u16,
+);
+
 fn chat(model: &str, text: &str, stream: bool) -> String {
     serde_json::json!({
         "model": model, "stream": stream,
@@ -163,7 +173,7 @@ async fn no_secret_leaves_the_proxy_but_the_provider_key_to_the_upstream() {
     }));
 
     let bearer = |key: &str| vec![("authorization", format!("Bearer {key}"))];
-    let cases: Vec<(&str, Method, &str, Vec<(&str, String)>, String, u16)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (
             "allowed",
             Method::POST,
