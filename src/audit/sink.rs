@@ -34,6 +34,10 @@ pub trait LogSink: Send + Sync + 'static {
     /// Takes a record. Called on the request path (in a response body's `poll_frame` or
     /// `Drop`): it must not block, nor wait on I/O. A sink that cannot keep up drops records
     /// and counts them rather than slow requests down.
+    ///
+    /// A panic here is caught by the audit layer: the response is unaffected, and the record
+    /// is lost and counted ([`AuditLayer::sink_panics`](crate::AuditLayer::sink_panics)). A
+    /// sink that blocks is not caught: it holds up the response it is called from.
     fn record(&self, record: &AuditRecord);
 
     /// Waits until every record taken so far is written out (for sinks with a queue; a no-op
