@@ -19,7 +19,7 @@ use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 use tower_llm_policy::audit::flag;
 use tower_llm_policy::audit::{AuditLayer, FanOut, FnSink, JsonlSink, MemorySink, Outcome};
 use tower_llm_policy::keys::{ApiKey, BoxFuture, KeyDigest, KeyStore, MemoryKeyStore, StoreError};
-use tower_llm_policy::{KeyAuthLayer, PolicyBody};
+use tower_llm_policy::{FeatureBlockLayer, KeyAuthLayer, PolicyBody};
 
 const KEY: &str = "sk-faults-good-0123456789";
 
@@ -545,4 +545,65 @@ async fn a_failing_sink_counts_its_errors_and_requests_go_on() {
     assert!(bounded(flushed).await.unwrap().is_err(), "the flush fails");
     assert_eq!(sink.written(), 0);
     assert!(sink.write_errors() >= 5, "{}", sink.write_errors());
+}
+
+// ---------------------------------------------------------------------------------------------
+// A request body that fails mid-read
+
+/// A request body that sends its first half, then fails (the client went away).
+struct HalfBody(Option<Bytes>);
+
+impl http_body::Body for HalfBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        std::task::Poll::Ready(Some(match self.0.take() {
+            Some(half) => Ok(Frame::data(half)),
+            None => Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset")),
+        }))
+    }
+}
+
+#[tokio::test]
+async fn a_body_failing_mid_read_is_recorded_cancelled_not_rejected() {
+    let sink = MemorySink::new();
+    let inner = Inner::default();
+    let svc = ServiceBuilder::new()
+        .layer(AuditLayer::new(sink.clone()))
+        .layer(KeyAuthLayer::new(good_store()))
+        .layer(FeatureBlockLayer::new())
+        .service(inner.service());
+    let half = Bytes::from_static(br#"{"model":"gpt-4o","messa"#);
+    let req = Request::post("/v1/chat/completions")
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json")
+        .body(HalfBody(Some(half.clone())))
+        .unwrap();
+    let res = bounded(svc.clone().oneshot(req)).await.unwrap();
+    let got = answer(res).await;
+    // Whoever is still there gets an OpenAI-shaped 400, never a 500.
+    assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    assert_eq!(got.error().0, "invalid_request_body");
+    assert_eq!(inner.calls(), 0);
+    let record = sink.take().pop().unwrap();
+    assert_eq!(record.outcome, Outcome::Cancelled);
+    assert_eq!(record.key.as_deref(), Some("good"));
+    assert_eq!(record.flags, [flag::REQUEST_BODY_UNREADABLE]);
+    assert_eq!(record.blocked_by.as_deref(), Some("request_body"));
+
+    // The same half body, complete but invalid JSON, is the client's mistake: a rejection.
+    let req = Request::post("/v1/chat/completions")
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json")
+        .body(String::from_utf8(half.to_vec()).unwrap())
+        .unwrap();
+    let res = bounded(svc.oneshot(req)).await.unwrap();
+    assert_eq!(answer(res).await.status, StatusCode::BAD_REQUEST);
+    let record = sink.take().pop().unwrap();
+    assert_eq!(record.outcome, Outcome::Rejected);
+    assert_eq!(record.flags, [flag::BLOCKED]);
 }

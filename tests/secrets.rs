@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
-use tower_llm_policy::audit::{AuditLayer, FanOut, JsonlSink, MemorySink};
+use tower_llm_policy::audit::{AuditLayer, AuditRecord, FanOut, FnSink, JsonlSink, MemorySink};
 use tower_llm_policy::keys::{
     ApiKey, BoxFuture, FileKeyStore, KeyDigest, KeyStore, MemoryKeyStore, StoreError,
 };
@@ -142,7 +142,9 @@ impl<S: KeyStore> KeyStore for Faulty<S> {
             return Box::pin(std::future::pending());
         }
         if *digest == KeyDigest::of(UNKNOWN) {
-            panic!("store bug");
+            // A careless store's panic message with the key in it: it must go nowhere the crate
+            // writes to (the process's panic hook prints it, which is not the crate's doing).
+            panic!("store bug looking up {UNKNOWN}");
         }
         self.inner.lookup(digest)
     }
@@ -528,6 +530,12 @@ async fn no_secret_is_shown_anywhere() {
     let jsonl_out = Buffer::default();
     let jsonl = JsonlSink::from_writer(jsonl_out.clone()).unwrap();
     let sinks = FanOut::new()
+        // A careless sink that panics, its message quoting a key, for one key's records.
+        .with(FnSink::new(|record: &AuditRecord| {
+            if record.key.as_deref() == Some("header") {
+                panic!("sink bug for {HEADER_KEY}");
+            }
+        }))
         .with(records.clone())
         .with(jsonl.clone())
         .with(tower_llm_policy::audit::TracingSink::new());
@@ -543,6 +551,7 @@ async fn no_secret_is_shown_anywhere() {
         .policy(policy.clone())
         .log_content(true);
     let key_auth = KeyAuthLayer::new(store).lookup_timeout(Duration::from_millis(100));
+    let counter = audit.clone();
     seen.debug("AuditLayer", &audit);
     seen.debug("KeyAuthLayer", &key_auth);
     let layers = ServiceBuilder::new()
@@ -607,6 +616,8 @@ async fn no_secret_is_shown_anywhere() {
         move || jsonl.flush()
     });
     jsonl_flushed.await.unwrap().unwrap();
+    assert_eq!(counter.sink_panics(), 1, "the careless sink panicked once");
+    seen.debug("AuditLayer (after)", &counter);
     let all = records.records();
     assert_eq!(all.len(), cases().len(), "one record per request");
     for record in &all {
@@ -629,8 +640,12 @@ async fn no_secret_is_shown_anywhere() {
         "the tracing sink's events were captured"
     );
     assert!(
-        tracing_text.contains("key store"),
+        tracing_text.contains("key store panicked"),
         "KeyAuth's store events were captured"
+    );
+    assert!(
+        tracing_text.contains("audit sink panicked"),
+        "the audit layer's sink panic event was captured"
     );
     seen.add("tracing output", tracing_text);
 
