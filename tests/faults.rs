@@ -108,7 +108,8 @@ fn stack(
 > + Clone {
     let mut key_auth = KeyAuthLayer::new(store);
     if let Some(timeout) = timeout {
-        key_auth = key_auth.lookup_timeout(timeout);
+        // `lookup_timeout` (feature `tokio`) is this; see `lookup_timeout_uses_tokio`.
+        key_auth = key_auth.lookup_timeout_with(timeout, |d| Box::pin(tokio::time::sleep(d)));
     }
     ServiceBuilder::new()
         .layer(AuditLayer::new(sink))
@@ -217,6 +218,23 @@ async fn slow_store_past_the_timeout_is_a_503() {
         Some(Duration::from_millis(100)),
     )
     .await;
+    assert_unavailable(&answer, &sink, &inner, flag::KEY_STORE_TIMEOUT);
+}
+
+#[cfg(feature = "tokio")]
+#[tokio::test]
+async fn lookup_timeout_uses_tokio() {
+    let sink = MemorySink::new();
+    let inner = Inner::default();
+    let layer = KeyAuthLayer::new(store(Fault::Hangs)).lookup_timeout(Duration::from_millis(50));
+    assert_eq!(layer.timeout(), Some(Duration::from_millis(50)));
+    let svc = ServiceBuilder::new()
+        .layer(AuditLayer::new(sink.clone()))
+        .layer(layer)
+        .service(inner.service());
+    let req = with_key(post("/v1/chat/completions", chat("gpt-4o")), KEY);
+    let res = bounded(svc.oneshot(req)).await.unwrap();
+    let answer = answer(res).await;
     assert_unavailable(&answer, &sink, &inner, flag::KEY_STORE_TIMEOUT);
 }
 
