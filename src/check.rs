@@ -271,10 +271,13 @@ fn decide_and_forward<C: Check>(
     Ok(Request::from_parts(parts, body))
 }
 
-/// Turns the outcome of reading a body into its bytes or the error to answer with.
+/// Turns the outcome of reading a body into its bytes or the error to answer with. A body that
+/// failed mid-way (the client went away, or broke its framing) is flagged
+/// [`request_body_unreadable`](crate::audit::flag::REQUEST_BODY_UNREADABLE) for the record.
 fn read_outcome<E: Into<BoxError>>(
     result: Result<http_body_util::Collected<Bytes>, E>,
     limit: usize,
+    audit: Option<&AuditHandle>,
 ) -> Result<Bytes, PolicyError> {
     match result {
         Ok(collected) => Ok(collected.to_bytes()),
@@ -284,6 +287,9 @@ fn read_outcome<E: Into<BoxError>>(
             if e.is::<LengthLimitError>() {
                 Err(PolicyError::BodyTooLarge { limit })
             } else {
+                if let Some(audit) = audit {
+                    audit.flag(crate::audit::flag::REQUEST_BODY_UNREADABLE);
+                }
                 Err(PolicyError::InvalidBody {
                     message: "The request body could not be read.".into(),
                     param: None,
@@ -329,7 +335,8 @@ where
                 } => {
                     let result = ready!(collect.poll(cx));
                     let mut parts = parts.take().expect("CheckFuture polled after completion");
-                    let next = match read_outcome(result, *limit)
+                    let audit = parts.extensions.get::<AuditHandle>();
+                    let next = match read_outcome(result, *limit, audit)
                         .and_then(|bytes| resolve_body(&mut parts, bytes.clone()).map(|()| bytes))
                     {
                         Err(error) => State::Rejected {

@@ -23,7 +23,7 @@
 //! | body not valid JSON / unreadable | 400 | `invalid_request_body` |
 //! | path, query, method or multipart headers an upstream could read otherwise | 400 | `ambiguous_request` |
 //! | the request runs a model (or batch) the policy cannot see, for a key it limits | 403 | `unverifiable_request` |
-//! | key store or ledger unreachable (fail closed) | 503 | `policy_unavailable` |
+//! | key store or ledger unreachable, too slow or panicking (fail closed) | 503 | `policy_unavailable` |
 
 use std::borrow::Cow;
 
@@ -168,7 +168,8 @@ pub enum PolicyError {
         /// The field concerned, when known.
         param: Option<&'static str>,
     },
-    /// The key store or a ledger could not be reached: the policy fails closed.
+    /// The key store or a ledger could not answer (an error, a timeout, a panic): the policy
+    /// fails closed. See [`key_auth`](crate::key_auth) for the store's cases.
     #[error("The policy service is temporarily unavailable. Please retry.")]
     PolicyUnavailable,
 }

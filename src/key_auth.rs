@@ -7,7 +7,37 @@
 //! extensions as `Arc<ApiKey>`, and the three key headers are removed before the inner
 //! service sees the request: the virtual key never travels upstream.
 //!
-//! A store that cannot answer fails closed with 503 `policy_unavailable`.
+//! A store that cannot answer fails closed with 503 `policy_unavailable`, whichever way it
+//! fails:
+//!
+//! | the store | answer | audit flag |
+//! |---|---|---|
+//! | returns an error ([`StoreError`]) | 503 `policy_unavailable` | [`key_store_error`](crate::audit::flag::KEY_STORE_ERROR) |
+//! | takes longer than the [lookup timeout](KeyAuthLayer::lookup_timeout_with) | 503 `policy_unavailable` | [`key_store_timeout`](crate::audit::flag::KEY_STORE_TIMEOUT) |
+//! | panics (in [`KeyStore::lookup_now`], in [`KeyStore::lookup`] or in its future) | 503 `policy_unavailable` | [`key_store_panic`](crate::audit::flag::KEY_STORE_PANIC) |
+//!
+//! # Panics in the store are contained
+//!
+//! A store is user code. A panic in it is caught (`catch_unwind`) where this layer calls or
+//! polls it, so that it takes down neither the request nor the connection (nor, in a `Drop`
+//! during unwinding, the process): the request is answered 503 `policy_unavailable` — the
+//! policy could not be decided, so it fails closed, like any store outage; 503 rather than
+//! 500 because the client can do nothing about it but retry — and the audit record is written
+//! as for any rejection, with the flag `key_store_panic`. The panic's payload is never logged
+//! nor recorded by this crate (it could hold anything); with the `tracing` feature an `ERROR`
+//! event without it says that the store panicked. (The process's panic hook, which is not this
+//! crate's, still prints the panic message as it does for every panic.)
+//!
+//! # Lookup timeout
+//!
+//! The crate depends on no async runtime, so it cannot make a timer of its own: a timeout is
+//! given a *sleep hook*, a function that returns a future completing after a duration, with
+//! [`KeyAuthLayer::lookup_timeout_with`] (any runtime). With the `tokio` cargo feature,
+//! [`KeyAuthLayer::lookup_timeout`] uses `tokio::time::sleep`. The timeout applies to the
+//! asynchronous [`KeyStore::lookup`]; [`KeyStore::lookup_now`] answers synchronously and must
+//! not block (the in-memory and file stores never do). The timer is started when the lookup
+//! is first polled, and only for stores that do not answer at once. Without a timeout, a
+//! store that never answers holds its request until the client or the server gives up.
 //!
 //! The body is passed on untouched: nothing of it is read here. Behind an [`AuditLayer`](crate::AuditLayer), the found key
 //! (admitted or refused) is written into the request's [`AuditHandle`] for the record.
@@ -43,17 +73,18 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http::{header, HeaderMap, HeaderName, Request, Response};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::audit::AuditHandle;
+use crate::audit::{flag, AuditHandle};
 use crate::body::ResponseBody;
 use crate::check::reject;
 use crate::error::{LayerName, PolicyError};
@@ -71,22 +102,88 @@ const KEY_HEADERS: [HeaderName; 2] = [
     HeaderName::from_static("x-api-key"),
 ];
 
+/// A sleep hook: returns a future that completes after the given duration. See
+/// [`KeyAuthLayer::lookup_timeout_with`].
+pub type SleepFn = Arc<dyn Fn(Duration) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// A lookup timeout and the sleep hook that measures it.
+#[derive(Clone)]
+struct LookupTimeout {
+    after: Duration,
+    sleep: SleepFn,
+}
+
+impl std::fmt::Debug for LookupTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("LookupTimeout").field(&self.after).finish()
+    }
+}
+
 /// Layer that authenticates virtual API keys. See the [module docs](self).
 #[derive(Clone)]
 pub struct KeyAuthLayer {
     store: Arc<dyn KeyStore>,
+    timeout: Option<LookupTimeout>,
 }
 
 impl KeyAuthLayer {
-    /// Authenticates against `store`.
+    /// Authenticates against `store`, with no lookup timeout.
     pub fn new(store: Arc<dyn KeyStore>) -> Self {
-        KeyAuthLayer { store }
+        KeyAuthLayer {
+            store,
+            timeout: None,
+        }
+    }
+
+    /// Gives up on a [`KeyStore::lookup`] that has not answered after `timeout`, answering
+    /// 503 `policy_unavailable` (flag `key_store_timeout`). `sleep` makes the timer: it returns
+    /// a future that completes after the duration it is given, on whatever runtime the service
+    /// runs on (see the [module docs](self#lookup-timeout)). It is called once per request
+    /// whose store does not answer at once ([`KeyStore::lookup_now`]), when the lookup is
+    /// first polled.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use tower_llm_policy::key_auth::KeyAuthLayer;
+    /// use tower_llm_policy::keys::MemoryKeyStore;
+    ///
+    /// let layer = KeyAuthLayer::new(Arc::new(MemoryKeyStore::new()))
+    ///     .lookup_timeout_with(Duration::from_secs(2), |d| Box::pin(tokio::time::sleep(d)));
+    /// # drop(layer);
+    /// ```
+    #[must_use]
+    pub fn lookup_timeout_with<F>(mut self, timeout: Duration, sleep: F) -> Self
+    where
+        F: Fn(Duration) -> BoxFuture<'static, ()> + Send + Sync + 'static,
+    {
+        self.timeout = Some(LookupTimeout {
+            after: timeout,
+            sleep: Arc::new(sleep),
+        });
+        self
+    }
+
+    /// [`lookup_timeout_with`](Self::lookup_timeout_with) with `tokio::time::sleep`: the
+    /// service must run on a tokio runtime with its time driver enabled.
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    #[must_use]
+    pub fn lookup_timeout(self, timeout: Duration) -> Self {
+        self.lookup_timeout_with(timeout, |d| Box::pin(tokio::time::sleep(d)))
+    }
+
+    /// The lookup timeout, if one is set.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout.as_ref().map(|t| t.after)
     }
 }
 
 impl std::fmt::Debug for KeyAuthLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyAuthLayer").finish_non_exhaustive()
+        f.debug_struct("KeyAuthLayer")
+            .field("lookup_timeout", &self.timeout())
+            .finish_non_exhaustive()
     }
 }
 
@@ -97,6 +194,7 @@ impl<S> Layer<S> for KeyAuthLayer {
         KeyAuth {
             inner,
             store: self.store.clone(),
+            timeout: self.timeout.clone(),
         }
     }
 }
@@ -106,12 +204,18 @@ impl<S> Layer<S> for KeyAuthLayer {
 pub struct KeyAuth<S> {
     inner: S,
     store: Arc<dyn KeyStore>,
+    timeout: Option<LookupTimeout>,
 }
 
 impl<S> KeyAuth<S> {
-    /// Wraps `inner`, authenticating against `store`.
+    /// Wraps `inner`, authenticating against `store`, with no lookup timeout (see
+    /// [`KeyAuthLayer::lookup_timeout_with`]).
     pub fn new(inner: S, store: Arc<dyn KeyStore>) -> Self {
-        KeyAuth { inner, store }
+        KeyAuth {
+            inner,
+            store,
+            timeout: None,
+        }
     }
 
     /// A [`KeyAuthLayer`] for `store`.
@@ -139,6 +243,7 @@ impl<S: std::fmt::Debug> std::fmt::Debug for KeyAuth<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyAuth")
             .field("inner", &self.inner)
+            .field("lookup_timeout", &self.timeout.as_ref().map(|t| t.after))
             .finish_non_exhaustive()
     }
 }
@@ -185,15 +290,61 @@ fn client_ip<B>(req: &Request<B>) -> Option<IpAddr> {
         .or_else(|| ext.get::<SocketAddr>().map(SocketAddr::ip))
 }
 
+/// What asking the store came to.
+enum Found {
+    /// The store answered (a key, no key, or its error).
+    Answer(Result<Option<Arc<ApiKey>>, StoreError>),
+    /// The store did not answer within the lookup timeout.
+    TimedOut,
+    /// The store panicked.
+    Panicked,
+}
+
+/// Notes a store that could not answer: an audit flag, and (feature `tracing`) an event.
+/// Neither carries the key, its digest or a panic's payload.
+fn store_failed<B>(req: &Request<B>, flag: &'static str, error: Option<&StoreError>) {
+    if let Some(audit) = req.extensions().get::<AuditHandle>() {
+        audit.flag(flag);
+    }
+    #[cfg(feature = "tracing")]
+    match error {
+        Some(error) => tracing::warn!(
+            target: "tower_llm_policy::key_auth",
+            %error,
+            "key store error: request refused (503)"
+        ),
+        None if flag == flag::KEY_STORE_PANIC => tracing::error!(
+            target: "tower_llm_policy::key_auth",
+            "key store panicked: request refused (503)"
+        ),
+        None => tracing::warn!(
+            target: "tower_llm_policy::key_auth",
+            "key store did not answer in time: request refused (503)"
+        ),
+    }
+    #[cfg(not(feature = "tracing"))]
+    let _ = error;
+}
+
 /// Applies a found key to the request, or says why it is refused. A found key is written into
 /// the audit handle either way.
-fn admit<B>(
-    req: &mut Request<B>,
-    found: Result<Option<Arc<ApiKey>>, StoreError>,
-) -> Result<(), PolicyError> {
-    let key = found
-        .map_err(|_| PolicyError::PolicyUnavailable)?
-        .ok_or(PolicyError::InvalidKey)?;
+fn admit<B>(req: &mut Request<B>, found: Found) -> Result<(), PolicyError> {
+    let found = match found {
+        Found::Answer(Ok(found)) => found,
+        Found::Answer(Err(error)) => {
+            store_failed(req, flag::KEY_STORE_ERROR, Some(&error));
+            return Err(PolicyError::PolicyUnavailable);
+        }
+        Found::TimedOut => {
+            store_failed(req, flag::KEY_STORE_TIMEOUT, None);
+            return Err(PolicyError::PolicyUnavailable);
+        }
+        Found::Panicked => {
+            store_failed(req, flag::KEY_STORE_PANIC, None);
+            return Err(PolicyError::PolicyUnavailable);
+        }
+    };
+    let key = found.ok_or(PolicyError::InvalidKey)?;
     if let Some(audit) = req.extensions().get::<AuditHandle>() {
         audit.set_key(key.clone());
     }
@@ -253,7 +404,12 @@ where
         };
         // Stores that can answer at once (in memory, a file) need no boxed future and no
         // clone of the inner service: decide now and call the (ready) inner service.
-        if let Some(found) = self.store.lookup_now(&digest) {
+        // The store is user code: a panic in it is contained (see the module docs).
+        let now = match catch_unwind(AssertUnwindSafe(|| self.store.lookup_now(&digest))) {
+            Ok(now) => now.map(Found::Answer),
+            Err(_panic) => Some(Found::Panicked),
+        };
+        if let Some(found) = now {
             return match admit(&mut req, found) {
                 Ok(()) => ResponseFuture {
                     state: State::Inner {
@@ -269,6 +425,8 @@ where
         ResponseFuture {
             state: State::Lookup {
                 lookup: Box::pin(async move { store.lookup(&digest).await }),
+                timeout: self.timeout.clone(),
+                timer: None,
                 req: Some(req),
                 inner: Some(inner),
             },
@@ -295,6 +453,8 @@ pin_project! {
     {
         Lookup {
             lookup: BoxFuture<'static, Result<Option<Arc<ApiKey>>, StoreError>>,
+            timeout: Option<LookupTimeout>,
+            timer: Option<BoxFuture<'static, ()>>,
             req: Option<Request<B>>,
             inner: Option<S>,
         },
@@ -322,6 +482,30 @@ impl<S: Service<Request<B>>, B> std::fmt::Debug for ResponseFuture<S, B> {
     }
 }
 
+/// Polls the store's lookup, and the timer when there is a timeout; a panic in either is
+/// caught (after which neither is polled again: the state moves on).
+fn poll_lookup(
+    lookup: &mut BoxFuture<'static, Result<Option<Arc<ApiKey>>, StoreError>>,
+    timeout: &Option<LookupTimeout>,
+    timer: &mut Option<BoxFuture<'static, ()>>,
+    cx: &mut Context<'_>,
+) -> Poll<Found> {
+    let polled = catch_unwind(AssertUnwindSafe(|| {
+        if let Poll::Ready(found) = lookup.as_mut().poll(cx) {
+            return Poll::Ready(Found::Answer(found));
+        }
+        let Some(timeout) = timeout else {
+            return Poll::Pending;
+        };
+        let timer = timer.get_or_insert_with(|| (timeout.sleep)(timeout.after));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Found::TimedOut),
+            Poll::Pending => Poll::Pending,
+        }
+    }));
+    polled.unwrap_or(Poll::Ready(Found::Panicked))
+}
+
 impl<S, B, ResBody> Future for ResponseFuture<S, B>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
@@ -332,8 +516,14 @@ where
         let mut state = self.project().state;
         loop {
             match state.as_mut().project() {
-                StateProj::Lookup { lookup, req, inner } => {
-                    let found = ready!(lookup.as_mut().poll(cx));
+                StateProj::Lookup {
+                    lookup,
+                    timeout,
+                    timer,
+                    req,
+                    inner,
+                } => {
+                    let found = ready!(poll_lookup(lookup, timeout, timer, cx));
                     let mut req = req.take().expect("ResponseFuture polled after completion");
                     let next = match admit(&mut req, found) {
                         Ok(()) => {

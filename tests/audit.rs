@@ -606,7 +606,9 @@ async fn upstream_error_mid_stream_is_recorded() {
     assert_eq!(sink.len(), 1);
     assert_eq!(r.outcome, Outcome::UpstreamError);
     assert_eq!(r.status, Some(200));
-    assert!(!r.flags.contains(&flag::USAGE_MISSING.to_owned()));
+    // The stream started: the upstream billed its prompt at least, and its usage never came.
+    assert!(r.flags.contains(&flag::USAGE_MISSING.to_owned()));
+    assert!(r.usage_estimate.is_some());
 }
 
 #[tokio::test]

@@ -1,4 +1,5 @@
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::pricing::PricingTable;
@@ -24,6 +25,8 @@ pub(crate) struct Config {
     pub(crate) max_content_bytes: usize,
     pub(crate) policy: Policy,
     pub(crate) trust_request_id: bool,
+    /// Records lost to a panicking sink (or redaction function), shared by every clone.
+    pub(crate) sink_panics: Arc<AtomicU64>,
 }
 
 /// Layer that writes one [`AuditRecord`](super::AuditRecord) per request to a
@@ -47,8 +50,22 @@ impl AuditLayer {
                 max_content_bytes: DEFAULT_MAX_CONTENT_BYTES,
                 policy: Policy::default(),
                 trust_request_id: true,
+                sink_panics: Arc::new(AtomicU64::new(0)),
             }),
         }
+    }
+
+    /// How many records were lost so far because the sink panicked (or the
+    /// [redaction function](Self::redact) did) while taking them. Shared by the clones of this
+    /// layer and the services it made.
+    ///
+    /// A sink is user code called on the request path, in a response body's `poll_frame` or
+    /// `Drop`: a panic there would take down the connection (or, in a `Drop` during unwinding,
+    /// the process). The layer catches it: the response goes on unaffected, the record is lost
+    /// and counted here, and with the `tracing` feature an `ERROR` event gives the request id
+    /// (never the record, nor the panic's payload).
+    pub fn sink_panics(&self) -> u64 {
+        self.config.sink_panics.load(Ordering::Relaxed)
     }
 
     fn config_mut(&mut self) -> &mut Config {
@@ -148,6 +165,7 @@ impl fmt::Debug for AuditLayer {
             .field("max_content_bytes", &c.max_content_bytes)
             .field("policy", &c.policy)
             .field("trust_request_id", &c.trust_request_id)
+            .field("sink_panics", &self.sink_panics())
             .finish_non_exhaustive()
     }
 }

@@ -49,7 +49,9 @@
 //!
 //! [`LogSink::record`] is synchronous and never blocks the request: see [`sink`] for the
 //! JSON Lines file sink with its writer thread and bounded queue, the `tracing` sink (feature
-//! `tracing`), the in-memory sink for tests, the fan-out and the closure sink.
+//! `tracing`), the in-memory sink for tests, the fan-out and the closure sink. A sink that
+//! panics is contained: the response goes on, the record is lost and counted
+//! ([`AuditLayer::sink_panics`]).
 //!
 //! # Example
 //!

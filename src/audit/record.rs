@@ -106,7 +106,8 @@ pub enum Outcome {
     /// The upstream answered with an error status, the response body failed mid-way, or the
     /// inner service returned an error.
     UpstreamError,
-    /// The client went away before the response was complete.
+    /// The client went away before the response was complete (or before its request body
+    /// was: see [`flag::REQUEST_BODY_UNREADABLE`]).
     Cancelled,
 }
 
@@ -156,12 +157,26 @@ pub mod flag {
     /// The request was rejected by a policy layer.
     pub const BLOCKED: &str = "blocked";
     /// The upstream reported no usage where it should have (the stream ended without its
-    /// usage chunk, or the client went away first). See
+    /// usage chunk, failed mid-way, or the client went away first). See
     /// [`AuditRecord::usage_estimate`](super::AuditRecord::usage_estimate).
     pub const USAGE_MISSING: &str = "usage_missing";
     /// Usage was reported, but the pricing table has no price for the model: `cost_usd` is
     /// `null`.
     pub const UNKNOWN_PRICE: &str = "unknown_price";
+    /// The key store returned an error: the request was refused with 503
+    /// `policy_unavailable` (set by [`KeyAuth`](crate::KeyAuth)).
+    pub const KEY_STORE_ERROR: &str = "key_store_error";
+    /// The key store did not answer within the lookup timeout: 503 `policy_unavailable`
+    /// (see [`KeyAuthLayer::lookup_timeout_with`](crate::KeyAuthLayer::lookup_timeout_with)).
+    pub const KEY_STORE_TIMEOUT: &str = "key_store_timeout";
+    /// The key store panicked; the panic was contained and the request refused with 503
+    /// `policy_unavailable`.
+    pub const KEY_STORE_PANIC: &str = "key_store_panic";
+    /// The request body failed while it was being read: the client went away with its body
+    /// half sent (or broke its framing). The request is recorded
+    /// [`Cancelled`](super::Outcome::Cancelled), with the 400 `invalid_request_body` it was
+    /// answered (`blocked_by: "request_body"`), which the client may never have received.
+    pub const REQUEST_BODY_UNREADABLE: &str = "request_body_unreadable";
 }
 
 /// The request's id, in the request's extensions for inner layers and services (the example

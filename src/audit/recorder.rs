@@ -163,8 +163,26 @@ impl Recorder {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        let record = self.build(end);
-        self.config.sink.record(&record);
+        #[cfg(feature = "tracing")]
+        let request_id = self.info.request_id.clone();
+        // The sink (and the redaction function) are user code, called here from a body's
+        // `poll_frame` or a `Drop`: a panic is contained and counted (see
+        // `AuditLayer::sink_panics`).
+        let emitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let record = self.build(end);
+            self.config.sink.record(&record);
+        }));
+        if emitted.is_err() {
+            self.config
+                .sink_panics
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            #[cfg(feature = "tracing")]
+            tracing::error!(
+                target: "tower_llm_policy::audit",
+                request_id = %request_id,
+                "the audit sink panicked: this request's record is lost"
+            );
+        }
     }
 
     fn build(&mut self, end: End) -> AuditRecord {
@@ -182,7 +200,16 @@ impl Recorder {
             scanner.take_usage()
         });
 
+        // A body that could not be read is the client's departure, not a policy decision.
+        let unreadable = self
+            .rejection
+            .is_some_and(|(layer, _)| layer == LayerName::RequestBody)
+            && self
+                .flags
+                .iter()
+                .any(|f| f == flag::REQUEST_BODY_UNREADABLE);
         let outcome = match (self.rejection, end) {
+            (Some(_), _) if unreadable => Outcome::Cancelled,
             (Some(_), _) => Outcome::Rejected,
             (None, End::Cancelled) => Outcome::Cancelled,
             (None, End::Failed) => Outcome::UpstreamError,
@@ -193,7 +220,7 @@ impl Recorder {
         };
 
         let mut flags = Vec::new();
-        if self.rejection.is_some() {
+        if self.rejection.is_some() && !unreadable {
             flags.push(flag::BLOCKED.to_owned());
         }
         for flag in self.flags.drain(..) {
@@ -202,10 +229,15 @@ impl Recorder {
             }
         }
 
+        // A response that started (a success status) and then failed was billed upstream for
+        // its prompt at least: its missing usage is flagged and estimated as well.
+        let started = self.status.is_some_and(|s| s.is_success());
         let usage_expected = self.rejection.is_none()
             && self.info.method == Method::POST
             && reports_usage(endpoint)
-            && (outcome == Outcome::Completed || outcome == Outcome::Cancelled);
+            && (outcome == Outcome::Completed
+                || outcome == Outcome::Cancelled
+                || (outcome == Outcome::UpstreamError && started));
         let mut usage_estimate = None;
         if usage.is_none() && usage_expected {
             flags.push(flag::USAGE_MISSING.to_owned());

@@ -43,6 +43,13 @@ impl<S> Audit<S> {
         AuditLayer::new(sink)
     }
 
+    /// Records lost to a panicking sink so far (see [`AuditLayer::sink_panics`]).
+    pub fn sink_panics(&self) -> u64 {
+        self.config
+            .sink_panics
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner

@@ -34,6 +34,10 @@ pub trait LogSink: Send + Sync + 'static {
     /// Takes a record. Called on the request path (in a response body's `poll_frame` or
     /// `Drop`): it must not block, nor wait on I/O. A sink that cannot keep up drops records
     /// and counts them rather than slow requests down.
+    ///
+    /// A panic here is caught by the audit layer: the response is unaffected, and the record
+    /// is lost and counted ([`AuditLayer::sink_panics`](crate::AuditLayer::sink_panics)). A
+    /// sink that blocks is not caught: it holds up the response it is called from.
     fn record(&self, record: &AuditRecord);
 
     /// Waits until every record taken so far is written out (for sinks with a queue; a no-op
@@ -165,9 +169,20 @@ impl fmt::Debug for FanOut {
 }
 
 impl LogSink for FanOut {
+    /// Sends the record to every sink in turn. A sink that panics does not keep the record
+    /// from the others: the first panic is resumed once every sink has had the record (and the
+    /// audit layer contains it, see [`AuditLayer::sink_panics`](crate::AuditLayer::sink_panics)).
     fn record(&self, record: &AuditRecord) {
+        let mut panic = None;
         for sink in &self.sinks {
-            sink.record(record);
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink.record(record)));
+            if let Err(payload) = result {
+                panic.get_or_insert(payload);
+            }
+        }
+        if let Some(payload) = panic {
+            std::panic::resume_unwind(payload);
         }
     }
 

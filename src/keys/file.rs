@@ -153,9 +153,9 @@ fn parse_section(
 ) -> Result<HashMap<KeyDigest, Arc<ApiKey>>, KeyFileError> {
     fn parse<T: serde::de::DeserializeOwned>(text: &str, json: bool) -> Result<T, String> {
         if json {
-            serde_json::from_str(text).map_err(|e| e.to_string())
+            serde_json::from_str(text).map_err(|e| without_quoted_values(&e.to_string()))
         } else {
-            toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+            toml::from_str(text).map_err(|e| toml_message(text, &e))
         }
     }
     let keys = match section {
@@ -167,6 +167,48 @@ fn parse_section(
         message,
     })?;
     build_index(path, keys)
+}
+
+/// A TOML error's message with its line and column, without the quoted source line that the
+/// error's `Display` adds: in a key file that line may be a `secret = "..."`, and the message
+/// goes to logs (start-up errors, [`FileKeyStore::last_error`]). Values the message quotes are
+/// removed too (see [`without_quoted_values`]).
+fn toml_message(text: &str, error: &toml::de::Error) -> String {
+    let message = without_quoted_values(error.message().trim_end());
+    let message = message.as_str();
+    match error.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("TOML parse error at line {line}, column {column}: {message}")
+        }
+        None => format!("TOML parse error: {message}"),
+    }
+}
+
+/// A parser's message with the values it quotes (`invalid type: string "…", expected u64`)
+/// replaced by `"…"`: a secret in the wrong field, or a field name mistyped next to one, must
+/// not reach a log through the error. Field names (quoted with backticks) are kept.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(open) = rest.find('"') {
+        out.push_str(&rest[..=open]);
+        rest = &rest[open + 1..];
+        match rest.find('"') {
+            Some(close) => {
+                out.push_str("…\"");
+                rest = &rest[close + 1..];
+            }
+            None => {
+                out.push('…');
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Indexes configured keys by digest, taking their credentials out.

@@ -33,6 +33,11 @@ use tower_llm_policy::{
 use crate::config::{BlockedConfig, Config, PromptLimitsConfig};
 use crate::upstream::{BoxError, Upstream};
 
+/// How long KeyAuth waits on the key store before it answers 503 `policy_unavailable`
+/// ([`KeyAuthLayer::lookup_timeout`], timed by tokio). The proxy's file store answers at once
+/// and never waits; a store over a network (a database, a cache) must answer within this.
+pub const KEY_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The response body every variant of the stack answers with.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
@@ -153,7 +158,7 @@ pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService 
     // endpoint needs no body), then what needs the body.
     let policed = ServiceBuilder::new()
         .layer(BodyLimitLayer::new().policy(resolve.clone()))
-        .layer(KeyAuthLayer::new(policy.store.clone()))
+        .layer(KeyAuthLayer::new(policy.store.clone()).lookup_timeout(KEY_LOOKUP_TIMEOUT))
         .layer(feature_block)
         .layer(allow_list)
         .layer(prompt_limit)
