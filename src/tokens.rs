@@ -157,8 +157,8 @@ pub const fn chat_overhead(messages: usize, names: usize) -> usize {
 ///
 /// It must not undercount: a prompt limit that counted 770 Chinese characters as 193 tokens
 /// (the old ⌈characters / 4⌉) let through twice the tokens it was set to. So every byte adds a
-/// fixed cost in sixteenths of a token, looked up from its class and the class of the byte
-/// before it, and the sum is rounded up:
+/// fixed cost in sixteenths of a token, looked up from its class and the classes of the two
+/// bytes before it, and the sum is rounded up:
 ///
 /// | byte | costs (tokens) | why |
 /// |------|----------------|-----|
@@ -279,55 +279,91 @@ const fn starts(same: bool, start: u8) -> u8 {
     }
 }
 
-/// Rows of [`TABLE`]: one per class, 16 so that an index masked to 12 bits is in bounds.
-const ROWS: usize = 16;
+/// The kinds of bytes [`cost`] tells apart, as 4-bit numbers: [`KIND`] maps bytes to them.
+mod kind {
+    /// No byte: before the start of the text.
+    pub(super) const NONE: u8 = 0;
+    /// Representative bytes of kinds 1 to 9 (every byte of a kind costs the same).
+    pub(super) const BYTES: [u8; 10] = [0, b'a', b'A', b'0', b'!', 0x01, b' ', b'\n', b'\t', 0x80];
 
-/// [`cost`] for every state and byte, so that the scan is one load per byte: the entry at
-/// `state << 8 | byte` holds the cost in its low 8 bits and the next state above them.
-static TABLE: [u16; ROWS * 256] = {
-    let mut table = [0u16; ROWS * 256];
-    let mut state = 0;
-    while state < ROWS {
-        let mut byte = 0;
-        while byte < 256 {
-            // Rows past the last class are never reached; fill them like START.
-            let from = if state <= class::NON_ASCII as usize {
-                state as u8
-            } else {
-                class::START
-            };
-            let (cost, next) = cost(from, byte as u8);
-            table[state << 8 | byte] = (next as u16) << 8 | cost as u16;
-            byte += 1;
+    /// The kind of `byte`: the index of the representative byte that [`cost`](super::cost)
+    /// treats the same.
+    pub(super) const fn of(byte: u8) -> u8 {
+        match byte {
+            b'a'..=b'z' => 1,
+            b'A'..=b'Z' => 2,
+            b'0'..=b'9' => 3,
+            b' ' => 6,
+            b'\n' | b'\r' => 7,
+            b'\t' | 0x0B | 0x0C => 8,
+            0x00..=0x1F | 0x7F => 5,
+            0x80..=0xFF => 9,
+            _ => 4,
         }
-        state += 1;
+    }
+}
+
+/// The kind of every byte.
+static KIND: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        table[byte] = kind::of(byte as u8);
+        byte += 1;
     }
     table
 };
 
-/// The running state of an estimate: the sum of costs so far and the class of the last byte.
+/// The cost of a byte of kind `k2` after bytes of kinds `k0` and `k1`, at index
+/// `k0 << 8 | k1 << 4 | k2`. Two bytes back are enough to know [`cost`]'s state (which run of
+/// spaces or line breaks a byte is in matters only up to its third byte), so the scan needs no
+/// state but the last two kinds: its loads do not wait for one another.
+static COST: [u8; 4096] = {
+    let mut table = [0u8; 4096];
+    let mut index = 0;
+    while index < 4096 {
+        let (k0, k1, k2) = (index >> 8, index >> 4 & 0xF, index & 0xF);
+        if k2 != 0 && k2 < kind::BYTES.len() && k1 < kind::BYTES.len() && k0 < kind::BYTES.len() {
+            let mut state = class::START;
+            if k0 != kind::NONE as usize {
+                state = cost(state, kind::BYTES[k0]).1;
+            }
+            if k1 != kind::NONE as usize {
+                state = cost(state, kind::BYTES[k1]).1;
+            }
+            table[index] = cost(state, kind::BYTES[k2]).0;
+        }
+        index += 1;
+    }
+    table
+};
+
+/// The running state of an estimate: the sum of costs so far and the kinds of the last two
+/// bytes.
 struct Scan {
     sixteenths: u64,
-    state: usize,
+    before_last: usize,
+    last: usize,
 }
 
 impl Scan {
     const fn new() -> Self {
         Scan {
             sixteenths: 0,
-            state: class::START as usize,
+            before_last: kind::NONE as usize,
+            last: kind::NONE as usize,
         }
     }
 
     fn feed(&mut self, bytes: &[u8]) {
-        let (mut sum, mut state) = (self.sixteenths, self.state);
+        let (mut sum, mut k0, mut k1) = (self.sixteenths, self.before_last, self.last);
         for &byte in bytes {
+            let k2 = usize::from(KIND[usize::from(byte)]);
             // The mask keeps the index provably in bounds: no check in the loop.
-            let entry = TABLE[(state << 8 | usize::from(byte)) & (ROWS * 256 - 1)];
-            sum += u64::from(entry & 0xFF);
-            state = usize::from(entry >> 8);
+            sum += u64::from(COST[(k0 << 8 | k1 << 4 | k2) & 0xFFF]);
+            (k0, k1) = (k1, k2);
         }
-        (self.sixteenths, self.state) = (sum, state);
+        (self.sixteenths, self.before_last, self.last) = (sum, k0, k1);
     }
 
     /// The estimate so far, rounded up, for a text of `len` bytes in all.
@@ -409,7 +445,7 @@ impl TokenCounter {
     }
 
     /// A counter that always [estimates](estimate), even when the `tokens` feature is on:
-    /// for callers that prefer cheap, rough counts.
+    /// for callers that prefer cheap counts that err high.
     pub const fn estimating(encoding: Encoding) -> Self {
         TokenCounter {
             encoding,
@@ -705,12 +741,61 @@ mod tests {
         assert_eq!(estimate("1234567"), 5);
         // Long runs of spaces are cheap: 1 + 16 + 998 × 1 sixteenths.
         assert_eq!(estimate(&" ".repeat(1000)), 64);
-        for state in 0..ROWS {
-            for byte in 0..=255u8 {
-                let entry = TABLE[state << 8 | usize::from(byte)];
-                assert!(usize::from(entry >> 8) <= usize::from(class::NON_ASCII));
-                assert!(entry & 0xFF <= 31, "{state} {byte}");
+        assert!(COST.iter().all(|&cost| cost <= 31));
+    }
+
+    /// The scan over the last two kinds gives the same sums as [`cost`]'s state machine.
+    #[test]
+    fn scan_follows_the_state_machine() {
+        fn reference(bytes: &[u8]) -> u64 {
+            let mut state = class::START;
+            let mut sum = 0;
+            for &byte in bytes {
+                let (cost, next) = cost(state, byte);
+                sum += u64::from(cost);
+                state = next;
             }
+            sum
+        }
+        for byte in 0..=255u8 {
+            assert_eq!(
+                cost(class::START, byte),
+                cost(
+                    class::START,
+                    kind::BYTES[usize::from(KIND[usize::from(byte)])]
+                ),
+                "{byte}"
+            );
+        }
+        // Every sequence of up to four bytes from a set that covers each kind twice, then
+        // pseudo-random bytes.
+        let alphabet = b"azAZ09!~\x01\x7f \n\r\t\x0c\x80\xff";
+        let mut sequences: Vec<Vec<u8>> = vec![vec![]];
+        for _ in 0..4 {
+            let longer: Vec<Vec<u8>> = sequences
+                .iter()
+                .filter(|s| s.len() == sequences.last().map_or(0, Vec::len))
+                .flat_map(|s| alphabet.iter().map(move |&b| [s.as_slice(), &[b]].concat()))
+                .collect();
+            sequences.extend(longer);
+        }
+        let mut seed = 1u64;
+        for _ in 0..200 {
+            let bytes = (0..300)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    alphabet[(seed >> 33) as usize % alphabet.len()]
+                })
+                .collect();
+            sequences.push(bytes);
+        }
+        for bytes in &sequences {
+            let mut scan = Scan::new();
+            // In two parts, as `estimate_up_to` feeds blocks.
+            let (head, tail) = bytes.split_at(bytes.len() / 2);
+            scan.feed(head);
+            scan.feed(tail);
+            assert_eq!(scan.sixteenths, reference(bytes), "{bytes:?}");
         }
     }
 
