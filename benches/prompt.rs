@@ -97,7 +97,8 @@ fn walk_tokens_2kb(bencher: Bencher<'_, '_>, encoding: Encoding) {
     bencher.bench(|| prompt_tokens_up_to(black_box(&view), &counter, &media, 100_000));
 }
 
-/// The estimate (⌈chars / 4⌉) instead of exact counts.
+/// The estimate ([`estimate`](tower_llm_policy::tokens::estimate), without the `tokens` feature)
+/// instead of exact counts.
 #[divan::bench]
 fn walk_tokens_2kb_estimated(bencher: Bencher<'_, '_>) {
     let view = parse(&CHAT_2KB);

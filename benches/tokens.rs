@@ -1,11 +1,12 @@
-//! Exact token counting: typical prompts, a long document, and hostile input (one 1 MB word).
+//! Exact token counting: typical prompts, a long document, and hostile input (one 1 MB word);
+//! and the estimate used without the `tokens` feature, against the old ⌈characters / 4⌉.
 //!
 //! `cargo bench --features tokens --bench tokens`
 
 use std::sync::LazyLock;
 
 use divan::{black_box, counter::BytesCount, Bencher};
-use tower_llm_policy::tokens::{Encoding, TokenCounter};
+use tower_llm_policy::tokens::{estimate, Encoding, TokenCounter};
 
 fn main() {
     divan::main();
@@ -91,4 +92,39 @@ fn count_up_to_10k_words_1mb(bencher: Bencher<'_, '_>, encoding: Encoding) {
     let counter = TokenCounter::new(encoding);
     let text: &str = &WORDS;
     bencher.bench(|| counter.count_up_to(black_box(text), black_box(10_000)));
+}
+
+/// English prose and Chinese prose from the test corpus (about 3 KB each), as is and
+/// repeated to 1 MiB.
+fn estimate_text(text: &str) -> &'static str {
+    static ENGLISH: &str = include_str!("../tests/data/multilingual/english.txt");
+    static CHINESE: &str = include_str!("../tests/data/multilingual/chinese.txt");
+    static ENGLISH_1MB: LazyLock<String> = LazyLock::new(|| fill(&[ENGLISH], 1024 * 1024));
+    static CHINESE_1MB: LazyLock<String> = LazyLock::new(|| fill(&[CHINESE], 1024 * 1024));
+    match text {
+        "english_3kb" => ENGLISH,
+        "chinese_3kb" => CHINESE,
+        "english_1mb" => &ENGLISH_1MB,
+        _ => &CHINESE_1MB,
+    }
+}
+
+const ESTIMATE_TEXTS: [&str; 4] = ["english_3kb", "chinese_3kb", "english_1mb", "chinese_1mb"];
+
+/// The estimate: one table lookup per byte.
+#[divan::bench(args = ESTIMATE_TEXTS)]
+fn estimate_bytes(bencher: Bencher<'_, '_>, text: &str) {
+    let text = estimate_text(text);
+    bencher
+        .counter(BytesCount::of_str(text))
+        .bench(|| estimate(black_box(text)));
+}
+
+/// The old estimate, ⌈characters / 4⌉, for comparison (it undercounts CJK about 2×).
+#[divan::bench(args = ESTIMATE_TEXTS)]
+fn estimate_old_chars_div_4(bencher: Bencher<'_, '_>, text: &str) {
+    let text = estimate_text(text);
+    bencher
+        .counter(BytesCount::of_str(text))
+        .bench(|| black_box(text).chars().count().div_ceil(4));
 }

@@ -26,9 +26,9 @@
 //! completions `prompt`, `input` (embeddings, moderations, responses, speech) and
 //! `instructions`. Besides the text:
 //!
-//! - **Token-id arrays** (`"prompt": [1734, 995]`) count their length in tokens, and 4
-//!   characters per id toward the character limit (the inverse of the estimate below), so a
-//!   character limit cannot be sidestepped by sending token ids.
+//! - **Token-id arrays** (`"prompt": [1734, 995]`) count their length in tokens, and
+//!   [`CHARS_PER_TOKEN_ID`] (4) characters per id toward the character limit, so a character
+//!   limit cannot be sidestepped by sending token ids.
 //! - **Images, audio and files** count a fixed number of tokens each, [`MediaTokens`]: by
 //!   default an image is 1445 tokens (OpenAI's high-detail maximum for GPT-4o-class models:
 //!   85 + 8 tiles × 170), an audio part 600 tokens (one minute at OpenAI's 1 token per 100 ms
@@ -43,8 +43,9 @@
 //!
 //! Tokens are counted with the encoding of the request's canonical model (after the
 //! [`Policy`]'s alias table), `o200k_base` or `cl100k_base` ([`TokenCounter::for_model`]), exactly
-//! with the `tokens` cargo feature. Without it, tokens are **estimated** at 4 characters per
-//! token ([`estimate`](crate::tokens::estimate)) and the message says so. Counting stops as
+//! with the `tokens` cargo feature. Without it, tokens are **estimated** from above, from the
+//! classes of the text's bytes and never more than its length in bytes
+//! ([`estimate`](crate::tokens::estimate)), and the message says so. Counting stops as
 //! soon as the limit is crossed, and a long run of text without whitespace is bounded by its
 //! length first, so a hostile prompt costs time linear in its size at most. A prompt whose
 //! text is no longer in bytes than the limit (after the fixed costs) is within it however it
@@ -129,7 +130,9 @@ use crate::tokens::{chat_overhead, Count, TokenCounter};
 /// cookbook counts the role's text on top of [`chat_overhead`]'s framing.
 pub const ROLE_TOKENS: usize = 1;
 
-/// Characters a token id counts toward `max_prompt_chars` (the inverse of the estimate).
+/// Characters a token id counts toward `max_prompt_chars`: 4, OpenAI's rule of thumb for an
+/// English token. It is not the inverse of the token [`estimate`](crate::tokens::estimate),
+/// which errs high; a token stands for anything from part of a character to dozens of them.
 pub const CHARS_PER_TOKEN_ID: u64 = 4;
 
 /// Prompt and output limits, each optional. The field names are those of [`ApiKey`].
@@ -496,8 +499,8 @@ pub fn prompt_tokens_up_to(
 }
 
 /// An upper bound of the prompt's tokens, with no counting: a token is at least one byte of
-/// text (and an estimated token at least one character), so the text's length in bytes plus
-/// the fixed costs bounds the count from above.
+/// text (and the estimate is never more than the length in bytes), so the text's length in
+/// bytes plus the fixed costs bounds the count from above.
 fn prompt_tokens_at_most(view: &LlmRequest, media: &MediaTokens) -> usize {
     view.prompt_parts()
         .map(|p| p.text.len())
@@ -692,7 +695,7 @@ impl LimitCheck {
                 let estimated = if counter.is_exact() {
                     ""
                 } else {
-                    " (estimated at 4 characters per token)"
+                    " (estimated, erring high)"
                 };
                 return Err(too_long(
                     format!(

@@ -400,7 +400,7 @@ async fn stream_without_usage_is_flagged_with_a_labelled_estimate() {
     assert_eq!(r.total_tokens, None);
     assert_eq!(r.cost_usd, None);
     let estimate = r.usage_estimate.unwrap();
-    assert_eq!(estimate.method, "chars_div_4");
+    assert_eq!(estimate.method, "estimate");
     assert!(estimate.prompt_tokens > 0);
 }
 

@@ -981,26 +981,30 @@ mod estimated {
     #[tokio::test]
     async fn without_the_feature_the_count_is_an_estimate_and_says_so() {
         let (svc, _) = stack(PromptLimitLayer::new().max_prompt_tokens(10));
-        // 44 characters: 11 tokens estimated, plus 7 for the framing of one message.
+        // 10 tokens exactly, estimated at more than the 3 left after one message's framing (7).
         let body = json!({"model":"gpt-4o","messages":[user("The quick brown fox jumps over the lazy dog.")]});
         let (status, json, _) = send(&svc, chat(body)).await;
         assert_too_long(status, &json, "messages");
         assert!(
-            message(&json).contains("tokens (estimated at 4 characters per token)"),
+            message(&json).contains("tokens (estimated, erring high)"),
             "{json}"
         );
     }
 
     #[test]
-    fn estimate_is_characters_over_four() {
+    fn estimate_is_the_estimate_of_the_text() {
+        // 41 letters: 16 + 40 × 11 sixteenths of a token, rounded up.
         let body = json!({"model":"gpt-4o","input":"x".repeat(41)});
         let view = view("/v1/responses", &body);
         let counter = TokenCounter::for_model("gpt-4o");
         assert!(!counter.is_exact());
         assert_eq!(
             prompt_tokens_up_to(&view, &counter, &MediaTokens::default(), usize::MAX),
-            Count::Within { tokens: 11 }
+            Count::Within {
+                tokens: tower_llm_policy::tokens::estimate(&"x".repeat(41))
+            }
         );
+        assert_eq!(tower_llm_policy::tokens::estimate(&"x".repeat(41)), 29);
     }
 }
 

@@ -135,7 +135,7 @@ impl std::fmt::Display for Outcome {
 pub struct UsageEstimate {
     /// Estimated prompt tokens (token-id arrays are counted exactly).
     pub prompt_tokens: u64,
-    /// How the estimate was made: `"chars_div_4"` (see [`crate::tokens::estimate`]).
+    /// How the estimate was made: `"estimate"`, the byte-class estimate of [`crate::tokens::estimate`], which errs high.
     pub method: String,
 }
 

@@ -243,7 +243,7 @@ impl Recorder {
             flags.push(flag::USAGE_MISSING.to_owned());
             usage_estimate = facts.prompt_estimate.map(|prompt_tokens| UsageEstimate {
                 prompt_tokens,
-                method: "chars_div_4".to_owned(),
+                method: "estimate".to_owned(),
             });
         }
         let cost_usd = usage.as_ref().and_then(|usage| {
