@@ -9,6 +9,7 @@
 //! - [`server`]: the HTTP server, `/healthz`, timeouts and the connection limit, graceful
 //!   shutdown;
 //! - [`slow_client`]: the request body read timeout (408);
+//! - [`soak`]: the soak's load generator and audit check (the `soak` binary);
 //! - [`upstream`]: the forwarding client to the OpenAI-compatible upstream;
 //! - [`mock`]: a deterministic mock of the OpenAI API (the embedded default's upstream).
 
@@ -18,5 +19,6 @@ pub mod config;
 pub mod mock;
 pub mod server;
 pub mod slow_client;
+pub mod soak;
 pub mod stack;
 pub mod upstream;
