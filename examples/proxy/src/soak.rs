@@ -309,15 +309,28 @@ impl fmt::Display for AuditCheck {
 
 /// Compares the ids of the answered requests with the records of a JSON Lines audit log.
 pub fn check_audit(ids: &[String], jsonl: &str) -> AuditCheck {
+    check_audit_lines(ids, jsonl.lines().map(|line| Ok(line.to_owned())))
+        .expect("lines of a string cannot fail")
+}
+
+/// [`check_audit`] over the lines of a reader (a large log is never held whole).
+pub fn check_audit_lines(
+    ids: &[String],
+    lines: impl Iterator<Item = std::io::Result<String>>,
+) -> std::io::Result<AuditCheck> {
     let mut check = AuditCheck::default();
     let mut seen: HashMap<&str, u32> = HashMap::with_capacity(ids.len());
     for id in ids {
         seen.insert(id, 0);
     }
     let mut unknown_ids: Vec<String> = Vec::new();
-    for line in jsonl.lines().filter(|l| !l.trim().is_empty()) {
+    for line in lines {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
         check.records += 1;
-        let id = serde_json::from_str::<serde_json::Value>(line)
+        let id = serde_json::from_str::<serde_json::Value>(&line)
             .ok()
             .and_then(|v| v.get("request_id")?.as_str().map(str::to_owned));
         match id {
@@ -338,7 +351,7 @@ pub fn check_audit(ids: &[String], jsonl: &str) -> AuditCheck {
     }
     // Two answers with one id would hide a missing record.
     check.duplicated += (ids.len() - seen.len()) as u64;
-    check
+    Ok(check)
 }
 
 /// The resident set size of process `pid` (`VmRSS` of `/proc/<pid>/status`), in KiB.

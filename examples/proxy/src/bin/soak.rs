@@ -14,6 +14,7 @@
 //! exactly once. Everything stops by itself: the load at its deadline, the processes when the
 //! soak ends (killed if they do not stop in time).
 
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -58,7 +59,10 @@ struct Process {
 impl Drop for Process {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            eprintln!("soak: killing {}", self.name);
+            if self.name != "mock_upstream" {
+                // The mock only ever stops this way; the proxy should have exited by now.
+                eprintln!("soak: killing {}", self.name);
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
@@ -185,6 +189,24 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         args.connections, args.duration
     );
 
+    // The RSS every tenth of the run, to tell a plateau from a leak.
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        let every = (args.duration / 10).max(Duration::from_secs(1));
+        std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            let mut next = Instant::now() + every;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                if Instant::now() >= next {
+                    samples.push(soak::rss_kib(pid));
+                    next += every;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            samples
+        })
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -197,6 +219,8 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let rss_end = soak::rss_kib(pid);
     let rss_peak = soak::peak_rss_kib(pid);
     drop(runtime);
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let samples = sampler.join().unwrap_or_default();
 
     // SIGTERM: the proxy finishes, flushes the audit log and exits.
     let _ = Command::new("kill")
@@ -212,8 +236,16 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let jsonl = std::fs::read_to_string(&audit).unwrap_or_default();
-    let check = soak::check_audit(&report.ids, &jsonl);
+    let lines = BufReader::new(std::fs::File::open(&audit)?).lines();
+    let mut leaked = false;
+    let check = soak::check_audit_lines(
+        &report.ids,
+        lines.inspect(|line| {
+            if let Ok(line) = line {
+                leaked |= line.contains(KEY);
+            }
+        }),
+    )?;
 
     print!("{report}");
     println!(
@@ -221,6 +253,14 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         show(rss_start),
         show(rss_end),
         show(rss_peak)
+    );
+    println!(
+        "proxy RSS during the run (KiB): {}",
+        samples
+            .iter()
+            .map(|s| show(*s))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     println!(
         "proxy exit: {}",
@@ -233,7 +273,6 @@ fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         report.requests
     );
     println!("{check}");
-    let leaked = jsonl.contains(KEY);
     if leaked {
         println!("the virtual key appears in the audit log");
     }
