@@ -855,3 +855,58 @@ impl fmt::Display for IdleTimeout {
 }
 
 impl StdError for IdleTimeout {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_parameters_are_removed_from_the_query_and_the_rest_kept_as_is() {
+        let cases = [
+            (
+                "api-version=2024-10-21&api-key=sk-1",
+                "api-version=2024-10-21",
+            ),
+            ("key=sk-1", ""),
+            ("KEY=sk-1&Api_Key=sk-2&APIKEY=sk-3&access_token=t", ""),
+            // Percent-encoded and `+`-padded names are decoded before comparing.
+            ("%6Bey=sk-1&api%2Dkey=sk-2&%20key+=sk-3&a=1", "a=1"),
+            // A name without a value is a credential parameter all the same.
+            ("key&after=2", "after=2"),
+            // Names that merely contain a credential name are kept, and so is everything
+            // else, byte for byte and in order (empty pairs included).
+            ("monkey=1&keys=2&x=%41&&y", "monkey=1&keys=2&x=%41&&y"),
+            (
+                "model=gpt-4o&key=sk-1&deployment=d",
+                "model=gpt-4o&deployment=d",
+            ),
+        ];
+        for (query, kept) in cases {
+            assert_eq!(without_credentials(query), kept, "{query}");
+        }
+    }
+
+    #[test]
+    fn the_target_has_no_query_when_only_credentials_were_in_it() {
+        let upstream = Upstream::new("http://upstream.test/v1", None).unwrap();
+        let target = |uri: &str| upstream.target(&uri.parse().unwrap()).unwrap().to_string();
+        assert_eq!(
+            target("/v1/models?key=sk-1"),
+            "http://upstream.test/v1/models"
+        );
+        assert_eq!(
+            target("/v1/chat/completions?api-key=sk-1&api-version=1"),
+            "http://upstream.test/v1/chat/completions?api-version=1"
+        );
+    }
+
+    #[test]
+    fn the_model_list_is_told_from_one_model() {
+        let list = |uri: &str| is_model_list(&uri.parse().unwrap());
+        assert!(list("/v1/models"));
+        assert!(list("/v1/models/"));
+        assert!(list("/v1/models?limit=5"));
+        assert!(!list("/v1/models/gpt-4o"));
+        assert!(!list("/v1/chat/completions"));
+    }
+}

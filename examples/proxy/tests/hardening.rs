@@ -888,3 +888,43 @@ fn server_settings_have_defaults_and_refuse_zero() {
         assert!(err.to_string().contains("server."), "{err}");
     }
 }
+
+#[tokio::test]
+async fn a_stalled_http2_body_is_a_408_with_one_record() -> TestResult {
+    use futures_util::StreamExt;
+    use http_body::Frame;
+
+    let mut h = start(|t| with_server(t, "body_read_timeout = \"1s\"")).await;
+    let stream = TcpStream::connect(h.addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await?;
+    tokio::spawn(conn);
+    // Ten bytes of the body, then nothing, and no end of stream.
+    let first: Result<Frame<Bytes>, std::io::Error> =
+        Ok(Frame::data(Bytes::from_static(b"{\"model\":")));
+    let body = http_body_util::StreamBody::new(
+        futures_util::stream::iter([first]).chain(futures_util::stream::pending()),
+    );
+    let request = Request::post(format!("http://{}/v1/chat/completions", h.addr))
+        .header("authorization", bearer(CHAT_KEY))
+        .header("content-type", "application/json")
+        .body(body)?;
+    let started = Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(8), sender.send_request(request))
+        .await
+        .expect("answered in time")?;
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+    // No `connection` header in HTTP/2.
+    assert!(response.headers().get("connection").is_none());
+    let body = response.into_body().collect().await?.to_bytes();
+    assert_openai_error(&body, "request_timeout");
+    assert!(h.log.is_empty());
+    let records = h.stop_and_records().await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["status"], 408);
+    Ok(())
+}
