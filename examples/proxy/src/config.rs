@@ -132,8 +132,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// `header_read_timeout = "30s"`: how long a client has to send a request's head (the
     /// request line and headers; for HTTP/2, the connection preface) from when the proxy
-    /// starts waiting for it, an idle keep-alive connection's next request included. The
-    /// connection is closed when it runs out.
+    /// starts waiting for it, an idle keep-alive connection's next request included (an
+    /// HTTP/2 connection: no request or response stream in flight). The connection is closed
+    /// when it runs out.
     #[serde(default = "default_header_read", deserialize_with = "duration")]
     pub header_read_timeout: Duration,
     /// `body_read_timeout = "30s"`: longest wait for the next piece of a request body. A

@@ -6,7 +6,8 @@
 //! - a connection has `header_read_timeout` to send a request's head: the HTTP/2 preface
 //!   (checked here, before hyper), or the HTTP/1 request line and headers (hyper's own header
 //!   read timeout, which also closes an idle keep-alive connection). It is closed otherwise,
-//!   without an answer;
+//!   without an answer. An HTTP/2 connection with no request in flight (a response body
+//!   still streaming counts as in flight) for that long is closed too;
 //! - a request body that stalls for `body_read_timeout` is answered with a 408 and the
 //!   connection closed (see [`crate::slow_client`]);
 //! - at most `max_connections` connections are served at once: the next one is accepted
@@ -20,6 +21,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -89,7 +92,7 @@ pub async fn run(
     // HTTP/2 keep-alive pings and stream limits use the timer too.
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
-    let slots = std::sync::Arc::new(Semaphore::new(options.max_connections.max(1)));
+    let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         // A free slot first: beyond the limit, connections wait unaccepted.
@@ -115,9 +118,6 @@ pub async fn run(
         let _ = stream.set_nodelay(true);
         let service = service.clone();
         let body_timeout = options.body_read_timeout;
-        let per_connection = hyper::service::service_fn(move |req: Request<Incoming>| {
-            handle(service.clone(), peer, body_timeout, req)
-        });
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let header_timeout = options.header_read_timeout;
@@ -126,18 +126,51 @@ pub async fn run(
             let _permit = permit;
             // hyper's header read timeout starts once it knows the protocol; the preface
             // (or the first bytes of an HTTP/1 request) must come within the same time.
-            match tokio::time::timeout(header_timeout, first_bytes(&stream)).await {
-                Ok(Ok(true)) => {}
-                Ok(Ok(false)) | Ok(Err(_)) => return,
+            let protocol = match tokio::time::timeout(header_timeout, first_bytes(&stream)).await {
+                Ok(Ok(Some(protocol))) => protocol,
+                Ok(Ok(None)) | Ok(Err(_)) => return,
                 Err(_) => {
                     tracing::debug!(%peer, "connection closed: no request head in time");
                     return;
                 }
-            }
+            };
+            // HTTP/1 idle connections are closed by hyper's header read timeout; HTTP/2 has
+            // none, so its requests are counted here and an idle connection closed after the
+            // same time.
+            let activity = (protocol == Protocol::Http2).then(|| Arc::new(Activity::new()));
+            let tracked = activity.clone();
+            let per_connection = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let active = tracked.as_ref().map(Activity::start);
+                let answer = handle(service.clone(), peer, body_timeout, req);
+                async move {
+                    let response = answer.await?;
+                    Ok::<_, Infallible>(match active {
+                        Some(active) => response.map(|body| {
+                            ActiveBody {
+                                body,
+                                _active: active,
+                            }
+                            .boxed_unsync()
+                        }),
+                        None => response,
+                    })
+                }
+            });
             let connection = builder
                 .serve_connection(TokioIo::new(stream), per_connection)
                 .into_owned();
-            if let Err(err) = watcher.watch(connection).await {
+            let served = watcher.watch(connection);
+            let result = match activity {
+                Some(activity) => tokio::select! {
+                    result = served => result,
+                    () = activity.idle_for(header_timeout) => {
+                        tracing::debug!(%peer, "idle HTTP/2 connection closed");
+                        Ok(())
+                    }
+                },
+                None => served.await,
+            };
+            if let Err(err) = result {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
         });
@@ -157,21 +190,112 @@ pub async fn run(
     Ok(())
 }
 
+/// The protocol of a connection, from its first bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
 /// Waits until the client has sent enough to tell HTTP/1 from HTTP/2: any byte that does not
-/// continue the HTTP/2 preface, or the whole preface. `false` if the client closed first.
+/// continue the HTTP/2 preface, or the whole preface. `None` if the client closed first.
 /// Nothing is consumed (hyper reads it all again).
-async fn first_bytes(stream: &TcpStream) -> std::io::Result<bool> {
+async fn first_bytes(stream: &TcpStream) -> std::io::Result<Option<Protocol>> {
     let mut buf = [0u8; H2_PREFACE.len()];
     loop {
         let n = stream.peek(&mut buf).await?;
         if n == 0 {
-            return Ok(false);
+            return Ok(None);
         }
-        if n == H2_PREFACE.len() || buf[..n] != H2_PREFACE[..n] {
-            return Ok(true);
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok(Some(Protocol::Http1));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Some(Protocol::Http2));
         }
         // A strict prefix of the preface: `peek` would return at once with the same bytes.
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The requests in flight on a connection, and since when there has been none.
+struct Activity {
+    base: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `base` when the last request ended.
+    idle_since: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            base: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+        }
+    }
+
+    /// A request starts; it ends when the guard is dropped (with its response body, or
+    /// before there is one).
+    fn start(self: &Arc<Self>) -> Active {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Active(self.clone())
+    }
+
+    /// Completes once no request has been in flight for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        let mut deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            tokio::time::sleep_until(deadline).await;
+            if self.in_flight.load(Ordering::Acquire) > 0 {
+                deadline = tokio::time::Instant::now() + timeout;
+                continue;
+            }
+            let since = self.base + Duration::from_millis(self.idle_since.load(Ordering::Acquire));
+            let until = since + timeout;
+            if Instant::now() >= until {
+                return;
+            }
+            deadline = tokio::time::Instant::from_std(until);
+        }
+    }
+}
+
+/// A request in flight (see [`Activity::start`]).
+struct Active(Arc<Activity>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        let now = activity.base.elapsed().as_millis() as u64;
+        activity.idle_since.store(now, Ordering::Release);
+        activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it ends or is dropped.
+struct ActiveBody {
+    body: ProxyBody,
+    _active: Active,
+}
+
+impl http_body::Body for ActiveBody {
+    type Data = Bytes;
+    type Error = crate::upstream::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

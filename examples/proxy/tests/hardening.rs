@@ -928,3 +928,78 @@ async fn a_stalled_http2_body_is_a_408_with_one_record() -> TestResult {
     assert_eq!(records[0]["status"], 408);
     Ok(())
 }
+
+/// An HTTP/2 connection to the proxy: the sender, and the connection's task (which ends when
+/// the proxy closes the connection).
+async fn h2_connect(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    JoinHandle<Result<(), hyper::Error>>,
+) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_the_header_timeout() -> TestResult {
+    let mut h = start(|t| with_server(t, "header_read_timeout = \"1s\"")).await;
+    let (mut sender, conn) = h2_connect(h.addr).await;
+    let response = sender
+        .send_request(
+            Request::get(format!("http://{}/healthz", h.addr)).body(Full::new(Bytes::new()))?,
+        )
+        .await?;
+    assert_eq!(response.status(), StatusCode::OK);
+    let idle_from = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the proxy closed the idle connection")?
+        .ok();
+    assert!(idle_from.elapsed() >= Duration::from_millis(900));
+    h.stop_and_records().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_http2_stream_longer_than_the_header_timeout_is_not_cut() -> TestResult {
+    // 12 chunks, 200 ms apart: a 2.4 s stream on a connection with a 1 s idle timeout.
+    let opts = MockOptions::default()
+        .stream_chunks(12)
+        .chunk_delay(Duration::from_millis(200));
+    let (mock_addr, log) = mock::spawn(opts).await?;
+    let mut h = start_at(&format!("http://{mock_addr}/v1"), log, |t| {
+        with_server(t, "header_read_timeout = \"1s\"")
+    })
+    .await;
+    let (mut sender, _conn) = h2_connect(h.addr).await;
+    let body = json!({
+        "model": "gpt-4o-mini",
+        "stream": true,
+        "messages": [{"role": "user", "content": "stream slowly"}],
+    })
+    .to_string();
+    let response = sender
+        .send_request(
+            Request::post(format!("http://{}/v1/chat/completions", h.addr))
+                .header("authorization", bearer(CHAT_KEY))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))?,
+        )
+        .await?;
+    assert_eq!(response.status(), StatusCode::OK);
+    let started = Instant::now();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert!(bytes.ends_with(b"data: [DONE]\n\n"));
+    let records = h.stop_and_records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["status"], 200);
+    Ok(())
+}
