@@ -5,7 +5,6 @@ use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Parser;
 use tokio::net::TcpListener;
@@ -16,7 +15,7 @@ use tower_llm_policy::{ApiKey, FeatureSet};
 use crate::audit_line::{self, LineWriter};
 use crate::config::{Config, ConfigError};
 use crate::mock;
-use crate::server;
+use crate::server::{self, ServerOptions};
 use crate::stack::{build_stack, Policy, ProxyService};
 use crate::upstream::Upstream;
 
@@ -83,7 +82,7 @@ pub struct Proxy {
     pub mock: Option<(SocketAddr, mock::MockLog)>,
     service: ProxyService,
     listener: TcpListener,
-    grace: Duration,
+    server: ServerOptions,
     audit_sink: Option<JsonlSink>,
 }
 
@@ -91,7 +90,7 @@ impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
             .field("addr", &self.addr)
-            .field("grace", &self.grace)
+            .field("server", &self.server)
             .finish_non_exhaustive()
     }
 }
@@ -162,11 +161,24 @@ impl Proxy {
             .connect_timeout(config.upstream.connect_timeout)
             .first_byte_timeout(config.upstream.first_byte_timeout)
             .idle_timeout(config.upstream.idle_timeout)
+            .organization(config.upstream.organization.clone())
+            .project(config.upstream.project.clone())
+            .forward_client_organization(config.upstream.forward_client_organization)
+            // With the policy on, the model list is filtered: it must be a list it can read.
+            .guard_model_list(
+                (!args.no_policy)
+                    .then_some(tower_llm_policy::model_allow_list::DEFAULT_MODELS_RESPONSE_LIMIT),
+            )
             .build()
             .map_err(|e| StartError::Upstream(e.to_string()))?;
 
         let listen = args.listen.unwrap_or(config.listen);
-        let grace = config.server.shutdown_grace;
+        let server_options = ServerOptions {
+            grace: config.server.shutdown_grace,
+            header_read_timeout: config.server.header_read_timeout,
+            body_read_timeout: config.server.body_read_timeout,
+            max_connections: config.server.max_connections,
+        };
         let upstream_url = upstream.base_url().to_owned();
         let keys_from = match &args.config {
             Some(path) => path.display().to_string(),
@@ -226,7 +238,7 @@ impl Proxy {
             mock,
             service,
             listener,
-            grace,
+            server: server_options,
             audit_sink,
         })
     }
@@ -235,7 +247,7 @@ impl Proxy {
     /// and flushes the audit log: every request answered has its record on disk when this
     /// returns.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
-        let served = server::run(self.service, self.listener, self.grace, shutdown).await;
+        let served = server::run(self.service, self.listener, self.server, shutdown).await;
         if let Some(sink) = self.audit_sink {
             // Records are emitted when response bodies end, so after the connections closed.
             // Flushing waits for the sink's writer thread: keep it off the runtime's threads.

@@ -28,6 +28,15 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// How long in-flight requests may run on after SIGINT/SIGTERM, by default.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// `[server] header_read_timeout` by default.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `[server] body_read_timeout` by default.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `[server] max_connections` by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
 /// The whole configuration file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,6 +98,18 @@ pub struct UpstreamConfig {
     /// `idle_timeout = "5m"`: longest silence inside a response body.
     #[serde(default = "default_idle", deserialize_with = "duration")]
     pub idle_timeout: Duration,
+    /// `organization = "org-..."`: the `OpenAI-Organization` sent upstream with every
+    /// request. Absent: none is sent (the provider key's default organization is billed).
+    #[serde(default)]
+    pub organization: Option<String>,
+    /// `project = "proj_..."`: the `OpenAI-Project` sent upstream with every request.
+    #[serde(default)]
+    pub project: Option<String>,
+    /// `forward_client_organization = false`: whether a client's own `OpenAI-Organization`
+    /// and `OpenAI-Project` headers go upstream (a configured one replaces them either way).
+    /// Off by default: a client must not pick the organization the provider bills.
+    #[serde(default)]
+    pub forward_client_organization: bool,
 }
 
 fn default_connect() -> Duration {
@@ -109,18 +130,46 @@ pub struct ServerConfig {
     /// SIGINT/SIGTERM before the proxy exits anyway.
     #[serde(default = "default_grace", deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// `header_read_timeout = "30s"`: how long a client has to send a request's head (the
+    /// request line and headers; for HTTP/2, the connection preface) from when the proxy
+    /// starts waiting for it, an idle keep-alive connection's next request included (an
+    /// HTTP/2 connection: no request or response stream in flight). The connection is closed
+    /// when it runs out.
+    #[serde(default = "default_header_read", deserialize_with = "duration")]
+    pub header_read_timeout: Duration,
+    /// `body_read_timeout = "30s"`: longest wait for the next piece of a request body. A
+    /// body that stalls longer is answered with a 408 `request_timeout` and the connection
+    /// is closed.
+    #[serde(default = "default_body_read", deserialize_with = "duration")]
+    pub body_read_timeout: Duration,
+    /// `max_connections = 1024`: client connections served at once. Further connections
+    /// wait (in the listen queue, unaccepted) until one closes.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
 
 fn default_grace() -> Duration {
     DEFAULT_SHUTDOWN_GRACE
+}
+fn default_header_read() -> Duration {
+    DEFAULT_HEADER_READ_TIMEOUT
+}
+fn default_body_read() -> Duration {
+    DEFAULT_BODY_READ_TIMEOUT
+}
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
 }
 
 /// `[audit]`.
@@ -338,6 +387,20 @@ impl Config {
                 ));
             }
         }
+        let server = &config.server;
+        if server.header_read_timeout.is_zero() || server.body_read_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                path.to_owned(),
+                "`server.header_read_timeout` and `server.body_read_timeout` must be above zero"
+                    .into(),
+            ));
+        }
+        if server.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                path.to_owned(),
+                "`server.max_connections` must be above zero".into(),
+            ));
+        }
         if config.body.limit == 0 || config.body.multipart_limit == 0 {
             return Err(ConfigError::Invalid(
                 path.to_owned(),
@@ -358,6 +421,9 @@ impl Config {
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
                 idle_timeout: DEFAULT_IDLE_TIMEOUT,
+                organization: None,
+                project: None,
+                forward_client_organization: false,
             },
             server: ServerConfig::default(),
             audit: AuditConfig::default(),

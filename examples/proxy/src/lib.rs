@@ -6,7 +6,10 @@
 //! - [`audit_line`]: the embedded default's audit records, one line each on stdout;
 //! - [`config`]: the TOML configuration (see `proxy.toml` in this package);
 //! - [`stack`]: the policy layers in front of the forwarding client;
-//! - [`server`]: the HTTP server, `/healthz`, graceful shutdown;
+//! - [`server`]: the HTTP server, `/healthz`, timeouts and the connection limit, graceful
+//!   shutdown;
+//! - [`slow_client`]: the request body read timeout (408);
+//! - [`soak`]: the soak's load generator and audit check (the `soak` binary);
 //! - [`upstream`]: the forwarding client to the OpenAI-compatible upstream;
 //! - [`mock`]: a deterministic mock of the OpenAI API (the embedded default's upstream).
 
@@ -15,5 +18,7 @@ pub mod audit_line;
 pub mod config;
 pub mod mock;
 pub mod server;
+pub mod slow_client;
+pub mod soak;
 pub mod stack;
 pub mod upstream;

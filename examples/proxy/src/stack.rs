@@ -1,8 +1,12 @@
 //! The proxy's tower stack: the crate's policy layers in front of the forwarding client.
 //!
 //! ```text
-//! client ──► Audit ──► BodyLimit ──► KeyAuth ──► FeatureBlock ──► ModelAllowList ──► PromptLimit ──► Upstream
+//! client ──► Audit ──► BodyTimeout ──► BodyLimit ──► KeyAuth ──► FeatureBlock ──► ModelAllowList ──► PromptLimit ──► Upstream
 //! ```
+//!
+//! [`BodyTimeout`](crate::slow_client::BodyTimeoutLayer) answers a request whose body stalled
+//! with a 408 (inside the audit layer, so that the record has it). The audit layer generates
+//! every record's id itself: a client's `x-request-id` is never trusted as the id.
 //!
 //! Every layer shares one library [`Policy`](tower_llm_policy::Policy) (`[body]` and
 //! `[model_names]`): the request is resolved once, with it.
@@ -31,6 +35,7 @@ use tower_llm_policy::{
 };
 
 use crate::config::{BlockedConfig, Config, PromptLimitsConfig};
+use crate::slow_client::BodyTimeoutLayer;
 use crate::upstream::{BoxError, Upstream};
 
 /// How long KeyAuth waits on the key store before it answers 503 `policy_unavailable`
@@ -102,8 +107,9 @@ impl Policy {
 pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService {
     let Some(policy) = policy else {
         // `--no-policy`: the same forwarding, server and boxing; no layer at all.
+        let timed = BodyTimeoutLayer.layer(upstream);
         return BoxCloneService::new(ServiceExt::<Request<PolicyBody>>::map_response(
-            upstream, box_body,
+            timed, box_body,
         ));
     };
 
@@ -157,6 +163,7 @@ pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService 
     // Cheapest and broadest first: the key, then what the path alone decides (a blocked
     // endpoint needs no body), then what needs the body.
     let policed = ServiceBuilder::new()
+        .layer(BodyTimeoutLayer)
         .layer(BodyLimitLayer::new().policy(resolve.clone()))
         .layer(KeyAuthLayer::new(policy.store.clone()).lookup_timeout(KEY_LOOKUP_TIMEOUT))
         .layer(feature_block)
@@ -168,6 +175,9 @@ pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService 
         // response body to its end.
         Some(sinks) => {
             let audited = AuditLayer::new(sinks.clone())
+                // The record's id is ours: a client's `x-request-id` could collide with
+                // another record's, or be chosen to.
+                .trust_request_id(false)
                 .pricing(policy.pricing.clone())
                 .policy(resolve)
                 .layer(policed);

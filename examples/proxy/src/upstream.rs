@@ -13,11 +13,29 @@
 //! - the path must be `/v1` or `/v1/<rest>`; it goes to `<base_url>/<rest>`, query kept;
 //!   anything else (and a `.`/`..` segment, which could climb out of the base path) is
 //!   answered here with an OpenAI-shaped 404 and never sent;
-//! - `authorization`, `api-key` and `x-api-key` are removed, and `authorization: Bearer
-//!   <provider key>` (marked sensitive) is set when a key is configured;
-//! - hop-by-hop headers (and those named in `Connection`) are removed, both ways;
+//! - `authorization`, `api-key`, `x-api-key` and `x-goog-api-key` are removed, and
+//!   `authorization: Bearer <provider key>` (marked sensitive) is set when a key is
+//!   configured;
+//! - query parameters that carry credentials (`api-key`, `api_key`, `apikey`, `key`,
+//!   `access_token`, ...; see [`CREDENTIAL_QUERY_PARAMS`]) are removed from the query;
+//! - the client's `OpenAI-Organization` and `OpenAI-Project` are removed (the client must not
+//!   pick the billed organization); the configured ones are set instead
+//!   ([`UpstreamBuilder::organization`], [`UpstreamBuilder::project`]), unless
+//!   [`UpstreamBuilder::forward_client_organization`] lets the client's through;
+//! - what identifies the client to the upstream is removed: `Cookie`, `Forwarded`,
+//!   `X-Forwarded-*`, `X-Real-IP` and the like ([`CLIENT_IDENTITY_HEADERS`]);
+//! - hop-by-hop headers (and those named in `Connection`) are removed, both ways; from the
+//!   response, also `Set-Cookie` and the upstream's `OpenAI-Organization` / `OpenAI-Project`
+//!   (the provider account's ids are not the client's business);
 //! - `accept-encoding: identity` (the policy layers read bodies; they do not decompress),
 //!   and `host` set to the upstream's authority.
+//!
+//! With [`UpstreamBuilder::guard_model_list`] (the proxy sets it whenever the policy is on),
+//! a successful `GET /v1/models` answer must be an identity-encoded JSON object with a `data`
+//! array, within the limit: anything else (an encoded, non-JSON, unparsable or oversize
+//! answer) becomes a 502 `upstream_invalid_response` and never reaches the client, so that
+//! the allow-list filter behind it always has a list it can filter (it passes anything it
+//! cannot read untouched).
 //!
 //! Bodies stream both ways, frame by frame. Failures are answered, never returned as a
 //! `Service` error: 504 `upstream_timeout` when connecting or waiting for the response
@@ -38,7 +56,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Extensions, Request, Response, StatusCode, Uri, Version};
+use http::{Extensions, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
@@ -49,6 +67,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::{Instant, Sleep};
 use tower::Service;
+use tower_llm_policy::{Endpoint, Route};
 
 /// A boxed error, as bodies and hyper use them.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -80,8 +99,52 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 /// Client credentials that must not reach the upstream: the proxy's virtual keys travel in
-/// any of these (OpenAI's `authorization`, Azure's `api-key`, Anthropic-style `x-api-key`).
-const CLIENT_KEY_HEADERS: &[&str] = &["authorization", "api-key", "x-api-key"];
+/// any of these (OpenAI's `authorization`, Azure's `api-key`, Anthropic-style `x-api-key`,
+/// Google-style `x-goog-api-key`).
+const CLIENT_KEY_HEADERS: &[&str] = &["authorization", "api-key", "x-api-key", "x-goog-api-key"];
+
+/// Query parameters that carry credentials in some clients (Azure's `api-key`, Google's
+/// `key`, OAuth's `access_token`, ...): removed from the query sent upstream, compared
+/// case-insensitively after percent-decoding. The policy never accepts a key from the query
+/// (see `KeyAuth`), so one sent there is refused and, whatever else happens, never forwarded.
+pub const CREDENTIAL_QUERY_PARAMS: &[&str] = &[
+    "api-key",
+    "api_key",
+    "apikey",
+    "key",
+    "x-api-key",
+    "access_token",
+    "token",
+    "auth",
+    "authorization",
+    "subscription-key",
+];
+
+/// Headers by which the client picks the billed organization and project: never forwarded
+/// (the configured ones are set instead) unless the configuration allows it.
+const ORGANIZATION_HEADERS: &[&str] = &["openai-organization", "openai-project"];
+
+/// Headers that tell the upstream who the client is, or carry the client's session: the
+/// upstream talks to the proxy, not to the client.
+pub const CLIENT_IDENTITY_HEADERS: &[&str] = &[
+    "cookie",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "x-cluster-client-ip",
+    "via",
+];
+
+/// Response headers of the upstream that are not the client's: its cookies, and the provider
+/// account's organization and project ids.
+const UPSTREAM_ONLY_RESPONSE_HEADERS: &[&str] =
+    &["set-cookie", "openai-organization", "openai-project"];
 
 /// Forwards requests to an OpenAI-compatible upstream. Cheap to clone (the connection pool
 /// is shared).
@@ -102,6 +165,12 @@ struct Inner {
     authorization: Option<HeaderValue>,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
+    /// `OpenAI-Organization` / `OpenAI-Project` to send (configured, not the client's).
+    organization: Option<HeaderValue>,
+    project: Option<HeaderValue>,
+    forward_client_organization: bool,
+    /// The largest `GET /v1/models` answer let through (guarded), if guarded.
+    model_list_limit: Option<usize>,
 }
 
 impl fmt::Debug for Upstream {
@@ -116,6 +185,13 @@ impl fmt::Debug for Upstream {
             )
             .field("first_byte_timeout", &inner.first_byte_timeout)
             .field("idle_timeout", &inner.idle_timeout)
+            .field("organization", &inner.organization)
+            .field("project", &inner.project)
+            .field(
+                "forward_client_organization",
+                &inner.forward_client_organization,
+            )
+            .field("model_list_limit", &inner.model_list_limit)
             .finish_non_exhaustive()
     }
 }
@@ -128,6 +204,10 @@ pub struct UpstreamBuilder {
     connect_timeout: Duration,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
+    organization: Option<String>,
+    project: Option<String>,
+    forward_client_organization: bool,
+    model_list_limit: Option<usize>,
 }
 
 impl fmt::Debug for UpstreamBuilder {
@@ -141,6 +221,13 @@ impl fmt::Debug for UpstreamBuilder {
             .field("connect_timeout", &self.connect_timeout)
             .field("first_byte_timeout", &self.first_byte_timeout)
             .field("idle_timeout", &self.idle_timeout)
+            .field("organization", &self.organization)
+            .field("project", &self.project)
+            .field(
+                "forward_client_organization",
+                &self.forward_client_organization,
+            )
+            .field("model_list_limit", &self.model_list_limit)
             .finish()
     }
 }
@@ -173,6 +260,38 @@ impl UpstreamBuilder {
     #[must_use]
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
+        self
+    }
+
+    /// The `OpenAI-Organization` sent with every request (the provider account's; `None`:
+    /// none is sent, and the upstream bills the key's default organization).
+    #[must_use]
+    pub fn organization(mut self, organization: Option<String>) -> Self {
+        self.organization = organization.filter(|o| !o.is_empty());
+        self
+    }
+
+    /// The `OpenAI-Project` sent with every request (`None`: none).
+    #[must_use]
+    pub fn project(mut self, project: Option<String>) -> Self {
+        self.project = project.filter(|p| !p.is_empty());
+        self
+    }
+
+    /// Whether a client's own `OpenAI-Organization` / `OpenAI-Project` go upstream (default
+    /// `false`: they are removed). A configured one replaces the client's either way.
+    #[must_use]
+    pub fn forward_client_organization(mut self, forward: bool) -> Self {
+        self.forward_client_organization = forward;
+        self
+    }
+
+    /// Guards `GET /v1/models` answers (see the [module docs](self)): a successful answer
+    /// must be identity-encoded JSON with a `data` array and at most `limit` bytes, or it
+    /// becomes a 502. `None` (the default): answers pass as they are.
+    #[must_use]
+    pub fn guard_model_list(mut self, limit: Option<usize>) -> Self {
+        self.model_list_limit = limit;
         self
     }
 
@@ -215,6 +334,17 @@ impl UpstreamBuilder {
             None => None,
         };
 
+        let header = |value: Option<String>, what: &'static str| {
+            value
+                .map(|v| HeaderValue::try_from(v).map_err(|_| ConfigError(what)))
+                .transpose()
+        };
+        let organization = header(
+            self.organization,
+            "the organization is not a valid header value",
+        )?;
+        let project = header(self.project, "the project is not a valid header value")?;
+
         let mut http = HttpConnector::new();
         http.enforce_http(false); // https:// URIs go through it to the TLS wrapper
         http.set_connect_timeout(Some(self.connect_timeout));
@@ -244,6 +374,10 @@ impl UpstreamBuilder {
                 authorization,
                 first_byte_timeout: self.first_byte_timeout,
                 idle_timeout: self.idle_timeout,
+                organization,
+                project,
+                forward_client_organization: self.forward_client_organization,
+                model_list_limit: self.model_list_limit,
             }),
         })
     }
@@ -270,6 +404,10 @@ impl Upstream {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            organization: None,
+            project: None,
+            forward_client_organization: false,
+            model_list_limit: None,
         }
     }
 
@@ -314,8 +452,11 @@ impl Upstream {
             target.push('/');
         }
         if let Some(query) = incoming.query() {
-            target.push('?');
-            target.push_str(query);
+            let kept = without_credentials(query);
+            if !kept.is_empty() {
+                target.push('?');
+                target.push_str(&kept);
+            }
         }
         let path_and_query = PathAndQuery::try_from(target).ok()?;
         Uri::builder()
@@ -339,12 +480,26 @@ impl Upstream {
         let inner = &self.inner;
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
-        for name in CLIENT_KEY_HEADERS {
+        for name in CLIENT_KEY_HEADERS.iter().chain(CLIENT_IDENTITY_HEADERS) {
             headers.remove(*name);
+        }
+        if !inner.forward_client_organization {
+            for name in ORGANIZATION_HEADERS {
+                headers.remove(*name);
+            }
+        }
+        if let Some(organization) = &inner.organization {
+            headers.insert("openai-organization", organization.clone());
+        }
+        if let Some(project) = &inner.project {
+            headers.insert("openai-project", project.clone());
         }
         if let Some(authorization) = &inner.authorization {
             headers.insert(header::AUTHORIZATION, authorization.clone());
         }
+        let guarded_limit = inner
+            .model_list_limit
+            .filter(|_| parts.method == Method::GET && is_model_list(&parts.uri));
         headers.insert(
             header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),
@@ -380,8 +535,125 @@ impl Upstream {
             };
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Response::from_parts(parts, UpstreamBody::streaming(body, inner.idle_timeout))
+        for name in UPSTREAM_ONLY_RESPONSE_HEADERS {
+            parts.headers.remove(*name);
+        }
+        let body = UpstreamBody::streaming(body, inner.idle_timeout);
+        match guarded_limit {
+            Some(limit) => guard_model_list(parts, body, limit).await,
+            None => Response::from_parts(parts, body),
+        }
     }
+}
+
+/// Whether the request is the model list (`/v1/models`, not one model), as the policy
+/// classifies it.
+fn is_model_list(uri: &Uri) -> bool {
+    let route = Route::classify(uri);
+    route.endpoint == Endpoint::Models && route.path_model.is_none()
+}
+
+/// The query without its credential-bearing parameters ([`CREDENTIAL_QUERY_PARAMS`]).
+/// Parameters are kept byte for byte, in order.
+fn without_credentials(query: &str) -> String {
+    let mut kept = String::with_capacity(query.len());
+    for pair in query.split('&') {
+        let name = pair.split('=').next().unwrap_or_default();
+        let name = percent_decode_lower(name);
+        if CREDENTIAL_QUERY_PARAMS.contains(&name.as_str()) {
+            continue;
+        }
+        if !kept.is_empty() {
+            kept.push('&');
+        }
+        kept.push_str(pair);
+    }
+    kept
+}
+
+/// A query parameter name, percent-decoded (`+` as a space), lowercased. Undecodable bytes are
+/// kept as they are (such a name matches no credential parameter, which are all ASCII).
+fn percent_decode_lower(name: &str) -> String {
+    let bytes = name.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b == b'+' { b' ' } else { b });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).trim().to_ascii_lowercase()
+}
+
+/// Lets a successful model list through only as identity-encoded JSON with a `data` array,
+/// within `limit` bytes; anything else is a 502. Errors of the upstream pass as they are.
+async fn guard_model_list(
+    mut parts: http::response::Parts,
+    body: UpstreamBody,
+    limit: usize,
+) -> Response<UpstreamBody> {
+    if !parts.status.is_success() {
+        return Response::from_parts(parts, body);
+    }
+    let refuse = |why: &'static str| {
+        tracing::warn!(why, "the upstream's model list was refused");
+        error_response(
+            StatusCode::BAD_GATEWAY,
+            "The upstream answered the model list with a response the proxy cannot check.",
+            "server_error",
+            "upstream_invalid_response",
+        )
+    };
+    let headers = &parts.headers;
+    let encoded = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        return refuse("content-encoding");
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| ct.split(';').next())
+        .map(|ct| ct.trim().to_ascii_lowercase())
+        .is_some_and(|ct| ct == "application/json" || ct.ends_with("+json"));
+    if !json {
+        return refuse("content-type");
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return refuse("declared length over the limit");
+    }
+    let bytes = match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+            return refuse("length over the limit")
+        }
+        Err(_) => return refuse("body failed"),
+    };
+    let is_list = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .is_some_and(|v| v.get("data").is_some_and(serde_json::Value::is_array));
+    if !is_list {
+        return refuse("not a JSON model list");
+    }
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    Response::from_parts(parts, UpstreamBody::full(bytes))
 }
 
 /// The answer to a failed upstream request: 504 if a timeout is behind it, 502 otherwise.
@@ -583,3 +855,58 @@ impl fmt::Display for IdleTimeout {
 }
 
 impl StdError for IdleTimeout {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_parameters_are_removed_from_the_query_and_the_rest_kept_as_is() {
+        let cases = [
+            (
+                "api-version=2024-10-21&api-key=sk-1",
+                "api-version=2024-10-21",
+            ),
+            ("key=sk-1", ""),
+            ("KEY=sk-1&Api_Key=sk-2&APIKEY=sk-3&access_token=t", ""),
+            // Percent-encoded and `+`-padded names are decoded before comparing.
+            ("%6Bey=sk-1&api%2Dkey=sk-2&%20key+=sk-3&a=1", "a=1"),
+            // A name without a value is a credential parameter all the same.
+            ("key&after=2", "after=2"),
+            // Names that merely contain a credential name are kept, and so is everything
+            // else, byte for byte and in order (empty pairs included).
+            ("monkey=1&keys=2&x=%41&&y", "monkey=1&keys=2&x=%41&&y"),
+            (
+                "model=gpt-4o&key=sk-1&deployment=d",
+                "model=gpt-4o&deployment=d",
+            ),
+        ];
+        for (query, kept) in cases {
+            assert_eq!(without_credentials(query), kept, "{query}");
+        }
+    }
+
+    #[test]
+    fn the_target_has_no_query_when_only_credentials_were_in_it() {
+        let upstream = Upstream::new("http://upstream.test/v1", None).unwrap();
+        let target = |uri: &str| upstream.target(&uri.parse().unwrap()).unwrap().to_string();
+        assert_eq!(
+            target("/v1/models?key=sk-1"),
+            "http://upstream.test/v1/models"
+        );
+        assert_eq!(
+            target("/v1/chat/completions?api-key=sk-1&api-version=1"),
+            "http://upstream.test/v1/chat/completions?api-version=1"
+        );
+    }
+
+    #[test]
+    fn the_model_list_is_told_from_one_model() {
+        let list = |uri: &str| is_model_list(&uri.parse().unwrap());
+        assert!(list("/v1/models"));
+        assert!(list("/v1/models/"));
+        assert!(list("/v1/models?limit=5"));
+        assert!(!list("/v1/models/gpt-4o"));
+        assert!(!list("/v1/chat/completions"));
+    }
+}
