@@ -173,7 +173,10 @@ fn parse_section(
 /// error's `Display` adds: in a key file that line may be a `secret = "..."`, and the message
 /// goes to logs (start-up errors, [`FileKeyStore::last_error`]). Values the message quotes are
 /// removed too (see [`without_quoted_values`]).
-fn toml_message(text: &str, error: &toml::de::Error) -> String {
+/// The message of a TOML parse error of `text` that names where (line and column) and what,
+/// without the offending line and without the values the parser quotes: a file that may hold
+/// secrets (a key file, a gateway's configuration) must not leak them through its errors.
+pub fn toml_message(text: &str, error: &toml::de::Error) -> String {
     let message = without_quoted_values(error.message().trim_end());
     let message = message.as_str();
     match error.span() {

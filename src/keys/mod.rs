@@ -25,7 +25,7 @@ pub use memory::MemoryKeyStore;
 #[cfg(feature = "file-store")]
 mod file;
 #[cfg(feature = "file-store")]
-pub use file::{FileKeyStore, KeyFileError};
+pub use file::{toml_message, FileKeyStore, KeyFileError};
 
 /// A boxed, sendable future, as the object-safe traits of this crate return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

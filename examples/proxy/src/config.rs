@@ -377,8 +377,13 @@ impl Config {
 
     /// Parses configuration text (`path` is for messages).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse(path.to_owned(), e.to_string().trim_end().into()))?;
+        // The parser's own message quotes the offending line, which may hold a secret.
+        let config: Config = toml::from_str(text).map_err(|e| {
+            ConfigError::Parse(
+                path.to_owned(),
+                tower_llm_policy::keys::toml_message(text, &e),
+            )
+        })?;
         if let Some(env) = &config.upstream.api_key_env {
             if env.trim().is_empty() || env.contains('=') || env.contains('\0') {
                 return Err(ConfigError::Invalid(
@@ -435,5 +440,24 @@ impl Config {
             body: BodyConfig::default(),
             keys: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parse_error_names_the_line_but_not_a_secret_on_it() {
+        let text = "[upstream]\nbase_url = \"http://127.0.0.1:1\"\n\n[[keys]]\nname = \"a\"\nsecret = \"sk-leaky-secret-123456\" oops\n";
+        let error = Config::parse(Path::new("proxy.toml"), text).unwrap_err();
+        let shown = format!("{error} {error:?}");
+        assert!(!shown.contains("sk-leaky-secret"), "{shown}");
+        assert!(shown.contains("line 6"), "{shown}");
+        // A secret in a field of the wrong type is not quoted back either.
+        let text = "[upstream]\nbase_url = \"http://127.0.0.1:1\"\n\n[[keys]]\nname = \"a\"\nsecret = \"sk-x\"\nmodel_limits = \"sk-leaky-secret-123456\"\n";
+        let error = Config::parse(Path::new("proxy.toml"), text).unwrap_err();
+        let shown = format!("{error} {error:?}");
+        assert!(!shown.contains("sk-leaky-secret"), "{shown}");
     }
 }
