@@ -21,6 +21,7 @@
 //! | rate limit (with `retry-after`) | 429 | `rate_limit_exceeded` |
 //! | body over the size limit | 413 | `request_too_large` |
 //! | body not valid JSON / unreadable | 400 | `invalid_request_body` |
+//! | a model list from the upstream that cannot be filtered (fail closed) | 502 | `upstream_invalid_response` |
 //! | path, query, method or multipart headers an upstream could read otherwise | 400 | `ambiguous_request` |
 //! | the request runs a model (or batch) the policy cannot see, for a key it limits | 403 | `unverifiable_request` |
 //! | key store or ledger unreachable, too slow or panicking (fail closed) | 503 | `policy_unavailable` |
@@ -168,6 +169,10 @@ pub enum PolicyError {
         /// The field concerned, when known.
         param: Option<&'static str>,
     },
+    /// An upstream answer the policy must read (a `GET /v1/models` list to filter) could not be
+    /// read: encoded, not JSON, not a model list, or over the size limit. Never passed on raw.
+    #[error("{0}")]
+    UpstreamInvalid(Cow<'static, str>),
     /// The key store or a ledger could not answer (an error, a timeout, a panic): the policy
     /// fails closed. See [`key_auth`](crate::key_auth) for the store's cases.
     #[error("The policy service is temporarily unavailable. Please retry.")]
@@ -198,6 +203,7 @@ impl PolicyError {
             }
             PolicyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             PolicyError::PolicyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            PolicyError::UpstreamInvalid(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -224,6 +230,7 @@ impl PolicyError {
             PolicyError::AmbiguousRequest(_) => "ambiguous_request",
             PolicyError::Unverifiable(_) => "unverifiable_request",
             PolicyError::PolicyUnavailable => "policy_unavailable",
+            PolicyError::UpstreamInvalid(_) => "upstream_invalid_response",
         }
     }
 
@@ -232,7 +239,7 @@ impl PolicyError {
         match self {
             PolicyError::InsufficientQuota(_) => "insufficient_quota",
             PolicyError::RateLimited { .. } => "rate_limit_error",
-            PolicyError::PolicyUnavailable => "server_error",
+            PolicyError::PolicyUnavailable | PolicyError::UpstreamInvalid(_) => "server_error",
             _ => "invalid_request_error",
         }
     }

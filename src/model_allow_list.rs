@@ -16,7 +16,11 @@
 //! the extensions, only the workspace list applies.
 //!
 //! `GET /v1/models` responses are filtered: the JSON `data` array keeps only the models the
-//! key may use (other bodies, and error responses, pass untouched).
+//! key may use. Error responses pass untouched; a successful answer that cannot be filtered
+//! (compressed, not JSON, not a model list, over [`models_response_limit`]) is never passed on:
+//! it becomes a 502 `upstream_invalid_response`.
+//!
+//! [`models_response_limit`]: ModelAllowListLayer::models_response_limit
 //!
 //! ```
 //! use std::sync::Arc;
@@ -56,7 +60,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::{BoxError, PolicyBody, ResponseBody};
-use crate::check::{Check, CheckFuture};
+use crate::check::{reject, Check, CheckFuture};
 use crate::endpoint::BodyModel;
 use crate::endpoint::Endpoint;
 use crate::error::{quote, LayerName, PolicyError};
@@ -407,8 +411,14 @@ where
                         .take()
                         .expect("ResponseFuture polled after completion");
                     let limit = filter.check.config.models_response_limit;
-                    if !filterable(&response, limit) {
+                    if !response.status().is_success() {
+                        // An upstream error names no model: it goes back as sent.
                         return Poll::Ready(Ok(response.map(ResponseBody::inner)));
+                    }
+                    if let Err(why) = filterable(&response, limit) {
+                        // Never the raw list: it would name models the key may not use.
+                        let error = PolicyError::UpstreamInvalid(why.into());
+                        return Poll::Ready(Ok(reject(error, LayerName::ModelAllowList)));
                     }
                     let (parts, body) = response.into_parts();
                     state.set(State::Filtering {
@@ -429,14 +439,23 @@ where
                     let filter = filter
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    let filtered = collected
-                        .ok()
-                        .and_then(|c| filter.apply(&c.to_bytes()))
-                        .unwrap_or_else(|| {
-                            // The list could not be read or is not a model list: fail closed
-                            // with an empty list rather than leak models the key may not use.
-                            Bytes::from_static(br#"{"object":"list","data":[]}"#)
-                        });
+                    let filtered = match collected {
+                        Ok(c) => filter.apply(&c.to_bytes()).ok_or(
+                            "The upstream's model list is not a JSON object with a `data` array.",
+                        ),
+                        Err(_) => Err(
+                            "The upstream's model list could not be read whole within the limit.",
+                        ),
+                    };
+                    let filtered = match filtered {
+                        Ok(filtered) => filtered,
+                        // Fail closed with an error, neither the raw list nor an empty one
+                        // (which would hide the models the key may use).
+                        Err(why) => {
+                            let error = PolicyError::UpstreamInvalid(why.into());
+                            return Poll::Ready(Ok(reject(error, LayerName::ModelAllowList)));
+                        }
+                    };
                     parts.headers.remove(header::CONTENT_LENGTH);
                     return Poll::Ready(Ok(Response::from_parts(
                         parts,
@@ -448,20 +467,31 @@ where
     }
 }
 
-/// A successful JSON response within the limit (by its declared length, if any).
-fn filterable<B: Body>(response: &Response<B>, limit: usize) -> bool {
+/// Whether a successful response can be filtered: JSON, not encoded, within the limit by its
+/// declared length (if any); else why not.
+fn filterable<B: Body>(response: &Response<B>, limit: usize) -> Result<(), &'static str> {
     let headers = response.headers();
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.to_ascii_lowercase().contains("json"));
+    if !json {
+        return Err("The upstream's model list is not JSON.");
+    }
     let encoded = headers
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|e| e.as_bytes() != b"identity");
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        return Err("The upstream's model list is compressed; ask it for `identity` encoding.");
+    }
     let declared_ok = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .is_none_or(|len| len <= limit as u64);
-    response.status().is_success() && json && !encoded && declared_ok
+    if !declared_ok {
+        return Err("The upstream's model list is over the size limit.");
+    }
+    Ok(())
 }

@@ -428,3 +428,104 @@ async fn realtime_fine_tuning_and_assistants_bodies_are_checked() {
         assert_eq!(inner.calls(), usize::from(expected == StatusCode::OK));
     }
 }
+
+/// The model list as a misbehaving upstream sends it: never passed on raw to a limited key.
+#[tokio::test]
+async fn a_model_list_that_cannot_be_filtered_is_a_502_never_the_raw_list() {
+    use http::Response;
+    use http_body_util::Full;
+
+    let list = common::MODEL_LIST;
+    let cases: Vec<(&str, Response<Full<bytes::Bytes>>)> = vec![
+        (
+            "gzip",
+            Response::builder()
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .body(Full::from(list))
+                .unwrap(),
+        ),
+        (
+            "not JSON",
+            Response::builder()
+                .header("content-type", "text/plain")
+                .body(Full::from(list))
+                .unwrap(),
+        ),
+        (
+            "declared over the limit",
+            Response::builder()
+                .header("content-type", "application/json")
+                .header("content-length", "99999999")
+                .body(Full::from(list))
+                .unwrap(),
+        ),
+        (
+            "no data array",
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(Full::from(r#"{"object":"list","models":["gpt-4.1"]}"#))
+                .unwrap(),
+        ),
+    ];
+    for (what, response) in cases {
+        let response = Arc::new(std::sync::Mutex::new(Some(response)));
+        let svc = ServiceBuilder::new()
+            .layer(
+                ModelAllowListLayer::new()
+                    .workspace_models(["gpt-4o"])
+                    .models_response_limit(1 << 20),
+            )
+            .service(tower::service_fn(
+                move |_req: Request<tower_llm_policy::PolicyBody>| {
+                    let r = response.lock().unwrap().take().unwrap();
+                    async move { Ok::<_, std::convert::Infallible>(r) }
+                },
+            ));
+        let a = answer(
+            svc.oneshot(Request::get("/v1/models").body(String::new()).unwrap())
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{what}");
+        let (code, _) = a.error();
+        assert_eq!(code, "upstream_invalid_response", "{what}");
+        assert!(
+            !String::from_utf8_lossy(&a.body).contains("gpt-4.1"),
+            "{what}"
+        );
+    }
+    // A list over the limit without a declared length: read up to the limit, then refused.
+    let big = format!(
+        r#"{{"object":"list","data":[{}]}}"#,
+        vec![r#"{"id":"gpt-4.1","object":"model"}"#; 2000].join(",")
+    );
+    let svc = ServiceBuilder::new()
+        .layer(
+            ModelAllowListLayer::new()
+                .workspace_models(["gpt-4o"])
+                .models_response_limit(4096),
+        )
+        .service(tower::service_fn(
+            move |_req: Request<tower_llm_policy::PolicyBody>| {
+                let body = big.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .header("content-type", "application/json")
+                            .body(common::CountingBody::new(&body, 16).0)
+                            .unwrap(),
+                    )
+                }
+            },
+        ));
+    let a = answer(
+        svc.oneshot(Request::get("/v1/models").body(String::new()).unwrap())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(a.error().0, "upstream_invalid_response");
+}
