@@ -12,7 +12,6 @@ use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
-use http::Method;
 
 /// The OpenAI API a request is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -113,58 +112,8 @@ impl Endpoint {
         })
     }
 
-    /// Whether a request to this endpoint with this method may carry a body with a `model` (and
-    /// prompt) that the policy layers read: every `POST` to an inference endpoint, and `POST`s
-    /// to realtime sessions, fine-tuning jobs and assistants/threads/runs, whose bodies may
-    /// name a model too.
-    ///
-    /// This is the endpoint's view; what a request's path selects within the endpoint (a
-    /// sub-resource such as `/v1/responses/{id}/cancel` names no model) is
-    /// [`Route::body_model`], which the layers use.
-    pub fn has_model_body(&self, method: &Method) -> bool {
-        *method == Method::POST
-            && (self.model_required()
-                || matches!(
-                    self,
-                    Endpoint::ImageGeneration
-                        | Endpoint::ImageEdit
-                        | Endpoint::ImageVariation
-                        | Endpoint::Moderations
-                        | Endpoint::Realtime
-                        | Endpoint::FineTuning
-                        | Endpoint::Assistants
-                        | Endpoint::Videos
-                        | Endpoint::Evals
-                ))
-    }
-
-    /// Whether a `POST` to this endpoint must name a model (no documented default): a request
-    /// without one is refused by the model checks rather than passed on.
-    pub fn model_required(&self) -> bool {
-        matches!(
-            self,
-            Endpoint::ChatCompletions
-                | Endpoint::Completions
-                | Endpoint::Embeddings
-                | Endpoint::AudioSpeech
-                | Endpoint::AudioTranscription
-                | Endpoint::AudioTranslation
-                | Endpoint::Responses
-        )
-    }
-
-    /// Whether the body is `multipart/form-data` (the model is a form field).
-    pub fn is_multipart(&self) -> bool {
-        matches!(
-            self,
-            Endpoint::ImageEdit
-                | Endpoint::ImageVariation
-                | Endpoint::AudioTranscription
-                | Endpoint::AudioTranslation
-        )
-    }
-
-    /// The model OpenAI documents as the default when a request omits `model`.
+    /// The model OpenAI documents as the default when a request to the endpoint's main route
+    /// omits `model` (what a route's body means is [`Route::body_model`]).
     pub fn default_model(&self) -> Option<&'static str> {
         match self {
             Endpoint::ImageGeneration | Endpoint::ImageEdit | Endpoint::ImageVariation => {

@@ -419,13 +419,13 @@ impl LlmRequest {
     }
 
     /// Whether the request may carry a body with a model and a prompt
-    /// ([`Endpoint::has_model_body`]) that has not been read yet.
+    /// ([`Route::body_model`], for this method) that has not been read yet.
     pub(crate) fn body_pending(&self) -> bool {
         self.has_model_body && !self.parsed_body
     }
 
     /// Whether the request may carry a body with a model and a prompt
-    /// ([`Endpoint::has_model_body`]), read or not.
+    /// ([`Route::body_model`], for this method), read or not.
     pub(crate) fn carries_model_body(&self) -> bool {
         self.has_model_body
     }
