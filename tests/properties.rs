@@ -120,9 +120,19 @@ fn object_text() -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
+/// An object with one byte that is not UTF-8 put somewhere (often inside a string).
+fn not_utf8() -> impl Strategy<Value = Vec<u8>> {
+    (object_text(), any::<prop::sample::Index>(), 0x80u8..=0xff).prop_map(|(mut text, at, b)| {
+        let at = at.index(text.len() + 1);
+        text.insert(at, b);
+        text
+    })
+}
+
 fn body() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         3 => object_text(),
+        1 => not_utf8(),
         1 => prop::collection::vec(any::<u8>(), 0..64),
         1 => json().prop_map(|v| serde_json::to_vec(&v).unwrap()),
     ]
@@ -338,7 +348,11 @@ proptest! {
 proptest! {
     #[test]
     fn rewritten_bodies_mean_the_input_plus_the_edits(
-        body in prop_oneof![4 => object_text(), 1 => prop::collection::vec(any::<u8>(), 0..32)],
+        body in prop_oneof![
+            4 => object_text(),
+            1 => not_utf8(),
+            1 => prop::collection::vec(any::<u8>(), 0..32),
+        ],
         include_usage in any::<bool>(),
         clamp in prop::option::of(prop_oneof![0u64..5000, any::<u64>()]),
     ) {
