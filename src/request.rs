@@ -1135,11 +1135,14 @@ fn parse_multipart(
             }
             continue;
         }
-        let text = field
-            .text()
+        // The field's bytes as UTF-8, as the upstream reads them (multer's `text()` sniffs a
+        // byte-order mark and decodes `\xFF\xFE...` as UTF-16, another text).
+        let bytes = field
+            .bytes()
             .now_or_never()
             .ok_or_else(|| invalid("Invalid multipart/form-data body"))?
             .map_err(bad)?;
+        let text = String::from_utf8_lossy(&bytes).into_owned();
         let dup = |name: &str| PolicyError::InvalidBody {
             message: format!("`{name}`: duplicate field; send each field once"),
             param: None,
