@@ -105,47 +105,70 @@ impl ModelAliases {
     }
 
     /// Resolves a model name as sent into its normalised and canonical forms.
+    ///
+    /// Resolving the canonical name again gives it back, whatever the table (even one whose
+    /// aliases form a cycle).
     pub fn resolve(&self, model: &str) -> ModelName {
-        let mut normalized = base_normalize(model, &self.prefixes);
-        self.apply_aliases(&mut normalized);
-        let mut canonical = normalized.clone();
-        // Aliases and date stripping may uncover one another (`x-2024-05-01-latest`).
-        for _ in 0..4 {
-            let before = canonical.len();
-            strip_date(&mut canonical);
-            self.apply_aliases(&mut canonical);
-            if canonical.len() == before {
-                break;
-            }
-        }
+        let normalized = self.apply_aliases(self.normalize(model));
+        // Aliases and date stripping may uncover one another (`x-2024-05-01-latest`): repeat
+        // until nothing changes. What a stripped date leaves is normalised again (`x -0613`
+        // is `x`).
+        let canonical = settle(normalized.clone(), |name| {
+            let mut stripped = name.to_owned();
+            strip_date(&mut stripped);
+            self.apply_aliases(self.normalize(&stripped))
+        });
         ModelName {
             normalized,
             canonical,
         }
     }
 
-    fn apply_aliases(&self, name: &mut String) {
+    /// Steps 1 and 2 with this table's provider prefixes.
+    fn normalize(&self, model: &str) -> String {
+        base_normalize(model, &self.prefixes)
+    }
+
+    /// Exact aliases and variant suffixes, repeatedly, until nothing changes.
+    fn apply_aliases(&self, name: String) -> String {
         if self.is_empty() {
-            return;
+            return name;
         }
-        for _ in 0..8 {
-            if let Some(to) = self.exact.get(name.as_str()) {
-                if to != name {
-                    name.clone_from(to);
-                    continue;
-                }
+        settle(name, |name| {
+            if let Some(to) = self.exact.get(name).filter(|to| *to != name) {
+                return to.clone();
             }
             match self
                 .suffixes
                 .iter()
                 .find(|s| name.len() > s.len() && name.ends_with(s.as_str()))
             {
-                Some(s) => {
-                    let keep = name.len() - s.len();
-                    name.truncate(keep);
-                }
-                None => break,
+                Some(s) => self.normalize(&name[..name.len() - s.len()]),
+                None => name.to_owned(),
             }
+        })
+    }
+}
+
+/// Applies `step` to `name` until it gives the name back. The names one step can reach from
+/// another are finitely many (alias targets and what stripping leaves of them or of `name`), so
+/// the steps end at a fixed point or come back to a name already seen: an alias cycle. Then the
+/// smallest name of the cycle is taken, the same wherever the cycle was entered, so settling a
+/// settled name gives it back.
+fn settle(mut name: String, step: impl Fn(&str) -> String) -> String {
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        let next = step(&name);
+        if next == name {
+            return name;
+        }
+        seen.push(std::mem::replace(&mut name, next));
+        if let Some(i) = seen.iter().position(|s| *s == name) {
+            return seen.swap_remove(
+                (i..seen.len())
+                    .min_by(|&a, &b| seen[a].cmp(&seen[b]))
+                    .unwrap_or(i),
+            );
         }
     }
 }
@@ -346,5 +369,49 @@ mod tests {
         ] {
             assert_eq!(canonical_model(sent), canonical, "{sent}");
         }
+    }
+
+    /// Found by the `model_canonical` fuzz target and the property tests: the canonical name
+    /// resolves to itself.
+    #[test]
+    fn canonical_names_resolve_to_themselves() {
+        let check = |table: &ModelAliases, sent: &str, canonical: &str| {
+            let name = table.resolve(sent);
+            assert_eq!(name.canonical, canonical, "{sent:?}");
+            assert_eq!(table.resolve(canonical).canonical, canonical, "{sent:?}");
+        };
+        let none = ModelAliases::new();
+        // What a stripped date leaves is trimmed (it was `gpt-4 `, which resolves to `gpt-4`).
+        check(&none, "GPT-4 -20241022", "gpt-4");
+        check(&none, "- -0613", "-");
+        // Stacked dates are all stripped (four were, a fifth stayed).
+        check(&none, "x-0101-0101-0101-0101-0101", "x");
+        // A stripped suffix leaves a normalised name too.
+        let latest = ModelAliases::new().strip_suffix("-latest");
+        assert_eq!(latest.resolve("gpt-4o -latest").normalized, "gpt-4o");
+        check(&latest, "gpt-4o -latest", "gpt-4o");
+        // Alias cycles end on the cycle's smallest name, wherever they are entered.
+        let cycle = ModelAliases::new()
+            .alias("a", "b")
+            .alias("b", "c")
+            .alias("c", "a");
+        for sent in ["a", "b", "c"] {
+            check(&cycle, sent, "a");
+        }
+        // A cycle through a date: `a-0101` → `a` → `b-0101` → `b` → `a-0101`.
+        let dated = ModelAliases::new()
+            .alias("a", "b-0101")
+            .alias("b", "a-0101");
+        for sent in ["a", "b", "a-0101", "b-0101"] {
+            let canonical = dated.resolve(sent).canonical;
+            assert_eq!(dated.resolve(&canonical).canonical, canonical, "{sent:?}");
+        }
+        // Ordinary tables are unchanged.
+        let table = ModelAliases::new()
+            .alias("my-gpt4o", "gpt-4o-2024-08-06")
+            .strip_suffix("-latest");
+        check(&table, "openai/My-GPT4o", "gpt-4o");
+        assert_eq!(table.resolve("my-gpt4o").normalized, "gpt-4o-2024-08-06");
+        check(&table, "x-2024-05-01-latest", "x");
     }
 }

@@ -2007,11 +2007,16 @@ fn parse_multipart(
             });
         }
         seen.push(wanted);
-        let text = field
-            .text()
+        // The field's bytes as UTF-8, as the upstream reads them (multer's `text()` sniffs a
+        // byte-order mark and decodes `\xFF\xFE...` as UTF-16, another text). Bytes that are
+        // not UTF-8 are refused rather than read one way here and another upstream.
+        let bytes = field
+            .bytes()
             .now_or_never()
             .ok_or_else(|| invalid("Invalid multipart/form-data body"))?
             .map_err(bad)?;
+        let text = String::from_utf8(bytes.to_vec())
+            .map_err(|_| invalid(format!("`{wanted}`: the multipart field is not UTF-8")))?;
         match wanted {
             "model" => req.model = Some(text),
             "prompt" => req

@@ -46,3 +46,43 @@ fn invalid_utf8_in_a_skipped_string_is_refused() {
         ["héllo"]
     );
 }
+
+/// Found by `multipart`: a text field that starts with a UTF-16 byte-order mark was decoded as
+/// UTF-16 (multer sniffs the BOM), so the view read another prompt (and model) than the bytes
+/// the upstream reads as UTF-8.
+#[cfg(feature = "multipart")]
+#[test]
+fn multipart_text_fields_are_read_as_utf8_whatever_their_first_bytes() {
+    let boundary = "X";
+    let mut body = Vec::new();
+    for (name, data) in [
+        ("model", &b"whisper-1"[..]),
+        ("prompt", &b"\xff\xfeh\x00i\x00"[..]),
+        ("user", &b"\xef\xbb\xbfu-1"[..]),
+    ] {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n")
+                .as_bytes(),
+        );
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let parts = Request::post("/v1/audio/transcriptions")
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    let req = LlmRequest::parse(&parts, Bytes::from(body)).unwrap();
+    let prompts: Vec<&str> = req.prompt_parts().map(|p| p.text).collect();
+    // Six bytes, read as UTF-8: two replacement characters, `h`, NUL, `i`, NUL (UTF-16 gave `hi`).
+    assert_eq!(prompts, ["\u{fffd}\u{fffd}h\0i\0"]);
+    assert_eq!(req.prompt_chars(), 6);
+    // A UTF-8 BOM is kept, as the upstream gets it.
+    assert_eq!(req.user(), Some("\u{feff}u-1"));
+    assert_eq!(req.model(), Some("whisper-1"));
+}

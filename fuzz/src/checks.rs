@@ -2,7 +2,8 @@
 //! (`tests/properties.rs`, which includes this file) check. Each `check_*` function panics
 //! when a property does not hold.
 
-#![allow(dead_code)]
+// Included by `tests/properties.rs` as a private module too, where not every item is used.
+#![allow(dead_code, unreachable_pub)]
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -49,7 +50,7 @@ pub const PATHS: &[&str] = &[
 pub const BOUNDARIES: &[&str] = &[
     "----WebKitFormBoundary7MA4YWxkTrZu0gW",
     "X",
-    "boundary-with-\"quotes\"",
+    "a'()+_,-./:=?b",
 ];
 
 /// Content types: JSON, multipart (with the boundaries above, quoted or not), odd ones.
@@ -62,7 +63,7 @@ pub const CONTENT_TYPES: &[Option<&str>] = &[
     Some("multipart/form-data"),
     Some("application/json; charset=utf-8"),
     Some("text/plain"),
-    Some("multipart/form-data; boundary=\"boundary-with-\\\"quotes\\\"\""),
+    Some("multipart/form-data; boundary=\"a'()+_,-./:=?b\""),
     Some("application/x-www-form-urlencoded"),
 ];
 
@@ -163,6 +164,12 @@ pub fn check_request_view(parts: &Parts, body: Bytes, policy: &Policy) -> Option
     if !multipart && !body.iter().all(u8::is_ascii_whitespace) {
         let v: Value = match serde_json::from_slice(&body) {
             Ok(v) => v,
+            // A `\uD800` escape without its pair is in JSON's grammar (RFC 8259 leaves its
+            // meaning open); serde_json refuses it where it reads a string, the view only where
+            // it reads one too (a skipped value may hold it).
+            Err(e) if lone_surrogate(&body, &e) => return Some(req),
+            // So is a number too large for an `f64` (`1e400`), which serde_json refuses too.
+            Err(e) if e.to_string().starts_with("number out of range") => return Some(req),
             Err(e) => panic!("the view accepted a body serde_json rejects: {e}"),
         };
         let obj = v
@@ -195,6 +202,15 @@ pub fn check_request_view(parts: &Parts, body: Bytes, policy: &Policy) -> Option
         assert_eq!(req.user(), user.or(safety), "user");
     }
     Some(req)
+}
+
+/// Whether serde_json refused `body` for a `\uD800`-`\uDFFF` escape without its pair.
+fn lone_surrogate(body: &[u8], e: &serde_json::Error) -> bool {
+    let msg = e.to_string();
+    (msg.contains("surrogate") || msg.contains("hex escape"))
+        && body
+            .windows(3)
+            .any(|w| w[0] == b'\\' && w[1] == b'u' && matches!(w[2].to_ascii_lowercase(), b'd'))
 }
 
 fn is_multipart_ct(parts: &Parts) -> bool {
@@ -303,8 +319,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 pub fn check_multipart(form: &Form, policy: &Policy) {
     let boundary = BOUNDARIES[form.boundary % BOUNDARIES.len()];
     let path = PATHS[form.path % PATHS.len()];
-    let quoted = boundary.replace('\\', "\\\\").replace('"', "\\\"");
-    let ct = format!("multipart/form-data; boundary=\"{quoted}\"");
+    let ct = format!("multipart/form-data; boundary=\"{boundary}\"");
     let parts = request_parts("POST", path, Some(&ct)).expect("a valid head");
     let (body, clean) = form.render();
     let result = LlmRequest::parse_with(&parts, body.clone(), policy);
