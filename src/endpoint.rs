@@ -12,7 +12,6 @@ use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
-
 /// The OpenAI API a request is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]

@@ -77,12 +77,20 @@ fn multipart_text_fields_are_read_as_utf8_whatever_their_first_bytes() {
         .unwrap()
         .into_parts()
         .0;
+    // Bytes that are not UTF-8 (a UTF-16 byte-order mark) are refused, not decoded as UTF-16
+    // (multer's `text()` did, and read `hi` where the upstream reads other bytes).
+    let refused = LlmRequest::parse(&parts, Bytes::from(body.clone())).unwrap_err();
+    assert!(refused.to_string().contains("not UTF-8"), "{refused}");
+    // The same form with a UTF-8 prompt is read byte for byte; a UTF-8 BOM is kept, as the
+    // upstream gets it.
+    let at = body
+        .windows(6)
+        .position(|w| w == b"\xff\xfeh\x00i\x00")
+        .unwrap();
+    body.splice(at..at + 6, b"hi".iter().copied());
     let req = LlmRequest::parse(&parts, Bytes::from(body)).unwrap();
     let prompts: Vec<&str> = req.prompt_parts().map(|p| p.text).collect();
-    // Six bytes, read as UTF-8: two replacement characters, `h`, NUL, `i`, NUL (UTF-16 gave `hi`).
-    assert_eq!(prompts, ["\u{fffd}\u{fffd}h\0i\0"]);
-    assert_eq!(req.prompt_chars(), 6);
-    // A UTF-8 BOM is kept, as the upstream gets it.
+    assert_eq!(prompts, ["hi"]);
     assert_eq!(req.user(), Some("\u{feff}u-1"));
     assert_eq!(req.model(), Some("whisper-1"));
 }

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use serde_json::Value;
 use tower_llm_policy::audit::usage::{ScanMode, UsageScanner};
+use tower_llm_policy::endpoint::BodyModel;
 use tower_llm_policy::request::PromptSource;
 use tower_llm_policy::rewrite::Edits;
 use tower_llm_policy::{LlmRequest, ModelAliases, Policy};
@@ -105,16 +106,23 @@ pub fn check_request_view(parts: &Parts, body: Bytes, policy: &Policy) -> Option
         req.canonical_model(),
         resolved.as_ref().map(|n| n.canonical.as_str())
     );
+    let route_default = match req.body_model() {
+        BodyModel::Default(model) => Some(model),
+        _ => None,
+    };
     if req.model_is_default() {
-        assert_eq!(req.model(), req.endpoint().default_model());
+        assert_eq!(req.model(), route_default);
     }
-    if req.model().is_none() {
-        assert_eq!(
-            req.endpoint().default_model(),
-            None,
-            "default model applies"
-        );
+    if req.model().is_none() && req.body_model() != BodyModel::None {
+        assert_eq!(route_default, None, "default model applies");
     }
+    // Every model the request selects is resolved, the first being the priced one.
+    let models: Vec<&str> = req.models().map(|(sent, _)| sent).collect();
+    assert_eq!(
+        models.first().copied(),
+        req.model(),
+        "models() starts with model()"
+    );
     if let Some(deployment) = &req.route().deployment {
         assert_eq!(
             req.model(),
@@ -124,7 +132,7 @@ pub fn check_request_view(parts: &Parts, body: Bytes, policy: &Policy) -> Option
     }
 
     // Prompt parts: text borrowed from the body is a string's content as written there
-    // (no escapes), or the raw JSON text of `tools`; anything else is owned.
+    // (no escapes), or the raw JSON text of `tools` and schemas; anything else is owned.
     let multipart = is_multipart_ct(parts);
     let base = body.as_ptr() as usize;
     let mut chars = 0;
@@ -138,7 +146,7 @@ pub fn check_request_view(parts: &Parts, body: Bytes, policy: &Policy) -> Option
         // JSON parts are never empty: an empty text would be a span that is not valid UTF-8.
         assert!(!part.text.is_empty(), "an empty borrowed prompt part");
         let (s, e) = (start - base, start - base + part.text.len());
-        if part.source == PromptSource::Tools {
+        if matches!(part.source, PromptSource::Tools | PromptSource::Schema) {
             assert!(
                 serde_json::from_str::<&serde_json::value::RawValue>(part.text).is_ok(),
                 "tools text is JSON"
@@ -340,11 +348,32 @@ pub fn check_multipart(form: &Form, policy: &Policy) {
             .map(|f| String::from_utf8_lossy(&f.data).into_owned())
             .collect()
     };
+    // The fields the view reads: sent twice, as a file, not as UTF-8, or in another case,
+    // they are refused (a parser upstream could read them otherwise). A `session` part is JSON.
+    const READ: [&str; 8] = [
+        "model", "prompt", "user", "n", "size", "quality", "stream", "session",
+    ];
+    if form
+        .fields
+        .iter()
+        .any(|f| f.name == "session" || f.name.bytes().any(|b| b.is_ascii_uppercase()))
+    {
+        return;
+    }
+    let ambiguous = form.fields.iter().any(|f| {
+        READ.contains(&f.name.as_str())
+            && (f.filename.is_some() || std::str::from_utf8(&f.data).is_err())
+    }) || READ
+        .iter()
+        .any(|r| form.fields.iter().filter(|f| f.name == *r).count() > 1);
     let models = texts("model");
     let ns = texts("n");
     let bad_n = ns.iter().any(|n| n.trim().parse::<u64>().is_err());
-    if models.len() > 1 || bad_n {
-        assert!(result.is_err(), "a duplicate model or a bad `n` is refused");
+    if ambiguous || bad_n {
+        assert!(
+            result.is_err(),
+            "an ambiguous field or a bad `n` is refused"
+        );
         return;
     }
     let req = match result {
@@ -359,7 +388,11 @@ pub fn check_multipart(form: &Form, policy: &Policy) {
         match models.first() {
             Some(m) => assert_eq!(req.model(), Some(m.as_str())),
             None if req.route().path_model.is_none() => {
-                assert_eq!(req.model(), req.endpoint().default_model())
+                let route_default = match req.body_model() {
+                    BodyModel::Default(model) => Some(model),
+                    _ => None,
+                };
+                assert_eq!(req.model(), route_default)
             }
             None => {}
         }
