@@ -118,11 +118,16 @@ pub fn check_request_view(parts: &Parts, body: Bytes, policy: &Policy) -> Option
     }
     // Every model the request selects is resolved, the first being the priced one.
     let models: Vec<&str> = req.models().map(|(sent, _)| sent).collect();
-    assert_eq!(
-        models.first().copied(),
-        req.model(),
-        "models() starts with model()"
-    );
+    if req.model().is_some() {
+        assert_eq!(
+            models.first().copied(),
+            req.model(),
+            "models() starts with model()"
+        );
+    }
+    for (sent, name) in req.models() {
+        assert_eq!(*name, policy.aliases().resolve(sent), "every model resolved");
+    }
     if let Some(deployment) = &req.route().deployment {
         assert_eq!(
             req.model(),

@@ -525,7 +525,10 @@ async fn a_hanging_or_panicking_store_is_a_503_and_the_connection_lives_on() -> 
     let server = tokio::spawn(server::run(
         service,
         listener,
-        Duration::from_secs(2),
+        server::ServerOptions {
+            grace: Duration::from_secs(2),
+            ..server::ServerOptions::default()
+        },
         async {
             let _ = rx.await;
         },
