@@ -110,19 +110,6 @@ impl Endpoint {
             Endpoint::Other => return None,
         })
     }
-
-    /// The model OpenAI documents as the default when a request to the endpoint's main route
-    /// omits `model` (what a route's body means is [`Route::body_model`]).
-    pub fn default_model(&self) -> Option<&'static str> {
-        match self {
-            Endpoint::ImageGeneration | Endpoint::ImageEdit | Endpoint::ImageVariation => {
-                Some("dall-e-2")
-            }
-            Endpoint::Moderations => Some("omni-moderation-latest"),
-            Endpoint::Videos => Some("sora-2"),
-            _ => None,
-        }
-    }
 }
 
 /// What the body of a request to a route (sent with `POST`, `PUT` or `PATCH`) means for the
@@ -682,3 +669,176 @@ impl serde::Serialize for FeatureSet {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("unknown feature `{0}` (known: chat, completions, embeddings, images, image_generation, image_edits, audio, audio_speech, audio_transcription, moderations, responses, files, batches, fine_tuning, models, realtime, assistants, videos, evals)")]
 pub struct UnknownFeature(pub String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(path: &str) -> Route {
+        Route::classify(&path.parse().unwrap())
+    }
+
+    #[test]
+    fn every_route_has_its_endpoint_and_body_model() {
+        use BodyModel as M;
+        use Endpoint as E;
+        let cases: &[(&str, Endpoint, BodyModel)] = &[
+            ("/v1/chat/completions", E::ChatCompletions, M::Required),
+            ("/v1/chat/completions/c1", E::ChatCompletions, M::None),
+            (
+                "/v1/chat/completions/c1/messages",
+                E::ChatCompletions,
+                M::None,
+            ),
+            ("/v1/completions", E::Completions, M::Required),
+            ("/v1/embeddings", E::Embeddings, M::Required),
+            (
+                "/v1/images/generations",
+                E::ImageGeneration,
+                M::Default("dall-e-2"),
+            ),
+            ("/v1/images/edits", E::ImageEdit, M::Default("dall-e-2")),
+            (
+                "/v1/images/variations",
+                E::ImageVariation,
+                M::Default("dall-e-2"),
+            ),
+            ("/v1/audio/speech", E::AudioSpeech, M::Required),
+            (
+                "/v1/audio/transcriptions",
+                E::AudioTranscription,
+                M::Required,
+            ),
+            ("/v1/audio/translations", E::AudioTranslation, M::Required),
+            ("/v1/audio/voices", E::AudioSpeech, M::None),
+            ("/v1/audio/voice_consents/v1", E::AudioSpeech, M::None),
+            (
+                "/v1/moderations",
+                E::Moderations,
+                M::Default("omni-moderation-latest"),
+            ),
+            ("/v1/responses", E::Responses, M::Required),
+            ("/v1/responses/compact", E::Responses, M::Required),
+            ("/v1/responses/input_tokens", E::Responses, M::Optional),
+            ("/v1/responses/r1/cancel", E::Responses, M::None),
+            ("/v1/conversations", E::Responses, M::None),
+            ("/v1/files", E::Files, M::None),
+            ("/v1/uploads/u1/parts", E::Files, M::None),
+            ("/v1/batches", E::Batches, M::Batch),
+            ("/v1/batches/b1/cancel", E::Batches, M::None),
+            ("/v1/fine_tuning/jobs", E::FineTuning, M::Required),
+            ("/v1/fine-tunes", E::FineTuning, M::Required),
+            (
+                "/v1/fine_tuning/alpha/graders/run",
+                E::FineTuning,
+                M::Optional,
+            ),
+            ("/v1/fine_tuning/jobs/j1/cancel", E::FineTuning, M::None),
+            ("/v1/models", E::Models, M::None),
+            ("/v1/realtime", E::Realtime, M::Unseen),
+            ("/v1/realtime/client_secrets", E::Realtime, M::Unseen),
+            ("/v1/realtime/calls", E::Realtime, M::Unseen),
+            ("/v1/realtime/calls/c1", E::Realtime, M::None),
+            ("/v1/realtime/calls/c1/accept", E::Realtime, M::Unseen),
+            ("/v1/realtime/calls/c1/hangup", E::Realtime, M::None),
+            ("/v1/assistants", E::Assistants, M::Required),
+            ("/v1/assistants/a1", E::Assistants, M::Optional),
+            ("/v1/threads", E::Assistants, M::None),
+            ("/v1/threads/runs", E::Assistants, M::Unseen),
+            ("/v1/threads/t1/runs", E::Assistants, M::Unseen),
+            ("/v1/threads/t1/messages", E::Assistants, M::None),
+            ("/v1/threads/t1/runs/r1/cancel", E::Assistants, M::None),
+            ("/v1/vector_stores", E::Assistants, M::None),
+            ("/v1/videos", E::Videos, M::Default("sora-2")),
+            ("/v1/videos/edits", E::Videos, M::Unseen),
+            ("/v1/videos/extensions", E::Videos, M::Unseen),
+            ("/v1/videos/v1/remix", E::Videos, M::Unseen),
+            ("/v1/videos/v1", E::Videos, M::None),
+            ("/v1/evals", E::Evals, M::Optional),
+            ("/v1/evals/e1/runs", E::Evals, M::Unseen),
+            ("/v1/evals/e1", E::Evals, M::None),
+            ("/v1/containers", E::Other, M::None),
+            ("/v1/skills/s1", E::Other, M::None),
+            ("/v1/chatkit/sessions", E::Other, M::Unseen),
+            ("/v1/something/new", E::Other, M::Unseen),
+        ];
+        for (path, endpoint, body_model) in cases {
+            let r = route(path);
+            assert_eq!(
+                (r.endpoint, r.body_model),
+                (*endpoint, *body_model),
+                "{path}"
+            );
+            assert_eq!(r.refusal(), None, "{path}");
+        }
+        assert!(route("/v1/realtime?model=m").query_selects_model());
+        assert!(!route("/v1/realtime/client_secrets").query_selects_model());
+    }
+
+    #[test]
+    fn names_are_stable_and_displayed() {
+        for (endpoint, name) in [
+            (Endpoint::ChatCompletions, "chat_completions"),
+            (Endpoint::AudioTranslation, "audio_translation"),
+            (Endpoint::Videos, "videos"),
+            (Endpoint::Evals, "evals"),
+            (Endpoint::Other, "other"),
+        ] {
+            assert_eq!(endpoint.as_str(), name);
+            assert_eq!(endpoint.to_string(), name);
+        }
+        for feature in Feature::ALL {
+            let set: FeatureSet = feature.as_str().parse().unwrap();
+            assert_eq!(set.iter().collect::<Vec<_>>(), [feature]);
+            assert_eq!(feature.to_string(), feature.as_str());
+        }
+        assert_eq!(Endpoint::Videos.feature(), Some(Feature::Videos));
+        assert_eq!(Endpoint::Evals.feature(), Some(Feature::Evals));
+        assert_eq!(Endpoint::Other.feature(), None);
+    }
+
+    #[test]
+    fn ambiguous_paths_and_queries_have_a_refusal() {
+        for path in [
+            "/v1/chat%2Fcompletions",
+            "/v1/chat%2fcompletions",
+            "/v1/chat/%2E%2E/x",
+            "/v1/chat/completions%5C",
+            "/v1/chat/completions%00",
+            "/v1/chat/completions%zz",
+            "/v1/chat/completions%2",
+            "/v1/./chat/completions",
+            "/v1/x/../chat/completions",
+            "/v1\\chat",
+            "/v1/realtime?model=a&model=b",
+            "/v1/realtime?model=a;model=b",
+            "/v1/realtime?MODEL=a",
+            "/v1/realtime?m%6Fdel=a",
+            "/v1/realtime?model=a%2Db",
+            "/v1/realtime?model=a+b",
+            "/openai/realtime?deployment=a&deployment=b",
+        ] {
+            assert!(route(path).refusal().is_some(), "{path}");
+        }
+        for path in [
+            "/v1/models/ft%3Agpt-4o",
+            "/v1/realtime?model=gpt-realtime&api-version=1",
+            "/v1/realtime?model=",
+            "/v1/chat/completions?x=%2F",
+            "/v1/models/gpt-4.1",
+        ] {
+            assert_eq!(route(path).refusal(), None, "{path}");
+        }
+        // `deployment` is Azure's only on paths without /v1.
+        assert_eq!(route("/v1/realtime?deployment=a").deployment, None);
+        assert_eq!(
+            route("/openai/realtime?deployment=a").deployment.as_deref(),
+            Some("a")
+        );
+        assert_eq!(route("/v1/realtime?model=").path_model, None);
+        assert_eq!(
+            route("/v1/realtime?x=1&model=m").path_model.as_deref(),
+            Some("m")
+        );
+    }
+}

@@ -126,7 +126,11 @@ pub fn check_request_view(parts: &Parts, body: Bytes, policy: &Policy) -> Option
         );
     }
     for (sent, name) in req.models() {
-        assert_eq!(*name, policy.aliases().resolve(sent), "every model resolved");
+        assert_eq!(
+            *name,
+            policy.aliases().resolve(sent),
+            "every model resolved"
+        );
     }
     if let Some(deployment) = &req.route().deployment {
         assert_eq!(
