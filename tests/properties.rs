@@ -153,6 +153,8 @@ proptest! {
     }
 }
 
+const BOMS: &[&[u8]] = &[b"\xff\xfe", b"\xfe\xff", b"\xef\xbb\xbf"];
+
 fn form_field() -> impl Strategy<Value = FormField> {
     let name = prop_oneof![
         4 => prop::sample::select(
@@ -174,6 +176,12 @@ fn form_field() -> impl Strategy<Value = FormField> {
         .prop_map(|s| s.as_bytes().to_vec()),
         "\\PC{0,16}".prop_map(String::into_bytes),
         prop::collection::vec(any::<u8>(), 0..24),
+        // Text after a byte-order mark (UTF-16 LE and BE, UTF-8): still read as UTF-8 bytes.
+        (prop::sample::select(BOMS), "[a-z0-9-]{0,8}").prop_map(|(bom, text)| [
+            bom,
+            text.as_bytes()
+        ]
+        .concat()),
     ];
     (
         name,
