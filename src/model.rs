@@ -184,11 +184,14 @@ impl fmt::Debug for ModelAliases {
 }
 
 /// The canonical name of `model` under the built-in rules only (no alias table, the default
-/// provider prefix).
+/// provider prefix): what `ModelAliases::new().resolve(model).canonical` gives, so it is
+/// idempotent too (every stacked date is stripped).
 pub fn canonical_model(model: &str) -> String {
-    let mut name = default_normalize(model);
-    strip_date(&mut name);
-    name
+    settle(default_normalize(model), |name| {
+        let mut stripped = name.to_owned();
+        strip_date(&mut stripped);
+        default_normalize(&stripped)
+    })
 }
 
 /// Steps 1 and 2 with the default provider prefix.
@@ -366,8 +369,12 @@ mod tests {
             ("gpt-4-1106-preview", "gpt-4-1106-preview"),
             ("-0613", "-0613"),
             ("", ""),
+            // Stacked dates are all stripped, as `ModelAliases::resolve` does.
+            ("gpt-4-0613-0613", "gpt-4"),
+            ("openai/GPT-4 -20241022", "gpt-4"),
         ] {
             assert_eq!(canonical_model(sent), canonical, "{sent}");
+            assert_eq!(canonical_model(canonical), canonical, "{sent}");
         }
     }
 
