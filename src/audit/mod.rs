@@ -110,6 +110,7 @@ pub use handle::AuditHandle;
 pub use layer::{AuditLayer, DEFAULT_MAX_CONTENT_BYTES};
 pub use record::{
     flag, redact_api_keys, AuditRecord, ContentLog, Outcome, RequestId, UsageEstimate,
+    MAX_FIELD_BYTES, MAX_PATH_BYTES,
 };
 pub use service::Audit;
 #[cfg(feature = "tracing")]

@@ -30,19 +30,20 @@ pub struct AuditRecord {
     /// The key's metadata labels (team, owner, ...).
     #[serde(default)]
     pub key_metadata: BTreeMap<String, String>,
-    /// The end user (`user` or `safety_identifier`), as sent.
+    /// The end user (`user` or `safety_identifier`), as sent, cut to [`MAX_FIELD_BYTES`].
     pub user: Option<String>,
     /// The client's address, from [`ClientIp`](crate::ClientIp) or a `SocketAddr` extension.
     pub client_ip: Option<IpAddr>,
-    /// The HTTP method.
+    /// The HTTP method (an extension method is cut to [`MAX_FIELD_BYTES`]).
     pub method: String,
-    /// The request path (never the query string).
+    /// The request path (never the query string), cut to [`MAX_PATH_BYTES`].
     pub path: String,
     /// The endpoint ([`Endpoint::as_str`](crate::Endpoint::as_str): `chat_completions`, ...).
     pub endpoint: String,
-    /// The model as sent (or the endpoint's documented default).
+    /// The model as sent (or the endpoint's documented default), cut to [`MAX_FIELD_BYTES`].
     pub model: Option<String>,
-    /// The model's canonical name ([`crate::model::canonical_model`]), used for the price.
+    /// The model's canonical name ([`crate::model::canonical_model`]), used for the price; cut
+    /// to [`MAX_FIELD_BYTES`] (and then not priced).
     pub canonical_model: Option<String>,
     /// Whether the client asked for a streamed response.
     pub stream: bool,
@@ -177,7 +178,30 @@ pub mod flag {
     /// [`Cancelled`](super::Outcome::Cancelled), with the 400 `invalid_request_body` it was
     /// answered (`blocked_by: "request_body"`), which the client may never have received.
     pub const REQUEST_BODY_UNREADABLE: &str = "request_body_unreadable";
+    /// A client-controlled field of the record (`model`, `canonical_model`, `user`, `path`,
+    /// `method`)
+    /// was longer than its bound ([`MAX_FIELD_BYTES`](super::MAX_FIELD_BYTES),
+    /// [`MAX_PATH_BYTES`](super::MAX_PATH_BYTES)) and was cut, on a character boundary. A
+    /// request whose canonical model was cut is not priced (`cost_usd: null`,
+    /// [`UNKNOWN_PRICE`]).
+    pub const FIELD_TRUNCATED: &str = "field_truncated";
+    /// The upstream's usage cannot be billed from: a count is negative, fractional, larger
+    /// than [`MAX_TOKEN_COUNT`](crate::audit::usage::MAX_TOKEN_COUNT) or not a number; the
+    /// prompt count is missing, or the completion count (except for embeddings); or the counts
+    /// disagree (`total_tokens` ≠ prompt + completion, cached > prompt, reasoning >
+    /// completion). `cost_usd` is `null`; the token fields keep only the counts that were
+    /// sent and valid, never a guess.
+    pub const USAGE_INVALID: &str = "usage_invalid";
 }
+
+/// The most bytes of `model`, `canonical_model`, `user` and `method` a record keeps (256): longer values
+/// are cut on a character boundary and the record is flagged
+/// [`field_truncated`](flag::FIELD_TRUNCATED).
+pub const MAX_FIELD_BYTES: usize = 256;
+
+/// The most bytes of `path` a record keeps (2 KiB): a longer path is cut on a character
+/// boundary and the record is flagged [`field_truncated`](flag::FIELD_TRUNCATED).
+pub const MAX_PATH_BYTES: usize = 2048;
 
 /// The request's id, in the request's extensions for inner layers and services (the example
 /// proxy logs it, and may forward it upstream).

@@ -5,10 +5,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::{header, Method, StatusCode, Uri};
 
-use super::handle::{reports_usage, truncate, AuditHandle, Facts, REDACTION_MARGIN};
+use super::handle::{bounded, reports_usage, truncate, AuditHandle, Facts, REDACTION_MARGIN};
 use super::layer::Config;
-use super::record::{flag, AuditRecord, ContentLog, Outcome, UsageEstimate};
-use super::usage::{ScanMode, UsageScanner};
+use super::pricing::Usage;
+use super::record::{
+    flag, AuditRecord, ContentLog, Outcome, UsageEstimate, MAX_FIELD_BYTES, MAX_PATH_BYTES,
+};
+use super::usage::{Reported, ScanMode, UsageScanner};
 use crate::endpoint::Endpoint;
 use crate::error::{LayerName, Rejection};
 use crate::keys::ApiKey;
@@ -193,12 +196,13 @@ impl Recorder {
         let model = facts.model;
         let canonical_model = facts.canonical_model;
 
-        let usage = self.scanner.as_mut().and_then(|scanner| {
+        let reported = self.scanner.as_mut().and_then(|scanner| {
             if end == End::Completed {
                 scanner.finish();
             }
-            scanner.take_usage()
+            scanner.take_reported()
         });
+        let usage = reported.map(|r| checked_usage(r, endpoint));
 
         // A body that could not be read is the client's departure, not a policy decision.
         let unreadable = self
@@ -219,9 +223,15 @@ impl Recorder {
             (None, End::Completed) => Outcome::UpstreamError,
         };
 
+        let (path, path_truncated) = bounded(self.info.uri.path(), MAX_PATH_BYTES);
+        // An extension method is client-chosen text too.
+        let (method, method_truncated) = bounded(self.info.method.as_str(), MAX_FIELD_BYTES);
         let mut flags = Vec::new();
         if self.rejection.is_some() && !unreadable {
             flags.push(flag::BLOCKED.to_owned());
+        }
+        if facts.field_truncated || path_truncated || method_truncated {
+            flags.push(flag::FIELD_TRUNCATED.to_owned());
         }
         for flag in self.flags.drain(..) {
             if !flags.contains(&flag) {
@@ -247,8 +257,15 @@ impl Recorder {
             });
         }
         let cost_usd = usage.as_ref().and_then(|usage| {
+            // Invalid usage is never priced: a cost from it would be a guess.
+            let Some(usage) = &usage.valid else {
+                flags.push(flag::USAGE_INVALID.to_owned());
+                return None;
+            };
+            // A cut name is not the model's name: it is never priced.
             let cost = canonical_model
                 .as_deref()
+                .filter(|_| !facts.canonical_truncated)
                 .and_then(|model| self.config.pricing.cost(model, usage));
             if cost.is_none() {
                 flags.push(flag::UNKNOWN_PRICE.to_owned());
@@ -274,8 +291,8 @@ impl Recorder {
             key_metadata: key.map(|k| k.metadata.clone()).unwrap_or_default(),
             user: facts.user,
             client_ip: self.info.client_ip,
-            method: self.info.method.as_str().to_owned(),
-            path: self.info.uri.path().to_owned(),
+            method,
+            path,
             endpoint: endpoint.as_str().to_owned(),
             model,
             canonical_model,
@@ -286,11 +303,11 @@ impl Recorder {
             blocked_by: self.rejection.map(|(layer, _)| layer.as_str().to_owned()),
             code: self.rejection.map(|(_, code)| code.to_owned()),
             flags,
-            prompt_tokens: usage.as_ref().map(|u| u.prompt_tokens),
-            completion_tokens: usage.as_ref().map(|u| u.completion_tokens),
-            total_tokens: usage.as_ref().map(|u| u.total_tokens),
-            cached_tokens: usage.as_ref().and_then(|u| u.cached_tokens),
-            reasoning_tokens: usage.as_ref().and_then(|u| u.reasoning_tokens),
+            prompt_tokens: usage.as_ref().and_then(|u| u.prompt),
+            completion_tokens: usage.as_ref().and_then(|u| u.completion),
+            total_tokens: usage.as_ref().and_then(|u| u.total),
+            cached_tokens: usage.as_ref().and_then(|u| u.cached),
+            reasoning_tokens: usage.as_ref().and_then(|u| u.reasoning),
             usage_estimate,
             cost_usd,
             latency_ms: elapsed_ms(self.info.start.elapsed()),
@@ -298,6 +315,49 @@ impl Recorder {
             response_bytes: self.response_bytes,
             content,
         }
+    }
+}
+
+/// The usage a record shows: the counts that were sent and valid, and the usage to price
+/// when the report is valid as a whole.
+struct CheckedUsage {
+    prompt: Option<u64>,
+    completion: Option<u64>,
+    total: Option<u64>,
+    cached: Option<u64>,
+    reasoning: Option<u64>,
+    /// `None` when the report is invalid (see [`flag::USAGE_INVALID`]).
+    valid: Option<Usage>,
+}
+
+/// Checks a usage report for the endpoint: besides the scanner's checks (each count, and that
+/// they agree), the prompt count must be there, and the completion count too except for
+/// embeddings (which report none: it is 0).
+fn checked_usage(r: Reported, endpoint: Endpoint) -> CheckedUsage {
+    let completion = match r.completion {
+        None if endpoint == Endpoint::Embeddings && !r.invalid => Some(0),
+        c => c,
+    };
+    let total = r
+        .total
+        .or_else(|| r.prompt.zip(completion).map(|(p, c)| p + c));
+    let valid = match (r.invalid, r.prompt, completion, total) {
+        (false, Some(prompt_tokens), Some(completion_tokens), Some(total_tokens)) => Some(Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens,
+            cached_tokens: r.cached,
+            reasoning_tokens: r.reasoning,
+        }),
+        _ => None,
+    };
+    CheckedUsage {
+        prompt: r.prompt,
+        completion,
+        total,
+        cached: r.cached,
+        reasoning: r.reasoning,
+        valid,
     }
 }
 
