@@ -11,7 +11,7 @@ use http_body_util::BodyExt;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_llm_policy::audit::{
     flag, AuditLayer, AuditRecord, JsonlSink, LogSink, MemorySink, Outcome, MAX_FIELD_BYTES,
-    MAX_PATH_BYTES,
+    MAX_ID_BYTES, MAX_PATH_BYTES,
 };
 use tower_llm_policy::PolicyBody;
 
@@ -320,4 +320,97 @@ async fn valid_usage_is_recorded_as_before() {
     .await;
     assert_eq!(r.prompt_tokens, Some(12));
     assert!(r.cost_usd.is_some());
+}
+
+// ---- 3. request ids -------------------------------------------------------------------------
+
+/// One request with `x-request-id: client_id` through `layer`, answered with the upstream's
+/// `x-request-id: upstream_id`. The response's headers and the record.
+async fn ids(
+    layer: AuditLayer,
+    sink: &MemorySink,
+    client_id: Option<&str>,
+    upstream_id: Option<&'static str>,
+) -> (http::HeaderMap, AuditRecord) {
+    let svc = ServiceBuilder::new()
+        .layer(layer.read_body(true))
+        .service(service_fn(move |req: Request<PolicyBody>| async move {
+            req.into_body().collect().await.unwrap();
+            let mut res = Response::builder().header("content-type", "application/json");
+            if let Some(id) = upstream_id {
+                res = res.header("x-request-id", id);
+            }
+            Ok::<_, Infallible>(res.body(OK_USAGE.to_owned()).unwrap())
+        }));
+    let mut req = Request::post("/v1/chat/completions");
+    if let Some(id) = client_id {
+        req = req.header("x-request-id", id);
+    }
+    let res = svc
+        .oneshot(req.body(chat("gpt-4o-mini", "ana")).unwrap())
+        .await
+        .unwrap();
+    let headers = res.headers().clone();
+    res.into_body().collect().await.unwrap();
+    (headers, sink.last().unwrap())
+}
+
+#[tokio::test]
+async fn a_client_request_id_is_never_the_record_id_by_default() {
+    let sink = MemorySink::new();
+    let (headers, r) = ids(
+        AuditLayer::new(sink.clone()),
+        &sink,
+        Some("victim-id"),
+        None,
+    )
+    .await;
+    assert!(r.request_id.starts_with("req_"), "{}", r.request_id);
+    assert_eq!(headers["x-request-id"], r.request_id.as_str());
+    assert_eq!(r.client_request_id.as_deref(), Some("victim-id"));
+    // Two requests with the same client id get two record ids.
+    let (_, again) = ids(
+        AuditLayer::new(sink.clone()),
+        &sink,
+        Some("victim-id"),
+        None,
+    )
+    .await;
+    assert_ne!(again.request_id, r.request_id);
+}
+
+#[tokio::test]
+async fn the_client_request_id_is_sanitised_and_bounded() {
+    let sink = MemorySink::new();
+    let long = format!("a b\"c{}", "x".repeat(10_000));
+    let (_, r) = ids(AuditLayer::new(sink.clone()), &sink, Some(&long), None).await;
+    let kept = r.client_request_id.unwrap();
+    assert_eq!(kept.len(), MAX_ID_BYTES);
+    assert!(kept.starts_with("a_b_c"), "{kept}");
+    assert!(
+        r.flags.iter().any(|f| f == flag::FIELD_TRUNCATED),
+        "{:?}",
+        r.flags
+    );
+}
+
+#[tokio::test]
+async fn the_upstream_request_id_moves_aside_for_ours() {
+    let sink = MemorySink::new();
+    let (headers, r) = ids(
+        AuditLayer::new(sink.clone()),
+        &sink,
+        None,
+        Some("upstream-req-7"),
+    )
+    .await;
+    assert_eq!(headers["x-request-id"], r.request_id.as_str());
+    assert!(r.request_id.starts_with("req_"));
+    assert_eq!(headers["x-upstream-request-id"], "upstream-req-7");
+    assert_eq!(r.upstream_request_id.as_deref(), Some("upstream-req-7"));
+    assert_eq!(r.client_request_id, None);
+    // Without one, there is no upstream id.
+    let (headers, r) = ids(AuditLayer::new(sink.clone()), &sink, None, None).await;
+    assert!(!headers.contains_key("x-upstream-request-id"));
+    assert_eq!(r.upstream_request_id, None);
 }

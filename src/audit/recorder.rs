@@ -9,7 +9,8 @@ use super::handle::{bounded, reports_usage, truncate, AuditHandle, Facts, REDACT
 use super::layer::Config;
 use super::pricing::Usage;
 use super::record::{
-    flag, AuditRecord, ContentLog, Outcome, UsageEstimate, MAX_FIELD_BYTES, MAX_PATH_BYTES,
+    flag, sanitised_id, AuditRecord, ContentLog, Outcome, UsageEstimate, MAX_FIELD_BYTES,
+    MAX_PATH_BYTES,
 };
 use super::usage::{Reported, ScanMode, UsageScanner};
 use crate::endpoint::Endpoint;
@@ -20,6 +21,8 @@ use crate::keys::ApiKey;
 #[derive(Debug)]
 pub(crate) struct RequestInfo {
     pub(crate) request_id: String,
+    /// The client's `x-request-id`, sanitised and bounded; whether it was cut.
+    pub(crate) client_request_id: Option<(String, bool)>,
     pub(crate) timestamp: SystemTime,
     pub(crate) start: Instant,
     pub(crate) client_ip: Option<IpAddr>,
@@ -46,6 +49,8 @@ pub(crate) struct Recorder {
     pub(crate) info: RequestInfo,
     status: Option<StatusCode>,
     rejection: Option<(LayerName, &'static str)>,
+    /// The upstream's `x-request-id`, sanitised and bounded; whether it was cut.
+    upstream_request_id: Option<(String, bool)>,
     /// What the layers wrote into the handle, taken when the response arrives.
     key: Option<Arc<ApiKey>>,
     flags: Vec<String>,
@@ -76,6 +81,7 @@ impl Recorder {
             info,
             status: None,
             rejection: None,
+            upstream_request_id: None,
             key: None,
             flags: Vec::new(),
             facts: None,
@@ -91,6 +97,16 @@ impl Recorder {
     /// from the body.
     pub(crate) fn on_response(&mut self, parts: &mut http::response::Parts) -> bool {
         self.status = Some(parts.status);
+        // The response's `x-request-id` is always the record's; an upstream's own id moves to
+        // `x-upstream-request-id` (and into the record).
+        if let Ok(ours) = http::HeaderValue::from_str(&self.info.request_id) {
+            if let Some(theirs) = parts.headers.insert("x-request-id", ours) {
+                if theirs.as_bytes() != self.info.request_id.as_bytes() {
+                    self.upstream_request_id = sanitised_id(theirs.as_bytes());
+                    parts.headers.insert("x-upstream-request-id", theirs);
+                }
+            }
+        }
         self.rejection = parts
             .extensions
             .get::<Rejection>()
@@ -230,7 +246,12 @@ impl Recorder {
         if self.rejection.is_some() && !unreadable {
             flags.push(flag::BLOCKED.to_owned());
         }
-        if facts.field_truncated || path_truncated || method_truncated {
+        let client_request_id = self.info.client_request_id.take();
+        let upstream_request_id = self.upstream_request_id.take();
+        let id_truncated = [&client_request_id, &upstream_request_id]
+            .iter()
+            .any(|id| id.as_ref().is_some_and(|(_, cut)| *cut));
+        if facts.field_truncated || path_truncated || method_truncated || id_truncated {
             flags.push(flag::FIELD_TRUNCATED.to_owned());
         }
         for flag in self.flags.drain(..) {
@@ -286,6 +307,8 @@ impl Recorder {
         let key = self.key.as_deref();
         AuditRecord {
             request_id: std::mem::take(&mut self.info.request_id),
+            client_request_id: client_request_id.map(|(id, _)| id),
+            upstream_request_id: upstream_request_id.map(|(id, _)| id),
             timestamp: self.info.timestamp,
             key: key.map(|k| k.name.clone()),
             key_metadata: key.map(|k| k.metadata.clone()).unwrap_or_default(),
