@@ -414,3 +414,121 @@ async fn the_upstream_request_id_moves_aside_for_ours() {
     assert!(!headers.contains_key("x-upstream-request-id"));
     assert_eq!(r.upstream_request_id, None);
 }
+
+// ---- 3. error bodies, repeated usage, usage after [DONE] ------------------------------------
+
+fn stream_chat() -> String {
+    r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#
+        .to_owned()
+}
+
+const SSE: &str = "text/event-stream";
+
+#[tokio::test]
+async fn a_200_with_an_error_body_is_an_upstream_error_without_cost() {
+    let r = record_of(
+        "/v1/chat/completions",
+        chat("gpt-4o-mini", "ana"),
+        "application/json",
+        r#"{"error":{"message":"The server had an error","type":"server_error"},"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15}}"#,
+    )
+    .await;
+    assert_eq!(r.status, Some(200));
+    assert_eq!(r.outcome, Outcome::UpstreamError);
+    assert!(
+        r.flags.iter().any(|f| f == flag::UPSTREAM_ERROR_BODY),
+        "{:?}",
+        r.flags
+    );
+    assert_eq!(r.cost_usd, None);
+
+    // `"error": null` is no error.
+    let r = record_of(
+        "/v1/chat/completions",
+        chat("gpt-4o-mini", "ana"),
+        "application/json",
+        r#"{"error":null,"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15}}"#,
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Completed);
+    assert!(r.flags.is_empty(), "{:?}", r.flags);
+    assert!(r.cost_usd.is_some());
+}
+
+#[tokio::test]
+async fn an_error_event_in_a_stream_is_an_upstream_error_without_cost() {
+    let r = record_of(
+        "/v1/chat/completions",
+        stream_chat(),
+        SSE,
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n\
+         data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n\
+         data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":1,\"total_tokens\":10}}\n\n\
+         data: [DONE]\n\n",
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::UpstreamError);
+    assert!(
+        r.flags.iter().any(|f| f == flag::UPSTREAM_ERROR_BODY),
+        "{:?}",
+        r.flags
+    );
+    assert_eq!(r.cost_usd, None);
+    // The usage the stream reported is still shown.
+    assert_eq!(r.total_tokens, Some(10));
+}
+
+#[tokio::test]
+async fn repeated_usage_in_a_stream_keeps_the_last_and_is_flagged() {
+    let r = record_of(
+        "/v1/chat/completions",
+        stream_chat(),
+        SSE,
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":1,\"total_tokens\":10}}\n\n\
+         data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"!\"}}],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11}}\n\n\
+         data: [DONE]\n\n",
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Completed);
+    assert_eq!(
+        (r.prompt_tokens, r.completion_tokens, r.total_tokens),
+        (Some(9), Some(2), Some(11)),
+        "the last report, not a sum"
+    );
+    assert!(
+        r.flags.iter().any(|f| f == flag::USAGE_REPEATED),
+        "{:?}",
+        r.flags
+    );
+    assert!(r.cost_usd.is_some());
+
+    // One report: no flag.
+    let r = record_of(
+        "/v1/chat/completions",
+        stream_chat(),
+        SSE,
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":1,\"total_tokens\":10}}\n\ndata: [DONE]\n\n",
+    )
+    .await;
+    assert!(r.flags.is_empty(), "{:?}", r.flags);
+}
+
+#[tokio::test]
+async fn usage_after_done_is_ignored() {
+    let r = record_of(
+        "/v1/chat/completions",
+        stream_chat(),
+        SSE,
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n\
+         data: [DONE]\n\n\
+         data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":1,\"total_tokens\":10}}\n\n",
+    )
+    .await;
+    assert_eq!(r.total_tokens, None);
+    assert_eq!(r.cost_usd, None);
+    assert!(
+        r.flags.iter().any(|f| f == flag::USAGE_MISSING),
+        "{:?}",
+        r.flags
+    );
+}

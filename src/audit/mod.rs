@@ -39,6 +39,12 @@
 //!   from the layer's [`PricingTable`](crate::audit::pricing::PricingTable) and the canonical model:
 //!   an unknown model gives `cost_usd: null` and the flag `unknown_price`, never a guess. No
 //!   usage gives the flag `usage_missing` and an estimate of the prompt labelled as one.
+//!   Usage that cannot be right gives `cost_usd: null` and [`flag::USAGE_INVALID`]; a
+//!   success whose body reports an error is `upstream_error` with
+//!   [`flag::UPSTREAM_ERROR_BODY`] and no cost; repeated usage in a stream keeps the last
+//!   report ([`flag::USAGE_REPEATED`]); nothing after `[DONE]` is read. Client-controlled
+//!   fields are bounded ([`MAX_FIELD_BYTES`], [`MAX_PATH_BYTES`], [`MAX_ID_BYTES`];
+//!   [`flag::FIELD_TRUNCATED`]).
 //! - **Timing**: latency to the end of the body, time to the first byte of the body.
 //! - **Content**: not by default. [`AuditLayer::log_content`] adds the prompt and the start
 //!   of the response, redacted ([`redact_api_keys`] unless [`AuditLayer::redact`] says

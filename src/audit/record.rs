@@ -202,6 +202,13 @@ pub mod flag {
     /// completion). `cost_usd` is `null`; the token fields keep only the counts that were
     /// sent and valid, never a guess.
     pub const USAGE_INVALID: &str = "usage_invalid";
+    /// The response had a success status but its body reported an error (`{"error":{...}}`,
+    /// a stream event `data: {"error":{...}}`, or a Responses stream's `response.failed`): the
+    /// outcome is [`UpstreamError`](super::Outcome::UpstreamError) and `cost_usd` is `null`.
+    pub const UPSTREAM_ERROR_BODY: &str = "upstream_error_body";
+    /// The stream reported usage more than once: the record has the last report (servers
+    /// that send a running total on every chunk end with the whole), never a sum.
+    pub const USAGE_REPEATED: &str = "usage_repeated";
 }
 
 /// The most bytes of `model`, `canonical_model`, `user` and `method` a record keeps (256): longer values

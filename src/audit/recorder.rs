@@ -212,10 +212,16 @@ impl Recorder {
         let model = facts.model;
         let canonical_model = facts.canonical_model;
 
+        let started = self.status.is_some_and(|s| s.is_success());
+        let mut error_body = false;
+        let mut repeated = false;
         let reported = self.scanner.as_mut().and_then(|scanner| {
             if end == End::Completed {
                 scanner.finish();
             }
+            // An error status's error body is the usual one: only a success's is flagged.
+            error_body = scanner.saw_error() && started;
+            repeated = scanner.usage_reports() > 1;
             scanner.take_reported()
         });
         let usage = reported.map(|r| checked_usage(r, endpoint));
@@ -233,7 +239,9 @@ impl Recorder {
             (Some(_), _) => Outcome::Rejected,
             (None, End::Cancelled) => Outcome::Cancelled,
             (None, End::Failed) => Outcome::UpstreamError,
-            (None, End::Completed) if self.status.is_some_and(|s| s.is_success()) => {
+            (None, End::Completed)
+                if self.status.is_some_and(|s| s.is_success()) && !error_body =>
+            {
                 Outcome::Completed
             }
             (None, End::Completed) => Outcome::UpstreamError,
@@ -245,6 +253,12 @@ impl Recorder {
         let mut flags = Vec::new();
         if self.rejection.is_some() && !unreadable {
             flags.push(flag::BLOCKED.to_owned());
+        }
+        if error_body {
+            flags.push(flag::UPSTREAM_ERROR_BODY.to_owned());
+        }
+        if repeated {
+            flags.push(flag::USAGE_REPEATED.to_owned());
         }
         let client_request_id = self.info.client_request_id.take();
         let upstream_request_id = self.upstream_request_id.take();
@@ -262,7 +276,6 @@ impl Recorder {
 
         // A response that started (a success status) and then failed was billed upstream for
         // its prompt at least: its missing usage is flagged and estimated as well.
-        let started = self.status.is_some_and(|s| s.is_success());
         let usage_expected = self.rejection.is_none()
             && self.info.method == Method::POST
             && reports_usage(endpoint)
@@ -277,7 +290,8 @@ impl Recorder {
                 method: "estimate".to_owned(),
             });
         }
-        let cost_usd = usage.as_ref().and_then(|usage| {
+        // An error body is not billed from, whatever usage it carries.
+        let cost_usd = usage.as_ref().filter(|_| !error_body).and_then(|usage| {
             // Invalid usage is never priced: a cost from it would be a guess.
             let Some(usage) = &usage.valid else {
                 flags.push(flag::USAGE_INVALID.to_owned());

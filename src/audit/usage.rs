@@ -103,7 +103,9 @@ impl ScanMode {
 ///   `response.completed`, `response.incomplete` and `response.failed`; the event name itself
 ///   is not needed). Comments, other fields and `[DONE]` are skipped.
 ///
-/// When usage is reported more than once, the last report wins. Both usage shapes map to
+/// When usage is reported more than once, the last report wins (some compatible servers
+/// send a running total on every chunk); [`usage_reports`](Self::usage_reports) counts them.
+/// Nothing after an SSE `[DONE]` is read. Both usage shapes map to
 /// [`Usage`]: `prompt_tokens`/`input_tokens`, `completion_tokens`/`output_tokens`,
 /// `total_tokens` (prompt + completion when absent), `prompt_tokens_details.cached_tokens`/
 /// `input_tokens_details.cached_tokens` and `completion_tokens_details.reasoning_tokens`/
@@ -166,9 +168,10 @@ impl UsageScanner {
     }
 
     /// Scans the next chunk of the body. Chunks fed after [`finish`](Self::finish) are
-    /// ignored.
+    /// ignored, and so is whatever follows an SSE `[DONE]` event: the stream is over, and a
+    /// usage sent after it is not read (a conforming upstream sends none).
     pub fn feed(&mut self, chunk: &[u8]) {
-        if self.finished {
+        if self.finished || self.saw_done {
             return;
         }
         match self.mode {
@@ -177,6 +180,9 @@ impl UsageScanner {
                 let mut rest = chunk;
                 while let Some(end) = self.sse.feed(rest, &mut self.json) {
                     self.end_event();
+                    if self.saw_done {
+                        break;
+                    }
                     rest = rest.get(end..).unwrap_or_default();
                 }
             }
@@ -229,6 +235,20 @@ impl UsageScanner {
     /// Takes the usage found so far out of the scanner.
     pub fn take_usage(&mut self) -> Option<Usage> {
         self.json.found.take().map(|r| r.usage)
+    }
+
+    /// Whether the body reported an error: a JSON object under a top-level `"error"` key (a
+    /// `200` whose body is `{"error":{...}}`, or a stream event `data: {"error":{...}}`), or
+    /// under the `"error"` key of a Responses stream's top-level `response` (a
+    /// `response.failed` event). `"error": null` is no error.
+    pub fn saw_error(&self) -> bool {
+        self.json.saw_error
+    }
+
+    /// How many usage reports were read (a stream may carry more than one: the last one is
+    /// the usage).
+    pub fn usage_reports(&self) -> u32 {
+        self.json.reports
     }
 
     /// Takes the usage report found so far, with its validity.
@@ -679,6 +699,8 @@ enum Key {
     Response,
     /// `choices` at the top level.
     Choices,
+    /// `error` at the top level, or inside the top-level `response` object.
+    Error,
 }
 
 /// What a watched top-level value turned out to be, from its first bytes.
@@ -738,6 +760,10 @@ struct JsonScan {
     overflow: bool,
 
     found: Option<Reported>,
+    /// Usage reports found so far (each event's; the last one is kept).
+    reports: u32,
+    /// An `error` object was seen at the top level (or in the top-level `response`).
+    saw_error: bool,
     high_water: usize,
 }
 
@@ -770,6 +796,8 @@ impl JsonScan {
             buf: Vec::new(),
             overflow: false,
             found: None,
+            reports: 0,
+            saw_error: false,
             high_water: 0,
         }
     }
@@ -782,6 +810,8 @@ impl JsonScan {
         *self = Self {
             buf,
             found: self.found.take(),
+            reports: self.reports,
+            saw_error: self.saw_error,
             ..Self::new(self.response_usage, self.capture)
         }
         .with_limits(self.max_capture, self.high_water);
@@ -871,7 +901,9 @@ impl JsonScan {
                     }
                     Key::Choices if b == b'[' => self.await_second = true,
                     Key::Choices => self.choices = Seen::Other,
-                    Key::Response | Key::Other => {}
+                    // `"error": {...}`: the upstream reports an error (a `null` is no error).
+                    Key::Error if b == b'{' => self.saw_error = true,
+                    Key::Error | Key::Response | Key::Other => {}
                 }
             }
             let tracked = self.tracked();
@@ -932,6 +964,7 @@ impl JsonScan {
                             }
                         }
                         Key::Choices => self.await_value = Some(Key::Choices),
+                        Key::Error => self.await_value = Some(Key::Error),
                         Key::Response | Key::Other => {}
                     }
                 }
@@ -978,6 +1011,7 @@ impl JsonScan {
         match (self.key.get(..self.key_len).unwrap_or_default(), self.depth) {
             (b"usage", _) => Key::Usage,
             (b"choices", 1) => Key::Choices,
+            (b"error", _) if self.capture => Key::Error,
             (b"response", 1) if self.response_usage => Key::Response,
             _ => Key::Other,
         }
@@ -1015,6 +1049,7 @@ impl JsonScan {
             if let Ok(Some(wire)) = serde_json::from_slice::<Option<WireUsage>>(&self.buf) {
                 if let Some(reported) = wire.into_reported() {
                     self.found = Some(reported);
+                    self.reports = self.reports.saturating_add(1);
                 }
             }
         }
