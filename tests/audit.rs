@@ -281,9 +281,11 @@ async fn record_serializes_with_the_documented_field_names() {
 }
 
 #[tokio::test]
-async fn incoming_request_id_is_honoured() {
+async fn incoming_request_id_is_honoured_when_trusted() {
     let sink = MemorySink::new();
-    let (svc, _) = stack(AuditLayer::new(sink.clone()), || json(CHAT_JSON));
+    let (svc, _) = stack(AuditLayer::new(sink.clone()).trust_request_id(true), || {
+        json(CHAT_JSON)
+    });
     let mut req = request("/v1/chat/completions", chat_body(false, ""));
     req.headers_mut()
         .insert("x-request-id", "trace-42".parse().unwrap());

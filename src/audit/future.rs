@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response};
+use http::{header, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
@@ -77,11 +77,6 @@ where
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 let strip = recorder.on_response(&mut parts);
-                if !parts.headers.contains_key("x-request-id") {
-                    if let Ok(id) = HeaderValue::from_str(&recorder.info.request_id) {
-                        parts.headers.insert("x-request-id", id);
-                    }
-                }
                 if strip {
                     // The body will be shorter than the upstream said.
                     parts.headers.remove(header::CONTENT_LENGTH);

@@ -9,6 +9,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use super::layer::Config;
+use super::record::MAX_FIELD_BYTES;
 use crate::endpoint::Endpoint;
 use crate::keys::ApiKey;
 use crate::policy::Policy;
@@ -74,6 +75,23 @@ pub(crate) struct Facts {
     pub(crate) prompt_estimate: Option<u64>,
     pub(crate) prompt: Option<String>,
     pub(crate) prompt_truncated: bool,
+    /// `model` or `user` was cut to [`MAX_FIELD_BYTES`].
+    pub(crate) field_truncated: bool,
+    /// `canonical_model` was cut: it must not be priced.
+    pub(crate) canonical_truncated: bool,
+}
+
+/// A copy of at most `max` bytes of `text`, cut on a character boundary (never copying more
+/// than `max` bytes, whatever the length of `text`). Whether it was cut.
+pub(crate) fn bounded(text: &str, max: usize) -> (String, bool) {
+    if text.len() <= max {
+        return (text.to_owned(), false);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    (text[..end].to_owned(), true)
 }
 
 /// Extra bytes of content kept past the limit until redaction has run, so that a secret that
@@ -107,13 +125,28 @@ pub(crate) fn truncate(text: &mut String, max: usize) -> bool {
 impl Facts {
     /// The facts of a resolved view (its head only, or with its body).
     pub(crate) fn of(view: &LlmRequest, config: &Config) -> Facts {
+        let mut cut = false;
+        let mut field = |value: Option<&str>| {
+            value.map(|v| {
+                let (v, c) = bounded(v, MAX_FIELD_BYTES);
+                cut |= c;
+                v
+            })
+        };
+        let model = field(view.model());
+        let user = field(view.user());
+        let field_truncated = cut;
+        let canonical = view.canonical_model().map(|m| bounded(m, MAX_FIELD_BYTES));
+        let canonical_truncated = canonical.as_ref().is_some_and(|(_, c)| *c);
         let mut facts = Facts {
             endpoint: Some(view.endpoint()),
-            model: view.model().map(str::to_owned),
-            canonical_model: view.canonical_model().map(str::to_owned),
-            user: view.user().map(str::to_owned),
+            model,
+            canonical_model: canonical.map(|(m, _)| m),
+            user,
             stream: view.stream(),
             usage_injected: view.edits().include_usage,
+            field_truncated: field_truncated || canonical_truncated,
+            canonical_truncated,
             ..Facts::default()
         };
         if !view.has_body() {

@@ -49,7 +49,7 @@ impl AuditLayer {
                 redact: Arc::new(redact_api_keys),
                 max_content_bytes: DEFAULT_MAX_CONTENT_BYTES,
                 policy: Policy::default(),
-                trust_request_id: true,
+                trust_request_id: false,
                 sink_panics: Arc::new(AtomicU64::new(0)),
             }),
         }
@@ -145,8 +145,10 @@ impl AuditLayer {
     }
 
     /// Whether an incoming `x-request-id` header (1 to 128 characters of
-    /// `[A-Za-z0-9._:/+=-]`) is used as the request id (default: yes). Otherwise, and for
-    /// requests without a plausible one, the layer makes an id.
+    /// `[A-Za-z0-9._:/+=-]`) is used as the request id (default: no). A client-chosen id is
+    /// not unique: two requests could share one record id, or a client could take another
+    /// request's. Turn it on only behind a gateway that sets the header itself. Either way the
+    /// client's header is kept, sanitised and bounded, as the record's `client_request_id`.
     #[must_use]
     pub fn trust_request_id(mut self, trust: bool) -> Self {
         self.config_mut().trust_request_id = trust;

@@ -5,10 +5,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::{header, Method, StatusCode, Uri};
 
-use super::handle::{reports_usage, truncate, AuditHandle, Facts, REDACTION_MARGIN};
+use super::handle::{bounded, reports_usage, truncate, AuditHandle, Facts, REDACTION_MARGIN};
 use super::layer::Config;
-use super::record::{flag, AuditRecord, ContentLog, Outcome, UsageEstimate};
-use super::usage::{ScanMode, UsageScanner};
+use super::pricing::Usage;
+use super::record::{
+    flag, sanitised_id, AuditRecord, ContentLog, Outcome, UsageEstimate, MAX_FIELD_BYTES,
+    MAX_PATH_BYTES,
+};
+use super::usage::{Reported, ScanMode, UsageScanner};
 use crate::endpoint::Endpoint;
 use crate::error::{LayerName, Rejection};
 use crate::keys::ApiKey;
@@ -17,6 +21,8 @@ use crate::keys::ApiKey;
 #[derive(Debug)]
 pub(crate) struct RequestInfo {
     pub(crate) request_id: String,
+    /// The client's `x-request-id`, sanitised and bounded; whether it was cut.
+    pub(crate) client_request_id: Option<(String, bool)>,
     pub(crate) timestamp: SystemTime,
     pub(crate) start: Instant,
     pub(crate) client_ip: Option<IpAddr>,
@@ -43,6 +49,8 @@ pub(crate) struct Recorder {
     pub(crate) info: RequestInfo,
     status: Option<StatusCode>,
     rejection: Option<(LayerName, &'static str)>,
+    /// The upstream's `x-request-id`, sanitised and bounded; whether it was cut.
+    upstream_request_id: Option<(String, bool)>,
     /// What the layers wrote into the handle, taken when the response arrives.
     key: Option<Arc<ApiKey>>,
     flags: Vec<String>,
@@ -73,6 +81,7 @@ impl Recorder {
             info,
             status: None,
             rejection: None,
+            upstream_request_id: None,
             key: None,
             flags: Vec::new(),
             facts: None,
@@ -88,6 +97,16 @@ impl Recorder {
     /// from the body.
     pub(crate) fn on_response(&mut self, parts: &mut http::response::Parts) -> bool {
         self.status = Some(parts.status);
+        // The response's `x-request-id` is always the record's; an upstream's own id moves to
+        // `x-upstream-request-id` (and into the record).
+        if let Ok(ours) = http::HeaderValue::from_str(&self.info.request_id) {
+            if let Some(theirs) = parts.headers.insert("x-request-id", ours) {
+                if theirs.as_bytes() != self.info.request_id.as_bytes() {
+                    self.upstream_request_id = sanitised_id(theirs.as_bytes());
+                    parts.headers.insert("x-upstream-request-id", theirs);
+                }
+            }
+        }
         self.rejection = parts
             .extensions
             .get::<Rejection>()
@@ -193,12 +212,19 @@ impl Recorder {
         let model = facts.model;
         let canonical_model = facts.canonical_model;
 
-        let usage = self.scanner.as_mut().and_then(|scanner| {
+        let started = self.status.is_some_and(|s| s.is_success());
+        let mut error_body = false;
+        let mut repeated = false;
+        let reported = self.scanner.as_mut().and_then(|scanner| {
             if end == End::Completed {
                 scanner.finish();
             }
-            scanner.take_usage()
+            // An error status's error body is the usual one: only a success's is flagged.
+            error_body = scanner.saw_error() && started;
+            repeated = scanner.usage_reports() > 1;
+            scanner.take_reported()
         });
+        let usage = reported.map(|r| checked_usage(r, endpoint));
 
         // A body that could not be read is the client's departure, not a policy decision.
         let unreadable = self
@@ -213,15 +239,34 @@ impl Recorder {
             (Some(_), _) => Outcome::Rejected,
             (None, End::Cancelled) => Outcome::Cancelled,
             (None, End::Failed) => Outcome::UpstreamError,
-            (None, End::Completed) if self.status.is_some_and(|s| s.is_success()) => {
+            (None, End::Completed)
+                if self.status.is_some_and(|s| s.is_success()) && !error_body =>
+            {
                 Outcome::Completed
             }
             (None, End::Completed) => Outcome::UpstreamError,
         };
 
+        let (path, path_truncated) = bounded(self.info.uri.path(), MAX_PATH_BYTES);
+        // An extension method is client-chosen text too.
+        let (method, method_truncated) = bounded(self.info.method.as_str(), MAX_FIELD_BYTES);
         let mut flags = Vec::new();
         if self.rejection.is_some() && !unreadable {
             flags.push(flag::BLOCKED.to_owned());
+        }
+        if error_body {
+            flags.push(flag::UPSTREAM_ERROR_BODY.to_owned());
+        }
+        if repeated {
+            flags.push(flag::USAGE_REPEATED.to_owned());
+        }
+        let client_request_id = self.info.client_request_id.take();
+        let upstream_request_id = self.upstream_request_id.take();
+        let id_truncated = [&client_request_id, &upstream_request_id]
+            .iter()
+            .any(|id| id.as_ref().is_some_and(|(_, cut)| *cut));
+        if facts.field_truncated || path_truncated || method_truncated || id_truncated {
+            flags.push(flag::FIELD_TRUNCATED.to_owned());
         }
         for flag in self.flags.drain(..) {
             if !flags.contains(&flag) {
@@ -231,7 +276,6 @@ impl Recorder {
 
         // A response that started (a success status) and then failed was billed upstream for
         // its prompt at least: its missing usage is flagged and estimated as well.
-        let started = self.status.is_some_and(|s| s.is_success());
         let usage_expected = self.rejection.is_none()
             && self.info.method == Method::POST
             && reports_usage(endpoint)
@@ -246,9 +290,17 @@ impl Recorder {
                 method: "estimate".to_owned(),
             });
         }
-        let cost_usd = usage.as_ref().and_then(|usage| {
+        // An error body is not billed from, whatever usage it carries.
+        let cost_usd = usage.as_ref().filter(|_| !error_body).and_then(|usage| {
+            // Invalid usage is never priced: a cost from it would be a guess.
+            let Some(usage) = &usage.valid else {
+                flags.push(flag::USAGE_INVALID.to_owned());
+                return None;
+            };
+            // A cut name is not the model's name: it is never priced.
             let cost = canonical_model
                 .as_deref()
+                .filter(|_| !facts.canonical_truncated)
                 .and_then(|model| self.config.pricing.cost(model, usage));
             if cost.is_none() {
                 flags.push(flag::UNKNOWN_PRICE.to_owned());
@@ -269,13 +321,15 @@ impl Recorder {
         let key = self.key.as_deref();
         AuditRecord {
             request_id: std::mem::take(&mut self.info.request_id),
+            client_request_id: client_request_id.map(|(id, _)| id),
+            upstream_request_id: upstream_request_id.map(|(id, _)| id),
             timestamp: self.info.timestamp,
             key: key.map(|k| k.name.clone()),
             key_metadata: key.map(|k| k.metadata.clone()).unwrap_or_default(),
             user: facts.user,
             client_ip: self.info.client_ip,
-            method: self.info.method.as_str().to_owned(),
-            path: self.info.uri.path().to_owned(),
+            method,
+            path,
             endpoint: endpoint.as_str().to_owned(),
             model,
             canonical_model,
@@ -286,11 +340,11 @@ impl Recorder {
             blocked_by: self.rejection.map(|(layer, _)| layer.as_str().to_owned()),
             code: self.rejection.map(|(_, code)| code.to_owned()),
             flags,
-            prompt_tokens: usage.as_ref().map(|u| u.prompt_tokens),
-            completion_tokens: usage.as_ref().map(|u| u.completion_tokens),
-            total_tokens: usage.as_ref().map(|u| u.total_tokens),
-            cached_tokens: usage.as_ref().and_then(|u| u.cached_tokens),
-            reasoning_tokens: usage.as_ref().and_then(|u| u.reasoning_tokens),
+            prompt_tokens: usage.as_ref().and_then(|u| u.prompt),
+            completion_tokens: usage.as_ref().and_then(|u| u.completion),
+            total_tokens: usage.as_ref().and_then(|u| u.total),
+            cached_tokens: usage.as_ref().and_then(|u| u.cached),
+            reasoning_tokens: usage.as_ref().and_then(|u| u.reasoning),
             usage_estimate,
             cost_usd,
             latency_ms: elapsed_ms(self.info.start.elapsed()),
@@ -298,6 +352,49 @@ impl Recorder {
             response_bytes: self.response_bytes,
             content,
         }
+    }
+}
+
+/// The usage a record shows: the counts that were sent and valid, and the usage to price
+/// when the report is valid as a whole.
+struct CheckedUsage {
+    prompt: Option<u64>,
+    completion: Option<u64>,
+    total: Option<u64>,
+    cached: Option<u64>,
+    reasoning: Option<u64>,
+    /// `None` when the report is invalid (see [`flag::USAGE_INVALID`]).
+    valid: Option<Usage>,
+}
+
+/// Checks a usage report for the endpoint: besides the scanner's checks (each count, and that
+/// they agree), the prompt count must be there, and the completion count too except for
+/// embeddings (which report none: it is 0).
+fn checked_usage(r: Reported, endpoint: Endpoint) -> CheckedUsage {
+    let completion = match r.completion {
+        None if endpoint == Endpoint::Embeddings && !r.invalid => Some(0),
+        c => c,
+    };
+    let total = r
+        .total
+        .or_else(|| r.prompt.zip(completion).map(|(p, c)| p + c));
+    let valid = match (r.invalid, r.prompt, completion, total) {
+        (false, Some(prompt_tokens), Some(completion_tokens), Some(total_tokens)) => Some(Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens,
+            cached_tokens: r.cached,
+            reasoning_tokens: r.reasoning,
+        }),
+        _ => None,
+    };
+    CheckedUsage {
+        prompt: r.prompt,
+        completion,
+        total,
+        cached: r.cached,
+        reasoning: r.reasoning,
+        valid,
     }
 }
 

@@ -13,7 +13,7 @@ use super::body::AuditBody;
 use super::future::{AuditCheck, ResponseFuture};
 use super::handle::{AuditHandle, TeeBody};
 use super::layer::{AuditLayer, Config};
-use super::record::{next_request_id, plausible_request_id, RequestId};
+use super::record::{next_request_id, plausible_request_id, sanitised_id, RequestId};
 use super::recorder::{Recorder, RequestInfo};
 use crate::body::{BoxError, PolicyBody};
 use crate::check::CheckFuture;
@@ -98,6 +98,10 @@ where
                 SystemTime::UNIX_EPOCH + Duration::from_millis(d.as_millis() as u64)
             });
         let (mut parts, body) = req.into_parts();
+        let client_request_id = parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| sanitised_id(v.as_bytes()));
         let request_id = self
             .config
             .trust_request_id
@@ -135,6 +139,7 @@ where
         };
         let info = RequestInfo {
             request_id,
+            client_request_id,
             timestamp,
             start,
             client_ip,

@@ -306,6 +306,10 @@ impl LogSink for TracingSink {
 /// Default number of records a [`JsonlSink`] queues for its writer thread.
 pub const DEFAULT_JSONL_QUEUE: usize = 8192;
 
+/// Default bound on the bytes of the lines a [`JsonlSink`] queues for its writer thread
+/// (64 MiB): over it, records are dropped and counted like a full queue.
+pub const DEFAULT_JSONL_QUEUE_BYTES: usize = 64 * 1024 * 1024;
+
 /// Default size of a [`JsonlSink`]'s write buffer (64 KiB).
 pub const DEFAULT_JSONL_BUFFER: usize = 64 * 1024;
 
@@ -323,6 +327,8 @@ struct Counters {
     written: AtomicU64,
     dropped: AtomicU64,
     write_errors: AtomicU64,
+    /// Bytes of the lines queued and not yet written.
+    queued_bytes: AtomicU64,
 }
 
 /// Writes records as JSON Lines: one JSON object per line, appended to a file (or any
@@ -330,8 +336,9 @@ struct Counters {
 ///
 /// [`record`](LogSink::record) serializes the record on the caller's thread (a few
 /// microseconds) and hands the line to a writer thread that the sink owns, through a bounded
-/// queue ([`DEFAULT_JSONL_QUEUE`] lines), without ever waiting: when the queue is full the
-/// record is dropped and counted in [`dropped`](Self::dropped). The writer thread writes
+/// queue ([`DEFAULT_JSONL_QUEUE`] lines and [`DEFAULT_JSONL_QUEUE_BYTES`] bytes), without
+/// ever waiting: when the queue is full (in lines or in bytes) the record is dropped and
+/// counted in [`dropped`](Self::dropped). The writer thread writes
 /// in batches: while records arrive it wakes every flush interval (10 ms by default), writes
 /// what was queued and flushes, and senders never wake it, so a busy sink costs neither a
 /// thread switch nor a write per record; lines are written whole by that one thread, so the file is valid JSON Lines however many requests record at once. (Share one
@@ -358,6 +365,7 @@ pub struct JsonlSink {
 
 struct JsonlShared {
     tx: SyncSender<Message>,
+    queue_bytes: u64,
     counters: Arc<Counters>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -366,6 +374,7 @@ struct JsonlShared {
 #[derive(Clone, Copy, Debug)]
 pub struct JsonlSinkBuilder {
     queue: usize,
+    queue_bytes: usize,
     buffer: usize,
     flush_interval: Duration,
 }
@@ -374,6 +383,7 @@ impl Default for JsonlSinkBuilder {
     fn default() -> Self {
         JsonlSinkBuilder {
             queue: DEFAULT_JSONL_QUEUE,
+            queue_bytes: DEFAULT_JSONL_QUEUE_BYTES,
             buffer: DEFAULT_JSONL_BUFFER,
             flush_interval: DEFAULT_JSONL_FLUSH_INTERVAL,
         }
@@ -385,6 +395,16 @@ impl JsonlSinkBuilder {
     #[must_use]
     pub fn queue_capacity(mut self, lines: usize) -> Self {
         self.queue = lines.max(1);
+        self
+    }
+
+    /// How many bytes of lines may wait for the writer thread before records are dropped
+    /// (default [`DEFAULT_JSONL_QUEUE_BYTES`]): a record whose line would take the queued
+    /// bytes over it is dropped and counted in [`JsonlSink::dropped`], like one that finds the
+    /// queue full. A single line longer than the budget is always dropped.
+    #[must_use]
+    pub fn queue_bytes(mut self, bytes: usize) -> Self {
+        self.queue_bytes = bytes;
         self
     }
 
@@ -433,6 +453,7 @@ impl JsonlSinkBuilder {
         Ok(JsonlSink {
             shared: Arc::new(JsonlShared {
                 tx,
+                queue_bytes: self.queue_bytes as u64,
                 counters,
                 thread: Mutex::new(Some(thread)),
             }),
@@ -461,6 +482,9 @@ fn write_lines<W: Write>(
     // Handles one message; false when the thread should stop.
     let handle = |out: &mut BufWriter<W>, message: Message| match message {
         Message::Line(line) => {
+            counters
+                .queued_bytes
+                .fetch_sub(line.len() as u64, Ordering::Relaxed);
             match out.write_all(&line) {
                 Ok(()) => counters.written.fetch_add(1, Ordering::Relaxed),
                 Err(_) => counters.write_errors.fetch_add(1, Ordering::Relaxed),
@@ -527,7 +551,8 @@ impl JsonlSink {
         Self::builder().writer(writer)
     }
 
-    /// Records dropped so far because the queue was full (or the sink was shut down).
+    /// Records dropped so far because the queue was full, in lines or in bytes (or the sink
+    /// was shut down).
     pub fn dropped(&self) -> u64 {
         self.shared.counters.dropped.load(Ordering::Relaxed)
     }
@@ -603,9 +628,18 @@ impl LogSink for JsonlSink {
             }
         };
         line.push(b'\n');
+        let len = line.len() as u64;
+        // Reserve the line's bytes in the budget first; give them back if it does not fit.
+        let before = counters.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        if before.saturating_add(len) > self.shared.queue_bytes {
+            counters.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         match self.shared.tx.try_send(Message::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                counters.queued_bytes.fetch_sub(len, Ordering::Relaxed);
                 counters.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }

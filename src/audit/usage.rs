@@ -103,12 +103,20 @@ impl ScanMode {
 ///   `response.completed`, `response.incomplete` and `response.failed`; the event name itself
 ///   is not needed). Comments, other fields and `[DONE]` are skipped.
 ///
-/// When usage is reported more than once, the last report wins. Both usage shapes map to
+/// When usage is reported more than once, the last report wins (some compatible servers
+/// send a running total on every chunk); [`usage_reports`](Self::usage_reports) counts them.
+/// Nothing after an SSE `[DONE]` is read. Both usage shapes map to
 /// [`Usage`]: `prompt_tokens`/`input_tokens`, `completion_tokens`/`output_tokens`,
 /// `total_tokens` (prompt + completion when absent), `prompt_tokens_details.cached_tokens`/
 /// `input_tokens_details.cached_tokens` and `completion_tokens_details.reasoning_tokens`/
 /// `output_tokens_details.reasoning_tokens`. Embeddings report only `prompt_tokens` and
 /// `total_tokens`. A `usage` object with no token count at all is ignored.
+///
+/// A count is a non-negative integer up to [`MAX_TOKEN_COUNT`] (`12.0` is accepted as 12).
+/// Anything else — negative, fractional, larger, a string — and counts that disagree
+/// (`total_tokens` ≠ prompt + completion, cached > prompt, reasoning > completion) make the
+/// usage invalid ([`usage_invalid`](Self::usage_invalid)): never saturated or rounded into a
+/// count that would be billed.
 ///
 /// # Memory
 ///
@@ -160,9 +168,10 @@ impl UsageScanner {
     }
 
     /// Scans the next chunk of the body. Chunks fed after [`finish`](Self::finish) are
-    /// ignored.
+    /// ignored, and so is whatever follows an SSE `[DONE]` event: the stream is over, and a
+    /// usage sent after it is not read (a conforming upstream sends none).
     pub fn feed(&mut self, chunk: &[u8]) {
-        if self.finished {
+        if self.finished || self.saw_done {
             return;
         }
         match self.mode {
@@ -171,6 +180,9 @@ impl UsageScanner {
                 let mut rest = chunk;
                 while let Some(end) = self.sse.feed(rest, &mut self.json) {
                     self.end_event();
+                    if self.saw_done {
+                        break;
+                    }
                     rest = rest.get(end..).unwrap_or_default();
                 }
             }
@@ -207,11 +219,40 @@ impl UsageScanner {
     /// The usage found so far (the last one reported), if any. It may be read at any time,
     /// for example when the client went away before the end of the body.
     pub fn usage(&self) -> Option<&Usage> {
-        self.json.found.as_ref()
+        self.json.found.as_ref().map(|r| &r.usage)
+    }
+
+    /// Whether the usage found so far is invalid: a count that is negative, fractional,
+    /// larger than [`MAX_TOKEN_COUNT`] or not a number (read as 0 in [`usage`](Self::usage)),
+    /// or counts that disagree (`total_tokens` is not prompt + completion, cached tokens are
+    /// more than the prompt's, reasoning tokens more than the completion's). The audit layer
+    /// records such usage with no cost and the flag
+    /// [`usage_invalid`](crate::audit::flag::USAGE_INVALID).
+    pub fn usage_invalid(&self) -> bool {
+        self.json.found.as_ref().is_some_and(|r| r.invalid)
     }
 
     /// Takes the usage found so far out of the scanner.
     pub fn take_usage(&mut self) -> Option<Usage> {
+        self.json.found.take().map(|r| r.usage)
+    }
+
+    /// Whether the body reported an error: a JSON object under a top-level `"error"` key (a
+    /// `200` whose body is `{"error":{...}}`, or a stream event `data: {"error":{...}}`), or
+    /// under the `"error"` key of a Responses stream's top-level `response` (a
+    /// `response.failed` event). `"error": null` is no error.
+    pub fn saw_error(&self) -> bool {
+        self.json.saw_error
+    }
+
+    /// How many usage reports were read (a stream may carry more than one: the last one is
+    /// the usage).
+    pub fn usage_reports(&self) -> u32 {
+        self.json.reports
+    }
+
+    /// Takes the usage report found so far, with its validity.
+    pub(crate) fn take_reported(&mut self) -> Option<Reported> {
         self.json.found.take()
     }
 
@@ -658,6 +699,8 @@ enum Key {
     Response,
     /// `choices` at the top level.
     Choices,
+    /// `error` at the top level, or inside the top-level `response` object.
+    Error,
 }
 
 /// What a watched top-level value turned out to be, from its first bytes.
@@ -716,7 +759,11 @@ struct JsonScan {
     buf: Vec<u8>,
     overflow: bool,
 
-    found: Option<Usage>,
+    found: Option<Reported>,
+    /// Usage reports found so far (each event's; the last one is kept).
+    reports: u32,
+    /// An `error` object was seen at the top level (or in the top-level `response`).
+    saw_error: bool,
     high_water: usize,
 }
 
@@ -749,6 +796,8 @@ impl JsonScan {
             buf: Vec::new(),
             overflow: false,
             found: None,
+            reports: 0,
+            saw_error: false,
             high_water: 0,
         }
     }
@@ -761,6 +810,8 @@ impl JsonScan {
         *self = Self {
             buf,
             found: self.found.take(),
+            reports: self.reports,
+            saw_error: self.saw_error,
             ..Self::new(self.response_usage, self.capture)
         }
         .with_limits(self.max_capture, self.high_water);
@@ -850,7 +901,9 @@ impl JsonScan {
                     }
                     Key::Choices if b == b'[' => self.await_second = true,
                     Key::Choices => self.choices = Seen::Other,
-                    Key::Response | Key::Other => {}
+                    // `"error": {...}`: the upstream reports an error (a `null` is no error).
+                    Key::Error if b == b'{' => self.saw_error = true,
+                    Key::Error | Key::Response | Key::Other => {}
                 }
             }
             let tracked = self.tracked();
@@ -911,6 +964,7 @@ impl JsonScan {
                             }
                         }
                         Key::Choices => self.await_value = Some(Key::Choices),
+                        Key::Error => self.await_value = Some(Key::Error),
                         Key::Response | Key::Other => {}
                     }
                 }
@@ -957,6 +1011,7 @@ impl JsonScan {
         match (self.key.get(..self.key_len).unwrap_or_default(), self.depth) {
             (b"usage", _) => Key::Usage,
             (b"choices", 1) => Key::Choices,
+            (b"error", _) if self.capture => Key::Error,
             (b"response", 1) if self.response_usage => Key::Response,
             _ => Key::Other,
         }
@@ -992,8 +1047,9 @@ impl JsonScan {
         }
         if !self.overflow {
             if let Ok(Some(wire)) = serde_json::from_slice::<Option<WireUsage>>(&self.buf) {
-                if let Some(usage) = wire.into_usage() {
-                    self.found = Some(usage);
+                if let Some(reported) = wire.into_reported() {
+                    self.found = Some(reported);
+                    self.reports = self.reports.saturating_add(1);
                 }
             }
         }
@@ -1024,20 +1080,24 @@ impl JsonScan {
 // ---------------------------------------------------------------------------------------------
 // Wire shapes of usage
 
+/// The largest token count taken as a count (10^12): a larger one, like a negative or
+/// fractional one, makes the usage invalid rather than being saturated or rounded.
+pub const MAX_TOKEN_COUNT: u64 = 1_000_000_000_000;
+
 /// Usage as the upstream sends it: the chat/completions/embeddings shape and the Responses API
 /// shape in one, every field optional.
 #[derive(Deserialize)]
 struct WireUsage {
-    #[serde(default, deserialize_with = "count")]
-    prompt_tokens: Option<u64>,
-    #[serde(default, deserialize_with = "count")]
-    completion_tokens: Option<u64>,
-    #[serde(default, deserialize_with = "count")]
-    total_tokens: Option<u64>,
-    #[serde(default, deserialize_with = "count")]
-    input_tokens: Option<u64>,
-    #[serde(default, deserialize_with = "count")]
-    output_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens: Count,
+    #[serde(default)]
+    completion_tokens: Count,
+    #[serde(default)]
+    total_tokens: Count,
+    #[serde(default)]
+    input_tokens: Count,
+    #[serde(default)]
+    output_tokens: Count,
     #[serde(default)]
     prompt_tokens_details: Option<WireDetails>,
     #[serde(default)]
@@ -1050,46 +1110,128 @@ struct WireUsage {
 
 #[derive(Deserialize)]
 struct WireDetails {
-    #[serde(default, deserialize_with = "count")]
-    cached_tokens: Option<u64>,
-    #[serde(default, deserialize_with = "count")]
-    reasoning_tokens: Option<u64>,
+    #[serde(default)]
+    cached_tokens: Count,
+    #[serde(default)]
+    reasoning_tokens: Count,
 }
 
-/// A token count: a non-negative integer, leniently also a float (`12.0`, as some compatible
-/// servers send), or `null`. Anything else numeric (negative, not finite) counts as absent.
-fn count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
-    let n = Option::<serde_json::Number>::deserialize(deserializer)?;
-    Ok(n.and_then(|n| {
-        n.as_u64().or_else(|| {
-            n.as_f64()
-                .filter(|f| f.is_finite() && *f >= 0.0)
-                .map(|f| f as u64)
+/// One token count as sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Count {
+    /// Absent or `null`.
+    #[default]
+    Absent,
+    /// A non-negative integer up to [`MAX_TOKEN_COUNT`] (an integral float such as `12.0`,
+    /// which some compatible servers send, included).
+    Valid(u64),
+    /// Anything else: negative, fractional, larger than [`MAX_TOKEN_COUNT`], not a number.
+    Invalid,
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        Ok(match value {
+            serde_json::Value::Null => Count::Absent,
+            serde_json::Value::Number(n) => n
+                .as_u64()
+                .or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.is_finite() && *f >= 0.0 && f.fract() == 0.0)
+                        .filter(|f| *f <= MAX_TOKEN_COUNT as f64)
+                        .map(|f| f as u64)
+                })
+                .filter(|n| *n <= MAX_TOKEN_COUNT)
+                .map_or(Count::Invalid, Count::Valid),
+            _ => Count::Invalid,
         })
-    }))
+    }
+}
+
+impl Count {
+    fn or(self, other: Count) -> Count {
+        if self == Count::Absent {
+            other
+        } else {
+            self
+        }
+    }
+
+    fn valid(self) -> Option<u64> {
+        match self {
+            Count::Valid(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
+/// A usage report as the audit record needs it: the counts that were sent and valid, and
+/// whether the report as a whole is invalid.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Reported {
+    /// The lenient reading ([`UsageScanner::usage`]): absent or invalid counts are 0.
+    pub(crate) usage: Usage,
+    pub(crate) prompt: Option<u64>,
+    pub(crate) completion: Option<u64>,
+    /// As sent, or prompt + completion when both were sent and it was not.
+    pub(crate) total: Option<u64>,
+    pub(crate) cached: Option<u64>,
+    pub(crate) reasoning: Option<u64>,
+    /// A count was invalid (see [`Count::Invalid`]), or the counts disagree: total is not
+    /// prompt + completion, cached is more than prompt, reasoning more than completion.
+    pub(crate) invalid: bool,
 }
 
 impl WireUsage {
-    fn into_usage(self) -> Option<Usage> {
+    fn into_reported(self) -> Option<Reported> {
         let prompt = self.prompt_tokens.or(self.input_tokens);
         let completion = self.completion_tokens.or(self.output_tokens);
-        if prompt.is_none() && completion.is_none() && self.total_tokens.is_none() {
+        let total = self.total_tokens;
+        if [prompt, completion, total]
+            .iter()
+            .all(|c| *c == Count::Absent)
+        {
             return None;
         }
-        let prompt_tokens = prompt.unwrap_or(0);
-        let completion_tokens = completion.unwrap_or(0);
-        let cached = |d: &Option<WireDetails>| d.as_ref().and_then(|d| d.cached_tokens);
-        let reasoning = |d: &Option<WireDetails>| d.as_ref().and_then(|d| d.reasoning_tokens);
-        Some(Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: self
-                .total_tokens
-                .unwrap_or(prompt_tokens.saturating_add(completion_tokens)),
-            cached_tokens: cached(&self.prompt_tokens_details)
-                .or_else(|| cached(&self.input_tokens_details)),
-            reasoning_tokens: reasoning(&self.completion_tokens_details)
-                .or_else(|| reasoning(&self.output_tokens_details)),
+        let detail = |d: &Option<WireDetails>, f: fn(&WireDetails) -> Count| {
+            d.as_ref().map_or(Count::Absent, f)
+        };
+        let cached = detail(&self.prompt_tokens_details, |d| d.cached_tokens)
+            .or(detail(&self.input_tokens_details, |d| d.cached_tokens));
+        let reasoning = detail(&self.completion_tokens_details, |d| d.reasoning_tokens)
+            .or(detail(&self.output_tokens_details, |d| d.reasoning_tokens));
+        let mut invalid = [prompt, completion, total, cached, reasoning].contains(&Count::Invalid);
+        let (p, c, t) = (prompt.valid(), completion.valid(), total.valid());
+        // Counts are at most 10^12: these sums cannot overflow.
+        match (p, c, t) {
+            (Some(p), Some(c), Some(t)) => invalid |= p + c != t,
+            // Embeddings: prompt and total only, which must agree.
+            (Some(p), None, Some(t)) if completion == Count::Absent => invalid |= p != t,
+            _ => {}
+        }
+        if let (Some(cached), Some(p)) = (cached.valid(), p) {
+            invalid |= cached > p;
+        }
+        if let (Some(r), Some(c)) = (reasoning.valid(), c) {
+            invalid |= r > c;
+        }
+        let total_or_sum = t.or_else(|| p.zip(c).map(|(p, c)| p + c));
+        let (p0, c0) = (p.unwrap_or(0), c.unwrap_or(0));
+        Some(Reported {
+            usage: Usage {
+                prompt_tokens: p0,
+                completion_tokens: c0,
+                total_tokens: t.unwrap_or(p0 + c0),
+                cached_tokens: cached.valid(),
+                reasoning_tokens: reasoning.valid(),
+            },
+            prompt: p,
+            completion: c,
+            total: total_or_sum,
+            cached: cached.valid(),
+            reasoning: reasoning.valid(),
+            invalid,
         })
     }
 }

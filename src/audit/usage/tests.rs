@@ -869,3 +869,34 @@ fn random_bytes_never_panic_and_are_only_removed_in_whole_usage_events() {
         let _ = scan(ScanMode::Json, &chunks).usage();
     }
 }
+
+#[test]
+fn invalid_counts_and_disagreeing_counts_make_the_usage_invalid() {
+    let check = |body: &str| {
+        let whole = scan(ScanMode::Json, &[body.as_bytes()]);
+        let sse = format!("data: {body}\n\n");
+        let stream = scan(ScanMode::Sse, &[sse.as_bytes()]);
+        assert_eq!(whole.usage_invalid(), stream.usage_invalid(), "{body}");
+        whole.usage_invalid()
+    };
+    assert!(!check(
+        r#"{"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15}}"#
+    ));
+    assert!(!check(
+        r#"{"usage":{"prompt_tokens":12.0,"completion_tokens":3}}"#
+    ));
+    assert!(!check(r#"{"usage":{"prompt_tokens":8,"total_tokens":8}}"#));
+    for bad in [
+        r#"{"usage":{"prompt_tokens":-1,"completion_tokens":5,"total_tokens":4}}"#,
+        r#"{"usage":{"prompt_tokens":1e30,"completion_tokens":5}}"#,
+        r#"{"usage":{"prompt_tokens":1000000000001,"completion_tokens":5}}"#,
+        r#"{"usage":{"prompt_tokens":1.5,"completion_tokens":5}}"#,
+        r#"{"usage":{"prompt_tokens":"1","completion_tokens":5}}"#,
+        r#"{"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":16}}"#,
+        r#"{"usage":{"prompt_tokens":8,"total_tokens":9}}"#,
+        r#"{"usage":{"input_tokens":10,"output_tokens":5,"input_tokens_details":{"cached_tokens":11}}}"#,
+        r#"{"usage":{"input_tokens":10,"output_tokens":5,"output_tokens_details":{"reasoning_tokens":6}}}"#,
+    ] {
+        assert!(check(bad), "{bad}");
+    }
+}
