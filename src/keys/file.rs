@@ -170,12 +170,10 @@ fn parse_section(
 }
 
 /// A TOML error's message with its line and column, without the quoted source line that the
-/// error's `Display` adds: in a key file that line may be a `secret = "..."`, and the message
-/// goes to logs (start-up errors, [`FileKeyStore::last_error`]). Values the message quotes are
-/// removed too (see [`without_quoted_values`]).
-/// The message of a TOML parse error of `text` that names where (line and column) and what,
-/// without the offending line and without the values the parser quotes: a file that may hold
-/// secrets (a key file, a gateway's configuration) must not leak them through its errors.
+/// error's `Display` adds and without the values the parser quotes (`invalid type: string
+/// "…"`): in a file that may hold secrets (a key file, a gateway's configuration) that line may
+/// be a `secret = "..."`, and the message goes to logs (start-up errors,
+/// [`FileKeyStore::last_error`]).
 pub fn toml_message(text: &str, error: &toml::de::Error) -> String {
     let message = without_quoted_values(error.message().trim_end());
     let message = message.as_str();
