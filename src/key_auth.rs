@@ -33,7 +33,7 @@
 //! The crate depends on no async runtime, so it cannot make a timer of its own: a timeout is
 //! given a *sleep hook*, a function that returns a future completing after a duration, with
 //! [`KeyAuthLayer::lookup_timeout_with`] (any runtime). With the `tokio` cargo feature,
-//! [`KeyAuthLayer::lookup_timeout`] uses `tokio::time::sleep`. The timeout applies to the
+//! `KeyAuthLayer::lookup_timeout` uses `tokio::time::sleep`. The timeout applies to the
 //! asynchronous [`KeyStore::lookup`]; [`KeyStore::lookup_now`] answers synchronously and must
 //! not block (the in-memory and file stores never do). The timer is started when the lookup
 //! is first polled, and only for stores that do not answer at once. Without a timeout, a
