@@ -37,6 +37,9 @@
 //!   streamed or not. The replacement keeps the length, so JSON, SSE framing and a
 //!   `Content-Length` stay valid; a key split across two body frames is caught (the body keeps
 //!   back the last `len(key) - 1` bytes of a frame until the next one comes);
+//! - a `Content-Length` that came with a `Transfer-Encoding` is dropped (RFC 9112 §6.3: the
+//!   transfer coding frames the body, the length is stale), so the relay never forwards a
+//!   length it does not guarantee.
 //!
 //! With [`UpstreamBuilder::guard_model_list`] (the proxy sets it whenever the policy is on),
 //! a successful `GET /v1/models` answer must be an identity-encoded JSON object with a `data`
@@ -641,6 +644,11 @@ impl Upstream {
                 }
             };
         let (mut parts, body) = response.into_parts();
+        if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+            // RFC 9112 §6.3: the transfer coding frames the body and the length is stale; the
+            // body is re-framed on the way out, so a length we do not guarantee must go.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
         strip_hop_by_hop(&mut parts.headers);
         for name in UPSTREAM_ONLY_RESPONSE_HEADERS {
             parts.headers.remove(*name);

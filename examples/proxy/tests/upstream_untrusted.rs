@@ -184,3 +184,27 @@ async fn a_key_in_response_headers_is_masked() -> TestResult {
     assert_eq!(response.headers()["x-debug-key"], "*".repeat(12).as_str());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_stale_content_length_next_to_chunked_is_dropped() -> TestResult {
+    let payload = r#"{"object":"list","data":[]}"#;
+    let (first, second) = payload.split_at(10);
+    let response = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\n\
+         transfer-encoding: chunked\r\n\r\n{:x}\r\n{first}\r\n{:x}\r\n{second}\r\n0\r\n\r\n",
+        first.len(),
+        second.len(),
+    );
+    let base = raw_upstream(vec![response.into_bytes()]).await?;
+    let response = get(&base, "/v1/models").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers().get(header::CONTENT_LENGTH).is_none(),
+        "a stale content-length was relayed: {:?}",
+        response.headers()
+    );
+    assert!(response.headers().get(header::TRANSFER_ENCODING).is_none());
+    let bytes = response.into_body().collect().await?.to_bytes();
+    assert_eq!(bytes, payload.as_bytes());
+    Ok(())
+}
