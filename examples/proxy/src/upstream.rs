@@ -1115,6 +1115,39 @@ mod tests {
     }
 
     #[test]
+    fn the_key_and_its_long_runs_are_masked_short_runs_kept() {
+        let redactor = Redactor::new("sk-proj-abcdefghijklmnop");
+        let mask = |text: &str| {
+            let mut bytes = text.as_bytes().to_vec();
+            redactor.mask(&mut bytes, usize::MAX);
+            String::from_utf8(bytes).unwrap()
+        };
+        assert_eq!(
+            mask("k=sk-proj-abcdefghijklmnop."),
+            format!("k={}.", "*".repeat(24))
+        );
+        // OpenAI style: a prefix, an ellipsis, a suffix; runs of 8+ bytes go.
+        assert_eq!(mask("sk-proj-ab...ijklmnop"), "**********...********");
+        // Runs under 8 bytes stay: too likely to be ordinary text.
+        assert_eq!(mask("sk-pro and mnop"), "sk-pro and mnop");
+        // A short key is masked whole only.
+        let short = Redactor::new("abc");
+        let mut bytes = b"xabcx ab".to_vec();
+        short.mask(&mut bytes, usize::MAX);
+        assert_eq!(bytes, b"x***x ab");
+    }
+
+    #[test]
+    fn only_an_end_that_could_continue_into_the_key_is_held_back() {
+        let redactor = Redactor::new("sk-proj-abcdefghijklmnop");
+        assert_eq!(redactor.hold(b"data: {}\n\n"), 0);
+        assert_eq!(redactor.hold(b"the key: sk-pr"), 5);
+        assert_eq!(redactor.hold(b"abc"), 3);
+        // Never the whole key: a whole key is masked, not held.
+        assert_eq!(redactor.hold(b"sk-proj-abcdefghijklmnop"), 23);
+    }
+
+    #[test]
     fn the_model_list_is_told_from_one_model() {
         let list = |uri: &str| is_model_list(&uri.parse().unwrap());
         assert!(list("/v1/models"));
