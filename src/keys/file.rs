@@ -29,9 +29,27 @@ use super::{ApiKey, BoxFuture, CredentialError, KeyDigest, KeyStore, StoreError}
 /// Unix its inode) with what it loaded, at most once per [`check_interval`] (default: every
 /// lookup, which costs one `stat`). A changed file is read again on that lookup, so an edit
 /// takes effect on the next request. If the new contents are invalid (or the file is gone),
-/// the store keeps serving the keys it had, counts the failure and keeps the error for
-/// [`last_error`]: a typo must not lock every client out. It does not retry a bad file until
-/// the file changes again. Reading happens on the calling task; key files are small.
+/// the store keeps serving the keys it had, counts the failure ([`failed_reloads`]), keeps the
+/// error for [`last_error`] and (feature `tracing`) emits a `warn` event with the error's line
+/// and column (never a secret): a typo must not lock every client out. It does not retry a bad
+/// file until the file changes again. Reading happens on the calling task; key files are small.
+///
+/// **Never fail open.** Only a file that parses completely and validates replaces the keys. A
+/// reload is also refused, keeping the keys in force, when:
+///
+/// - the file is empty or only whitespace (a truncate-then-write caught between the two). To
+///   revoke every key on purpose, write `keys = []` (or `{"keys": []}`);
+/// - a TOML file does not end with a newline (it was most likely cut off mid-write: a cut
+///   after `secret = "..."` would otherwise parse, with the key's restrictions missing);
+/// - the file's size, modification time or inode changed while it was being read (it is read
+///   again on the next check);
+/// - the file is larger than [`max_file_size`] (default [`FileKeyStore::DEFAULT_MAX_FILE_SIZE`], 16 MiB).
+///
+/// A file cut exactly at the end of a line can still be a valid, shorter file, which no reader
+/// can tell from a deliberate edit. **Replace the file atomically**: write the new contents to
+/// a temporary file in the same directory, then `rename` it over the key file (`mv` does this;
+/// so do most editors and configuration tools). The store then only ever sees the old or the
+/// new file, never a half-written one.
 ///
 /// **Keys inside a larger configuration file.** [`FileKeyStore::open_keys_of`] reads only the
 /// top-level `keys` array of the file and ignores every other table, so a host (the example
@@ -41,10 +59,13 @@ use super::{ApiKey, BoxFuture, CredentialError, KeyDigest, KeyStore, StoreError}
 ///
 /// [`check_interval`]: FileKeyStore::check_interval
 /// [`last_error`]: FileKeyStore::last_error
+/// [`failed_reloads`]: FileKeyStore::failed_reloads
+/// [`max_file_size`]: FileKeyStore::max_file_size
 pub struct FileKeyStore {
     path: PathBuf,
     section: Section,
     check_interval: Duration,
+    max_file_size: u64,
     state: RwLock<State>,
     reload: Mutex<Option<Instant>>,
 }
@@ -116,6 +137,25 @@ pub enum KeyFileError {
         path: PathBuf,
         /// Which name (secrets are never shown).
         what: String,
+    },
+    /// The file is larger than the store's limit.
+    #[error("key file {path} is too large: {len} bytes, the limit is {limit}")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size (at least; a growing file is cut off at the limit).
+        len: u64,
+        /// The limit ([`FileKeyStore::max_file_size`]).
+        limit: u64,
+    },
+    /// The file looks half-written (empty, cut off mid-line, or changing while read). Only
+    /// reloads are refused this way; the keys in force stay.
+    #[error("key file {path} refused: {reason}")]
+    Incomplete {
+        /// The file.
+        path: PathBuf,
+        /// Why it looks incomplete.
+        reason: &'static str,
     },
 }
 
@@ -249,24 +289,75 @@ pub(crate) fn build_index(
     Ok(index)
 }
 
+/// Reads and parses the file. `reload` adds the checks against half-written files that only
+/// make sense when there are keys in force to keep (see the type docs).
 fn load(
     path: &Path,
     section: Section,
+    limit: u64,
+    reload: bool,
 ) -> Result<(HashMap<KeyDigest, Arc<ApiKey>>, Stamp), KeyFileError> {
+    use std::io::Read;
     let io = |source| KeyFileError::Io {
         path: path.to_owned(),
         source,
     };
+    let incomplete = |reason| KeyFileError::Incomplete {
+        path: path.to_owned(),
+        reason,
+    };
     // Stamp first: an edit landing between the stamp and the read is seen again next check.
     let stamp = Stamp::of(path).map_err(io)?;
-    let text = std::fs::read_to_string(path).map_err(io)?;
+    let too_large = |len| KeyFileError::TooLarge {
+        path: path.to_owned(),
+        len,
+        limit,
+    };
+    if stamp.len > limit {
+        return Err(too_large(stamp.len));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(stamp.len).unwrap_or(0));
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
+    if reload && Stamp::of(path).map_err(io)? != stamp {
+        return Err(incomplete(
+            "the file changed while it was read (it will be read again)",
+        ));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| KeyFileError::Parse {
+        path: path.to_owned(),
+        message: "the file is not valid UTF-8".into(),
+    })?;
     let json = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));
-    Ok((parse_section(path, &text, json, section)?, stamp))
+    if reload && text.trim().is_empty() {
+        return Err(incomplete(
+            "the file is empty (half-written?); write `keys = []` to revoke every key",
+        ));
+    }
+    let keys = parse_section(path, &text, json, section)?;
+    // A cut that leaves valid TOML (right after `secret = "..."`, say) is still refused;
+    // a cut anywhere else is a parse error above, with its line and column.
+    if reload && !json && !text.ends_with('\n') {
+        return Err(incomplete(
+            "the file does not end with a newline (cut off mid-write?)",
+        ));
+    }
+    Ok((keys, stamp))
 }
 
 impl FileKeyStore {
+    /// The largest key file a store reads unless told otherwise
+    /// ([`max_file_size`](Self::max_file_size)): 16 MiB.
+    pub const DEFAULT_MAX_FILE_SIZE: u64 = 16 * 1024 * 1024;
+
     /// Loads the key file. A missing or invalid file is an error here (at start-up).
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, KeyFileError> {
         Self::open_section(path.into(), Section::WholeFile)
@@ -281,11 +372,12 @@ impl FileKeyStore {
     }
 
     fn open_section(path: PathBuf, section: Section) -> Result<Self, KeyFileError> {
-        let (keys, stamp) = load(&path, section)?;
+        let (keys, stamp) = load(&path, section, Self::DEFAULT_MAX_FILE_SIZE, false)?;
         Ok(FileKeyStore {
             path,
             section,
             check_interval: Duration::ZERO,
+            max_file_size: Self::DEFAULT_MAX_FILE_SIZE,
             state: RwLock::new(State {
                 keys: Arc::new(keys),
                 stamp: Some(stamp),
@@ -301,6 +393,15 @@ impl FileKeyStore {
     #[must_use]
     pub fn check_interval(mut self, interval: Duration) -> Self {
         self.check_interval = interval;
+        self
+    }
+
+    /// Refuses files larger than this many bytes (default [`FileKeyStore::DEFAULT_MAX_FILE_SIZE`], 16 MiB):
+    /// a larger file is a failed reload, and the keys in force stay. The file loaded by
+    /// [`open`](Self::open) was checked against the default.
+    #[must_use]
+    pub fn max_file_size(mut self, bytes: u64) -> Self {
+        self.max_file_size = bytes;
         self
     }
 
@@ -324,7 +425,8 @@ impl FileKeyStore {
         self.read().reloads
     }
 
-    /// How many reloads failed (the previous keys stayed in force).
+    /// How many reloads were refused (invalid, half-written, too large or missing file); the
+    /// previous keys stayed in force each time.
     pub fn failed_reloads(&self) -> u64 {
         self.read().failures
     }
@@ -345,7 +447,7 @@ impl FileKeyStore {
         if current.is_some() && current == self.read().stamp {
             return false;
         }
-        let outcome = load(&self.path, self.section);
+        let outcome = load(&self.path, self.section, self.max_file_size, true);
         let mut state = self.write();
         match outcome {
             Ok((keys, stamp)) => {
@@ -358,7 +460,15 @@ impl FileKeyStore {
             Err(err) => {
                 if current.is_some() || state.stamp.is_some() {
                     state.failures += 1;
-                    state.last_error = Some(err.to_string());
+                    let message = err.to_string();
+                    #[cfg(feature = "tracing")]
+                    tracing::warn!(
+                        target: "tower_llm_policy::keys::file",
+                        error = %message,
+                        failed_reloads = state.failures,
+                        "key file reload refused: the previous keys stay in force"
+                    );
+                    state.last_error = Some(message);
                 }
                 // Don't parse the same bad file again until it changes.
                 state.stamp = current;
@@ -396,6 +506,7 @@ impl std::fmt::Debug for FileKeyStore {
             .field("keys_only", &(self.section == Section::KeysOnly))
             .field("keys", &self.len())
             .field("check_interval", &self.check_interval)
+            .field("max_file_size", &self.max_file_size)
             .finish()
     }
 }

@@ -30,6 +30,17 @@
 //! - `accept-encoding: identity` (the policy layers read bodies; they do not decompress),
 //!   and `host` set to the upstream's authority.
 //!
+//! What it does to a response:
+//! - the provider key never reaches the client: the key, and any fragment of it of
+//!   [`MIN_KEY_FRAGMENT`] or more bytes (a provider may echo `sk-abc...wxyz` or a prefix), is
+//!   replaced by as many `*` in every header value, body and trailer the upstream sends,
+//!   streamed or not. The replacement keeps the length, so JSON, SSE framing and a
+//!   `Content-Length` stay valid; a key split across two body frames is caught (the body keeps
+//!   back the last `len(key) - 1` bytes of a frame until the next one comes);
+//! - a `Content-Length` that came with a `Transfer-Encoding` is dropped (RFC 9112 §6.3: the
+//!   transfer coding frames the body, the length is stale), so the relay never forwards a
+//!   length it does not guarantee.
+//!
 //! With [`UpstreamBuilder::guard_model_list`] (the proxy sets it whenever the policy is on),
 //! a successful `GET /v1/models` answer must be an identity-encoded JSON object with a `data`
 //! array, within the limit: anything else (an encoded, non-JSON, unparsable or oversize
@@ -146,6 +157,98 @@ pub const CLIENT_IDENTITY_HEADERS: &[&str] = &[
 const UPSTREAM_ONLY_RESPONSE_HEADERS: &[&str] =
     &["set-cookie", "openai-organization", "openai-project"];
 
+/// The shortest run of the provider key's bytes that is masked in responses (see the
+/// [module docs](self)). Shorter runs are too likely to be ordinary text.
+pub const MIN_KEY_FRAGMENT: usize = 8;
+
+/// Finds the provider key, and runs of [`MIN_KEY_FRAGMENT`] or more of its bytes, in what the
+/// upstream sends back, and masks them with `*` of the same length.
+struct Redactor {
+    key: Vec<u8>,
+    /// Each `MIN_KEY_FRAGMENT`-byte window of the key, with where it starts in the key.
+    windows: std::collections::HashMap<[u8; MIN_KEY_FRAGMENT], Vec<usize>>,
+}
+
+impl Redactor {
+    /// A key shorter than [`MIN_KEY_FRAGMENT`] has no fragments; it is masked whole.
+    fn new(key: &str) -> Self {
+        let key = key.as_bytes().to_vec();
+        let mut windows: std::collections::HashMap<_, Vec<usize>> = Default::default();
+        for (at, window) in key.windows(MIN_KEY_FRAGMENT).enumerate() {
+            let window: [u8; MIN_KEY_FRAGMENT] = window.try_into().expect("window length");
+            windows.entry(window).or_default().push(at);
+        }
+        Redactor { key, windows }
+    }
+
+    /// How many bytes at the end of `bytes` a body keeps back until the next frame: the
+    /// longest end that is a run of the key (at most `len(key) - 1` bytes), which the next
+    /// frame could continue into a fragment. Usually none: an SSE event ends with `\n\n`,
+    /// which no key contains, so streams are not delayed.
+    fn hold(&self, bytes: &[u8]) -> usize {
+        let most = self.key.len().saturating_sub(1).min(bytes.len());
+        (1..=most)
+            .rev()
+            .find(|&n| {
+                let end = &bytes[bytes.len() - n..];
+                self.key.windows(n).any(|w| w == end)
+            })
+            .unwrap_or(0)
+    }
+
+    /// Masks in `bytes` every run of the key that starts before `starts_before` (runs starting
+    /// later may continue in bytes not seen yet; the caller keeps those back). Returns whether
+    /// anything was masked.
+    fn mask(&self, bytes: &mut [u8], starts_before: usize) -> bool {
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        let short = self.key.len() < MIN_KEY_FRAGMENT;
+        for at in 0..starts_before.min(bytes.len()) {
+            let rest = &bytes[at..];
+            let mut longest = 0;
+            if short {
+                if !self.key.is_empty() && rest.starts_with(&self.key) {
+                    longest = self.key.len();
+                }
+            } else if rest.len() >= MIN_KEY_FRAGMENT {
+                let window: [u8; MIN_KEY_FRAGMENT] =
+                    rest[..MIN_KEY_FRAGMENT].try_into().expect("window length");
+                if let Some(starts) = self.windows.get(&window) {
+                    for &start in starts {
+                        let run = rest
+                            .iter()
+                            .zip(&self.key[start..])
+                            .take_while(|(a, b)| a == b)
+                            .count();
+                        longest = longest.max(run);
+                    }
+                }
+            }
+            if longest > 0 {
+                spans.push((at, at + longest));
+            }
+        }
+        for &(from, to) in &spans {
+            bytes[from..to].fill(b'*');
+        }
+        !spans.is_empty()
+    }
+
+    /// Masks a whole header map in place.
+    fn mask_headers(&self, headers: &mut HeaderMap) {
+        for value in headers.values_mut() {
+            let mut bytes = value.as_bytes().to_vec();
+            if self.mask(&mut bytes, usize::MAX) {
+                let sensitive = value.is_sensitive();
+                // `*` is a valid header byte, so the masked value is one too.
+                if let Ok(mut masked) = HeaderValue::from_bytes(&bytes) {
+                    masked.set_sensitive(sensitive);
+                    *value = masked;
+                }
+            }
+        }
+    }
+}
+
 /// Forwards requests to an OpenAI-compatible upstream. Cheap to clone (the connection pool
 /// is shared).
 #[derive(Clone)]
@@ -171,6 +274,8 @@ struct Inner {
     forward_client_organization: bool,
     /// The largest `GET /v1/models` answer let through (guarded), if guarded.
     model_list_limit: Option<usize>,
+    /// Masks the provider key in responses, when there is one.
+    redactor: Option<Arc<Redactor>>,
 }
 
 impl fmt::Debug for Upstream {
@@ -324,6 +429,10 @@ impl UpstreamBuilder {
             .map_err(|_| ConfigError("the base URL's host is not a valid header value"))?;
         let base_path = uri.path().trim_end_matches('/').to_owned();
 
+        let redactor = self
+            .provider_key
+            .as_deref()
+            .map(|key| Arc::new(Redactor::new(key)));
         let authorization = match self.provider_key {
             Some(key) => {
                 let mut value = HeaderValue::try_from(format!("Bearer {key}"))
@@ -378,6 +487,7 @@ impl UpstreamBuilder {
                 project,
                 forward_client_organization: self.forward_client_organization,
                 model_list_limit: self.model_list_limit,
+                redactor,
             }),
         })
     }
@@ -534,11 +644,19 @@ impl Upstream {
                 }
             };
         let (mut parts, body) = response.into_parts();
+        if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+            // RFC 9112 §6.3: the transfer coding frames the body and the length is stale; the
+            // body is re-framed on the way out, so a length we do not guarantee must go.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
         strip_hop_by_hop(&mut parts.headers);
         for name in UPSTREAM_ONLY_RESPONSE_HEADERS {
             parts.headers.remove(*name);
         }
-        let body = UpstreamBody::streaming(body, inner.idle_timeout);
+        if let Some(redactor) = &inner.redactor {
+            redactor.mask_headers(&mut parts.headers);
+        }
+        let body = UpstreamBody::streaming(body, inner.idle_timeout, inner.redactor.clone());
         match guarded_limit {
             Some(limit) => guard_model_list(parts, body, limit).await,
             None => Response::from_parts(parts, body),
@@ -757,9 +875,28 @@ enum Kind {
         body: Incoming,
         idle: Duration,
         timer: Pin<Box<Sleep>>,
+        /// Masks the provider key, with the bytes kept back from the last frame.
+        redactor: Option<Arc<Redactor>>,
+        held: Vec<u8>,
     },
     Full(Option<Bytes>),
+    /// The masked bytes kept back when the body ended early (trailers, an error), then that
+    /// last frame or error.
+    Tail(Option<Bytes>, Option<Result<Frame<Bytes>, BoxError>>),
     Done,
+}
+
+impl Kind {
+    /// The end of a streaming body that failed: the bytes kept back (masked), then `err`.
+    /// Replacing the streaming state drops the connection and the timer.
+    fn tail(held: &mut Vec<u8>, redactor: Option<&Redactor>, err: BoxError) -> Kind {
+        let mut rest = std::mem::take(held);
+        if let Some(redactor) = redactor {
+            redactor.mask(&mut rest, usize::MAX);
+        }
+        let rest = (!rest.is_empty()).then(|| Bytes::from(rest));
+        Kind::Tail(rest, Some(Err(err)))
+    }
 }
 
 impl fmt::Debug for UpstreamBody {
@@ -767,6 +904,7 @@ impl fmt::Debug for UpstreamBody {
         let kind = match &self.kind {
             Kind::Streaming { .. } => "streaming",
             Kind::Full(_) => "full",
+            Kind::Tail(..) => "tail",
             Kind::Done => "done",
         };
         f.debug_struct("UpstreamBody").field("kind", &kind).finish()
@@ -774,12 +912,14 @@ impl fmt::Debug for UpstreamBody {
 }
 
 impl UpstreamBody {
-    fn streaming(body: Incoming, idle: Duration) -> Self {
+    fn streaming(body: Incoming, idle: Duration, redactor: Option<Arc<Redactor>>) -> Self {
         Self {
             kind: Kind::Streaming {
                 body,
                 idle,
                 timer: Box::pin(tokio::time::sleep(idle)),
+                redactor,
+                held: Vec::new(),
             },
         }
     }
@@ -801,45 +941,119 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let (polled, finished) = match &mut this.kind {
-            Kind::Full(bytes) => return Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Done => return Poll::Ready(None),
-            Kind::Streaming { body, idle, timer } => match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    timer.as_mut().reset(Instant::now() + *idle);
-                    return Poll::Ready(Some(Ok(frame)));
-                }
-                Poll::Ready(Some(Err(err))) => (Some(Err(err.into())), true),
-                Poll::Ready(None) => (None, true),
-                Poll::Pending => match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        tracing::warn!(idle = ?idle, "upstream response body went idle");
-                        (Some(Err(IdleTimeout(*idle).into())), true)
+        loop {
+            let (polled, finished) = match &mut this.kind {
+                Kind::Full(bytes) => return Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+                Kind::Done => return Poll::Ready(None),
+                Kind::Streaming {
+                    body,
+                    idle,
+                    timer,
+                    redactor,
+                    held,
+                } => match Pin::new(body).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        timer.as_mut().reset(Instant::now() + *idle);
+                        let Some(redactor) = redactor else {
+                            return Poll::Ready(Some(Ok(frame)));
+                        };
+                        match frame.into_data() {
+                            Ok(data) => {
+                                held.extend_from_slice(&data);
+                                let out = held.len() - redactor.hold(held);
+                                redactor.mask(held, out);
+                                if out == 0 {
+                                    continue; // too little yet to tell
+                                }
+                                let rest = held.split_off(out);
+                                let data = Bytes::from(std::mem::replace(held, rest));
+                                return Poll::Ready(Some(Ok(Frame::data(data))));
+                            }
+                            Err(frame) => match frame.into_trailers() {
+                                Ok(mut trailers) => {
+                                    redactor.mask_headers(&mut trailers);
+                                    // Trailers come last: what was kept back goes first.
+                                    let mut rest = std::mem::take(held);
+                                    redactor.mask(&mut rest, usize::MAX);
+                                    if rest.is_empty() {
+                                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                                    }
+                                    this.kind = Kind::Tail(
+                                        Some(rest.into()),
+                                        Some(Ok(Frame::trailers(trailers))),
+                                    );
+                                    continue;
+                                }
+                                Err(_) => continue, // neither data nor trailers: dropped
+                            },
+                        }
                     }
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(Err(err))) => {
+                        // What was kept back arrived before the failure: it goes first.
+                        this.kind = Kind::tail(held, redactor.as_deref(), err.into());
+                        continue;
+                    }
+                    Poll::Ready(None) => {
+                        let mut rest = std::mem::take(held);
+                        if let Some(redactor) = redactor {
+                            redactor.mask(&mut rest, usize::MAX);
+                        }
+                        if rest.is_empty() {
+                            (None, true)
+                        } else {
+                            (Some(Ok(Frame::data(Bytes::from(rest)))), true)
+                        }
+                    }
+                    Poll::Pending => match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => {
+                            tracing::warn!(idle = ?idle, "upstream response body went idle");
+                            let err = IdleTimeout(*idle).into();
+                            this.kind = Kind::tail(held, redactor.as_deref(), err);
+                            continue;
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    },
                 },
-            },
-        };
-        if finished {
-            // Drops the connection of a failed body, and the timer.
-            this.kind = Kind::Done;
+                Kind::Tail(data, last) => {
+                    if let Some(data) = data.take() {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    (last.take(), true)
+                }
+            };
+            if finished {
+                // Drops the connection of a failed body, and the timer.
+                this.kind = Kind::Done;
+            }
+            return Poll::Ready(polled);
         }
-        Poll::Ready(polled)
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Streaming { body, .. } => body.is_end_stream(),
+            Kind::Streaming { body, held, .. } => body.is_end_stream() && held.is_empty(),
             Kind::Full(bytes) => bytes.is_none(),
+            Kind::Tail(data, trailers) => data.is_none() && trailers.is_none(),
             Kind::Done => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Streaming { body, .. } => body.size_hint(),
+            Kind::Streaming { body, held, .. } => {
+                // Masking keeps the length: what is left is the upstream's plus what is held.
+                let hint = body.size_hint();
+                let held = held.len() as u64;
+                let mut out = SizeHint::new();
+                out.set_lower(hint.lower() + held);
+                if let Some(upper) = hint.upper() {
+                    out.set_upper(upper + held);
+                }
+                out
+            }
             Kind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
-            Kind::Full(None) | Kind::Done => SizeHint::with_exact(0),
+            Kind::Tail(Some(data), _) => SizeHint::with_exact(data.len() as u64),
+            Kind::Full(None) | Kind::Tail(None, _) | Kind::Done => SizeHint::with_exact(0),
         }
     }
 }
@@ -898,6 +1112,39 @@ mod tests {
             target("/v1/chat/completions?api-key=sk-1&api-version=1"),
             "http://upstream.test/v1/chat/completions?api-version=1"
         );
+    }
+
+    #[test]
+    fn the_key_and_its_long_runs_are_masked_short_runs_kept() {
+        let redactor = Redactor::new("sk-proj-abcdefghijklmnop");
+        let mask = |text: &str| {
+            let mut bytes = text.as_bytes().to_vec();
+            redactor.mask(&mut bytes, usize::MAX);
+            String::from_utf8(bytes).unwrap()
+        };
+        assert_eq!(
+            mask("k=sk-proj-abcdefghijklmnop."),
+            format!("k={}.", "*".repeat(24))
+        );
+        // OpenAI style: a prefix, an ellipsis, a suffix; runs of 8+ bytes go.
+        assert_eq!(mask("sk-proj-ab...ijklmnop"), "**********...********");
+        // Runs under 8 bytes stay: too likely to be ordinary text.
+        assert_eq!(mask("sk-pro and mnop"), "sk-pro and mnop");
+        // A short key is masked whole only.
+        let short = Redactor::new("abc");
+        let mut bytes = b"xabcx ab".to_vec();
+        short.mask(&mut bytes, usize::MAX);
+        assert_eq!(bytes, b"x***x ab");
+    }
+
+    #[test]
+    fn only_an_end_that_could_continue_into_the_key_is_held_back() {
+        let redactor = Redactor::new("sk-proj-abcdefghijklmnop");
+        assert_eq!(redactor.hold(b"data: {}\n\n"), 0);
+        assert_eq!(redactor.hold(b"the key: sk-pr"), 5);
+        assert_eq!(redactor.hold(b"abc"), 3);
+        // Never the whole key: a whole key is masked, not held.
+        assert_eq!(redactor.hold(b"sk-proj-abcdefghijklmnop"), 23);
     }
 
     #[test]
