@@ -69,8 +69,10 @@ use crate::model::{ModelList, ModelName};
 use crate::policy::Policy;
 use crate::request::LlmRequest;
 
-/// Largest `GET /v1/models` response body that is filtered (4 MiB).
-pub const DEFAULT_MODELS_RESPONSE_LIMIT: usize = 4 * 1024 * 1024;
+/// Largest `GET /v1/models` response body that is filtered (32 MiB: a catalogue of tens of
+/// thousands of models; OpenAI's own list is about 100 KB). A larger one is refused with a 502,
+/// never passed on.
+pub const DEFAULT_MODELS_RESPONSE_LIMIT: usize = 32 * 1024 * 1024;
 
 #[derive(Clone, Debug)]
 struct Config {

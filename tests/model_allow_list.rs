@@ -529,3 +529,48 @@ async fn a_model_list_that_cannot_be_filtered_is_a_502_never_the_raw_list() {
     assert_eq!(a.status, StatusCode::BAD_GATEWAY);
     assert_eq!(a.error().0, "upstream_invalid_response");
 }
+
+/// A large catalogue (5 MiB, with a declared length) is filtered under the default limit, not
+/// passed on whole nor emptied.
+#[tokio::test]
+async fn a_large_model_list_is_filtered_under_the_default_limit() {
+    use http::Response;
+    use http_body_util::Full;
+
+    let mut entries: Vec<String> = (0..63_000)
+        .map(|i| format!(r#"{{"id":"vendor-model-{i:06}","object":"model","owned_by":"someone-with-a-long-name"}}"#))
+        .collect();
+    entries.push(r#"{"id":"gpt-4o","object":"model"}"#.to_owned());
+    let list = format!(r#"{{"object":"list","data":[{}]}}"#, entries.join(","));
+    assert!(list.len() > 5 << 20, "{}", list.len());
+    let svc = ServiceBuilder::new()
+        .layer(ModelAllowListLayer::new().workspace_models(["gpt-4o"]))
+        .service(tower::service_fn(
+            move |_req: Request<tower_llm_policy::PolicyBody>| {
+                let list = list.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .header("content-type", "application/json")
+                            .header("content-length", list.len())
+                            .body(Full::from(list))
+                            .unwrap(),
+                    )
+                }
+            },
+        ));
+    let a = answer(
+        svc.oneshot(Request::get("/v1/models").body(String::new()).unwrap())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let ids: Vec<String> = a.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["gpt-4o"]);
+}

@@ -550,14 +550,16 @@ async fn an_unparsable_or_listless_model_list_is_a_502() -> TestResult {
     assert_list_refused(&base).await
 }
 
-/// A list above the 4 MiB limit: the full list, padded with long model ids.
+/// A list above the limit (`DEFAULT_MODELS_RESPONSE_LIMIT`): the full list, padded with long
+/// model ids.
 fn oversize_list() -> String {
     let filler = "x".repeat(1000);
     let mut data: Vec<Value> = mock::MODELS
         .iter()
         .map(|id| json!({"id": id, "object": "model"}))
         .collect();
-    for i in 0..4400 {
+    let padding = tower_llm_policy::model_allow_list::DEFAULT_MODELS_RESPONSE_LIMIT / 1000 + 100;
+    for i in 0..padding {
         data.push(json!({"id": format!("gpt-4.1-{i}-{filler}"), "object": "model"}));
     }
     json!({"object": "list", "data": data}).to_string()
