@@ -532,3 +532,54 @@ async fn usage_after_done_is_ignored() {
         r.flags
     );
 }
+
+/// An upstream that compresses its stream although asked for `identity`: the body (whatever
+/// its bytes) is relayed untouched, no usage is read from it nor cut out of it, and the record
+/// says why its usage is missing.
+#[tokio::test]
+async fn an_encoded_stream_is_relayed_untouched_and_flagged() {
+    // The bytes stand for a gzip body; they hold a usage chunk the stripper would cut out of a
+    // plain stream.
+    const BODY: &str = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":1,\"total_tokens\":10}}\n\ndata: [DONE]\n\n";
+    let sink = MemorySink::new();
+    let svc = ServiceBuilder::new()
+        .layer(AuditLayer::new(sink.clone()).read_body(true))
+        .service(service_fn(|req: Request<PolicyBody>| async move {
+            req.into_body().collect().await.unwrap();
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-type", SSE)
+                    .header("content-encoding", "gzip")
+                    .body(BODY.to_owned())
+                    .unwrap(),
+            )
+        }));
+    let res = svc
+        .oneshot(
+            Request::post("/v1/chat/completions")
+                .body(stream_chat())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let relayed = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&relayed[..], BODY.as_bytes(), "relayed byte for byte");
+    let r = sink.last().unwrap();
+    assert!(
+        r.flags.iter().any(|f| f == flag::RESPONSE_ENCODED),
+        "{:?}",
+        r.flags
+    );
+    assert!(
+        r.flags.iter().any(|f| f == flag::USAGE_MISSING),
+        "{:?}",
+        r.flags
+    );
+    assert_eq!(r.total_tokens, None);
+    assert_eq!(r.cost_usd, None);
+
+    // The same stream unencoded is read: no flag.
+    let r = record_of("/v1/chat/completions", stream_chat(), SSE, BODY).await;
+    assert_eq!(r.total_tokens, Some(10));
+    assert!(!r.flags.iter().any(|f| f == flag::RESPONSE_ENCODED));
+}

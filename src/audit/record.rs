@@ -209,6 +209,10 @@ pub mod flag {
     /// The stream reported usage more than once: the record has the last report (servers
     /// that send a running total on every chunk end with the whole), never a sum.
     pub const USAGE_REPEATED: &str = "usage_repeated";
+    /// The response body was content-encoded (`gzip`, ...) although the upstream was asked for
+    /// `identity`: it is relayed untouched (no usage read from it, no usage chunk stripped), so
+    /// its usage is missing.
+    pub const RESPONSE_ENCODED: &str = "response_encoded";
 }
 
 /// The most bytes of `model`, `canonical_model`, `user` and `method` a record keeps (256): longer values

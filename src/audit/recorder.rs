@@ -60,6 +60,8 @@ pub(crate) struct Recorder {
     response_bytes: u64,
     content: Option<Vec<u8>>,
     content_truncated: bool,
+    /// The response body is content-encoded: relayed untouched, not read for usage.
+    response_encoded: bool,
     done: bool,
 }
 
@@ -89,6 +91,7 @@ impl Recorder {
             ttfb: None,
             response_bytes: 0,
             content_truncated: false,
+            response_encoded: false,
             done: false,
         }
     }
@@ -113,6 +116,16 @@ impl Recorder {
             .map(|r| (r.layer, r.code));
         self.take_handle();
         if self.rejection.is_some() {
+            return false;
+        }
+        // A compressed body cannot be read for usage nor have a chunk cut out of it: it goes
+        // on untouched, and the record says so (never a usage read from compressed bytes).
+        self.response_encoded = parts
+            .headers
+            .get_all(header::CONTENT_ENCODING)
+            .iter()
+            .any(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"));
+        if self.response_encoded {
             return false;
         }
         let mode = parts
@@ -259,6 +272,9 @@ impl Recorder {
         }
         if repeated {
             flags.push(flag::USAGE_REPEATED.to_owned());
+        }
+        if self.response_encoded {
+            flags.push(flag::RESPONSE_ENCODED.to_owned());
         }
         let client_request_id = self.info.client_request_id.take();
         let upstream_request_id = self.upstream_request_id.take();
