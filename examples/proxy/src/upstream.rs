@@ -644,6 +644,18 @@ impl Upstream {
                 }
             };
         let (mut parts, body) = response.into_parts();
+        if parts.status.is_informational() {
+            // The proxy never asks the upstream to switch protocols (`Upgrade` is a hop-by-hop
+            // header it strips), so a 101 (or any 1xx as a final answer) is not an answer to
+            // this request: relaying it would hand the client's connection to another protocol.
+            tracing::warn!(status = %parts.status, "the upstream answered with an unrequested 1xx");
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                "The upstream answered with a protocol switch nobody asked for.",
+                "server_error",
+                "upstream_invalid_response",
+            );
+        }
         if parts.headers.contains_key(header::TRANSFER_ENCODING) {
             // RFC 9112 §6.3: the transfer coding frames the body and the length is stale; the
             // body is re-framed on the way out, so a length we do not guarantee must go.

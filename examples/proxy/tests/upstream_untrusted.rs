@@ -1,6 +1,6 @@
 //! An upstream the proxy need not trust: the provider key it echoes (whole, or a fragment) never
 //! reaches the client, in bodies (JSON or SSE, split across frames) or headers; and a stale
-//! `Content-Length` next to `Transfer-Encoding: chunked` is never relayed. Each test runs a
+//! `Content-Length` next to `Transfer-Encoding: chunked` is never relayed, nor an unrequested 101. Each test runs a
 //! raw-TCP upstream that sends exactly the bytes it is given.
 
 use std::time::Duration;
@@ -206,5 +206,25 @@ async fn a_stale_content_length_next_to_chunked_is_dropped() -> TestResult {
     assert!(response.headers().get(header::TRANSFER_ENCODING).is_none());
     let bytes = response.into_body().collect().await?.to_bytes();
     assert_eq!(bytes, payload.as_bytes());
+    Ok(())
+}
+
+/// An upstream that answers a plain request with `101 Switching Protocols` (nobody asked to
+/// upgrade): the proxy cannot relay a protocol switch it did not request, so the client gets an
+/// OpenAI-shaped 502, never a 101.
+#[tokio::test]
+async fn an_unrequested_101_is_a_502() -> TestResult {
+    let response = "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\nraw bytes of another protocol";
+    let base = raw_upstream(vec![response.as_bytes().to_vec()]).await?;
+    let response = get(&base, "/v1/models").await;
+    assert_eq!(
+        response.status(),
+        StatusCode::BAD_GATEWAY,
+        "{:?}",
+        response.headers()
+    );
+    let bytes = response.into_body().collect().await?.to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&bytes)?;
+    assert!(json["error"]["code"].is_string(), "{json}");
     Ok(())
 }
