@@ -1,7 +1,7 @@
 //! An upstream the proxy need not trust: the provider key it echoes (whole, or a fragment) never
-//! reaches the client, in bodies (JSON or SSE, split across frames) or headers; and a stale
-//! `Content-Length` next to `Transfer-Encoding: chunked` is never relayed, nor an unrequested 101. Each test runs a
-//! raw-TCP upstream that sends exactly the bytes it is given.
+//! reaches the client, in bodies (JSON or SSE, split across frames) or headers; neither a stale
+//! `Content-Length` next to `Transfer-Encoding: chunked` nor an unrequested 101 is relayed.
+//! Each test runs a raw-TCP upstream that sends exactly the bytes it is given.
 
 use std::time::Duration;
 
