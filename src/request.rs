@@ -1414,8 +1414,33 @@ fn scan_member<'de, A: MapAccess<'de>>(
             Ok(())
         }
         k if is_user_data(k) => map.next_value::<IgnoredAny>().map(drop),
-        _ => map.next_value_seed(ScanSeed { c, depth }),
+        _ => {
+            // Skipped as raw text first (as cheap as ignoring it); walked only when it could
+            // hold something we read: a nested `model` or image tool, or a key that is escaped
+            // or not plain lowercase ASCII (which could fold onto one we read).
+            let raw = map.next_value::<&'de RawValue>()?;
+            if !may_hold_read_keys(raw.get()) {
+                return Ok(());
+            }
+            let mut de = serde_json::Deserializer::from_str(raw.get());
+            ScanSeed { c, depth }
+                .deserialize(&mut de)
+                .map_err(|e| de::Error::custom(without_position(&e)))
+        }
     }
+}
+
+/// Whether a skipped value must be walked (see [`scan_member`]): an object or array whose text
+/// holds `model`, `image_generation`, an upper-case ASCII letter, a non-ASCII byte or a
+/// backslash. Anything else holds no key that could select a model or fold onto a key we read.
+fn may_hold_read_keys(raw: &str) -> bool {
+    let bytes = raw.as_bytes();
+    matches!(bytes.first(), Some(b'{' | b'['))
+        && (bytes
+            .iter()
+            .any(|&b| b.is_ascii_uppercase() || b >= 0x80 || b == b'\\')
+            || memchr::memmem::find(bytes, b"model").is_some()
+            || memchr::memmem::find(bytes, b"image_generation").is_some())
 }
 
 /// The value of a nested `model` key: a string is a model; anything else is walked.
