@@ -771,7 +771,12 @@ impl<'a> Collector<'a> {
         }
         self.text(source, Cow::Borrowed(raw.get()));
         let mut de = serde_json::Deserializer::from_str(raw.get());
-        ScanSeed { c: self, depth: 1 }.deserialize(&mut de)
+        ScanSeed {
+            c: self,
+            depth: 1,
+            is_model: false,
+        }
+        .deserialize(&mut de)
     }
 }
 
@@ -1404,7 +1409,11 @@ fn scan_member<'de, A: MapAccess<'de>>(
     depth: u8,
 ) -> Result<(), A::Error> {
     match key {
-        "model" => map.next_value_seed(ModelSeed { c, depth }),
+        "model" => map.next_value_seed(ScanSeed {
+            c,
+            depth,
+            is_model: true,
+        }),
         "type" => {
             if let Some(ty) = map.next_value::<Option<&'de RawValue>>()? {
                 if ty.get() == "\"image_generation\"" {
@@ -1423,9 +1432,13 @@ fn scan_member<'de, A: MapAccess<'de>>(
                 return Ok(());
             }
             let mut de = serde_json::Deserializer::from_str(raw.get());
-            ScanSeed { c, depth }
-                .deserialize(&mut de)
-                .map_err(|e| de::Error::custom(without_position(&e)))
+            ScanSeed {
+                c,
+                depth,
+                is_model: false,
+            }
+            .deserialize(&mut de)
+            .map_err(|e| de::Error::custom(without_position(&e)))
         }
     }
 }
@@ -1443,74 +1456,13 @@ fn may_hold_read_keys(raw: &str) -> bool {
             || memchr::memmem::find(bytes, b"image_generation").is_some())
 }
 
-/// The value of a nested `model` key: a string is a model; anything else is walked.
-struct ModelSeed<'c, 'a> {
-    c: &'c mut Collector<'a>,
-    depth: u8,
-}
-
-impl<'de, 'c> DeserializeSeed<'de> for ModelSeed<'c, 'de> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de, 'c> Visitor<'de> for ModelSeed<'c, 'de> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a model name")
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
-        self.c.models.push(v.to_owned());
-        Ok(())
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
-        ScanSeed {
-            c: self.c,
-            depth: self.depth,
-        }
-        .visit_seq(seq)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
-        ScanSeed {
-            c: self.c,
-            depth: self.depth,
-        }
-        .visit_map(map)
-    }
-}
-
 /// Any value: walked for nested `model` keys (and `image_generation` tools), its keys checked
-/// for case variants of the keys we read.
+/// for case variants of the keys we read. `is_model`: the value of a `model` key, so a string
+/// is a model the request selects.
 struct ScanSeed<'c, 'a> {
     c: &'c mut Collector<'a>,
     depth: u8,
+    is_model: bool,
 }
 
 impl<'de, 'c> DeserializeSeed<'de> for ScanSeed<'c, 'de> {
@@ -1544,7 +1496,10 @@ impl<'de, 'c> Visitor<'de> for ScanSeed<'c, 'de> {
         Ok(())
     }
 
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        if self.is_model {
+            self.c.models.push(v.to_owned());
+        }
         Ok(())
     }
 
@@ -1560,6 +1515,7 @@ impl<'de, 'c> Visitor<'de> for ScanSeed<'c, 'de> {
             .next_element_seed(ScanSeed {
                 c: &mut *self.c,
                 depth: self.depth + 1,
+                is_model: false,
             })?
             .is_some()
         {}
@@ -1675,6 +1631,7 @@ impl<'de, 'c> Visitor<'de> for InputSeed<'c, 'de> {
             return ScanSeed {
                 c: self.c,
                 depth: self.depth,
+                is_model: false,
             }
             .visit_seq(seq);
         }
