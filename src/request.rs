@@ -1049,6 +1049,7 @@ impl<'de, 'c> Visitor<'de> for TopSeed<'c, 'de> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let mut seen = 0u64;
         let mut session = SessionFacts::default();
+        let mut transcription = SessionFacts::default();
         let out = self.out;
         let c = self.c;
         while let Some(key) = map.next_key::<Key<'de>>()? {
@@ -1104,7 +1105,7 @@ impl<'de, 'c> Visitor<'de> for TopSeed<'c, 'de> {
                         "input_audio_transcription",
                         SessionSeed {
                             c: &mut *c,
-                            facts: &mut session.transcription,
+                            facts: &mut transcription,
                         },
                     ))?;
                 }
@@ -1203,15 +1204,15 @@ impl<'de, 'c> Visitor<'de> for TopSeed<'c, 'de> {
             }
         }
         // A transcription session runs its transcription model.
-        let transcribes = session.kind.as_deref() == Some("transcription")
-            || session.transcription.model.is_some();
+        let transcribes =
+            session.kind.as_deref() == Some("transcription") || transcription.model.is_some();
         if transcribes && out.model.is_none() {
-            out.transcription_model = session
-                .transcription
+            out.transcription_model = transcription
                 .model
                 .or_else(|| session.nested.first().cloned());
         }
         c.models.append(&mut session.nested);
+        c.models.append(&mut transcription.nested);
         Ok(())
     }
 }
@@ -1224,53 +1225,16 @@ struct SessionFacts {
     max_output: Option<u64>,
     /// Models named deeper inside (`audio.input.transcription.model`).
     nested: Vec<String>,
-    transcription: Box<TranscriptionFacts>,
-}
-
-#[derive(Default)]
-struct TranscriptionFacts {
-    model: Option<String>,
 }
 
 /// A realtime `session` object: its model, type, instructions, output limit, tools, and the
 /// models nested in it.
-struct SessionSeed<'c, 'a, F> {
+struct SessionSeed<'c, 'a> {
     c: &'c mut Collector<'a>,
-    facts: &'c mut F,
+    facts: &'c mut SessionFacts,
 }
 
-/// Where a [`SessionSeed`] puts what it reads.
-trait SessionSink {
-    fn model(&mut self, model: String);
-    fn kind(&mut self, _kind: String) {}
-    fn max_output(&mut self, _cap: u64) {}
-    fn nested(&mut self) -> Option<&mut Vec<String>> {
-        None
-    }
-}
-
-impl SessionSink for SessionFacts {
-    fn model(&mut self, model: String) {
-        self.model = Some(model);
-    }
-    fn kind(&mut self, kind: String) {
-        self.kind = Some(kind);
-    }
-    fn max_output(&mut self, cap: u64) {
-        self.max_output = Some(self.max_output.map_or(cap, |c| c.max(cap)));
-    }
-    fn nested(&mut self) -> Option<&mut Vec<String>> {
-        Some(&mut self.nested)
-    }
-}
-
-impl SessionSink for Box<TranscriptionFacts> {
-    fn model(&mut self, model: String) {
-        self.model = Some(model);
-    }
-}
-
-impl<'de, 'c, F: SessionSink> DeserializeSeed<'de> for SessionSeed<'c, 'de, F> {
+impl<'de, 'c> DeserializeSeed<'de> for SessionSeed<'c, 'de> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
@@ -1278,7 +1242,7 @@ impl<'de, 'c, F: SessionSink> DeserializeSeed<'de> for SessionSeed<'c, 'de, F> {
     }
 }
 
-impl<'de, 'c, F: SessionSink> Visitor<'de> for SessionSeed<'c, 'de, F> {
+impl<'de, 'c> Visitor<'de> for SessionSeed<'c, 'de> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1293,8 +1257,7 @@ impl<'de, 'c, F: SessionSink> Visitor<'de> for SessionSeed<'c, 'de, F> {
         let mut seen = 0u64;
         let c = self.c;
         let facts = self.facts;
-        // Models found deeper go to the session's own list when it keeps one (a transcription
-        // session runs the first), else straight to the request's.
+        // Models found deeper are kept apart: a transcription session runs the first.
         let mut nested = Collector::new(c.base, false);
         while let Some(key) = map.next_key::<Key<'de>>()? {
             match key.0.as_ref() {
@@ -1302,12 +1265,12 @@ impl<'de, 'c, F: SessionSink> Visitor<'de> for SessionSeed<'c, 'de, F> {
                     if let Some(model) =
                         field::<Option<Text<'de>>, _>(&mut map, "model", &mut seen)?
                     {
-                        facts.model(model.0.into_owned());
+                        facts.model = Some(model.0.into_owned());
                     }
                 }
                 "type" => {
                     if let Some(kind) = map.next_value::<Option<Text<'de>>>()? {
-                        facts.kind(kind.0.into_owned());
+                        facts.kind = Some(kind.0.into_owned());
                     }
                 }
                 "instructions" => {
@@ -1324,7 +1287,7 @@ impl<'de, 'c, F: SessionSink> Visitor<'de> for SessionSeed<'c, 'de, F> {
                         "max_response_output_tokens"
                     };
                     if let Some(cap) = field::<Option<OutputCap>, _>(&mut map, name, &mut seen)? {
-                        facts.max_output(cap.0);
+                        facts.max_output = Some(facts.max_output.map_or(cap.0, |c| c.max(cap.0)));
                     }
                 }
                 "tools" => {
@@ -1338,10 +1301,7 @@ impl<'de, 'c, F: SessionSink> Visitor<'de> for SessionSeed<'c, 'de, F> {
         }
         c.parts.append(&mut nested.parts);
         c.image_tool |= nested.image_tool;
-        match facts.nested() {
-            Some(list) => list.append(&mut nested.models),
-            None => c.models.append(&mut nested.models),
-        }
+        facts.nested.append(&mut nested.models);
         Ok(())
     }
 }
