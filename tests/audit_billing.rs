@@ -583,3 +583,46 @@ async fn an_encoded_stream_is_relayed_untouched_and_flagged() {
     assert_eq!(r.total_tokens, Some(10));
     assert!(!r.flags.iter().any(|f| f == flag::RESPONSE_ENCODED));
 }
+
+#[tokio::test]
+async fn a_count_beyond_any_number_is_invalid_not_missing() {
+    let r = record_of(
+        "/v1/chat/completions",
+        chat("gpt-4o-mini", "ana"),
+        "application/json",
+        r#"{"choices":[],"usage":{"prompt_tokens":1e400,"completion_tokens":1,"total_tokens":2}}"#,
+    )
+    .await;
+    assert_eq!(r.cost_usd, None);
+    assert_eq!(r.prompt_tokens, None);
+    assert!(
+        r.flags.iter().any(|f| f == flag::USAGE_INVALID),
+        "{:?}",
+        r.flags
+    );
+    assert!(
+        !r.flags.iter().any(|f| f == flag::USAGE_MISSING),
+        "{:?}",
+        r.flags
+    );
+}
+
+#[tokio::test]
+async fn a_responses_stream_error_event_on_a_200_is_an_upstream_error() {
+    let body = serde_json::json!({"model": "gpt-4o-mini", "input": "hi", "stream": true});
+    let r = record_of(
+        "/v1/responses",
+        body.to_string(),
+        "text/event-stream",
+        "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n\
+         event: error\ndata: {\"type\":\"error\",\"code\":\"server_error\",\"message\":\"The server had an error\"}\n\n",
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::UpstreamError);
+    assert!(
+        r.flags.iter().any(|f| f == flag::UPSTREAM_ERROR_BODY),
+        "{:?}",
+        r.flags
+    );
+    assert_eq!(r.cost_usd, None);
+}

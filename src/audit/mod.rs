@@ -102,6 +102,8 @@
 //! [`UsageScanner`]: crate::audit::usage::UsageScanner
 
 mod body;
+#[cfg(feature = "tokio")]
+mod drain;
 mod future;
 mod handle;
 mod layer;
@@ -114,6 +116,11 @@ pub mod sink;
 pub mod usage;
 
 pub use body::AuditBody;
+#[cfg(feature = "tokio")]
+pub use drain::{
+    DrainBody, DrainFuture, DrainOnCancel, DrainOnCancelLayer, DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_MAX_DRAIN_BYTES,
+};
 pub use future::ResponseFuture;
 pub use handle::AuditHandle;
 pub use layer::{AuditLayer, DEFAULT_MAX_CONTENT_BYTES};

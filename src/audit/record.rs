@@ -203,7 +203,8 @@ pub mod flag {
     /// sent and valid, never a guess.
     pub const USAGE_INVALID: &str = "usage_invalid";
     /// The response had a success status but its body reported an error (`{"error":{...}}`,
-    /// a stream event `data: {"error":{...}}`, or a Responses stream's `response.failed`): the
+    /// a stream event `data: {"error":{...}}`, a Responses stream's `error` event, or its
+    /// `response.failed`): the
     /// outcome is [`UpstreamError`](super::Outcome::UpstreamError) and `cost_usd` is `null`.
     pub const UPSTREAM_ERROR_BODY: &str = "upstream_error_body";
     /// The stream reported usage more than once: the record has the last report (servers
@@ -213,6 +214,11 @@ pub mod flag {
     /// `identity`: it is relayed untouched (no usage read from it, no usage chunk stripped), so
     /// its usage is missing.
     pub const RESPONSE_ENCODED: &str = "response_encoded";
+    /// The client went away before the usage, and the response was read on briefly until it
+    /// came ([`DrainOnCancelLayer`](crate::audit::DrainOnCancelLayer), `tokio` feature): the
+    /// record is [`Cancelled`](super::Outcome::Cancelled) with the upstream's own usage and
+    /// cost, and `response_bytes` counts only what the client received.
+    pub const USAGE_AFTER_CANCEL: &str = "usage_after_cancel";
 }
 
 /// The most bytes of `model`, `canonical_model`, `user` and `method` a record keeps (256): longer values

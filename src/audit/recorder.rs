@@ -62,6 +62,12 @@ pub(crate) struct Recorder {
     content_truncated: bool,
     /// The response body is content-encoded: relayed untouched, not read for usage.
     response_encoded: bool,
+    /// Shared with a [`DrainOnCancel`](super::DrainOnCancel) outside the layer, if any.
+    #[cfg(feature = "tokio")]
+    tail: Option<super::drain::Tail>,
+    /// A usage report was read after the client left.
+    #[cfg(feature = "tokio")]
+    usage_after_cancel: bool,
     done: bool,
 }
 
@@ -92,7 +98,42 @@ impl Recorder {
             response_bytes: 0,
             content_truncated: false,
             response_encoded: false,
+            #[cfg(feature = "tokio")]
+            tail: None,
+            #[cfg(feature = "tokio")]
+            usage_after_cancel: false,
             done: false,
+        }
+    }
+
+    /// Shares the state of a response that may be drained after its client left.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn with_tail(mut self, tail: Option<super::drain::Tail>) -> Self {
+        self.tail = tail;
+        self
+    }
+
+    /// Whether the client left and what is read now is drained, not delivered.
+    fn departed(&self) -> bool {
+        #[cfg(feature = "tokio")]
+        {
+            self.tail.as_ref().is_some_and(super::drain::Tail::departed)
+        }
+        #[cfg(not(feature = "tokio"))]
+        false
+    }
+
+    /// Tells a drain outside the layer whether the usage is still to come.
+    #[cfg(feature = "tokio")]
+    fn update_tail(&mut self) {
+        let Some(tail) = &self.tail else { return };
+        let waiting = self.scanner.as_ref().is_some_and(|scanner| {
+            !(scanner.saw_done()
+                || scanner.is_finished()
+                || (scanner.mode() == ScanMode::Json && scanner.usage_reports() > 0))
+        });
+        if !waiting {
+            tail.set_wants(false);
         }
     }
 
@@ -134,6 +175,16 @@ impl Recorder {
             .and_then(|v| v.to_str().ok())
             .and_then(ScanMode::from_content_type);
         self.scanner = mode.map(UsageScanner::new);
+        #[cfg(feature = "tokio")]
+        if let Some(tail) = &self.tail {
+            let endpoint = self.facts.as_ref().and_then(|f| f.endpoint);
+            tail.set_wants(
+                self.scanner.is_some()
+                    && parts.status.is_success()
+                    && self.info.method == Method::POST
+                    && endpoint.is_some_and(reports_usage),
+            );
+        }
         mode == Some(ScanMode::Sse)
             && parts.status.is_success()
             && self.facts.as_ref().is_some_and(|f| f.usage_injected)
@@ -160,12 +211,25 @@ impl Recorder {
             self.ttfb = Some(self.info.start.elapsed());
         }
         if let Some(scanner) = &mut self.scanner {
+            #[cfg(feature = "tokio")]
+            let reports = scanner.usage_reports();
             scanner.feed(chunk);
+            #[cfg(feature = "tokio")]
+            if self.tail.is_some() {
+                if scanner.usage_reports() > reports && self.departed() {
+                    self.usage_after_cancel = true;
+                }
+                self.update_tail();
+            }
         }
     }
 
     /// A chunk of the body as it goes to the client.
     pub(crate) fn on_forwarded(&mut self, chunk: &[u8]) {
+        if self.departed() {
+            // Drained after the client left: never delivered.
+            return;
+        }
         self.response_bytes += chunk.len() as u64;
         if let Some(content) = &mut self.content {
             let limit = self.config.max_content_bytes + REDACTION_MARGIN;
@@ -195,6 +259,18 @@ impl Recorder {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
+        // A response read on after its client left ended for nobody (its last event is
+        // still read as the end of the body).
+        let end = if self.departed() {
+            if end == End::Completed {
+                if let Some(scanner) = &mut self.scanner {
+                    scanner.finish();
+                }
+            }
+            End::Cancelled
+        } else {
+            end
+        };
         #[cfg(feature = "tracing")]
         let request_id = self.info.request_id.clone();
         // The sink (and the redaction function) are user code, called here from a body's
@@ -275,6 +351,10 @@ impl Recorder {
         }
         if self.response_encoded {
             flags.push(flag::RESPONSE_ENCODED.to_owned());
+        }
+        #[cfg(feature = "tokio")]
+        if self.usage_after_cancel {
+            flags.push(flag::USAGE_AFTER_CANCEL.to_owned());
         }
         let client_request_id = self.info.client_request_id.take();
         let upstream_request_id = self.upstream_request_id.take();

@@ -147,6 +147,8 @@ where
             uri,
         };
         let recorder = Recorder::new(self.config.clone(), handle, info);
+        #[cfg(feature = "tokio")]
+        let recorder = recorder.with_tail(parts.extensions.get::<super::drain::Tail>().cloned());
         let check = AuditCheck::new(self.config.policy.clone(), reads_itself);
         let req = Request::from_parts(parts, body);
         ResponseFuture::new(CheckFuture::new(check, &mut self.inner, req), recorder)

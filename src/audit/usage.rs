@@ -131,7 +131,8 @@ impl ScanMode {
 ///
 /// Keys are matched on their raw bytes: a key written with escapes (`"us\u0061ge"`) is not
 /// recognised. The JSON is not validated: on malformed input the scanner finds no usage (or
-/// the usage of whatever it could parse), and it never panics. At [`finish`](Self::finish), a
+/// the usage of whatever it could parse), and it never panics; a `usage` object that does not
+/// parse (a count of `1e400`, out of any number's range) is reported, invalid. At [`finish`](Self::finish), a
 /// last SSE event that lacks its closing blank line is still read.
 #[derive(Debug)]
 pub struct UsageScanner {
@@ -211,6 +212,9 @@ impl UsageScanner {
         if self.sse.is_done() {
             self.saw_done = true;
         }
+        if self.sse.is_error() {
+            self.json.saw_error = true;
+        }
         self.json.end_capture();
         self.json.reset();
         self.sse.reset_event();
@@ -240,7 +244,8 @@ impl UsageScanner {
     /// Whether the body reported an error: a JSON object under a top-level `"error"` key (a
     /// `200` whose body is `{"error":{...}}`, or a stream event `data: {"error":{...}}`), or
     /// under the `"error"` key of a Responses stream's top-level `response` (a
-    /// `response.failed` event). `"error": null` is no error.
+    /// `response.failed` event), or a Responses stream's `error` event (`event: error`, or
+    /// data starting `{"type":"error"`). `"error": null` is no error.
     pub fn saw_error(&self) -> bool {
         self.json.saw_error
     }
@@ -518,7 +523,11 @@ enum LinePhase {
     SkipSpace,
     /// In the value of a `data:` line.
     Data,
-    /// In a comment or a field other than `data`.
+    /// Just after `event:`: one optional space to skip.
+    EventSkipSpace,
+    /// In the value of an `event:` line.
+    EventValue,
+    /// In a comment or a field other than `data` and `event`.
     Ignore,
 }
 
@@ -527,9 +536,15 @@ enum LinePhase {
 #[derive(Debug)]
 struct SseEvents {
     phase: LinePhase,
-    /// Bytes of the field name seen, and whether they are still a prefix of `data`.
+    /// Bytes of the field name seen, and whether they are still a prefix of `data`, or of
+    /// `event`.
     name_len: usize,
     name_is_data: bool,
+    name_is_event: bool,
+    /// The value of the event's `event:` line (its type), up to 8 bytes.
+    kind: [u8; 8],
+    kind_len: usize,
+    kind_overflow: bool,
     /// The last line ended with `\r`: a `\n` next is part of that line ending.
     after_cr: bool,
     /// `data:` lines in the current event.
@@ -546,6 +561,10 @@ impl Default for SseEvents {
             phase: LinePhase::Start,
             name_len: 0,
             name_is_data: true,
+            name_is_event: true,
+            kind: [0; 8],
+            kind_len: 0,
+            kind_overflow: false,
             after_cr: false,
             data_lines: 0,
             head: [0; 16],
@@ -606,6 +625,11 @@ impl SseEvents {
                     if self.name_is_data && self.name_len == 4 {
                         self.begin_data(json);
                         self.phase = LinePhase::SkipSpace;
+                    } else if self.name_is_event && self.name_len == 5 {
+                        // A later `event:` line replaces the type.
+                        self.kind_len = 0;
+                        self.kind_overflow = false;
+                        self.phase = LinePhase::EventSkipSpace;
                     } else {
                         self.phase = LinePhase::Ignore;
                         return;
@@ -621,6 +645,23 @@ impl SseEvents {
                     self.data_bytes(s, json);
                     return;
                 }
+                LinePhase::EventSkipSpace => {
+                    if s.first() == Some(&b' ') {
+                        s = s.get(1..).unwrap_or_default();
+                    }
+                    self.phase = LinePhase::EventValue;
+                }
+                LinePhase::EventValue => {
+                    let end = self.kind_len + s.len();
+                    match self.kind.get_mut(self.kind_len..end) {
+                        Some(dst) if !self.kind_overflow => {
+                            dst.copy_from_slice(s);
+                            self.kind_len = end;
+                        }
+                        _ => self.kind_overflow = true,
+                    }
+                    return;
+                }
                 LinePhase::Ignore => return,
             }
         }
@@ -630,6 +671,9 @@ impl SseEvents {
         let end = self.name_len.saturating_add(name.len());
         if self.name_is_data {
             self.name_is_data = b"data".get(self.name_len..end) == Some(name);
+        }
+        if self.name_is_event {
+            self.name_is_event = b"event".get(self.name_len..end) == Some(name);
         }
         self.name_len = end;
     }
@@ -644,14 +688,17 @@ impl SseEvents {
     fn data_bytes(&mut self, s: &[u8], json: &mut JsonScan) {
         json.feed(s);
         if !self.head_overflow {
-            let end = self.head_len + s.len();
-            match self.head.get_mut(self.head_len..end) {
-                Some(dst) => {
-                    dst.copy_from_slice(s);
-                    self.head_len = end;
-                }
-                None => self.head_overflow = true,
+            // The first bytes, as many as fit; more marks the data longer than the head.
+            let room = self.head.len() - self.head_len;
+            let take = s.len().min(room);
+            if let (Some(dst), Some(src)) = (
+                self.head.get_mut(self.head_len..self.head_len + take),
+                s.get(..take),
+            ) {
+                dst.copy_from_slice(src);
+                self.head_len += take;
             }
+            self.head_overflow = s.len() > room;
         }
     }
 
@@ -662,8 +709,14 @@ impl SseEvents {
             // A bare `data` line: a data line with an empty value.
             self.begin_data(json);
         }
+        if phase == LinePhase::Name && self.name_is_event && self.name_len == 5 {
+            // A bare `event` line: an empty type.
+            self.kind_len = 0;
+            self.kind_overflow = false;
+        }
         self.name_len = 0;
         self.name_is_data = true;
+        self.name_is_event = true;
         phase == LinePhase::Start
     }
 
@@ -675,6 +728,19 @@ impl SseEvents {
                 .head
                 .get(..self.head_len)
                 .is_some_and(|d| d.trim_ascii() == b"[DONE]")
+    }
+
+    /// Whether the current event reports an error: its type is `error` (a Responses stream's
+    /// error event), or its data starts `{"type":"error"` (the same event sent without its
+    /// `event:` line).
+    fn is_error(&self) -> bool {
+        let kind = (!self.kind_overflow).then(|| self.kind.get(..self.kind_len));
+        kind.flatten() == Some(b"error".as_slice())
+            || (self.data_lines > 0
+                && self
+                    .head
+                    .get(..self.head_len)
+                    .is_some_and(|d| d.starts_with(br#"{"type":"error""#)))
     }
 
     fn reset_event(&mut self) {
@@ -1046,11 +1112,19 @@ impl JsonScan {
             return;
         }
         if !self.overflow {
-            if let Ok(Some(wire)) = serde_json::from_slice::<Option<WireUsage>>(&self.buf) {
-                if let Some(reported) = wire.into_reported() {
-                    self.found = Some(reported);
-                    self.reports = self.reports.saturating_add(1);
+            let reported = match serde_json::from_slice::<Option<WireUsage>>(&self.buf) {
+                Ok(wire) => wire.and_then(WireUsage::into_reported),
+                // A usage object the upstream sent but that cannot be read (a count of
+                // `1e400`, beyond any number type; a cut-off object): reported, and invalid,
+                // never taken as absent. A value that is no object is no usage.
+                Err(_) if self.buf.trim_ascii_start().first() == Some(&b'{') => {
+                    Some(Reported::unreadable())
                 }
+                Err(_) => None,
+            };
+            if let Some(reported) = reported {
+                self.found = Some(reported);
+                self.reports = self.reports.saturating_add(1);
             }
         }
         self.overflow = false;
@@ -1181,6 +1255,27 @@ pub(crate) struct Reported {
     /// A count was invalid (see [`Count::Invalid`]), or the counts disagree: total is not
     /// prompt + completion, cached is more than prompt, reasoning more than completion.
     pub(crate) invalid: bool,
+}
+
+impl Reported {
+    /// A usage value that could not be read at all: no count, invalid.
+    fn unreadable() -> Reported {
+        Reported {
+            usage: Usage {
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                total_tokens: 0,
+                cached_tokens: None,
+                reasoning_tokens: None,
+            },
+            prompt: None,
+            completion: None,
+            total: None,
+            cached: None,
+            reasoning: None,
+            invalid: true,
+        }
+    }
 }
 
 impl WireUsage {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use tokio::net::TcpListener;
-use tower_llm_policy::audit::{FanOut, JsonlSink};
+use tower_llm_policy::audit::{DrainOnCancelLayer, FanOut, JsonlSink};
 use tower_llm_policy::keys::{FileKeyStore, KeyStore, MemoryKeyStore};
 use tower_llm_policy::{ApiKey, FeatureSet};
 
@@ -84,6 +84,8 @@ pub struct Proxy {
     listener: TcpListener,
     server: ServerOptions,
     audit_sink: Option<JsonlSink>,
+    /// The responses read on after their clients left (see `[audit] drain_after_cancel`).
+    drains: Option<DrainOnCancelLayer>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -200,6 +202,7 @@ impl Proxy {
         }
         let policy = (!args.no_policy).then(|| Policy::new(config, store, audit));
         let service = build_stack(policy.as_ref(), upstream);
+        let drains = policy.map(|policy| policy.drain);
 
         let listener = TcpListener::bind(listen)
             .await
@@ -240,6 +243,7 @@ impl Proxy {
             listener,
             server: server_options,
             audit_sink,
+            drains,
         })
     }
 
@@ -248,6 +252,14 @@ impl Proxy {
     /// returns.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
         let served = server::run(self.service, self.listener, self.server, shutdown).await;
+        if let Some(drains) = &self.drains {
+            // Responses still read on for their usage (clients that left): their records
+            // come when they end, within the drain timeout.
+            let deadline = tokio::time::Instant::now() + drains.timeout();
+            while drains.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
         if let Some(sink) = self.audit_sink {
             // Records are emitted when response bodies end, so after the connections closed.
             // Flushing waits for the sink's writer thread: keep it off the runtime's threads.

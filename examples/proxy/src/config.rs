@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 use tower_llm_policy::audit::pricing::PricingTable;
+use tower_llm_policy::audit::DEFAULT_DRAIN_TIMEOUT;
 use tower_llm_policy::model::{ModelAliases, ModelList};
 use tower_llm_policy::request::{BodyOptions, DEFAULT_BODY_LIMIT, DEFAULT_MULTIPART_LIMIT};
 use tower_llm_policy::{ApiKey, FeatureSet};
@@ -173,12 +174,32 @@ fn default_max_connections() -> usize {
 }
 
 /// `[audit]`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// `jsonl = "audit.jsonl"`: append one JSON record per request to this file.
     #[serde(default)]
     pub jsonl: Option<PathBuf>,
+    /// `drain_after_cancel = "1s"`: when a client leaves before a response's usage came (for
+    /// example right after a stream's last token), the response is read on for at most this
+    /// long (and 64 KiB) so that its record has the upstream's usage and cost (flagged
+    /// `usage_after_cancel`). `"0s"` turns it off. See
+    /// [`DrainOnCancelLayer`](tower_llm_policy::audit::DrainOnCancelLayer).
+    #[serde(default = "default_drain", deserialize_with = "duration")]
+    pub drain_after_cancel: Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            jsonl: None,
+            drain_after_cancel: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+fn default_drain() -> Duration {
+    DEFAULT_DRAIN_TIMEOUT
 }
 
 /// `[workspace]`.

@@ -59,6 +59,9 @@ pub struct MockOptions {
     pub stream_chunks: usize,
     /// Delay before each content chunk of a streamed response.
     pub chunk_delay: Duration,
+    /// Delay before a streamed chat completion's usage chunk, after its last token (a client
+    /// may leave in between).
+    pub usage_delay: Duration,
     /// Whether requests are recorded in [`MockOptions::log`]. Off for a long-running server,
     /// whose log would otherwise grow without bound.
     pub record: bool,
@@ -74,6 +77,7 @@ impl Default for MockOptions {
             latency: Duration::ZERO,
             stream_chunks: 8,
             chunk_delay: Duration::ZERO,
+            usage_delay: Duration::ZERO,
             record: true,
             record_body_limit: 1024 * 1024,
             log: MockLog::default(),
@@ -100,6 +104,13 @@ impl MockOptions {
     #[must_use]
     pub fn chunk_delay(mut self, delay: Duration) -> Self {
         self.chunk_delay = delay;
+        self
+    }
+
+    /// Sets [`MockOptions::usage_delay`].
+    #[must_use]
+    pub fn usage_delay(mut self, delay: Duration) -> Self {
+        self.usage_delay = delay;
         self
     }
 
@@ -533,7 +544,7 @@ fn chat_stream(model: &str, prompt: u64, n: usize, include_usage: bool) -> Vec<E
     }
     events.push(Event::data(chunk(json!({}), json!("stop"))));
     if include_usage {
-        events.push(Event::data(json!({
+        events.push(Event::usage(json!({
             "id": id,
             "object": "chat.completion.chunk",
             "created": created,
@@ -817,6 +828,8 @@ struct Event {
     bytes: Bytes,
     /// Whether [`MockOptions::chunk_delay`] applies before it (the content chunks).
     delayed: bool,
+    /// Whether [`MockOptions::usage_delay`] applies before it (a chat stream's usage chunk).
+    usage: bool,
 }
 
 impl Event {
@@ -824,6 +837,14 @@ impl Event {
         Self {
             bytes: Bytes::from(format!("data: {value}\n\n")),
             delayed: false,
+            usage: false,
+        }
+    }
+
+    fn usage(value: Value) -> Self {
+        Self {
+            usage: true,
+            ..Self::data(value)
         }
     }
 
@@ -838,6 +859,7 @@ impl Event {
         Self {
             bytes: Bytes::from(format!("event: {name}\ndata: {value}\n\n")),
             delayed: false,
+            usage: false,
         }
     }
 
@@ -845,6 +867,7 @@ impl Event {
         Self {
             bytes: Bytes::from_static(b"data: [DONE]\n\n"),
             delayed: false,
+            usage: false,
         }
     }
 }
@@ -853,8 +876,9 @@ impl Event {
 /// [`MockOptions::chunk_delay`]. Without a delay the events go out in one body frame.
 fn sse(opts: &MockOptions, events: Vec<Event>) -> Response {
     let delay = opts.chunk_delay;
+    let usage_delay = opts.usage_delay;
     let log = opts.log.clone();
-    let body = if delay.is_zero() {
+    let body = if delay.is_zero() && usage_delay.is_zero() {
         let mut all = BytesMut::new();
         for event in &events {
             all.extend_from_slice(&event.bytes);
@@ -867,6 +891,9 @@ fn sse(opts: &MockOptions, events: Vec<Event>) -> Response {
             for event in events {
                 if event.delayed {
                     tokio::time::sleep(delay).await;
+                }
+                if event.usage {
+                    tokio::time::sleep(usage_delay).await;
                 }
                 if tx.send(event.bytes).await.is_err() {
                     return; // The client went away.

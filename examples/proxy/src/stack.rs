@@ -1,7 +1,7 @@
 //! The proxy's tower stack: the crate's policy layers in front of the forwarding client.
 //!
 //! ```text
-//! client ──► Audit ──► BodyTimeout ──► BodyLimit ──► KeyAuth ──► FeatureBlock ──► ModelAllowList ──► PromptLimit ──► Upstream
+//! client ──► DrainOnCancel ──► Audit ──► BodyTimeout ──► BodyLimit ──► KeyAuth ──► FeatureBlock ──► ModelAllowList ──► PromptLimit ──► Upstream
 //! ```
 //!
 //! [`BodyTimeout`](crate::slow_client::BodyTimeoutLayer) answers a request whose body stalled
@@ -10,6 +10,9 @@
 //!
 //! Every layer shares one library [`Policy`](tower_llm_policy::Policy) (`[body]` and
 //! `[model_names]`): the request is resolved once, with it.
+//!
+//! [`DrainOnCancel`](tower_llm_policy::audit::DrainOnCancelLayer) reads a response on briefly
+//! when its client left before the usage came (`[audit] drain_after_cancel`).
 //!
 //! The audit layer is there when records have somewhere to go (`[audit] jsonl`, or the
 //! console lines of the embedded default); the other layers always, each configured from its
@@ -26,7 +29,7 @@ use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_layer::Layer;
 use tower_llm_policy::audit::pricing::PricingTable;
-use tower_llm_policy::audit::FanOut;
+use tower_llm_policy::audit::{DrainOnCancelLayer, FanOut};
 use tower_llm_policy::model::{ModelAliases, ModelList};
 use tower_llm_policy::request::BodyOptions;
 use tower_llm_policy::{
@@ -70,6 +73,10 @@ pub struct Policy {
     /// Where the audit records go: `[audit] jsonl` (opened), the embedded default's console
     /// lines. No audit layer when empty.
     pub audit: FanOut,
+    /// `[audit] drain_after_cancel`: reads a response on briefly for its usage when the
+    /// client left first. Shared with the server, which waits for the drains before it
+    /// flushes the audit log.
+    pub drain: DrainOnCancelLayer,
 }
 
 impl std::fmt::Debug for Policy {
@@ -99,6 +106,7 @@ impl Policy {
             prompt_limits: config.prompt_limits,
             pricing,
             audit,
+            drain: DrainOnCancelLayer::new().drain_timeout(config.audit.drain_after_cancel),
         }
     }
 }
@@ -174,6 +182,8 @@ pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService 
         // Outermost, so that it sees every request, rejected ones included, and every
         // response body to its end.
         Some(sinks) => {
+            // A client that leaves before the usage: the response is read on briefly for it.
+            let drain = policy.drain.clone();
             let audited = AuditLayer::new(sinks.clone())
                 // The record's id is ours: a client's `x-request-id` could collide with
                 // another record's, or be chosen to.
@@ -182,7 +192,8 @@ pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService 
                 .policy(resolve)
                 .layer(policed);
             BoxCloneService::new(ServiceExt::<Request<PolicyBody>>::map_response(
-                audited, box_body,
+                drain.layer(audited),
+                box_body,
             ))
         }
         None => BoxCloneService::new(ServiceExt::<Request<PolicyBody>>::map_response(

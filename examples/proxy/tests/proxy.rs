@@ -1215,3 +1215,75 @@ async fn the_audit_file_has_a_record_per_request() -> TestResult {
     assert_eq!(streamed["completion_tokens"], 8);
     Ok(())
 }
+
+/// Streams a chat completion and leaves as soon as the last token (the `finish_reason`)
+/// arrives, before the usage chunk the mock sends 300 ms later. The request's record.
+async fn leave_after_the_last_token(
+    h: &mut Harness,
+) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+    let mut request = chat("gpt-4o-mini", "one two three");
+    request.stream = Some(true);
+    let mut stream = h.client(CHAT_KEY).chat().create_stream(request).await?;
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), stream.next()).await? {
+        let chunk = chunk?;
+        if chunk
+            .choices
+            .first()
+            .is_some_and(|c| c.finish_reason.is_some())
+        {
+            break;
+        }
+    }
+    drop(stream);
+    // Shutting down waits for the drain, then flushes the sink.
+    h.stop().await?;
+    let text = std::fs::read_to_string(&h.audit_path)?;
+    let records: Vec<Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(records.len(), 1, "{text}");
+    Ok(records[0].clone())
+}
+
+#[tokio::test]
+async fn a_client_leaving_before_the_usage_chunk_is_billed_from_the_upstreams_usage() -> TestResult
+{
+    let opts = MockOptions::default()
+        .stream_chunks(3)
+        .usage_delay(Duration::from_millis(300));
+    let mut h = start_with(opts, false).await;
+    let record = leave_after_the_last_token(&mut h).await?;
+    assert_eq!(record["outcome"], "cancelled", "{record}");
+    assert_eq!(record["prompt_tokens"], 3, "{record}");
+    assert_eq!(record["completion_tokens"], 3, "{record}");
+    assert!(
+        record["cost_usd"].as_f64().is_some_and(|c| c > 0.0),
+        "{record}"
+    );
+    let flags = record["flags"].to_string();
+    assert!(flags.contains("usage_after_cancel"), "{record}");
+    assert!(!flags.contains("usage_missing"), "{record}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_the_drain_off_a_client_leaving_before_the_usage_chunk_leaves_it_missing() -> TestResult
+{
+    let opts = MockOptions::default()
+        .stream_chunks(3)
+        .usage_delay(Duration::from_millis(300));
+    let mut h = start_edited(opts, false, |text| {
+        text.replace("[audit]\n", "[audit]\ndrain_after_cancel = \"0s\"\n")
+    })
+    .await;
+    let record = leave_after_the_last_token(&mut h).await?;
+    assert_eq!(record["outcome"], "cancelled", "{record}");
+    assert!(record["prompt_tokens"].is_null(), "{record}");
+    assert!(record["cost_usd"].is_null(), "{record}");
+    assert!(
+        record["flags"].to_string().contains("usage_missing"),
+        "{record}"
+    );
+    Ok(())
+}

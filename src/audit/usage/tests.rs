@@ -900,3 +900,52 @@ fn invalid_counts_and_disagreeing_counts_make_the_usage_invalid() {
         assert!(check(bad), "{bad}");
     }
 }
+
+#[test]
+fn a_usage_object_that_does_not_parse_is_invalid_not_missing() {
+    for body in [
+        r#"{"usage":{"prompt_tokens":1e400,"completion_tokens":1,"total_tokens":2}}"#,
+        r#"{"usage":{"prompt_tokens":10,"completion_tokens":1,"total_tokens":"#,
+    ] {
+        let scanner = scan(ScanMode::Json, &[body.as_bytes()]);
+        assert!(scanner.usage_invalid(), "{body}");
+        assert_eq!(scanner.usage_reports(), 1, "{body}");
+    }
+    let stream = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":-1e999}}\n\ndata: [DONE]\n\n";
+    let scanner = scan(ScanMode::Sse, &[stream.as_bytes()]);
+    assert!(scanner.usage_invalid());
+}
+
+#[test]
+fn a_responses_error_event_is_an_error() {
+    let named = "event: response.created\ndata: {\"type\":\"response.created\"}\n\n\
+                 event: error\ndata: {\"type\":\"error\",\"code\":\"server_error\",\"message\":\"x\"}\n\n";
+    let unnamed = "data: {\"type\":\"error\",\"code\":\"server_error\",\"message\":\"x\"}\n\n";
+    let no_space = "event:error\ndata: {\"code\":\"x\"}\n\n";
+    for body in [named, unnamed, no_space] {
+        assert_every_split_error(body, true);
+    }
+}
+
+#[test]
+fn events_that_only_mention_an_error_are_not_errors() {
+    for body in [
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"error\"}\n\n",
+        "event: errors\ndata: {}\n\n",
+        "event: error-ish\ndata: {}\n\n",
+        "data: {\"type\":\"errors\"}\n\n",
+        // The type of one event does not carry over to the next.
+        "event: error\nevent: response.completed\ndata: {}\n\n",
+    ] {
+        assert_every_split_error(body, false);
+    }
+}
+
+/// `saw_error` for `body` split in two at every position.
+fn assert_every_split_error(body: &str, expected: bool) {
+    let b = body.as_bytes();
+    for k in 0..=b.len() {
+        let scanner = scan(ScanMode::Sse, &[&b[..k], &b[k..]]);
+        assert_eq!(scanner.saw_error(), expected, "split at {k}: {body:?}");
+    }
+}
