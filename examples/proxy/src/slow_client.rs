@@ -569,3 +569,160 @@ fn rejection<B>(
     });
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+
+    #[test]
+    fn the_budget_refuses_what_does_not_fit_and_never_overflows() {
+        let budget = BodyBudget::new(100);
+        assert!(budget.try_charge(60));
+        assert!(!budget.try_charge(41));
+        assert!(budget.try_charge(40));
+        assert_eq!(budget.in_flight(), 100);
+        // Larger than the whole budget, or than the whole address space.
+        budget.release(100);
+        assert!(!budget.try_charge(101));
+        assert!(budget.try_charge(1));
+        assert!(!budget.try_charge(usize::MAX));
+        assert_eq!(budget.in_flight(), 1);
+    }
+
+    #[test]
+    fn a_request_gives_its_charge_back_once_and_charges_nothing_after() {
+        let budget = BodyBudget::new(1000);
+        let state = BodyState::new(Some(budget.clone()));
+        assert!(state.charge(300));
+        assert!(state.charge(200));
+        assert_eq!((state.held(), budget.in_flight()), (500, 500));
+        state.release();
+        state.release();
+        assert_eq!(budget.in_flight(), 0);
+        // Bytes after the answer are not held for the request.
+        assert!(state.charge(900));
+        assert_eq!(budget.in_flight(), 0);
+        // The last holder letting go releases too.
+        let other = BodyState::new(Some(budget.clone()));
+        assert!(other.charge(700));
+        drop(other);
+        assert_eq!(budget.in_flight(), 0);
+    }
+
+    #[test]
+    fn many_requests_charging_at_once_never_exceed_the_budget() {
+        let budget = BodyBudget::new(10_000);
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let budget = budget.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        let state = BodyState::new(Some(budget.clone()));
+                        for _ in 0..10 {
+                            let _ = state.charge(300);
+                            assert!(budget.in_flight() <= 10_000);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(budget.in_flight(), 0);
+    }
+
+    /// A body that yields a byte every `every`, forever.
+    fn trickle(every: Duration) -> StreamBody<Ticks> {
+        StreamBody::new(Ticks(Box::pin(tokio::time::sleep(every)), every))
+    }
+
+    struct Ticks(Pin<Box<Sleep>>, Duration);
+
+    impl futures_util::Stream for Ticks {
+        type Item = Result<Frame<Bytes>, std::io::Error>;
+
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            ready!(self.0.as_mut().poll(cx));
+            let next = Instant::now() + self.1;
+            self.0.as_mut().reset(next);
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"a")))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_trickle_fails_at_the_total_deadline_not_before() {
+        let state = BodyState::new(None);
+        let body = ReadTimeoutBody::new(
+            trickle(Duration::from_millis(50)),
+            Duration::from_millis(200),
+            state.clone(),
+        )
+        .total_timeout(Duration::from_millis(500));
+        let started = Instant::now();
+        let err = body.collect().await.unwrap_err();
+        let took = started.elapsed();
+        assert!(err.is::<BodyTotalTimeout>(), "{err}");
+        assert!(
+            took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        assert_eq!(state.failure(), Some(BodyFailure::TimedOut));
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_budget_fails_and_says_so() {
+        let budget = BodyBudget::new(10);
+        let state = BodyState::new(Some(budget.clone()));
+        let body = ReadTimeoutBody::new(
+            trickle(Duration::from_millis(1)),
+            Duration::from_secs(5),
+            state.clone(),
+        );
+        let err = body.collect().await.unwrap_err();
+        assert!(err.is::<BodyOverBudget>(), "{err}");
+        assert_eq!(state.failure(), Some(BodyFailure::OverBudget));
+        assert_eq!(budget.in_flight(), 10);
+        state.release();
+        assert_eq!(budget.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_charge_comes_back_when_answered_or_abandoned() {
+        use tower::ServiceExt;
+
+        let budget = BodyBudget::new(1000);
+        let request = |state: &BodyState| {
+            let mut req = Request::new(());
+            req.extensions_mut().insert(state.clone());
+            req
+        };
+        // Abandoned: the client went away before the answer.
+        let state = BodyState::new(Some(budget.clone()));
+        assert!(state.charge(500));
+        let never = BodyTimeoutLayer.layer(tower::service_fn(|_req: Request<()>| {
+            std::future::pending::<Result<Response<()>, std::convert::Infallible>>()
+        }));
+        let pending = never.oneshot(request(&state));
+        assert!(tokio::time::timeout(Duration::from_millis(20), pending)
+            .await
+            .is_err());
+        assert_eq!(
+            budget.in_flight(),
+            0,
+            "released when the future was dropped"
+        );
+
+        // Answered: released as the head is produced, the response body not yet sent.
+        let state = BodyState::new(Some(budget.clone()));
+        assert!(state.charge(500));
+        let answer = BodyTimeoutLayer.layer(tower::service_fn(|_req: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(()))
+        }));
+        let response = answer.oneshot(request(&state)).await.unwrap();
+        assert_eq!(budget.in_flight(), 0);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(state.failure().is_none());
+    }
+}
