@@ -175,10 +175,21 @@ impl Proxy {
             .map_err(|e| StartError::Upstream(e.to_string()))?;
 
         let listen = args.listen.unwrap_or(config.listen);
+        if config.server.max_body_bytes_in_flight < config.body.multipart_limit {
+            // Allowed (uploads stream on upstream), but an upload that large alone fills it.
+            tracing::warn!(
+                max_body_bytes_in_flight = config.server.max_body_bytes_in_flight,
+                multipart_limit = config.body.multipart_limit,
+                "`server.max_body_bytes_in_flight` is below `body.multipart_limit`: an upload \
+                 larger than the budget is refused with a 503"
+            );
+        }
         let server_options = ServerOptions {
             grace: config.server.shutdown_grace,
             header_read_timeout: config.server.header_read_timeout,
             body_read_timeout: config.server.body_read_timeout,
+            body_total_timeout: config.server.body_total_timeout,
+            max_body_bytes_in_flight: config.server.max_body_bytes_in_flight,
             max_connections: config.server.max_connections,
         };
         let upstream_url = upstream.base_url().to_owned();

@@ -35,6 +35,12 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// `[server] body_read_timeout` by default.
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// `[server] body_total_timeout` by default.
+pub const DEFAULT_BODY_TOTAL_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `[server] max_body_bytes_in_flight` by default: 256 MiB.
+pub const DEFAULT_MAX_BODY_BYTES_IN_FLIGHT: usize = 256 * 1024 * 1024;
+
 /// `[server] max_connections` by default.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
@@ -143,6 +149,18 @@ pub struct ServerConfig {
     /// is closed.
     #[serde(default = "default_body_read", deserialize_with = "duration")]
     pub body_read_timeout: Duration,
+    /// `body_total_timeout = "5m"`: how long a client has to send a whole request body,
+    /// from the request's start (its head read). A body still coming after that (a client
+    /// trickling a byte just often enough never stalls) is answered like a stalled one: a
+    /// 408 `request_timeout`, the connection closed.
+    #[serde(default = "default_body_total", deserialize_with = "duration")]
+    pub body_total_timeout: Duration,
+    /// `max_body_bytes_in_flight = 268435456` (256 MiB): request body bytes received and
+    /// held, all requests together, from their arrival until their request is answered. A
+    /// request whose next bytes would go over it is answered with a 503 `server_overloaded`
+    /// (`Retry-After: 1`) and the connection is closed. At least `[body] limit`.
+    #[serde(default = "default_max_body_bytes_in_flight")]
+    pub max_body_bytes_in_flight: usize,
     /// `max_connections = 1024`: client connections served at once. Further connections
     /// wait (in the listen queue, unaccepted) until one closes.
     #[serde(default = "default_max_connections")]
@@ -155,6 +173,8 @@ impl Default for ServerConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            body_total_timeout: DEFAULT_BODY_TOTAL_TIMEOUT,
+            max_body_bytes_in_flight: DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
@@ -168,6 +188,12 @@ fn default_header_read() -> Duration {
 }
 fn default_body_read() -> Duration {
     DEFAULT_BODY_READ_TIMEOUT
+}
+fn default_body_total() -> Duration {
+    DEFAULT_BODY_TOTAL_TIMEOUT
+}
+fn default_max_body_bytes_in_flight() -> usize {
+    DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
 }
 fn default_max_connections() -> usize {
     DEFAULT_MAX_CONNECTIONS
@@ -414,10 +440,14 @@ impl Config {
             }
         }
         let server = &config.server;
-        if server.header_read_timeout.is_zero() || server.body_read_timeout.is_zero() {
+        if server.header_read_timeout.is_zero()
+            || server.body_read_timeout.is_zero()
+            || server.body_total_timeout.is_zero()
+        {
             return Err(ConfigError::Invalid(
                 path.to_owned(),
-                "`server.header_read_timeout` and `server.body_read_timeout` must be above zero"
+                "`server.header_read_timeout`, `server.body_read_timeout` and \
+                 `server.body_total_timeout` must be above zero"
                     .into(),
             ));
         }
@@ -431,6 +461,17 @@ impl Config {
             return Err(ConfigError::Invalid(
                 path.to_owned(),
                 "`body.limit` and `body.multipart_limit` must be above zero".into(),
+            ));
+        }
+        if server.max_body_bytes_in_flight < config.body.limit {
+            // Zero included: a lone request of the largest size allowed must fit.
+            return Err(ConfigError::Invalid(
+                path.to_owned(),
+                format!(
+                    "`server.max_body_bytes_in_flight` ({}) must be at least `body.limit` ({}): \
+                     a request body of the largest size allowed must fit in it",
+                    server.max_body_bytes_in_flight, config.body.limit
+                ),
             ));
         }
         Ok(config)

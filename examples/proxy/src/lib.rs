@@ -8,7 +8,8 @@
 //! - [`stack`]: the policy layers in front of the forwarding client;
 //! - [`server`]: the HTTP server, `/healthz`, timeouts and the connection limit, graceful
 //!   shutdown;
-//! - [`slow_client`]: the request body read timeout (408);
+//! - [`slow_client`]: the request body read and total timeouts (408), the budget of bytes
+//!   held for request bodies (503);
 //! - [`soak`]: the soak's load generator and audit check (the `soak` binary);
 //! - [`upstream`]: the forwarding client to the OpenAI-compatible upstream;
 //! - [`mock`]: a deterministic mock of the OpenAI API (the embedded default's upstream).

@@ -8,8 +8,14 @@
 //!   read timeout, which also closes an idle keep-alive connection). It is closed otherwise,
 //!   without an answer. An HTTP/2 connection with no request in flight (a response body
 //!   still streaming counts as in flight) for that long is closed too;
-//! - a request body that stalls for `body_read_timeout` is answered with a 408 and the
-//!   connection closed (see [`crate::slow_client`]);
+//! - a request body that stalls for `body_read_timeout`, or is not all there
+//!   `body_total_timeout` after the request started (a client trickling it a byte at a time),
+//!   is answered with a 408 and the connection closed (see [`crate::slow_client`]);
+//! - the request body bytes held at once, all requests together, are capped at
+//!   `max_body_bytes_in_flight` (one [`BodyBudget`] for the server): a request whose next
+//!   bytes do not fit is answered with a 503 `server_overloaded` (`Retry-After: 1`) and the
+//!   connection closed (on HTTP/2, the stream alone ends); the budget's bytes come back as
+//!   requests are answered or abandoned;
 //! - at most `max_connections` connections are served at once: the next one is accepted
 //!   only when one closes (until then it waits in the kernel's listen queue);
 //! - a request hyper cannot parse is answered by hyper itself, before any service runs: 400
@@ -38,10 +44,10 @@ use tower::{Service, ServiceExt};
 use tower_llm_policy::{ClientIp, PolicyBody, Rejection};
 
 use crate::config::{
-    DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_BODY_READ_TIMEOUT, DEFAULT_BODY_TOTAL_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES_IN_FLIGHT, DEFAULT_MAX_CONNECTIONS, DEFAULT_SHUTDOWN_GRACE,
 };
-use crate::slow_client::{BodyStalled, ReadTimeoutBody};
+use crate::slow_client::{BodyBudget, BodyState, ReadTimeoutBody};
 use crate::stack::{ProxyBody, ProxyService};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
@@ -56,6 +62,10 @@ pub struct ServerOptions {
     pub header_read_timeout: Duration,
     /// Longest wait for the next piece of a request body (408 after).
     pub body_read_timeout: Duration,
+    /// Longest time from a request's start to the end of its body (408 after).
+    pub body_total_timeout: Duration,
+    /// Request body bytes held at once, all requests together (503 above).
+    pub max_body_bytes_in_flight: usize,
     /// Connections served at once.
     pub max_connections: usize,
 }
@@ -66,6 +76,8 @@ impl Default for ServerOptions {
             grace: DEFAULT_SHUTDOWN_GRACE,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            body_total_timeout: DEFAULT_BODY_TOTAL_TIMEOUT,
+            max_body_bytes_in_flight: DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
@@ -93,6 +105,11 @@ pub async fn run(
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    let bodies = BodyRules {
+        read_timeout: options.body_read_timeout,
+        total_timeout: options.body_total_timeout,
+        budget: BodyBudget::new(options.max_body_bytes_in_flight),
+    };
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         // A free slot first: beyond the limit, connections wait unaccepted.
@@ -117,7 +134,7 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let service = service.clone();
-        let body_timeout = options.body_read_timeout;
+        let bodies = bodies.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let header_timeout = options.header_read_timeout;
@@ -141,7 +158,7 @@ pub async fn run(
             let tracked = activity.clone();
             let per_connection = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let active = tracked.as_ref().map(Activity::start);
-                let answer = handle(service.clone(), peer, body_timeout, req);
+                let answer = handle(service.clone(), peer, bodies.clone(), req);
                 async move {
                     let response = answer.await?;
                     Ok::<_, Infallible>(match active {
@@ -299,20 +316,35 @@ impl http_body::Body for ActiveBody {
     }
 }
 
+/// What every request body is held to (see [`crate::slow_client`]).
+#[derive(Clone, Debug)]
+struct BodyRules {
+    read_timeout: Duration,
+    total_timeout: Duration,
+    /// The server's one budget.
+    budget: BodyBudget,
+}
+
 /// One request: `/healthz` here, everything else through the stack.
 async fn handle(
     mut service: ProxyService,
     peer: SocketAddr,
-    body_timeout: Duration,
+    bodies: BodyRules,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     if req.uri().path() == "/healthz" && matches!(*req.method(), Method::GET | Method::HEAD) {
         return Ok(healthz());
     }
-    let stalled = BodyStalled::default();
-    let mut req =
-        req.map(|body| PolicyBody::new(ReadTimeoutBody::new(body, body_timeout, stalled.clone())));
-    req.extensions_mut().insert(stalled);
+    // The request starts now (hyper calls the service once the head is read): its body's
+    // total deadline runs from here.
+    let state = BodyState::new(Some(bodies.budget));
+    let mut req = req.map(|body| {
+        PolicyBody::new(
+            ReadTimeoutBody::new(body, bodies.read_timeout, state.clone())
+                .total_timeout(bodies.total_timeout),
+        )
+    });
+    req.extensions_mut().insert(state);
     // KeyAuth reads the client's address for the keys' `allow_ips`. The proxy listens for
     // clients directly, so the socket's peer is the client: no forwarding header is trusted.
     req.extensions_mut().insert(ClientIp(peer.ip()));

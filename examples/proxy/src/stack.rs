@@ -5,7 +5,9 @@
 //! ```
 //!
 //! [`BodyTimeout`](crate::slow_client::BodyTimeoutLayer) answers a request whose body stalled
-//! with a 408 (inside the audit layer, so that the record has it). The audit layer generates
+//! or came too slowly with a 408, or did not fit in the server's budget of body bytes with a
+//! 503 (inside the audit layer, so that the record has it), and gives the request's bytes back
+//! to that budget once it is answered. The audit layer generates
 //! every record's id itself: a client's `x-request-id` is never trusted as the id.
 //!
 //! Every layer shares one library [`Policy`](tower_llm_policy::Policy) (`[body]` and

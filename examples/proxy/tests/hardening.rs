@@ -18,7 +18,7 @@ use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use mock::{MockLog, MockOptions};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -634,7 +634,10 @@ async fn a_valid_model_list_is_still_filtered_and_upstream_only_headers_are_drop
 
 /// Reads until the proxy closes the connection; what it sent, and when it closed. Fails after
 /// `limit`.
-async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, Instant) {
+async fn read_until_closed(
+    stream: &mut (impl AsyncRead + Unpin),
+    limit: Duration,
+) -> (Vec<u8>, Instant) {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     let deadline = Instant::now() + limit;
@@ -878,17 +881,31 @@ fn server_settings_have_defaults_and_refuse_zero() {
     let config = example_proxy::config::Config::parse(path, base).expect("defaults");
     assert_eq!(config.server.header_read_timeout, Duration::from_secs(30));
     assert_eq!(config.server.body_read_timeout, Duration::from_secs(30));
+    assert_eq!(config.server.body_total_timeout, Duration::from_secs(300));
+    assert_eq!(config.server.max_body_bytes_in_flight, 256 * 1024 * 1024);
     assert_eq!(config.server.max_connections, 1024);
     assert!(!config.upstream.forward_client_organization);
     for bad in [
         "[server]\nheader_read_timeout = \"0s\"\n",
         "[server]\nbody_read_timeout = 0\n",
+        "[server]\nbody_total_timeout = \"0s\"\n",
         "[server]\nmax_connections = 0\n",
+        "[server]\nmax_body_bytes_in_flight = 0\n",
     ] {
         let text = format!("{base}{bad}");
         let err = example_proxy::config::Config::parse(path, &text).unwrap_err();
         assert!(err.to_string().contains("server."), "{err}");
     }
+    // The budget must hold a body of the largest size allowed.
+    let text = format!("{base}[server]\nmax_body_bytes_in_flight = 1000\n[body]\nlimit = 2000\n");
+    let err = example_proxy::config::Config::parse(path, &text).unwrap_err();
+    let shown = err.to_string();
+    assert!(
+        shown.contains("server.max_body_bytes_in_flight") && shown.contains("body.limit"),
+        "{shown}"
+    );
+    let text = format!("{base}[server]\nmax_body_bytes_in_flight = 2000\n[body]\nlimit = 2000\n");
+    example_proxy::config::Config::parse(path, &text).expect("a budget of one whole body");
 }
 
 #[tokio::test]
@@ -1003,5 +1020,327 @@ async fn an_http2_stream_longer_than_the_header_timeout_is_not_cut() -> TestResu
     let records = h.stop_and_records().await;
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["status"], 200);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12b. Trickled bodies and the budget of bytes held for request bodies
+
+/// Sends `head`, then `body` in `piece`-byte writes `pause` apart, while reading the proxy's
+/// answer; stops writing once the proxy has answered and closed. The raw answer, and how long
+/// after the head it came.
+async fn send_in_pieces(
+    addr: SocketAddr,
+    head: String,
+    body: Vec<u8>,
+    piece: usize,
+    pause: Duration,
+) -> (Vec<u8>, Duration) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let started = Instant::now();
+    let writer = tokio::spawn(async move {
+        if write.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        for chunk in body.chunks(piece) {
+            tokio::time::sleep(pause).await;
+            if write.write_all(chunk).await.is_err() {
+                return;
+            }
+        }
+        // All sent: keep the write half open until the answer is read.
+        std::future::pending::<()>().await;
+    });
+    let (got, closed) = read_until_closed(&mut read, Duration::from_secs(8)).await;
+    writer.abort();
+    (got, closed - started)
+}
+
+fn post_head(key: &str, len: usize) -> String {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    )
+}
+
+/// A chat request body of exactly `len` bytes.
+fn chat_body_of(len: usize) -> String {
+    let empty = chat_body_with("");
+    let body = chat_body_with(&"a".repeat(len - empty.len()));
+    assert_eq!(body.len(), len);
+    body
+}
+
+fn chat_body_with(content: &str) -> String {
+    json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}).to_string()
+}
+
+#[tokio::test]
+async fn a_trickled_body_is_cut_off_at_the_total_deadline() -> TestResult {
+    let mut h = start(|t| {
+        with_server(
+            t,
+            "body_read_timeout = \"300ms\"\nbody_total_timeout = \"1s\"",
+        )
+    })
+    .await;
+    // A byte every 200 ms: it never stalls for 300 ms, and would take 16 s in all.
+    let body = chat_body("gpt-4o-mini");
+    let (got, after) = send_in_pieces(
+        h.addr,
+        post_head(CHAT_KEY, body.len()),
+        body.into_bytes(),
+        1,
+        Duration::from_millis(200),
+    )
+    .await;
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(4),
+        "answered after {after:?}"
+    );
+    let (response_head, response_body) = split_response(&got);
+    assert!(response_head.starts_with("http/1.1 408"), "{response_head}");
+    assert!(
+        response_head.contains("connection: close"),
+        "{response_head}"
+    );
+    assert_openai_error(&response_body, "request_timeout");
+    assert!(h.log.is_empty(), "nothing went upstream");
+    let records = h.stop_and_records().await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["status"], 408);
+    assert_eq!(records[0]["blocked_by"], "server");
+    assert_eq!(records[0]["code"], "request_timeout");
+    Ok(())
+}
+
+/// A budget of 1 MiB, bodies of at most 1 MiB.
+fn with_budget(text: String) -> String {
+    let text = with_server(
+        text,
+        "max_body_bytes_in_flight = 1048576\nbody_read_timeout = \"5s\"",
+    );
+    format!("{text}\n[body]\nlimit = 1048576\n")
+}
+
+fn assert_overloaded(got: &[u8]) {
+    let (response_head, response_body) = split_response(got);
+    assert!(response_head.starts_with("http/1.1 503"), "{response_head}");
+    assert!(response_head.contains("retry-after: 1"), "{response_head}");
+    assert!(
+        response_head.contains("connection: close"),
+        "{response_head}"
+    );
+    assert_openai_error(&response_body, "server_overloaded");
+    let value: Value = serde_json::from_slice(&response_body).unwrap();
+    assert_eq!(value["error"]["type"], "server_error", "{value}");
+}
+
+#[tokio::test]
+async fn a_body_over_the_budget_is_a_503_and_the_budget_comes_back() -> TestResult {
+    let mut h = start(with_budget).await;
+    let len = 700 * 1024;
+    let body = chat_body_of(len);
+
+    // The first client sends all but the last 100 bytes, and waits: ~700 KiB held.
+    let mut first = TcpStream::connect(h.addr).await?;
+    first.write_all(post_head(CHAT_KEY, len).as_bytes()).await?;
+    first.write_all(&body.as_bytes()[..len - 100]).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The second does not fit beside it.
+    let (got, _) = send_in_pieces(
+        h.addr,
+        post_head(OPEN_KEY, len),
+        body.clone().into_bytes(),
+        8 * 1024,
+        Duration::from_millis(2),
+    )
+    .await;
+    assert_overloaded(&got);
+
+    // The first completes.
+    first.write_all(&body.as_bytes()[len - 100..]).await?;
+    let (got, _) = read_until_closed(&mut first, Duration::from_secs(8)).await;
+    let (response_head, _) = split_response(&got);
+    assert!(response_head.starts_with("http/1.1 200"), "{response_head}");
+
+    // Both gave their bytes back: a new one fits.
+    let auth = bearer(OPEN_KEY);
+    let (status, _, _) = send(
+        Method::POST,
+        &h.url("/v1/chat/completions"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        &body,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        h.log.received().len(),
+        2,
+        "the 503's body never went upstream"
+    );
+
+    let records = h.stop_and_records().await;
+    assert_eq!(records.len(), 3, "{records:?}");
+    let refused: Vec<_> = records.iter().filter(|r| r["status"] == 503).collect();
+    assert_eq!(refused.len(), 1, "{records:?}");
+    assert_eq!(refused[0]["blocked_by"], "server");
+    assert_eq!(refused[0]["code"], "server_overloaded");
+    assert_eq!(refused[0]["key"], "open");
+    assert_eq!(records.iter().filter(|r| r["status"] == 200).count(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn cancelled_bodies_give_their_bytes_back() -> TestResult {
+    let mut h = start(with_budget).await;
+    let len = 700 * 1024;
+    let body = chat_body_of(len);
+    // Ten clients send 100 KiB each of a 700 KiB body: ~1000 KiB of the 1 MiB held.
+    let mut held = Vec::new();
+    for i in 0..10 {
+        let key = if i % 2 == 0 { CHAT_KEY } else { OPEN_KEY };
+        let mut stream = TcpStream::connect(h.addr).await?;
+        stream.write_all(post_head(key, len).as_bytes()).await?;
+        stream.write_all(&body.as_bytes()[..100 * 1024]).await?;
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The budget is full: 100 KiB more do not fit.
+    let small = chat_body_of(100 * 1024);
+    let (got, _) = send_in_pieces(
+        h.addr,
+        post_head(OPEN_KEY, small.len()),
+        small.into_bytes(),
+        8 * 1024,
+        Duration::from_millis(2),
+    )
+    .await;
+    assert_overloaded(&got);
+
+    // They all go away mid-body; their bytes come back.
+    drop(held);
+    let auth = bearer(OPEN_KEY);
+    let mut attempts = 0;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        attempts += 1;
+        let (status, _, _) = send(
+            Method::POST,
+            &h.url("/v1/chat/completions"),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            &body,
+        )
+        .await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled bodies' bytes never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let records = h.stop_and_records().await;
+    // One record each: the ten cancelled, the refused probe, every attempt.
+    assert_eq!(records.len(), 10 + 1 + attempts, "{records:?}");
+    Ok(())
+}
+
+type StreamedBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// A request body fed through a channel: it ends when the sender is dropped.
+fn channel_body() -> (tokio::sync::mpsc::Sender<Bytes>, StreamedBody) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|data| (Ok(http_body::Frame::data(data)), rx))
+    });
+    (tx, http_body_util::StreamBody::new(frames).boxed_unsync())
+}
+
+fn full_body(body: &str) -> StreamedBody {
+    Full::new(Bytes::from(body.to_owned()))
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+#[tokio::test]
+async fn an_http2_stream_over_the_budget_is_a_503_and_the_connection_lives_on() -> TestResult {
+    let mut h = start(with_budget).await;
+    let len = 700 * 1024;
+    let body = chat_body_of(len);
+    let stream = TcpStream::connect(h.addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await?;
+    tokio::spawn(conn);
+    let url = format!("http://{}/v1/chat/completions", h.addr);
+    let request = |key: &str, body: StreamedBody| {
+        Request::post(&url)
+            .header("authorization", bearer(key))
+            .header("content-type", "application/json")
+            .body(body)
+            .unwrap()
+    };
+
+    // Stream one: all but the last 100 bytes, then it waits.
+    let (tx, first_body) = channel_body();
+    let first = tokio::spawn(sender.send_request(request(CHAT_KEY, first_body)));
+    for piece in body.as_bytes()[..len - 100].chunks(64 * 1024) {
+        tx.send(Bytes::copy_from_slice(piece)).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Stream two, on the same connection, does not fit beside it.
+    sender.ready().await?;
+    let response = tokio::time::timeout(
+        Duration::from_secs(8),
+        sender.send_request(request(OPEN_KEY, full_body(&body))),
+    )
+    .await
+    .expect("answered in time")?;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert!(response.headers().get("connection").is_none());
+    let refused = response.into_body().collect().await?.to_bytes();
+    assert_openai_error(&refused, "server_overloaded");
+
+    // Stream one completes.
+    tx.send(Bytes::copy_from_slice(&body.as_bytes()[len - 100..]))
+        .await?;
+    drop(tx);
+    let response = tokio::time::timeout(Duration::from_secs(8), first)
+        .await
+        .expect("answered in time")??;
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await?;
+
+    // The connection lives on, and the budget is free again.
+    sender.ready().await?;
+    let response = sender
+        .send_request(request(OPEN_KEY, full_body(&body)))
+        .await?;
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await?;
+
+    let records = h.stop_and_records().await;
+    assert_eq!(records.len(), 3, "{records:?}");
+    let refused: Vec<_> = records.iter().filter(|r| r["status"] == 503).collect();
+    assert_eq!(refused.len(), 1, "{records:?}");
+    assert_eq!(refused[0]["blocked_by"], "server");
+    assert_eq!(refused[0]["code"], "server_overloaded");
     Ok(())
 }
