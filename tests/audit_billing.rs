@@ -626,3 +626,50 @@ async fn a_responses_stream_error_event_on_a_200_is_an_upstream_error() {
     );
     assert_eq!(r.cost_usd, None);
 }
+
+/// A writer whose bytes the test can read while the sink still holds it.
+struct SharedWriter(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_lone_record_after_an_idle_spell_is_written_without_a_flush() {
+    let record = record_of(
+        "/v1/chat/completions",
+        chat("gpt-4o-mini", "ana"),
+        "application/json",
+        OK_USAGE,
+    )
+    .await;
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let sink = JsonlSink::builder()
+        .flush_interval(Duration::from_millis(5))
+        .writer(SharedWriter(out.clone()))
+        .unwrap();
+    let lines = || out.lock().unwrap().iter().filter(|b| **b == b'\n').count();
+    let wait_for = |n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while lines() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "record {n} not written within 5 s (no flush was asked for)"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    sink.record(&record);
+    wait_for(1);
+    // Long enough for the writer to park (ten quiet intervals), then one more record.
+    std::thread::sleep(Duration::from_millis(300));
+    sink.record(&record);
+    wait_for(2);
+    assert_eq!(sink.written(), 2);
+}

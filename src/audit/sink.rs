@@ -464,7 +464,9 @@ impl JsonlSinkBuilder {
 /// The writer thread. While records arrive it wakes every `interval`, writes everything queued
 /// and flushes once per batch; senders never wake it, so a busy sink costs neither a thread
 /// switch nor a write per record. After ten quiet intervals it parks on the queue until the
-/// next record. A `Flush` is answered after everything queued before it is written.
+/// next record, which it writes and flushes at once (a lone record after an idle spell is on
+/// disk within the interval, not held until the next burst). A `Flush` is answered after
+/// everything queued before it is written.
 fn write_lines<W: Write>(
     rx: Receiver<Message>,
     mut out: BufWriter<W>,
@@ -498,8 +500,10 @@ fn write_lines<W: Write>(
         Message::Shutdown => false,
     };
     let mut quiet = 0;
+    // A message came while parked: it is written and flushed at once, not at the next burst.
+    let mut woke = false;
     'run: loop {
-        let mut got = false;
+        let mut got = std::mem::take(&mut woke);
         loop {
             match rx.try_recv() {
                 Ok(message) => {
@@ -527,6 +531,7 @@ fn write_lines<W: Write>(
                     if !handle(&mut out, message) {
                         break 'run;
                     }
+                    woke = true;
                 }
                 Err(_) => break 'run,
             }
