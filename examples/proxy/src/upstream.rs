@@ -165,27 +165,63 @@ pub const MIN_KEY_FRAGMENT: usize = 8;
 /// upstream sends back, and masks them with `*` of the same length.
 struct Redactor {
     key: Vec<u8>,
-    /// Each `MIN_KEY_FRAGMENT`-byte window of the key, with where it starts in the key.
-    windows: std::collections::HashMap<[u8; MIN_KEY_FRAGMENT], Vec<usize>>,
+    /// The key's bytes, as a set: the end of a chunk that is none of them starts no run.
+    bytes: [bool; 256],
+    /// Each `MIN_KEY_FRAGMENT`-byte window of the key (read as a `u64`), with where it starts
+    /// in the key; sorted, for a binary search.
+    windows: Vec<(u64, usize)>,
+    /// A one-hash Bloom filter of the windows, so that most positions of a body cost one
+    /// load, one multiply and one bit test (`WINDOW_FILTER_BITS` bits).
+    filter: Box<[u64]>,
+}
+
+/// Bits of [`Redactor::filter`]: 2^14 (2 KiB) for at most a few hundred windows.
+const WINDOW_FILTER_BITS: u32 = 14;
+
+/// The filter bit of a window.
+fn window_bit(window: u64) -> usize {
+    (window.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - WINDOW_FILTER_BITS)) as usize
+}
+
+fn window_at(bytes: &[u8], at: usize) -> Option<u64> {
+    let window: [u8; MIN_KEY_FRAGMENT] = bytes.get(at..at + MIN_KEY_FRAGMENT)?.try_into().ok()?;
+    Some(u64::from_le_bytes(window))
 }
 
 impl Redactor {
     /// A key shorter than [`MIN_KEY_FRAGMENT`] has no fragments; it is masked whole.
     fn new(key: &str) -> Self {
         let key = key.as_bytes().to_vec();
-        let mut windows: std::collections::HashMap<_, Vec<usize>> = Default::default();
-        for (at, window) in key.windows(MIN_KEY_FRAGMENT).enumerate() {
-            let window: [u8; MIN_KEY_FRAGMENT] = window.try_into().expect("window length");
-            windows.entry(window).or_default().push(at);
+        let mut bytes = [false; 256];
+        for &b in &key {
+            bytes[usize::from(b)] = true;
         }
-        Redactor { key, windows }
+        let mut windows: Vec<(u64, usize)> = (0..key.len().saturating_sub(MIN_KEY_FRAGMENT - 1))
+            .filter_map(|at| window_at(&key, at).map(|w| (w, at)))
+            .collect();
+        windows.sort_unstable();
+        let mut filter = vec![0u64; (1 << WINDOW_FILTER_BITS) / 64].into_boxed_slice();
+        for &(window, _) in &windows {
+            let bit = window_bit(window);
+            filter[bit / 64] |= 1 << (bit % 64);
+        }
+        Redactor {
+            key,
+            bytes,
+            windows,
+            filter,
+        }
     }
 
     /// How many bytes at the end of `bytes` a body keeps back until the next frame: the
     /// longest end that is a run of the key (at most `len(key) - 1` bytes), which the next
     /// frame could continue into a fragment. Usually none: an SSE event ends with `\n\n`,
-    /// which no key contains, so streams are not delayed.
+    /// and a JSON body with `}`, which no key contains, so streams are not delayed.
     fn hold(&self, bytes: &[u8]) -> usize {
+        match bytes.last() {
+            Some(&last) if self.bytes[usize::from(last)] => {}
+            _ => return 0,
+        }
         let most = self.key.len().saturating_sub(1).min(bytes.len());
         (1..=most)
             .rev()
@@ -196,37 +232,54 @@ impl Redactor {
             .unwrap_or(0)
     }
 
-    /// Masks in `bytes` every run of the key that starts before `starts_before` (runs starting
-    /// later may continue in bytes not seen yet; the caller keeps those back). Returns whether
-    /// anything was masked.
-    fn mask(&self, bytes: &mut [u8], starts_before: usize) -> bool {
+    /// The runs of the key in `bytes` that start before `starts_before` (runs starting later
+    /// may continue in bytes not seen yet; the caller keeps those back), as byte ranges. No
+    /// allocation when there is none.
+    fn spans(&self, bytes: &[u8], starts_before: usize) -> Vec<(usize, usize)> {
         let mut spans: Vec<(usize, usize)> = Vec::new();
-        let short = self.key.len() < MIN_KEY_FRAGMENT;
-        for at in 0..starts_before.min(bytes.len()) {
-            let rest = &bytes[at..];
-            let mut longest = 0;
-            if short {
-                if !self.key.is_empty() && rest.starts_with(&self.key) {
-                    longest = self.key.len();
-                }
-            } else if rest.len() >= MIN_KEY_FRAGMENT {
-                let window: [u8; MIN_KEY_FRAGMENT] =
-                    rest[..MIN_KEY_FRAGMENT].try_into().expect("window length");
-                if let Some(starts) = self.windows.get(&window) {
-                    for &start in starts {
-                        let run = rest
-                            .iter()
-                            .zip(&self.key[start..])
-                            .take_while(|(a, b)| a == b)
-                            .count();
-                        longest = longest.max(run);
+        let end = starts_before.min(bytes.len());
+        if self.key.len() < MIN_KEY_FRAGMENT {
+            if !self.key.is_empty() {
+                for at in 0..end {
+                    if bytes[at..].starts_with(&self.key) {
+                        spans.push((at, at + self.key.len()));
                     }
                 }
             }
+            return spans;
+        }
+        for at in 0..end {
+            let Some(window) = window_at(bytes, at) else {
+                break; // fewer than a fragment's bytes left
+            };
+            let bit = window_bit(window);
+            if self.filter[bit / 64] & (1 << (bit % 64)) == 0 {
+                continue;
+            }
+            let first = self.windows.partition_point(|&(w, _)| w < window);
+            let rest = &bytes[at..];
+            let longest = self.windows[first..]
+                .iter()
+                .take_while(|&&(w, _)| w == window)
+                .map(|&(_, start)| {
+                    rest.iter()
+                        .zip(&self.key[start..])
+                        .take_while(|(a, b)| a == b)
+                        .count()
+                })
+                .max()
+                .unwrap_or(0);
             if longest > 0 {
                 spans.push((at, at + longest));
             }
         }
+        spans
+    }
+
+    /// Masks in `bytes` every run of the key that starts before `starts_before` (see
+    /// [`spans`](Self::spans)). Returns whether anything was masked.
+    fn mask(&self, bytes: &mut [u8], starts_before: usize) -> bool {
+        let spans = self.spans(bytes, starts_before);
         for &(from, to) in &spans {
             bytes[from..to].fill(b'*');
         }
@@ -970,6 +1023,15 @@ impl Body for UpstreamBody {
                             return Poll::Ready(Some(Ok(frame)));
                         };
                         match frame.into_data() {
+                            // The usual frame: nothing kept back from the last, nothing to
+                            // mask, nothing to keep back: passed on as it is, uncopied.
+                            Ok(data)
+                                if held.is_empty()
+                                    && redactor.hold(&data) == 0
+                                    && redactor.spans(&data, data.len()).is_empty() =>
+                            {
+                                return Poll::Ready(Some(Ok(Frame::data(data))));
+                            }
                             Ok(data) => {
                                 held.extend_from_slice(&data);
                                 let out = held.len() - redactor.hold(held);
@@ -1124,6 +1186,68 @@ mod tests {
             target("/v1/chat/completions?api-key=sk-1&api-version=1"),
             "http://upstream.test/v1/chat/completions?api-version=1"
         );
+    }
+
+    /// The runs the redactor must find, by brute force: at each position, the longest
+    /// common prefix with any suffix of the key, when at least a fragment long (or the whole
+    /// key, for a short key).
+    fn naive_spans(key: &[u8], bytes: &[u8]) -> Vec<(usize, usize)> {
+        (0..bytes.len())
+            .filter_map(|at| {
+                let longest = (0..key.len())
+                    .map(|start| {
+                        bytes[at..]
+                            .iter()
+                            .zip(&key[start..])
+                            .take_while(|(a, b)| a == b)
+                            .count()
+                    })
+                    .max()
+                    .unwrap_or(0);
+                let min = MIN_KEY_FRAGMENT.min(key.len()).max(1);
+                let whole = key.len() >= MIN_KEY_FRAGMENT || bytes[at..].starts_with(key);
+                (longest >= min && whole).then_some((at, at + longest))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_window_filter_finds_what_brute_force_finds() {
+        // Keys with repeated windows, and text made of their pieces and near misses.
+        let keys: [&[u8]; 4] = [
+            b"sk-proj-abcdefghijklmnop",
+            b"sk-aaaaaaaaaaaaaaaaaaaaaaaaaaaaab",
+            b"sk-abcabcabcabcabcabcabcabc",
+            b"sk-short",
+        ];
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for key in keys {
+            let redactor = Redactor::new(std::str::from_utf8(key).unwrap());
+            for _ in 0..300 {
+                let mut text = Vec::new();
+                for _ in 0..(next() % 8) {
+                    let from = (next() as usize) % key.len();
+                    let to = from + (next() as usize) % (key.len() - from + 1);
+                    text.extend_from_slice(&key[from..to]);
+                    if next() % 3 == 0 {
+                        text.push(b"x*-a"[(next() % 4) as usize]);
+                    }
+                }
+                assert_eq!(
+                    redactor.spans(&text, usize::MAX),
+                    naive_spans(key, &text),
+                    "{:?} in {:?}",
+                    String::from_utf8_lossy(key),
+                    String::from_utf8_lossy(&text)
+                );
+            }
+        }
     }
 
     #[test]
