@@ -386,8 +386,27 @@ async fn handle(State(opts): State<Arc<MockOptions>>, req: Request) -> Response 
                 .pointer("/stream_options/include_usage")
                 .and_then(Value::as_bool)
                 == Some(true);
-            let n = opts.stream_chunks.max(1);
+            let header_number = |name: &str| {
+                parts
+                    .headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
+            let n = header_number(STREAM_CHUNKS_HEADER)
+                .map_or(opts.stream_chunks, |n| n as usize)
+                .max(1);
+            let mut opts = opts;
+            if let Some(ms) = header_number(CHUNK_DELAY_HEADER) {
+                Arc::make_mut(&mut opts).chunk_delay = Duration::from_millis(ms);
+            }
             match path.as_str() {
+                "/v1/chat/completions"
+                    if stream && header_number(STREAM_BYTES_HEADER).is_some() =>
+                {
+                    let bytes = header_number(STREAM_BYTES_HEADER).unwrap_or(0);
+                    sized_chat_stream(&opts, &model, prompt, bytes, include_usage)
+                }
                 "/v1/chat/completions" if stream => {
                     sse(&opts, chat_stream(&model, prompt, n, include_usage))
                 }
@@ -821,6 +840,93 @@ fn moderations(model: &str, request: &Value) -> Value {
         "model": model,
         "results": vec![result; inputs]
     })
+}
+
+/// Request header: a streamed chat completion whose content is this many bytes, generated
+/// as it is sent (in events of [`SIZED_CHUNK`] bytes, never held whole), for memory tests of a
+/// long stream through the proxy.
+pub const STREAM_BYTES_HEADER: &str = "x-mock-stream-bytes";
+
+/// Request header: the number of content chunks of this response (instead of
+/// [`MockOptions::stream_chunks`]).
+pub const STREAM_CHUNKS_HEADER: &str = "x-mock-stream-chunks";
+
+/// Request header: the delay before each content chunk of this response, in milliseconds
+/// (instead of [`MockOptions::chunk_delay`]).
+pub const CHUNK_DELAY_HEADER: &str = "x-mock-chunk-delay-ms";
+
+/// Content bytes per event of a sized stream ([`STREAM_BYTES_HEADER`]).
+pub const SIZED_CHUNK: usize = 16 * 1024;
+
+/// A chat completion stream of `bytes` content bytes (`x` repeated), made one event at a time
+/// as the client reads (see [`STREAM_BYTES_HEADER`]). The completion tokens are the events.
+fn sized_chat_stream(
+    opts: &MockOptions,
+    model: &str,
+    prompt: u64,
+    bytes: u64,
+    include_usage: bool,
+) -> Response {
+    let (tx, rx) = mpsc::channel(4);
+    let model = model.to_owned();
+    let delay = opts.chunk_delay;
+    let log = opts.log.clone();
+    tokio::spawn(async move {
+        let id = next_id("chatcmpl-mock");
+        let created = now();
+        let head = format!(
+            "data: {{\"id\":\"{id}\",\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":{model},\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"",
+            model = Value::from(model.as_str()),
+        );
+        let tail = "\"},\"finish_reason\":null}]}\n\n";
+        let mut left = bytes;
+        let mut events = 0u64;
+        while left > 0 {
+            let n = left.min(SIZED_CHUNK as u64) as usize;
+            left -= n as u64;
+            events += 1;
+            let mut event = BytesMut::with_capacity(head.len() + n + tail.len());
+            event.extend_from_slice(head.as_bytes());
+            event.resize(head.len() + n, b'x');
+            event.extend_from_slice(tail.as_bytes());
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if tx.send(event.freeze()).await.is_err() {
+                return; // The client went away.
+            }
+        }
+        let mut last = format!(
+            "data: {{\"id\":\"{id}\",\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":{model},\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\n",
+            model = Value::from(model.as_str()),
+        );
+        if include_usage {
+            let usage = json!({
+                "id": id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": chat_usage(prompt, events),
+            });
+            last.push_str(&format!("data: {usage}\n\n"));
+        }
+        last.push_str("data: [DONE]\n\n");
+        if tx.send(Bytes::from(last)).await.is_ok() {
+            log.stream_completed();
+        }
+    });
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        Body::new(ChannelBody { rx }),
+    )
+        .into_response()
 }
 
 /// One server-sent event.
