@@ -53,7 +53,7 @@ fn assert_still_restricted(store: &FileKeyStore) {
 fn a_file_cut_off_mid_key_keeps_the_old_keys_and_their_restrictions() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = key_file(&dir, "keys.toml", RESTRICTED)?;
-    let store = FileKeyStore::open(&path)?;
+    let store = FileKeyStore::open(&path)?.check_interval(std::time::Duration::ZERO);
     assert_still_restricted(&store);
 
     // Cut right after the secret: as it stands this parses, with the restriction cut away.
@@ -105,7 +105,7 @@ fn a_truncated_json_file_keeps_the_old_keys() -> TestResult {
     let dir = tempfile::tempdir()?;
     let json = r#"{"keys": [{"name": "chat-app", "secret": "sk-chat-app-5e1f9a", "model_limits_enabled": true, "model_limits": ["gpt-4o-mini"]}]}"#;
     let path = key_file(&dir, "keys.json", json)?;
-    let store = FileKeyStore::open(&path)?;
+    let store = FileKeyStore::open(&path)?.check_interval(std::time::Duration::ZERO);
     let cut = json.find(", \"model_limits_enabled").unwrap();
     overwrite(&path, &json.as_bytes()[..cut])?;
     assert!(!store.refresh());
@@ -121,7 +121,7 @@ fn a_truncated_json_file_keeps_the_old_keys() -> TestResult {
 fn an_empty_or_blank_file_keeps_the_old_keys_and_reports() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = key_file(&dir, "keys.toml", RESTRICTED)?;
-    let store = FileKeyStore::open(&path)?;
+    let store = FileKeyStore::open(&path)?.check_interval(std::time::Duration::ZERO);
 
     overwrite(&path, b"")?;
     assert!(!store.refresh(), "an empty file replaced the keys");
@@ -147,7 +147,9 @@ fn an_empty_or_blank_file_keeps_the_old_keys_and_reports() -> TestResult {
 fn an_oversize_file_is_refused() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = key_file(&dir, "keys.toml", RESTRICTED)?;
-    let store = FileKeyStore::open(&path)?.max_file_size(1024);
+    let store = FileKeyStore::open(&path)?
+        .max_file_size(1024)
+        .check_interval(std::time::Duration::ZERO);
 
     // A valid file, padded with comments past the limit.
     let padded = format!(
@@ -175,7 +177,7 @@ fn an_oversize_file_is_refused() -> TestResult {
 fn an_invalid_edit_keeps_the_old_keys_until_the_file_changes_again() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = key_file(&dir, "keys.toml", RESTRICTED)?;
-    let store = FileKeyStore::open(&path)?;
+    let store = FileKeyStore::open(&path)?.check_interval(std::time::Duration::ZERO);
     overwrite(
         &path,
         RESTRICTED

@@ -48,7 +48,7 @@ async fn name_of(store: &FileKeyStore, secret: &str) -> Option<String> {
 #[tokio::test]
 async fn keys_of_a_config_file_are_read_and_other_tables_ignored() -> TestResult {
     let file = config_file(CONFIG)?;
-    let store = FileKeyStore::open_keys_of(file.path())?;
+    let store = FileKeyStore::open_keys_of(file.path())?.check_interval(std::time::Duration::ZERO);
     assert_eq!(store.len(), 1);
     assert_eq!(
         name_of(&store, "sk-chat-app").await.as_deref(),
@@ -80,7 +80,7 @@ fn unknown_fields_inside_keys_are_still_errors_with_their_line() -> TestResult {
 #[test]
 fn a_config_without_keys_has_none() -> TestResult {
     let file = config_file("listen = \"127.0.0.1:8080\"\n[upstream]\nbase_url = \"x\"\n")?;
-    let store = FileKeyStore::open_keys_of(file.path())?;
+    let store = FileKeyStore::open_keys_of(file.path())?.check_interval(std::time::Duration::ZERO);
     assert!(store.is_empty());
     Ok(())
 }
@@ -88,7 +88,7 @@ fn a_config_without_keys_has_none() -> TestResult {
 #[tokio::test]
 async fn edits_to_the_keys_are_picked_up_on_the_next_lookup() -> TestResult {
     let mut file = config_file(CONFIG)?;
-    let store = FileKeyStore::open_keys_of(file.path())?;
+    let store = FileKeyStore::open_keys_of(file.path())?.check_interval(std::time::Duration::ZERO);
     assert_eq!(name_of(&store, "sk-batch").await, None);
 
     let edited = format!("{CONFIG}\n[[keys]]\nname = \"batch\"\nsecret = \"sk-batch\"\n");
@@ -126,10 +126,42 @@ async fn json_configs_work_the_same() -> TestResult {
         r#"{"listen":"127.0.0.1:8080","upstream":{"base_url":"x"},
             "keys":[{"name":"chat-app","secret":"sk-chat-app"}]}"#,
     )?;
-    let store = FileKeyStore::open_keys_of(file.path())?;
+    let store = FileKeyStore::open_keys_of(file.path())?.check_interval(std::time::Duration::ZERO);
     assert_eq!(
         name_of(&store, "sk-chat-app").await.as_deref(),
         Some("chat-app")
     );
+    Ok(())
+}
+
+#[test]
+fn the_file_is_checked_at_most_once_per_interval() -> Result<(), Box<dyn std::error::Error>> {
+    assert_eq!(
+        FileKeyStore::DEFAULT_CHECK_INTERVAL,
+        std::time::Duration::from_secs(1)
+    );
+    let mut file = tempfile::NamedTempFile::new()?;
+    write!(
+        file,
+        "[[keys]]\nname = \"first\"\nsecret = \"sk-first-key-0123\"\n"
+    )?;
+    file.flush()?;
+    let store =
+        FileKeyStore::open(file.path())?.check_interval(std::time::Duration::from_secs(3600));
+    let first = KeyDigest::of("sk-first-key-0123");
+    // The first lookup checks the file; an edit right after waits for the next check.
+    assert!(store.lookup_now(&first).unwrap()?.is_some());
+    std::fs::write(
+        file.path(),
+        "[[keys]]\nname = \"second\"\nsecret = \"sk-second-key-0123\"\n",
+    )?;
+    assert!(store.lookup_now(&first).unwrap()?.is_some());
+    assert!(store
+        .lookup_now(&KeyDigest::of("sk-second-key-0123"))
+        .unwrap()?
+        .is_none());
+    // An explicit check sees it at once.
+    assert!(store.refresh());
+    assert!(store.lookup_now(&first).unwrap()?.is_none());
     Ok(())
 }

@@ -241,7 +241,11 @@ secret_sha256 = "{digest}"
 "#
         ),
     );
-    let store = Arc::new(FileKeyStore::open(&path).unwrap());
+    let store = Arc::new(
+        FileKeyStore::open(&path)
+            .unwrap()
+            .check_interval(std::time::Duration::ZERO),
+    );
     assert_eq!(store.len(), 2);
     let mut r = with_key(req(), "sk-plain");
     r.extensions_mut()
@@ -269,7 +273,11 @@ async fn json_file_store_works_too() {
         &path,
         r#"{"keys":[{"name":"j","secret":"sk-json","expires_at":4102444800}]}"#,
     );
-    let store = Arc::new(FileKeyStore::open(&path).unwrap());
+    let store = Arc::new(
+        FileKeyStore::open(&path)
+            .unwrap()
+            .check_interval(std::time::Duration::ZERO),
+    );
     let (a, _) = send(store, with_key(req(), "sk-json")).await;
     assert_eq!(a.status, StatusCode::OK);
 }
@@ -279,7 +287,11 @@ async fn file_store_picks_up_edits_on_the_next_request() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.toml");
     write(&path, "[[keys]]\nname = \"a\"\nsecret = \"sk-a\"\n");
-    let store = Arc::new(FileKeyStore::open(&path).unwrap());
+    let store = Arc::new(
+        FileKeyStore::open(&path)
+            .unwrap()
+            .check_interval(std::time::Duration::ZERO),
+    );
     assert_eq!(
         send(store.clone(), with_key(req(), "sk-a")).await.0.status,
         StatusCode::OK

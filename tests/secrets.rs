@@ -443,7 +443,9 @@ async fn no_secret_is_shown_anywhere() {
         format!("[[keys]]\nname = \"file\"\nsecret = \"{FILE_KEY}\"\n"),
     )
     .unwrap();
-    let file_store = FileKeyStore::open(&path).unwrap();
+    let file_store = FileKeyStore::open(&path)
+        .unwrap()
+        .check_interval(std::time::Duration::ZERO);
     seen.debug("FileKeyStore", &file_store);
     let bad = dir.path().join("bad.toml");
     for text in [
@@ -474,7 +476,9 @@ async fn no_secret_is_shown_anywhere() {
         seen.display("KeyFileError (JSON)", &error);
     }
     // A good store whose file turns bad: the error is kept and shown by `last_error`.
-    let reloading = FileKeyStore::open(&path).unwrap();
+    let reloading = FileKeyStore::open(&path)
+        .unwrap()
+        .check_interval(std::time::Duration::ZERO);
     std::thread::sleep(Duration::from_millis(20));
     std::fs::write(
         &path,

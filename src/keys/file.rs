@@ -26,9 +26,10 @@ use super::{ApiKey, BoxFuture, CredentialError, KeyDigest, KeyStore, StoreError}
 /// errors, reported with the line where the parser names one.
 ///
 /// **Reload.** Before a lookup the store compares the file's modification time, size (and on
-/// Unix its inode) with what it loaded, at most once per [`check_interval`] (default: every
-/// lookup, which costs one `stat`). A changed file is read again on that lookup, so an edit
-/// takes effect on the next request. If the new contents are invalid (or the file is gone),
+/// Unix its inode) with what it loaded, at most once per [`check_interval`] (default: once a
+/// second, [`FileKeyStore::DEFAULT_CHECK_INTERVAL`]; zero checks on every lookup, which costs
+/// one `stat` per request). A changed file is read again on that lookup, so an edit takes
+/// effect within the interval. If the new contents are invalid (or the file is gone),
 /// the store keeps serving the keys it had, counts the failure ([`failed_reloads`]), keeps the
 /// error for [`last_error`] and (feature `tracing`) emits a `warn` event with the error's line
 /// and column (never a secret): a typo must not lock every client out. It does not retry a bad
@@ -376,7 +377,7 @@ impl FileKeyStore {
         Ok(FileKeyStore {
             path,
             section,
-            check_interval: Duration::ZERO,
+            check_interval: FileKeyStore::DEFAULT_CHECK_INTERVAL,
             max_file_size: Self::DEFAULT_MAX_FILE_SIZE,
             state: RwLock::new(State {
                 keys: Arc::new(keys),
@@ -389,7 +390,12 @@ impl FileKeyStore {
         })
     }
 
-    /// Checks the file for changes at most this often (default: on every lookup).
+    /// How often the file is checked for changes by default: once a second (a `stat` per
+    /// request would cost as much as the rest of the key check).
+    pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+    /// Checks the file for changes at most this often (default
+    /// [`DEFAULT_CHECK_INTERVAL`](Self::DEFAULT_CHECK_INTERVAL); zero: on every lookup).
     #[must_use]
     pub fn check_interval(mut self, interval: Duration) -> Self {
         self.check_interval = interval;

@@ -617,6 +617,9 @@ async fn a_chunked_upload_is_cut_off_at_the_limit() -> TestResult {
 // ---------------------------------------------------------------------------------------------
 // Configuration
 
+/// A little more than the key file's check interval.
+const RELOAD: Duration = Duration::from_millis(1100);
+
 #[tokio::test]
 async fn edits_to_the_keys_take_effect_without_a_restart() -> TestResult {
     let h = start().await;
@@ -634,6 +637,8 @@ async fn edits_to_the_keys_take_effect_without_a_restart() -> TestResult {
          model_limits_enabled = true\nmodel_limits = [\"o3-mini\"]\n"
     );
     std::fs::write(&h.config_path, &added)?;
+    // The key file is checked for changes once a second.
+    tokio::time::sleep(RELOAD).await;
     let response = h
         .client(NEW_KEY)
         .chat()
@@ -641,7 +646,7 @@ async fn edits_to_the_keys_take_effect_without_a_restart() -> TestResult {
         .await?;
     assert_eq!(response.model, "o3-mini");
 
-    // Narrowing a key's list applies at once too.
+    // Narrowing a key's list applies as soon too.
     std::fs::write(
         &h.config_path,
         added.replace(
@@ -649,12 +654,14 @@ async fn edits_to_the_keys_take_effect_without_a_restart() -> TestResult {
             "model_limits = [\"gpt-4o\"]",
         ),
     )?;
+    tokio::time::sleep(RELOAD).await;
     let (status, error) = api_error(h.client(NEW_KEY).chat().create(chat("o3-mini", "hi")).await);
     assert_eq!(status, 403);
     assert_eq!(error.code.as_deref(), Some("model_not_allowed"));
 
     // And removing it.
     std::fs::write(&h.config_path, &text)?;
+    tokio::time::sleep(RELOAD).await;
     let result = h
         .client(NEW_KEY)
         .chat()
