@@ -25,24 +25,6 @@
 //!
 //! Draining needs a Tokio runtime (the `tokio` feature); without one at the time the body is
 //! dropped, the response is dropped at once.
-//!
-//! ```
-//! use std::time::Duration;
-//! use tower::ServiceBuilder;
-//! use tower_llm_policy::audit::{DrainOnCancelLayer, MemorySink};
-//! use tower_llm_policy::AuditLayer;
-//!
-//! # async fn upstream(_: http::Request<tower_llm_policy::PolicyBody>)
-//! #     -> Result<http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
-//! #     Ok(http::Response::new(http_body_util::Full::default()))
-//! # }
-//! let sink = MemorySink::new();
-//! let service = ServiceBuilder::new()
-//!     .layer(DrainOnCancelLayer::new().drain_timeout(Duration::from_secs(2)))
-//!     .layer(AuditLayer::new(sink.clone()))
-//!     .service_fn(upstream);
-//! # let _ = service;
-//! ```
 
 use std::fmt;
 use std::future::Future;
@@ -107,8 +89,35 @@ impl fmt::Debug for Tail {
     }
 }
 
-/// Keeps reading a response whose client left until its usage comes, within bounds. See the
-/// [module docs](self).
+/// Keeps reading a response whose client left until its usage comes, within bounds.
+///
+/// A streamed chat completion reports its usage after its last token: a client that leaves
+/// with the last token takes the usage with it. Put right outside the
+/// [`AuditLayer`](crate::AuditLayer), this layer reads such a response on in a background task
+/// (Tokio) for at most [`drain_timeout`](Self::drain_timeout) and
+/// [`max_drain_bytes`](Self::max_drain_bytes), so that the record gets the upstream's usage
+/// (flagged [`usage_after_cancel`](crate::audit::flag::USAGE_AFTER_CANCEL); the record stays
+/// `cancelled` and counts only the bytes the client received). Only a success from an endpoint
+/// that reports usage, whose usage has not been read yet, is drained; anything else is dropped
+/// at once. An upstream still generating when its client left goes on for up to the timeout.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower::ServiceBuilder;
+/// use tower_llm_policy::audit::{DrainOnCancelLayer, MemorySink};
+/// use tower_llm_policy::AuditLayer;
+///
+/// # async fn upstream(_: http::Request<tower_llm_policy::PolicyBody>)
+/// #     -> Result<http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+/// #     Ok(http::Response::new(http_body_util::Full::default()))
+/// # }
+/// let sink = MemorySink::new();
+/// let service = ServiceBuilder::new()
+///     .layer(DrainOnCancelLayer::new().drain_timeout(Duration::from_secs(2)))
+///     .layer(AuditLayer::new(sink.clone()))
+///     .service_fn(upstream);
+/// # let _ = service;
+/// ```
 ///
 /// Clones (and the services they make) share one count of the drains running
 /// ([`in_flight`](Self::in_flight)): a server that shuts down waits for it to reach zero
