@@ -553,6 +553,12 @@ const BLOCK: usize = 256;
 #[cfg(feature = "tokens")]
 mod exact {
     //! Exact counts with `bpe-openai`.
+    //!
+    //! The text is split by the encoding's pre-tokenizer (`bpe-openai`'s regex), and each piece
+    //! is counted on its own. Most pieces of ordinary text (a word with the space before it, a
+    //! run of punctuation) are one token of the vocabulary: those are looked up in a hash table
+    //! built once, as tiktoken does, instead of running the byte-pair encoder on them, which
+    //! allocates for every piece. Only the other pieces go through `BytePairEncoding::count`.
 
     use std::sync::OnceLock;
 
@@ -560,12 +566,88 @@ mod exact {
 
     use super::{Count, Encoding};
 
-    /// A static tokenizer and the length in bytes of its longest token.
+    /// A static tokenizer, the length in bytes of its longest token, and a table of its tokens.
     #[derive(Clone, Copy)]
     pub(super) struct Vocabulary {
         tokenizer: &'static Tokenizer,
         /// No token is longer than this, so `n` bytes take at least `⌈n / longest⌉` tokens.
         pub(super) longest_token: usize,
+        tokens: &'static TokenTable,
+    }
+
+    /// An open-addressing hash table of a vocabulary's tokens: which byte strings are one
+    /// token. Slots hold token ids (the bytes are the vocabulary's), [`EMPTY`] for none.
+    struct TokenTable {
+        slots: Box<[u32]>,
+        /// `64 - log2(slots.len())`: a hash's top bits pick the first slot.
+        shift: u32,
+    }
+
+    const EMPTY: u32 = u32::MAX;
+
+    /// A fast hash of a short byte string (FxHash's multiply-rotate over 8-byte words).
+    #[inline]
+    fn hash(bytes: &[u8]) -> u64 {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut h = (bytes.len() as u64).wrapping_mul(K);
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            h = (h.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(K);
+        }
+        let tail = chunks.remainder();
+        if !tail.is_empty() {
+            let mut word = [0u8; 8];
+            word[..tail.len()].copy_from_slice(tail);
+            h = (h.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(K);
+        }
+        h
+    }
+
+    impl TokenTable {
+        fn new(tokenizer: &Tokenizer) -> Self {
+            let bpe = &tokenizer.bpe;
+            let count = bpe.num_tokens();
+            // At most half full.
+            let size = (count * 2).next_power_of_two().max(2);
+            let mut table = TokenTable {
+                slots: vec![EMPTY; size].into_boxed_slice(),
+                shift: 64 - size.trailing_zeros(),
+            };
+            let mask = size - 1;
+            for id in (0..count).filter_map(|id| u32::try_from(id).ok()) {
+                let mut slot = table.first_slot(bpe.token_bytes(id));
+                while table.slots[slot] != EMPTY {
+                    slot = (slot + 1) & mask;
+                }
+                table.slots[slot] = id;
+            }
+            table
+        }
+
+        #[inline]
+        fn first_slot(&self, bytes: &[u8]) -> usize {
+            // The shift leaves fewer bits than the table's size needs, which fits a usize.
+            (hash(bytes) >> self.shift) as usize
+        }
+
+        /// Whether `bytes` is one token of `tokenizer`'s vocabulary.
+        #[inline]
+        fn contains(&self, tokenizer: &Tokenizer, bytes: &[u8]) -> bool {
+            let mask = self.slots.len() - 1;
+            let mut slot = self.first_slot(bytes);
+            loop {
+                let id = self.slots[slot];
+                if id == EMPTY {
+                    return false;
+                }
+                if tokenizer.bpe.token_bytes(id) == bytes {
+                    return true;
+                }
+                slot = (slot + 1) & mask;
+            }
+        }
     }
 
     impl Vocabulary {
@@ -589,6 +671,7 @@ mod exact {
                 Vocabulary {
                     tokenizer,
                     longest_token,
+                    tokens: Box::leak(Box::new(TokenTable::new(tokenizer))),
                 }
             })
         }
@@ -598,9 +681,26 @@ mod exact {
             bytes.div_ceil(self.longest_token)
         }
 
+        /// The exact count of one piece of the pre-tokenizer's split.
+        #[inline]
+        fn count_piece(&self, piece: &str) -> usize {
+            let bytes = piece.as_bytes();
+            // A piece that is one token is encoded as that token: byte-pair merges of its
+            // bytes end in it (as tiktoken assumes too, with the same lookup).
+            if bytes.len() <= self.longest_token && self.tokens.contains(self.tokenizer, bytes) {
+                1
+            } else {
+                self.tokenizer.bpe.count(bytes)
+            }
+        }
+
         pub(super) fn count(&self, text: &str) -> usize {
-            // Both encodings are used without Unicode normalization, so `text` is counted as is.
-            self.tokenizer.count(text)
+            // Both encodings are used without Unicode normalization, so `text` is counted as is:
+            // the sum over the pieces that `Tokenizer::count` adds up, piece by piece.
+            self.tokenizer
+                .split(text)
+                .map(|piece| self.count_piece(piece))
+                .sum()
         }
 
         pub(super) fn count_up_to(&self, text: &str, limit: usize) -> Count {
@@ -616,10 +716,10 @@ mod exact {
                         counted: counted.saturating_add(at_least),
                     };
                 }
-                // Exact for the piece: the same per-piece count `Tokenizer::count` sums up.
+                // Exact for the piece: the same per-piece count `count` sums up.
                 // (`BytePairEncoding::count_till_limit` is not used: it may stop on a partial
                 // encoding, which its authors bound only heuristically.)
-                counted = counted.saturating_add(self.tokenizer.bpe.count(piece.as_bytes()));
+                counted = counted.saturating_add(self.count_piece(piece));
                 if counted > limit {
                     return Count::Exceeded { counted };
                 }
