@@ -576,31 +576,44 @@ mod exact {
     }
 
     /// An open-addressing hash table of a vocabulary's tokens: which byte strings are one
-    /// token. Slots hold token ids (the bytes are the vocabulary's), [`EMPTY`] for none.
+    /// token. A slot holds a token's length, its first 8 bytes and its id (the rest of its
+    /// bytes are the vocabulary's), so that a short piece is matched without leaving the slot.
     struct TokenTable {
-        slots: Box<[u32]>,
+        slots: Box<[Slot]>,
         /// `64 - log2(slots.len())`: a hash's top bits pick the first slot.
         shift: u32,
     }
 
+    #[derive(Clone, Copy)]
+    struct Slot {
+        /// The token's first 8 bytes, little-endian, zero-padded.
+        head: u64,
+        len: u32,
+        /// [`EMPTY`] for a free slot.
+        id: u32,
+    }
+
     const EMPTY: u32 = u32::MAX;
 
-    /// A fast hash of a short byte string (FxHash's multiply-rotate over 8-byte words).
+    /// The first 8 bytes of `bytes` as a little-endian word, zero-padded.
     #[inline]
-    fn hash(bytes: &[u8]) -> u64 {
+    fn head(bytes: &[u8]) -> u64 {
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        u64::from_le_bytes(word)
+    }
+
+    /// A fast hash of a short byte string (FxHash's multiply-rotate over 8-byte words), from
+    /// its [`head`] already read.
+    #[inline]
+    fn hash(head: u64, bytes: &[u8]) -> u64 {
         const K: u64 = 0x517c_c1b7_2722_0a95;
-        let mut h = (bytes.len() as u64).wrapping_mul(K);
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            h = (h.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(K);
-        }
-        let tail = chunks.remainder();
-        if !tail.is_empty() {
-            let mut word = [0u8; 8];
-            word[..tail.len()].copy_from_slice(tail);
-            h = (h.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(K);
+        let mut h = ((bytes.len() as u64).wrapping_mul(K).rotate_left(5) ^ head).wrapping_mul(K);
+        if let Some(rest) = bytes.get(8..) {
+            for chunk in rest.chunks(8) {
+                h = (h.rotate_left(5) ^ self::head(chunk)).wrapping_mul(K);
+            }
         }
         h
     }
@@ -611,38 +624,51 @@ mod exact {
             let count = bpe.num_tokens();
             // At most half full.
             let size = (count * 2).next_power_of_two().max(2);
+            let free = Slot {
+                head: 0,
+                len: 0,
+                id: EMPTY,
+            };
             let mut table = TokenTable {
-                slots: vec![EMPTY; size].into_boxed_slice(),
+                slots: vec![free; size].into_boxed_slice(),
                 shift: 64 - size.trailing_zeros(),
             };
             let mask = size - 1;
             for id in (0..count).filter_map(|id| u32::try_from(id).ok()) {
-                let mut slot = table.first_slot(bpe.token_bytes(id));
-                while table.slots[slot] != EMPTY {
+                let bytes = bpe.token_bytes(id);
+                let (head, Ok(len)) = (head(bytes), u32::try_from(bytes.len())) else {
+                    continue;
+                };
+                let mut slot = table.first_slot(head, bytes);
+                while table.slots[slot].id != EMPTY {
                     slot = (slot + 1) & mask;
                 }
-                table.slots[slot] = id;
+                table.slots[slot] = Slot { head, len, id };
             }
             table
         }
 
         #[inline]
-        fn first_slot(&self, bytes: &[u8]) -> usize {
+        fn first_slot(&self, head: u64, bytes: &[u8]) -> usize {
             // The shift leaves fewer bits than the table's size needs, which fits a usize.
-            (hash(bytes) >> self.shift) as usize
+            (hash(head, bytes) >> self.shift) as usize
         }
 
         /// Whether `bytes` is one token of `tokenizer`'s vocabulary.
         #[inline]
         fn contains(&self, tokenizer: &Tokenizer, bytes: &[u8]) -> bool {
             let mask = self.slots.len() - 1;
-            let mut slot = self.first_slot(bytes);
+            let head = head(bytes);
+            let mut slot = self.first_slot(head, bytes);
             loop {
-                let id = self.slots[slot];
+                let Slot { head: h, len, id } = self.slots[slot];
                 if id == EMPTY {
                     return false;
                 }
-                if tokenizer.bpe.token_bytes(id) == bytes {
+                if h == head
+                    && len as usize == bytes.len()
+                    && (bytes.len() <= 8 || tokenizer.bpe.token_bytes(id) == bytes)
+                {
                     return true;
                 }
                 slot = (slot + 1) & mask;
