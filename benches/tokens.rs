@@ -1,5 +1,7 @@
-//! Exact token counting: typical prompts, a long document, and hostile input (one 1 MB word);
-//! and the estimate used without the `tokens` feature, against the old ⌈characters / 4⌉.
+//! Exact token counting against tiktoken-rs on the same texts: a typical prompt, a long
+//! document, multilingual text, and hostile input (one word without whitespace: 64 KiB for
+//! both, 1 MiB for ours alone); the early stop of `count_up_to`; and the estimate used without
+//! the `tokens` feature, against the old ⌈characters / 4⌉.
 //!
 //! `cargo bench --features tokens --bench tokens`
 
@@ -44,26 +46,101 @@ fn fill(parts: &[&str], bytes: usize) -> String {
     text
 }
 
-fn bench_count(bencher: Bencher<'_, '_>, encoding: Encoding, text: &str) {
-    let counter = TokenCounter::new(encoding);
-    bencher
-        .counter(BytesCount::of_str(text))
-        .bench(|| counter.count(black_box(text)));
+/// Texts in eight scripts from the test corpus, one after another (about 24 KB): Chinese,
+/// Japanese, Korean, Russian, Arabic, Hindi, Thai and emoji.
+static MULTILINGUAL: LazyLock<String> = LazyLock::new(|| {
+    [
+        include_str!("../tests/data/multilingual/chinese.txt"),
+        include_str!("../tests/data/multilingual/japanese.txt"),
+        include_str!("../tests/data/multilingual/korean.txt"),
+        include_str!("../tests/data/multilingual/russian.txt"),
+        include_str!("../tests/data/multilingual/arabic.txt"),
+        include_str!("../tests/data/multilingual/hindi.txt"),
+        include_str!("../tests/data/multilingual/thai.txt"),
+        include_str!("../tests/data/multilingual/emoji.txt"),
+    ]
+    .concat()
+});
+
+/// One word of 64 KiB with no whitespace: the hostile input at a size tiktoken-rs is
+/// benchmarked on too.
+static WORD_64KB: LazyLock<String> = LazyLock::new(|| "a".repeat(64 * 1024));
+
+fn text(name: &str) -> &'static str {
+    match name {
+        "chat_2kb" => &CHAT_2KB,
+        "document_100kb" => &DOCUMENT_100KB,
+        "multilingual_24kb" => &MULTILINGUAL,
+        "word_64kb" => &WORD_64KB,
+        _ => unreachable!("unknown text {name}"),
+    }
 }
 
-#[divan::bench(args = ENCODINGS)]
-fn count_chat_2kb(bencher: Bencher<'_, '_>, encoding: Encoding) {
-    bench_count(bencher, encoding, &CHAT_2KB);
+fn tiktoken(encoding: Encoding) -> &'static tiktoken_rs::CoreBPE {
+    match encoding {
+        Encoding::O200kBase => tiktoken_rs::o200k_base_singleton(),
+        _ => tiktoken_rs::cl100k_base_singleton(),
+    }
 }
 
-#[divan::bench(args = ENCODINGS)]
-fn count_document_100kb(bencher: Bencher<'_, '_>, encoding: Encoding) {
-    bench_count(bencher, encoding, &DOCUMENT_100KB);
-}
+/// Exact counts, this crate against tiktoken-rs, on the same texts: `ours` and `tiktoken` in
+/// each group, so one run gives the ratio. Both count the text as ordinary text (a special
+/// token's string is counted by its characters): tiktoken-rs with `encode_ordinary`, which
+/// also builds the token vector, since it has no count of its own.
+mod count {
+    use super::*;
 
-#[divan::bench(args = ENCODINGS, sample_count = 20)]
-fn count_word_1mb(bencher: Bencher<'_, '_>, encoding: Encoding) {
-    bench_count(bencher, encoding, &WORD_1MB);
+    fn bench_ours(bencher: Bencher<'_, '_>, encoding: Encoding, text: &str) {
+        let counter = TokenCounter::new(encoding);
+        assert_eq!(
+            counter.count(text),
+            tiktoken(encoding).encode_ordinary(text).len()
+        );
+        bencher
+            .counter(BytesCount::of_str(text))
+            .bench(|| counter.count(black_box(text)));
+    }
+
+    fn bench_tiktoken(bencher: Bencher<'_, '_>, encoding: Encoding, text: &str) {
+        let bpe = tiktoken(encoding);
+        bencher
+            .counter(BytesCount::of_str(text))
+            .bench(|| bpe.encode_ordinary(black_box(text)).len());
+    }
+
+    macro_rules! text_group {
+        ($name:ident) => {
+            mod $name {
+                use super::*;
+
+                #[divan::bench(args = ENCODINGS)]
+                fn ours(bencher: Bencher<'_, '_>, encoding: Encoding) {
+                    bench_ours(bencher, encoding, text(stringify!($name)));
+                }
+
+                #[divan::bench(args = ENCODINGS)]
+                fn tiktoken(bencher: Bencher<'_, '_>, encoding: Encoding) {
+                    bench_tiktoken(bencher, encoding, text(stringify!($name)));
+                }
+            }
+        };
+    }
+
+    text_group!(chat_2kb);
+    text_group!(document_100kb);
+    text_group!(multilingual_24kb);
+    text_group!(word_64kb);
+
+    /// The 1 MiB word, ours only: tiktoken-rs is benchmarked on the 64 KiB word instead, to
+    /// keep its run bounded.
+    #[divan::bench(args = ENCODINGS, sample_count = 20)]
+    fn word_1mb_ours(bencher: Bencher<'_, '_>, encoding: Encoding) {
+        let counter = TokenCounter::new(encoding);
+        let text: &str = &WORD_1MB;
+        bencher
+            .counter(BytesCount::of_str(text))
+            .bench(|| counter.count(black_box(text)));
+    }
 }
 
 /// A limit far below what 1 MB can hold: decided from the length, nothing is encoded.
