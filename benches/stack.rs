@@ -52,6 +52,16 @@ enum Body {
 
 const BODIES: [Body; 3] = [Body::Chat2k, Body::Tools2k, Body::Chat64k];
 
+/// The bodies to run: [`BODIES`], or those named in `STACK_BODIES` (comma-separated, for
+/// profiling one: `STACK_BODIES=tools_2k`).
+fn bodies() -> Vec<Body> {
+    let wanted = std::env::var("STACK_BODIES").unwrap_or_default();
+    BODIES
+        .into_iter()
+        .filter(|b| wanted.is_empty() || wanted.split(',').any(|w| w.trim() == b.to_string()))
+        .collect()
+}
+
 impl fmt::Display for Body {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -206,7 +216,9 @@ fn key_store() -> Arc<MemoryKeyStore> {
             "sk-bench-key-0123456789",
             ApiKey::new("bench")
                 .model_limits(["gpt-4o-mini", "gpt-4o", "o3-mini"])
-                .max_prompt_tokens(20_000),
+                // Over what the byte length of the 64 KB prompt proves (a token is at least a
+                // byte): no body here needs exact counting (`--bench prompt` measures that).
+                .max_prompt_tokens(100_000),
         ),
     )
 }
@@ -259,7 +271,7 @@ where
     });
 }
 
-#[divan::bench(args = BODIES)]
+#[divan::bench(args = bodies())]
 fn value_parse(bencher: divan::Bencher<'_, '_>, body: Body) {
     let body = body.bytes();
     bencher.bench(|| serde_json::from_slice::<serde_json::Value>(divan::black_box(&body)).unwrap());
@@ -267,7 +279,7 @@ fn value_parse(bencher: divan::Bencher<'_, '_>, body: Body) {
 
 /// Validating the body as JSON and nothing else: the floor for any parse that rejects
 /// invalid JSON.
-#[divan::bench(args = BODIES)]
+#[divan::bench(args = bodies())]
 fn validate_only(bencher: divan::Bencher<'_, '_>, body: Body) {
     let body = body.bytes();
     bencher.bench(|| {
@@ -276,7 +288,7 @@ fn validate_only(bencher: divan::Bencher<'_, '_>, body: Body) {
 }
 
 /// The parse-once view alone (the share of the stack spent parsing the body).
-#[divan::bench(args = BODIES)]
+#[divan::bench(args = bodies())]
 fn view_parse(bencher: divan::Bencher<'_, '_>, body: Body) {
     let body = body.bytes();
     let (parts, _) = request(&body).into_parts();
@@ -291,12 +303,12 @@ fn key_digest() -> tower_llm_policy::KeyDigest {
     tower_llm_policy::KeyDigest::of(divan::black_box("sk-bench-key-0123456789"))
 }
 
-#[divan::bench(args = BODIES)]
+#[divan::bench(args = bodies())]
 fn no_layers(bencher: divan::Bencher<'_, '_>, body: Body) {
     bench_service(bencher, body, tower::service_fn(inner::<Full<Bytes>>));
 }
 
-#[divan::bench(args = BODIES)]
+#[divan::bench(args = bodies())]
 fn stack(bencher: divan::Bencher<'_, '_>, body: Body) {
     let svc = ServiceBuilder::new()
         .layer(key_auth())
@@ -305,7 +317,7 @@ fn stack(bencher: divan::Bencher<'_, '_>, body: Body) {
     bench_service(bencher, body, svc);
 }
 
-#[divan::bench(args = BODIES)]
+#[divan::bench(args = bodies())]
 fn stack_all(bencher: divan::Bencher<'_, '_>, body: Body) {
     let (audit, records) = audit();
     let svc = ServiceBuilder::new()
@@ -320,7 +332,7 @@ fn stack_all(bencher: divan::Bencher<'_, '_>, body: Body) {
     assert!(records.load(Ordering::Relaxed) > 0);
 }
 
-#[divan::bench(args = BODIES)]
+#[divan::bench(args = bodies())]
 fn layer_key_auth(bencher: divan::Bencher<'_, '_>, body: Body) {
     let svc = ServiceBuilder::new()
         .layer(key_auth())
@@ -328,7 +340,7 @@ fn layer_key_auth(bencher: divan::Bencher<'_, '_>, body: Body) {
     bench_service(bencher, body, svc);
 }
 
-#[divan::bench(args = BODIES)]
+#[divan::bench(args = bodies())]
 fn layer_model_allow_list(bencher: divan::Bencher<'_, '_>, body: Body) {
     let svc = ServiceBuilder::new()
         .layer(model_allow_list())
@@ -336,7 +348,7 @@ fn layer_model_allow_list(bencher: divan::Bencher<'_, '_>, body: Body) {
     bench_service(bencher, body, svc);
 }
 
-#[divan::bench(args = BODIES)]
+#[divan::bench(args = bodies())]
 fn layer_feature_block(bencher: divan::Bencher<'_, '_>, body: Body) {
     let svc = ServiceBuilder::new()
         .layer(feature_block())
@@ -344,7 +356,7 @@ fn layer_feature_block(bencher: divan::Bencher<'_, '_>, body: Body) {
     bench_service(bencher, body, svc);
 }
 
-#[divan::bench(args = BODIES)]
+#[divan::bench(args = bodies())]
 fn layer_prompt_limit(bencher: divan::Bencher<'_, '_>, body: Body) {
     let svc = ServiceBuilder::new()
         .layer(prompt_limit())
@@ -352,7 +364,7 @@ fn layer_prompt_limit(bencher: divan::Bencher<'_, '_>, body: Body) {
     bench_service(bencher, body, svc);
 }
 
-#[divan::bench(args = BODIES)]
+#[divan::bench(args = bodies())]
 fn layer_audit(bencher: divan::Bencher<'_, '_>, body: Body) {
     let (audit, records) = audit();
     let svc = ServiceBuilder::new()

@@ -897,25 +897,38 @@ const READ_KEYS: &[&str] = &[
     "input_schema",
 ];
 
-/// Whether `key` is not one we read but folds onto one (see [`READ_KEYS`]).
-fn folds_onto_read_key(key: &str) -> Option<String> {
-    if key
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        || key.len() > 96
-    {
+/// The key we read that `key` folds onto without being it, if any (see [`READ_KEYS`]).
+///
+/// Folding only changes ASCII upper-case letters, KELVIN SIGN and LONG S, and every key we
+/// read is lowercase ASCII: a key without an upper-case ASCII letter or a non-ASCII byte (the
+/// common case) folds onto itself, and is settled by one pass over its bytes.
+fn folds_onto_read_key(key: &str) -> Option<&'static str> {
+    if key.len() > 96 || !key.bytes().any(|b| b.is_ascii_uppercase() || b >= 0x80) {
         return None;
     }
-    let folded: String = key
-        .chars()
-        .map(|c| match c {
-            '\u{212A}' => 'k',
-            '\u{17F}' => 's',
-            c => c.to_ascii_lowercase(),
-        })
-        .collect();
-    (folded != key && (FIELDS.contains(&folded.as_str()) || READ_KEYS.contains(&folded.as_str())))
-        .then_some(folded)
+    FIELDS
+        .iter()
+        .chain(READ_KEYS)
+        .copied()
+        .find(|read| folds_to(key, read))
+}
+
+/// Whether `key`, folded as Go's `encoding/json` matches field names, is `read` (lowercase
+/// ASCII).
+fn folds_to(key: &str, read: &str) -> bool {
+    let mut read = read.bytes();
+    for c in key.chars() {
+        let folded = match c {
+            '\u{212A}' => b'k',
+            '\u{17F}' => b's',
+            c if c.is_ascii() => (c as u8).to_ascii_lowercase(),
+            _ => return false,
+        };
+        if read.next() != Some(folded) {
+            return false;
+        }
+    }
+    read.next().is_none()
 }
 
 /// Deserializes one field with its name in any error message.
