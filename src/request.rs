@@ -617,7 +617,36 @@ impl LlmRequest {
 
     /// The prompt's size in characters (Unicode scalar values), over all text parts.
     pub fn prompt_chars(&self) -> usize {
-        self.prompt_parts().map(|p| p.text.chars().count()).sum()
+        // The bytes are UTF-8 (checked when the body was parsed): a character is a byte that
+        // does not continue another one. Counted without checking the text once more.
+        self.prompt_bytes()
+            .map(|b| {
+                if b.is_ascii() {
+                    b.len()
+                } else {
+                    b.iter().filter(|&&b| !is_continuation(b)).count()
+                }
+            })
+            .sum()
+    }
+
+    /// The prompt's size in bytes, over all text parts.
+    pub(crate) fn prompt_len(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|(_, span)| match span {
+                Span::Owned(s) => s.len(),
+                Span::Range(r) => r.len(),
+            })
+            .sum()
+    }
+
+    /// The bytes of the prompt's text parts, in body order.
+    fn prompt_bytes(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.parts.iter().map(move |(_, span)| match span {
+            Span::Owned(s) => s.as_bytes(),
+            Span::Range(r) => self.body.get(r.clone()).unwrap_or_default(),
+        })
     }
 
     /// The number of token ids sent as integer arrays (`prompt` / `input`).
@@ -690,6 +719,11 @@ impl LlmRequest {
         }
         Some(rewrite::apply(&self.body, &self.edits))
     }
+}
+
+/// Whether `b` continues a UTF-8 character (`0b10xx_xxxx`).
+fn is_continuation(b: u8) -> bool {
+    b & 0xC0 == 0x80
 }
 
 fn invalid(message: impl Into<String>) -> PolicyError {
@@ -775,6 +809,7 @@ impl<'a> Collector<'a> {
             c: self,
             depth: 1,
             is_model: false,
+            walking: nests_within(raw.get(), 1),
         }
         .deserialize(&mut de)
     }
@@ -1381,11 +1416,27 @@ fn scan_member<'de, A: MapAccess<'de>>(
     c: &mut Collector<'de>,
     depth: u8,
 ) -> Result<(), A::Error> {
+    scan_member_in(key, map, c, depth, false)
+}
+
+/// [`scan_member`]; `walking`: the member is inside a value being walked already whose text
+/// is known to nest less than [`MAX_SCAN_DEPTH`] deep ([`nests_within`]), so the value is
+/// walked at once rather than skipped as raw text first and parsed a second time. Walking a
+/// value that holds nothing we read finds nothing and, nested that little, cannot be too deep:
+/// this saves a parse and reads the body the same.
+fn scan_member_in<'de, A: MapAccess<'de>>(
+    key: &str,
+    map: &mut A,
+    c: &mut Collector<'de>,
+    depth: u8,
+    walking: bool,
+) -> Result<(), A::Error> {
     match key {
         "model" => map.next_value_seed(ScanSeed {
             c,
             depth,
             is_model: true,
+            walking: false,
         }),
         "type" => {
             if let Some(ty) = map.next_value::<Option<&'de RawValue>>()? {
@@ -1396,6 +1447,12 @@ fn scan_member<'de, A: MapAccess<'de>>(
             Ok(())
         }
         k if is_user_data(k) => map.next_value::<IgnoredAny>().map(drop),
+        _ if walking => map.next_value_seed(ScanSeed {
+            c,
+            depth,
+            is_model: false,
+            walking: true,
+        }),
         _ => {
             // Skipped as raw text first (as cheap as ignoring it); walked only when it could
             // hold something we read: a nested `model` or image tool, or a key that is escaped
@@ -1409,11 +1466,20 @@ fn scan_member<'de, A: MapAccess<'de>>(
                 c,
                 depth,
                 is_model: false,
+                walking: nests_within(raw.get(), depth),
             }
             .deserialize(&mut de)
             .map_err(|e| de::Error::custom(without_position(&e)))
         }
     }
+}
+
+/// Whether every object and array of the JSON text `raw`, read at `depth`, is less than
+/// [`MAX_SCAN_DEPTH`] deep: it holds fewer brackets than the depth that remains (brackets in
+/// strings are counted too, so this errs towards no).
+fn nests_within(raw: &str, depth: u8) -> bool {
+    let opens = raw.bytes().filter(|&b| b == b'{' || b == b'[').count();
+    usize::from(depth) + opens < usize::from(MAX_SCAN_DEPTH)
 }
 
 /// Whether a skipped value must be walked (see [`scan_member`]): an object or array whose text
@@ -1436,6 +1502,9 @@ struct ScanSeed<'c, 'a> {
     c: &'c mut Collector<'a>,
     depth: u8,
     is_model: bool,
+    /// The value nests less than [`MAX_SCAN_DEPTH`] deep: its members are walked at once (see
+    /// [`scan_member_in`]).
+    walking: bool,
 }
 
 impl<'de, 'c> DeserializeSeed<'de> for ScanSeed<'c, 'de> {
@@ -1489,6 +1558,7 @@ impl<'de, 'c> Visitor<'de> for ScanSeed<'c, 'de> {
                 c: &mut *self.c,
                 depth: self.depth + 1,
                 is_model: false,
+                walking: self.walking,
             })?
             .is_some()
         {}
@@ -1500,7 +1570,7 @@ impl<'de, 'c> Visitor<'de> for ScanSeed<'c, 'de> {
             return Err(de::Error::custom("the body is nested too deeply"));
         }
         while let Some(key) = map.next_key::<Key<'de>>()? {
-            scan_member(&key.0, &mut map, &mut *self.c, self.depth + 1)?;
+            scan_member_in(&key.0, &mut map, &mut *self.c, self.depth + 1, self.walking)?;
         }
         Ok(())
     }
@@ -1605,6 +1675,7 @@ impl<'de, 'c> Visitor<'de> for InputSeed<'c, 'de> {
                 c: self.c,
                 depth: self.depth,
                 is_model: false,
+                walking: false,
             }
             .visit_seq(seq);
         }
