@@ -817,6 +817,8 @@ impl<'a> Collector<'a> {
 
 fn parse_json(req: &mut LlmRequest, body: &Bytes) -> Result<(), PolicyError> {
     let mut collector = Collector::new(body, req.route.endpoint == Endpoint::Responses);
+    // Room for a short conversation's parts at once (the vector grew from 4, then 8).
+    collector.parts.reserve(8);
     // JSON text is UTF-8 (RFC 8259): serde_json checks the strings it reads, but not those it
     // skips, and an upstream's parser rejects (or reads otherwise) a body that is not.
     let text = std::str::from_utf8(body).map_err(|e| PolicyError::InvalidBody {
