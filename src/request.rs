@@ -2108,3 +2108,57 @@ fn parse_multipart(_: &mut LlmRequest, _: &HeaderMap, _: &Bytes) -> Result<(), P
         "multipart/form-data bodies need the `multipart` feature of tower-llm-policy",
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: String) -> Result<LlmRequest, PolicyError> {
+        let (parts, ()) = http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(())
+            .unwrap()
+            .into_parts();
+        LlmRequest::parse(&parts, Bytes::from(body))
+    }
+
+    fn nested(depth: usize, inner: &str) -> String {
+        format!("{}{inner}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    /// Members of a value being walked are walked at once (not skipped as raw text and parsed
+    /// again): they read the same, and bodies are refused as nested too deeply as before.
+    #[test]
+    fn walked_values_read_the_same() {
+        // A case variant deep inside a tool definition is refused.
+        let body = r#"{"model":"m","messages":[],"tools":[{"type":"function","function":{"name":"F","x":{"Model":"y"}}}]}"#;
+        let err = parse(body.into()).unwrap_err().to_string();
+        assert!(err.contains("differs from `model` only in case"), "{err}");
+        // A model nested inside a tool and inside an unknown field is read.
+        let body = r#"{"model":"m","messages":[],"tools":[{"type":"function","Description":0,"x":{"y":{"model":"gpt-5"}}}],"z":{"Q":[{"model":"o3"}]}}"#;
+        let req = parse(body.into()).unwrap();
+        let models: Vec<_> = req.models().map(|(m, _)| m.to_owned()).collect();
+        assert_eq!(models, ["m", "gpt-5", "o3"]);
+        // Deep nesting: a value with nothing we read is skipped, however deep (to serde_json's
+        // own limit); one that could hold a key we read is refused past MAX_SCAN_DEPTH.
+        for walked in [false, true] {
+            let upper = if walked { r#""Up":0,"# } else { "" };
+            let plain = format!(
+                r#"{{"model":"m","messages":[],"z":{{{upper}"a":{}}}}}"#,
+                nested(70, "1")
+            );
+            assert!(parse(plain).is_ok(), "walked: {walked}");
+            let deep = format!(
+                r#"{{"model":"m","messages":[],"z":{{{upper}"a":{}}}}}"#,
+                nested(70, r#"{"model":"x"}"#)
+            );
+            let err = parse(deep).unwrap_err().to_string();
+            assert!(err.contains("nested too deeply"), "{err}");
+            let tools = format!(
+                r#"{{"model":"m","messages":[],"tools":[{{"Up":0,"a":{}}}]}}"#,
+                nested(70, "1")
+            );
+            assert!(parse(tools).is_ok());
+        }
+    }
+}
