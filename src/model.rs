@@ -21,6 +21,7 @@
 //! with what precedes it. Aliases resolve before any list is consulted, so an alias can
 //! never reach a model that a list forbids.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
@@ -112,31 +113,30 @@ impl ModelAliases {
         let normalized = self.apply_aliases(self.normalize(model));
         // Aliases and date stripping may uncover one another (`x-2024-05-01-latest`): repeat
         // until nothing changes. What a stripped date leaves is normalised again (`x -0613`
-        // is `x`).
-        let canonical = settle(normalized.clone(), |name| {
-            let mut stripped = name.to_owned();
-            strip_date(&mut stripped);
-            self.apply_aliases(self.normalize(&stripped))
-        });
+        // is `x`). A name that is already canonical is not copied on the way.
+        let canonical = settle(Cow::Borrowed(&*normalized), |name| {
+            self.apply_aliases(self.normalize(without_date(name)))
+        })
+        .into_owned();
         ModelName {
-            normalized,
+            normalized: normalized.into_owned(),
             canonical,
         }
     }
 
     /// Steps 1 and 2 with this table's provider prefixes.
-    fn normalize(&self, model: &str) -> String {
-        base_normalize(model, &self.prefixes)
+    fn normalize<'a>(&self, model: &'a str) -> Cow<'a, str> {
+        normalize(model, &self.prefixes)
     }
 
     /// Exact aliases and variant suffixes, repeatedly, until nothing changes.
-    fn apply_aliases(&self, name: String) -> String {
+    fn apply_aliases<'a>(&self, name: Cow<'a, str>) -> Cow<'a, str> {
         if self.is_empty() {
             return name;
         }
         settle(name, |name| {
             if let Some(to) = self.exact.get(name).filter(|to| *to != name) {
-                return to.clone();
+                return Cow::Owned(to.clone());
             }
             match self
                 .suffixes
@@ -144,7 +144,7 @@ impl ModelAliases {
                 .find(|s| name.len() > s.len() && name.ends_with(s.as_str()))
             {
                 Some(s) => self.normalize(&name[..name.len() - s.len()]),
-                None => name.to_owned(),
+                None => Cow::Borrowed(name),
             }
         })
     }
@@ -154,14 +154,30 @@ impl ModelAliases {
 /// another are finitely many (alias targets and what stripping leaves of them or of `name`), so
 /// the steps end at a fixed point or come back to a name already seen: an alias cycle. Then the
 /// smallest name of the cycle is taken, the same wherever the cycle was entered, so settling a
-/// settled name gives it back.
-fn settle(mut name: String, step: impl Fn(&str) -> String) -> String {
-    let mut seen: Vec<String> = Vec::new();
+/// settled name gives it back. Nothing is copied while the steps only take away from `name`.
+fn settle<'a>(
+    mut name: Cow<'a, str>,
+    step: impl for<'b> Fn(&'b str) -> Cow<'b, str>,
+) -> Cow<'a, str> {
+    let mut seen: Vec<Cow<'a, str>> = Vec::new();
     loop {
-        let next = step(&name);
-        if next == name {
-            return name;
-        }
+        let next: Cow<'a, str> = match &name {
+            Cow::Borrowed(b) => {
+                let next = step(b);
+                if next == *b {
+                    return name;
+                }
+                next
+            }
+            Cow::Owned(o) => {
+                let next = step(o);
+                if next == o.as_str() {
+                    drop(next);
+                    return name;
+                }
+                Cow::Owned(next.into_owned())
+            }
+        };
         seen.push(std::mem::replace(&mut name, next));
         if let Some(i) = seen.iter().position(|s| *s == name) {
             return seen.swap_remove(
@@ -187,43 +203,56 @@ impl fmt::Debug for ModelAliases {
 /// provider prefix): what `ModelAliases::new().resolve(model).canonical` gives, so it is
 /// idempotent too (every stacked date is stripped).
 pub fn canonical_model(model: &str) -> String {
-    settle(default_normalize(model), |name| {
-        let mut stripped = name.to_owned();
-        strip_date(&mut stripped);
-        default_normalize(&stripped)
+    settle(normalize(model, DEFAULT_PREFIXES), |name| {
+        normalize(without_date(name), DEFAULT_PREFIXES)
     })
+    .into_owned()
 }
 
 /// Steps 1 and 2 with the default provider prefix.
 fn default_normalize(model: &str) -> String {
-    let mut name = model.trim().to_ascii_lowercase();
-    strip_prefixes(&mut name, DEFAULT_PREFIXES);
-    name
+    normalize(model, DEFAULT_PREFIXES).into_owned()
 }
 
-/// Steps 1 and 2: trim, lowercase, drop the configured provider prefixes.
+/// Steps 1 and 2 with `prefixes`, as an owned name.
 fn base_normalize(model: &str, prefixes: &[String]) -> String {
-    let mut name = model.trim().to_ascii_lowercase();
-    strip_prefixes(&mut name, prefixes);
-    name
+    normalize(model, prefixes).into_owned()
+}
+
+/// Steps 1 and 2: trim, lowercase, drop the provider prefixes `prefixes` (lowercase). Borrows
+/// from `model` when it has no upper-case letter.
+fn normalize<'a, P: AsRef<str>>(model: &'a str, prefixes: &[P]) -> Cow<'a, str> {
+    let trimmed = model.trim();
+    if trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
+        let lower = trimmed.to_ascii_lowercase();
+        let rest = strip_prefixes(&lower, prefixes);
+        if rest.len() == lower.len() {
+            Cow::Owned(lower)
+        } else {
+            Cow::Owned(rest.to_owned())
+        }
+    } else {
+        Cow::Borrowed(strip_prefixes(trimmed, prefixes))
+    }
 }
 
 /// Drops leading `prefix/` segments that are in `prefixes` (lowercase), keeping a non-empty
 /// rest.
-fn strip_prefixes<P: AsRef<str>>(name: &mut String, prefixes: &[P]) {
+fn strip_prefixes<'a, P: AsRef<str>>(mut name: &'a str, prefixes: &[P]) -> &'a str {
     loop {
         let Some((head, rest)) = name.split_once('/') else {
-            return;
+            return name;
         };
         let rest = rest.trim_start();
         if rest.is_empty() || !prefixes.iter().any(|p| p.as_ref() == head.trim_end()) {
-            return;
+            return name;
         }
-        *name = rest.to_owned();
+        name = rest;
     }
 }
 
-fn strip_date(name: &mut String) {
+/// `name` without a trailing dated snapshot (step 4), if it has one.
+fn without_date(name: &str) -> &str {
     let b = name.as_bytes();
     let n = b.len();
     let digits = |range: std::ops::Range<usize>| b[range].iter().all(u8::is_ascii_digit);
@@ -243,8 +272,7 @@ fn strip_date(name: &mut String) {
         && digits(n - 2..n)
         && plausible(num(n - 5..n - 3), num(n - 2..n))
     {
-        name.truncate(n - 11);
-        return;
+        return &name[..n - 11];
     }
     // -YYYYMMDD
     if n > 9
@@ -253,14 +281,14 @@ fn strip_date(name: &mut String) {
         && (1990..2200).contains(&num(n - 8..n - 4))
         && plausible(num(n - 4..n - 2), num(n - 2..n))
     {
-        name.truncate(n - 9);
-        return;
+        return &name[..n - 9];
     }
     // -MMDD
     if n > 5 && b[n - 5] == b'-' && digits(n - 4..n) && plausible(num(n - 4..n - 2), num(n - 2..n))
     {
-        name.truncate(n - 5);
+        return &name[..n - 5];
     }
+    name
 }
 
 /// A list of model names: exact names (matched on canonical forms, see the

@@ -19,7 +19,7 @@
 //! # let _ = (allow, limit);
 //! ```
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::model::ModelAliases;
 use crate::request::BodyOptions;
@@ -32,9 +32,21 @@ struct Shared {
 
 /// How requests are resolved: body size limits and the model alias table. See the
 /// [module docs](self).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     shared: Arc<Shared>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        // Built once and shared: `LlmRequest::parse` and every layer's `new` start from it.
+        static DEFAULT: OnceLock<Policy> = OnceLock::new();
+        DEFAULT
+            .get_or_init(|| Policy {
+                shared: Arc::new(Shared::default()),
+            })
+            .clone()
+    }
 }
 
 impl Policy {

@@ -465,10 +465,7 @@ fn to_usize(n: u64) -> usize {
 /// The prompt's size in characters toward `max_prompt_chars`: its text in Unicode scalar
 /// values, plus [`CHARS_PER_TOKEN_ID`] per token id. Media count 0.
 pub fn prompt_chars(view: &LlmRequest) -> u64 {
-    let text: u64 = view
-        .prompt_parts()
-        .map(|p| p.text.chars().count() as u64)
-        .fold(0, u64::saturating_add);
+    let text = view.prompt_chars() as u64;
     text.saturating_add(view.prompt_token_ids().saturating_mul(CHARS_PER_TOKEN_ID))
 }
 
@@ -502,9 +499,7 @@ pub fn prompt_tokens_up_to(
 /// text (and the estimate is never more than the length in bytes), so the text's length in
 /// bytes plus the fixed costs bounds the count from above.
 fn prompt_tokens_at_most(view: &LlmRequest, media: &MediaTokens) -> usize {
-    view.prompt_parts()
-        .map(|p| p.text.len())
-        .fold(fixed_tokens(view, media), usize::saturating_add)
+    fixed_tokens(view, media).saturating_add(view.prompt_len())
 }
 
 /// The tokens that need no counting: chat framing, token ids and media.

@@ -617,7 +617,36 @@ impl LlmRequest {
 
     /// The prompt's size in characters (Unicode scalar values), over all text parts.
     pub fn prompt_chars(&self) -> usize {
-        self.prompt_parts().map(|p| p.text.chars().count()).sum()
+        // The bytes are UTF-8 (checked when the body was parsed): a character is a byte that
+        // does not continue another one. Counted without checking the text once more.
+        self.prompt_bytes()
+            .map(|b| {
+                if b.is_ascii() {
+                    b.len()
+                } else {
+                    b.iter().filter(|&&b| !is_continuation(b)).count()
+                }
+            })
+            .sum()
+    }
+
+    /// The prompt's size in bytes, over all text parts.
+    pub(crate) fn prompt_len(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|(_, span)| match span {
+                Span::Owned(s) => s.len(),
+                Span::Range(r) => r.len(),
+            })
+            .sum()
+    }
+
+    /// The bytes of the prompt's text parts, in body order.
+    fn prompt_bytes(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.parts.iter().map(move |(_, span)| match span {
+            Span::Owned(s) => s.as_bytes(),
+            Span::Range(r) => self.body.get(r.clone()).unwrap_or_default(),
+        })
     }
 
     /// The number of token ids sent as integer arrays (`prompt` / `input`).
@@ -690,6 +719,11 @@ impl LlmRequest {
         }
         Some(rewrite::apply(&self.body, &self.edits))
     }
+}
+
+/// Whether `b` continues a UTF-8 character (`0b10xx_xxxx`).
+fn is_continuation(b: u8) -> bool {
+    b & 0xC0 == 0x80
 }
 
 fn invalid(message: impl Into<String>) -> PolicyError {
@@ -775,6 +809,7 @@ impl<'a> Collector<'a> {
             c: self,
             depth: 1,
             is_model: false,
+            walking: nests_within(raw.get(), 1),
         }
         .deserialize(&mut de)
     }
@@ -782,6 +817,8 @@ impl<'a> Collector<'a> {
 
 fn parse_json(req: &mut LlmRequest, body: &Bytes) -> Result<(), PolicyError> {
     let mut collector = Collector::new(body, req.route.endpoint == Endpoint::Responses);
+    // Room for a short conversation's parts at once (the vector grew from 4, then 8).
+    collector.parts.reserve(8);
     // JSON text is UTF-8 (RFC 8259): serde_json checks the strings it reads, but not those it
     // skips, and an upstream's parser rejects (or reads otherwise) a body that is not.
     let text = std::str::from_utf8(body).map_err(|e| PolicyError::InvalidBody {
@@ -897,25 +934,38 @@ const READ_KEYS: &[&str] = &[
     "input_schema",
 ];
 
-/// Whether `key` is not one we read but folds onto one (see [`READ_KEYS`]).
-fn folds_onto_read_key(key: &str) -> Option<String> {
-    if key
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        || key.len() > 96
-    {
+/// The key we read that `key` folds onto without being it, if any (see [`READ_KEYS`]).
+///
+/// Folding only changes ASCII upper-case letters, KELVIN SIGN and LONG S, and every key we
+/// read is lowercase ASCII: a key without an upper-case ASCII letter or a non-ASCII byte (the
+/// common case) folds onto itself, and is settled by one pass over its bytes.
+fn folds_onto_read_key(key: &str) -> Option<&'static str> {
+    if key.len() > 96 || !key.bytes().any(|b| b.is_ascii_uppercase() || b >= 0x80) {
         return None;
     }
-    let folded: String = key
-        .chars()
-        .map(|c| match c {
-            '\u{212A}' => 'k',
-            '\u{17F}' => 's',
-            c => c.to_ascii_lowercase(),
-        })
-        .collect();
-    (folded != key && (FIELDS.contains(&folded.as_str()) || READ_KEYS.contains(&folded.as_str())))
-        .then_some(folded)
+    FIELDS
+        .iter()
+        .chain(READ_KEYS)
+        .copied()
+        .find(|read| folds_to(key, read))
+}
+
+/// Whether `key`, folded as Go's `encoding/json` matches field names, is `read` (lowercase
+/// ASCII).
+fn folds_to(key: &str, read: &str) -> bool {
+    let mut read = read.bytes();
+    for c in key.chars() {
+        let folded = match c {
+            '\u{212A}' => b'k',
+            '\u{17F}' => b's',
+            c if c.is_ascii() => (c as u8).to_ascii_lowercase(),
+            _ => return false,
+        };
+        if read.next() != Some(folded) {
+            return false;
+        }
+    }
+    read.next().is_none()
 }
 
 /// Deserializes one field with its name in any error message.
@@ -1368,11 +1418,27 @@ fn scan_member<'de, A: MapAccess<'de>>(
     c: &mut Collector<'de>,
     depth: u8,
 ) -> Result<(), A::Error> {
+    scan_member_in(key, map, c, depth, false)
+}
+
+/// [`scan_member`]; `walking`: the member is inside a value being walked already whose text
+/// is known to nest less than [`MAX_SCAN_DEPTH`] deep ([`nests_within`]), so the value is
+/// walked at once rather than skipped as raw text first and parsed a second time. Walking a
+/// value that holds nothing we read finds nothing and, nested that little, cannot be too deep:
+/// this saves a parse and reads the body the same.
+fn scan_member_in<'de, A: MapAccess<'de>>(
+    key: &str,
+    map: &mut A,
+    c: &mut Collector<'de>,
+    depth: u8,
+    walking: bool,
+) -> Result<(), A::Error> {
     match key {
         "model" => map.next_value_seed(ScanSeed {
             c,
             depth,
             is_model: true,
+            walking: false,
         }),
         "type" => {
             if let Some(ty) = map.next_value::<Option<&'de RawValue>>()? {
@@ -1383,6 +1449,12 @@ fn scan_member<'de, A: MapAccess<'de>>(
             Ok(())
         }
         k if is_user_data(k) => map.next_value::<IgnoredAny>().map(drop),
+        _ if walking => map.next_value_seed(ScanSeed {
+            c,
+            depth,
+            is_model: false,
+            walking: true,
+        }),
         _ => {
             // Skipped as raw text first (as cheap as ignoring it); walked only when it could
             // hold something we read: a nested `model` or image tool, or a key that is escaped
@@ -1396,11 +1468,20 @@ fn scan_member<'de, A: MapAccess<'de>>(
                 c,
                 depth,
                 is_model: false,
+                walking: nests_within(raw.get(), depth),
             }
             .deserialize(&mut de)
             .map_err(|e| de::Error::custom(without_position(&e)))
         }
     }
+}
+
+/// Whether every object and array of the JSON text `raw`, read at `depth`, is less than
+/// [`MAX_SCAN_DEPTH`] deep: it holds fewer brackets than the depth that remains (brackets in
+/// strings are counted too, so this errs towards no).
+fn nests_within(raw: &str, depth: u8) -> bool {
+    let opens = raw.bytes().filter(|&b| b == b'{' || b == b'[').count();
+    usize::from(depth) + opens < usize::from(MAX_SCAN_DEPTH)
 }
 
 /// Whether a skipped value must be walked (see [`scan_member`]): an object or array whose text
@@ -1423,6 +1504,9 @@ struct ScanSeed<'c, 'a> {
     c: &'c mut Collector<'a>,
     depth: u8,
     is_model: bool,
+    /// The value nests less than [`MAX_SCAN_DEPTH`] deep: its members are walked at once (see
+    /// [`scan_member_in`]).
+    walking: bool,
 }
 
 impl<'de, 'c> DeserializeSeed<'de> for ScanSeed<'c, 'de> {
@@ -1476,6 +1560,7 @@ impl<'de, 'c> Visitor<'de> for ScanSeed<'c, 'de> {
                 c: &mut *self.c,
                 depth: self.depth + 1,
                 is_model: false,
+                walking: self.walking,
             })?
             .is_some()
         {}
@@ -1487,7 +1572,7 @@ impl<'de, 'c> Visitor<'de> for ScanSeed<'c, 'de> {
             return Err(de::Error::custom("the body is nested too deeply"));
         }
         while let Some(key) = map.next_key::<Key<'de>>()? {
-            scan_member(&key.0, &mut map, &mut *self.c, self.depth + 1)?;
+            scan_member_in(&key.0, &mut map, &mut *self.c, self.depth + 1, self.walking)?;
         }
         Ok(())
     }
@@ -1592,6 +1677,7 @@ impl<'de, 'c> Visitor<'de> for InputSeed<'c, 'de> {
                 c: self.c,
                 depth: self.depth,
                 is_model: false,
+                walking: false,
             }
             .visit_seq(seq);
         }
@@ -2021,4 +2107,58 @@ fn parse_multipart(_: &mut LlmRequest, _: &HeaderMap, _: &Bytes) -> Result<(), P
     Err(invalid(
         "multipart/form-data bodies need the `multipart` feature of tower-llm-policy",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: String) -> Result<LlmRequest, PolicyError> {
+        let (parts, ()) = http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(())
+            .unwrap()
+            .into_parts();
+        LlmRequest::parse(&parts, Bytes::from(body))
+    }
+
+    fn nested(depth: usize, inner: &str) -> String {
+        format!("{}{inner}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    /// Members of a value being walked are walked at once (not skipped as raw text and parsed
+    /// again): they read the same, and bodies are refused as nested too deeply as before.
+    #[test]
+    fn walked_values_read_the_same() {
+        // A case variant deep inside a tool definition is refused.
+        let body = r#"{"model":"m","messages":[],"tools":[{"type":"function","function":{"name":"F","x":{"Model":"y"}}}]}"#;
+        let err = parse(body.into()).unwrap_err().to_string();
+        assert!(err.contains("differs from `model` only in case"), "{err}");
+        // A model nested inside a tool and inside an unknown field is read.
+        let body = r#"{"model":"m","messages":[],"tools":[{"type":"function","Description":0,"x":{"y":{"model":"gpt-5"}}}],"z":{"Q":[{"model":"o3"}]}}"#;
+        let req = parse(body.into()).unwrap();
+        let models: Vec<_> = req.models().map(|(m, _)| m.to_owned()).collect();
+        assert_eq!(models, ["m", "gpt-5", "o3"]);
+        // Deep nesting: a value with nothing we read is skipped, however deep (to serde_json's
+        // own limit); one that could hold a key we read is refused past MAX_SCAN_DEPTH.
+        for walked in [false, true] {
+            let upper = if walked { r#""Up":0,"# } else { "" };
+            let plain = format!(
+                r#"{{"model":"m","messages":[],"z":{{{upper}"a":{}}}}}"#,
+                nested(70, "1")
+            );
+            assert!(parse(plain).is_ok(), "walked: {walked}");
+            let deep = format!(
+                r#"{{"model":"m","messages":[],"z":{{{upper}"a":{}}}}}"#,
+                nested(70, r#"{"model":"x"}"#)
+            );
+            let err = parse(deep).unwrap_err().to_string();
+            assert!(err.contains("nested too deeply"), "{err}");
+            let tools = format!(
+                r#"{{"model":"m","messages":[],"tools":[{{"Up":0,"a":{}}}]}}"#,
+                nested(70, "1")
+            );
+            assert!(parse(tools).is_ok());
+        }
+    }
 }
