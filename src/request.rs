@@ -152,6 +152,50 @@ enum Span {
     Owned(Box<str>),
 }
 
+/// A request's prompt text, held for an estimate of its tokens that may never be needed (the
+/// audit record's, made only when the upstream reports no usage): the body shares the
+/// request's bytes, nothing is copied but escaped text parts.
+#[derive(Clone)]
+pub(crate) struct PromptText {
+    body: Bytes,
+    spans: Vec<Span>,
+    token_ids: u64,
+}
+
+impl PromptText {
+    /// The body's length: what holding it costs.
+    pub(crate) fn held_bytes(&self) -> usize {
+        self.body.len()
+    }
+
+    /// [`estimate`](crate::tokens::estimate) of the text parts, plus the token ids.
+    pub(crate) fn estimate(&self) -> u64 {
+        let text: usize = self
+            .spans
+            .iter()
+            .map(|span| match span {
+                Span::Owned(s) => crate::tokens::estimate(s),
+                Span::Range(r) => self
+                    .body
+                    .get(r.clone())
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .map_or(0, crate::tokens::estimate),
+            })
+            .sum();
+        text as u64 + self.token_ids
+    }
+}
+
+impl fmt::Debug for PromptText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // User content: its size, never the text.
+        f.debug_struct("PromptText")
+            .field("parts", &self.spans.len())
+            .field("body_len", &self.body.len())
+            .finish()
+    }
+}
+
 /// The resolved view of an LLM request, decided once per request; see the module docs.
 ///
 /// The first layer of this crate that sees a request resolves its head (the route, the model
@@ -647,6 +691,16 @@ impl LlmRequest {
             Span::Owned(s) => s.as_bytes(),
             Span::Range(r) => self.body.get(r.clone()).unwrap_or_default(),
         })
+    }
+
+    /// The prompt's text, kept for an estimate made later (see [`PromptText`]): the body's
+    /// bytes (shared, not copied) and where the text parts are in them.
+    pub(crate) fn prompt_text(&self) -> PromptText {
+        PromptText {
+            body: self.body.clone(),
+            spans: self.parts.iter().map(|(_, span)| span.clone()).collect(),
+            token_ids: self.token_ids,
+        }
     }
 
     /// The number of token ids sent as integer arrays (`prompt` / `input`).

@@ -13,7 +13,7 @@ use super::record::MAX_FIELD_BYTES;
 use crate::endpoint::Endpoint;
 use crate::keys::ApiKey;
 use crate::policy::Policy;
-use crate::request::LlmRequest;
+use crate::request::{LlmRequest, PromptText};
 
 /// The audit layer's handle on one request, in the request's extensions.
 ///
@@ -72,7 +72,9 @@ pub(crate) struct Facts {
     pub(crate) user: Option<String>,
     pub(crate) stream: bool,
     pub(crate) usage_injected: bool,
-    pub(crate) prompt_estimate: Option<u64>,
+    /// The prompt, for an estimate of its tokens made only when the record needs one (no
+    /// usage came); see [`PromptEstimate`].
+    pub(crate) prompt_estimate: Option<PromptEstimate>,
     pub(crate) prompt: Option<String>,
     pub(crate) prompt_truncated: bool,
     /// `model` or `user` was cut to [`MAX_FIELD_BYTES`].
@@ -92,6 +94,28 @@ pub(crate) fn bounded(text: &str, max: usize) -> (String, bool) {
         end -= 1;
     }
     (text[..end].to_owned(), true)
+}
+
+/// The largest request body a record holds on to until the response ends, for an estimate of
+/// its prompt made only if no usage comes (64 KiB); the estimate of a larger one is made at
+/// once.
+pub(crate) const MAX_HELD_PROMPT: usize = 64 * 1024;
+
+/// A prompt's token estimate: made, or to make from the text when needed.
+#[derive(Clone, Debug)]
+pub(crate) enum PromptEstimate {
+    Made(u64),
+    Later(PromptText),
+}
+
+impl PromptEstimate {
+    /// The estimate (made now if it was not yet).
+    pub(crate) fn tokens(&self) -> u64 {
+        match self {
+            PromptEstimate::Made(tokens) => *tokens,
+            PromptEstimate::Later(text) => text.estimate(),
+        }
+    }
 }
 
 /// Extra bytes of content kept past the limit until redaction has run, so that a secret that
@@ -153,11 +177,14 @@ impl Facts {
             return facts;
         }
         if reports_usage(view.endpoint()) {
-            let estimate: usize = view
-                .prompt_parts()
-                .map(|p| crate::tokens::estimate(p.text))
-                .sum();
-            facts.prompt_estimate = Some(estimate as u64 + view.prompt_token_ids());
+            let text = view.prompt_text();
+            // A large body is not held for the response's whole length: its estimate is made
+            // now.
+            facts.prompt_estimate = Some(if text.held_bytes() <= MAX_HELD_PROMPT {
+                PromptEstimate::Later(text)
+            } else {
+                PromptEstimate::Made(text.estimate())
+            });
         }
         if config.log_content {
             let mut prompt = String::new();
@@ -376,12 +403,43 @@ mod tests {
             "/v1/completions",
             r#"{"model":"gpt-3.5-turbo-instruct","prompt":["abcdefgh",[1,2,3]]}"#,
         );
-        assert_eq!(Facts::of(&completions, &config).prompt_estimate, Some(9));
+        assert_eq!(
+            Facts::of(&completions, &config)
+                .prompt_estimate
+                .map(|e| e.tokens()),
+            Some(9)
+        );
         let images = view(
             "/v1/images/generations",
             r#"{"model":"dall-e-3","prompt":"abcdefgh"}"#,
         );
-        assert_eq!(Facts::of(&images, &config).prompt_estimate, None);
+        assert!(Facts::of(&images, &config).prompt_estimate.is_none());
+    }
+
+    #[test]
+    fn a_small_prompt_is_estimated_when_needed_a_large_one_at_once() {
+        let config = config(AuditLayer::new(MemorySink::new()));
+        let body = |text: &str| {
+            serde_json::json!({
+                "model": "gpt-4o",
+                "messages": [{"role": "user", "content": text}, {"role": "user", "content": "a\"b"}],
+            })
+            .to_string()
+        };
+        let small = "hello world ".repeat(100);
+        let large = "hello world ".repeat(10_000);
+        for (text, later) in [(&small, true), (&large, false)] {
+            let view = view("/v1/chat/completions", &body(text));
+            let expected = (crate::tokens::estimate(text) + crate::tokens::estimate("a\"b")) as u64;
+            match Facts::of(&view, &config).prompt_estimate {
+                Some(PromptEstimate::Later(held)) if later => {
+                    assert_eq!(held.estimate(), expected);
+                    assert!(held.held_bytes() <= MAX_HELD_PROMPT);
+                }
+                Some(PromptEstimate::Made(tokens)) if !later => assert_eq!(tokens, expected),
+                other => panic!("{} bytes: {other:?}", text.len()),
+            }
+        }
     }
 
     #[test]

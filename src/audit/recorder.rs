@@ -381,8 +381,8 @@ impl Recorder {
         let mut usage_estimate = None;
         if usage.is_none() && usage_expected {
             flags.push(flag::USAGE_MISSING.to_owned());
-            usage_estimate = facts.prompt_estimate.map(|prompt_tokens| UsageEstimate {
-                prompt_tokens,
+            usage_estimate = facts.prompt_estimate.map(|prompt| UsageEstimate {
+                prompt_tokens: prompt.tokens(),
                 method: "estimate".to_owned(),
             });
         }
