@@ -97,9 +97,9 @@ pub(crate) fn bounded(text: &str, max: usize) -> (String, bool) {
 }
 
 /// The largest request body a record holds on to until the response ends, for an estimate of
-/// its prompt made only if no usage comes (64 KiB); the estimate of a larger one is made at
+/// its prompt made only if no usage comes (128 KiB); the estimate of a larger one is made at
 /// once.
-pub(crate) const MAX_HELD_PROMPT: usize = 64 * 1024;
+pub(crate) const MAX_HELD_PROMPT: usize = 128 * 1024;
 
 /// A prompt's token estimate: made, or to make from the text when needed.
 #[derive(Clone, Debug)]
@@ -427,7 +427,7 @@ mod tests {
             .to_string()
         };
         let small = "hello world ".repeat(100);
-        let large = "hello world ".repeat(10_000);
+        let large = "hello world ".repeat(20_000);
         for (text, later) in [(&small, true), (&large, false)] {
             let view = view("/v1/chat/completions", &body(text));
             let expected = (crate::tokens::estimate(text) + crate::tokens::estimate("a\"b")) as u64;
