@@ -15,8 +15,6 @@
 # are killed on exit.
 set -euo pipefail
 
-root=$(cd "$(dirname "$0")/.." && pwd)
-target=${CARGO_TARGET_DIR:-$root/target}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
@@ -34,17 +32,7 @@ if ! command -v wrk >/dev/null; then
     fi
 fi
 
-cd "$root"
-CARGO_TARGET_DIR=$target cargo build --release -p example-proxy --bins
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+source "$(dirname "$0")/common.sh"
 
 KEY=sk-load-test-key-0123456789abcdef
 cat >"$work/proxy.toml" <<EOF
@@ -99,15 +87,7 @@ LOAD_PROVIDER_KEY=sk-provider-load "$target/release/proxy" --config "$work/proxy
     --no-policy --listen "127.0.0.1:$OPEN_PORT" 2>"$work/open.log" &
 pids+=($!)
 
-for port in "$MOCK_PORT" "$POLICY_PORT" "$OPEN_PORT"; do
-    for _ in $(seq 100); do
-        if curl -fsS -o /dev/null "http://127.0.0.1:$port/healthz" 2>/dev/null ||
-            curl -fsS -o /dev/null "http://127.0.0.1:$port/v1/models" 2>/dev/null; then
-            break
-        fi
-        sleep 0.1
-    done
-done
+wait_ready "$MOCK_PORT" "$POLICY_PORT" "$OPEN_PORT"
 # Both answer the request (and the policy one admits it) before anything is measured.
 for port in "$POLICY_PORT" "$OPEN_PORT"; do
     code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" \

@@ -13,26 +13,14 @@
 # Everything runs on 127.0.0.1 and stops by itself.
 set -euo pipefail
 
-root=$(cd "$(dirname "$0")/.." && pwd)
-target=${CARGO_TARGET_DIR:-$root/target}
 STREAMS=${STREAMS:-1000}
 BIG_BYTES=${BIG_BYTES:-1073741824}
 MOCK_PORT=${MOCK_PORT:-19390}
 PROXY_PORT=${PROXY_PORT:-19391}
 
-cd "$root"
-CARGO_TARGET_DIR=$target cargo build --release -p example-proxy --bins
+source "$(dirname "$0")/common.sh"
 # Each stream is a client connection and an upstream connection.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
 
 KEY=sk-streams-test-key-0123456789abcdef
 cat >"$work/proxy.toml" <<EOF
@@ -62,15 +50,7 @@ STREAMS_PROVIDER_KEY=sk-provider-streams "$target/release/proxy" --config "$work
     ${NO_POLICY:+--no-policy} >"$work/proxy.out" 2>"$work/proxy.log" &
 proxy=$!
 pids+=($proxy)
-for port in "$MOCK_PORT" "$PROXY_PORT"; do
-    for _ in $(seq 100); do
-        if curl -fsS -o /dev/null "http://127.0.0.1:$port/healthz" 2>/dev/null ||
-            curl -fsS -o /dev/null "http://127.0.0.1:$port/v1/models" 2>/dev/null; then
-            break
-        fi
-        sleep 0.1
-    done
-done
+wait_ready "$MOCK_PORT" "$PROXY_PORT"
 
 "$target/release/stream_memory" --url "http://127.0.0.1:$PROXY_PORT/v1" --key "$KEY" \
     --pid "$proxy" --streams "$STREAMS" --big-bytes "$BIG_BYTES"

@@ -152,6 +152,13 @@ async fn start_edited(
 }
 
 impl Harness {
+    /// The audit log's records, one JSON object per line (after [`stop`](Self::stop), which
+    /// flushes it).
+    fn audit_records(&self) -> Result<Vec<Value>, serde_json::Error> {
+        let text = std::fs::read_to_string(&self.audit_path).unwrap_or_default();
+        text.lines().map(serde_json::from_str).collect()
+    }
+
     fn base(&self) -> String {
         format!("http://{}/v1", self.addr)
     }
@@ -1176,12 +1183,8 @@ async fn the_audit_file_has_a_record_per_request() -> TestResult {
     // Shutting down flushes the sink.
     h.stop().await?;
 
-    let text = std::fs::read_to_string(&h.audit_path)?;
-    let records: Vec<Value> = text
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
-    assert_eq!(records.len(), 3, "{text}");
+    let records = h.audit_records()?;
+    assert_eq!(records.len(), 3, "{records:?}");
     for record in &records {
         for field in [
             "key",
@@ -1244,12 +1247,8 @@ async fn leave_after_the_last_token(
     drop(stream);
     // Shutting down waits for the drain, then flushes the sink.
     h.stop().await?;
-    let text = std::fs::read_to_string(&h.audit_path)?;
-    let records: Vec<Value> = text
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
-    assert_eq!(records.len(), 1, "{text}");
+    let records = h.audit_records()?;
+    assert_eq!(records.len(), 1, "{records:?}");
     Ok(records[0].clone())
 }
 
