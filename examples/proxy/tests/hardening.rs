@@ -1473,3 +1473,29 @@ async fn both_headers_or_an_unreadable_hop_leave_the_proxys_own_address() -> Tes
     assert_eq!(client_ips(&records), ["127.0.0.1"; 4]);
     Ok(())
 }
+
+#[test]
+fn trusted_proxies_default_to_none_and_must_be_cidrs() -> TestResult {
+    let path = Path::new("proxy.toml");
+    let base = "[upstream]\nbase_url = \"http://127.0.0.1:9/v1\"\n";
+    let config = example_proxy::config::Config::parse(path, base).expect("defaults");
+    assert!(config.proxy.trusted_proxies().is_empty());
+    let text = format!("{base}[proxy]\ntrusted_proxies = [\"10.0.0.0/8\", \"fd00::/8\"]\n");
+    let config = example_proxy::config::Config::parse(path, &text).expect("two ranges");
+    assert!(config
+        .proxy
+        .trusted_proxies()
+        .is_trusted("::ffff:10.1.2.3".parse()?));
+    for bad in [
+        "[proxy]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+        "[proxy]\ntrusted_proxies = [\"proxy.internal\"]\n",
+        "[proxy]\ntrusted_proxy = [\"10.0.0.0/8\"]\n",
+    ] {
+        let text = format!("{base}{bad}");
+        assert!(
+            example_proxy::config::Config::parse(path, &text).is_err(),
+            "{bad}"
+        );
+    }
+    Ok(())
+}
