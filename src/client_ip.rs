@@ -328,6 +328,10 @@ fn is_port(port: &str) -> bool {
 /// replaced by the resolved address), else its [`SocketAddr`] extension (with axum, map
 /// `ConnectInfo<SocketAddr>` to it). A request with neither is passed on unchanged. Nothing
 /// is removed from the request: the forwarding headers go on as they came.
+///
+/// Put it outside [`AuditLayer`](crate::AuditLayer) (first in a `ServiceBuilder`), so that
+/// the audit record's `client_ip` is the resolved address too, not only
+/// [`KeyAuth`](crate::KeyAuth)'s check.
 #[derive(Clone, Debug, Default)]
 pub struct ResolveClientIpLayer {
     trusted: TrustedProxies,
