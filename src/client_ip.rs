@@ -25,11 +25,12 @@
 //!    wrote the unreadable hop is the last one we can vouch for. Unreadable means: not an IP
 //!    address (with an optional port, IPv6 in brackets), an obfuscated identifier
 //!    (`_hidden`) or `unknown`, an empty hop, a `Forwarded` element without exactly one
-//!    `for=`, or a header line that is not visible ASCII. A `Forwarded` line with an odd
-//!    number of `"` or with a `\` is unreadable as a whole: its quoted strings cannot be told
-//!    apart, so no element of it is trusted to say where it begins. Nothing left of a hop
-//!    that could not be read is ever used, so a malformed header never makes an address
-//!    chosen by the client the client's.
+//!    `for=`, or a header line that is not visible ASCII. In a `Forwarded` line with an odd
+//!    number of `"` or with a `\`, quoted strings cannot be told apart: only the elements
+//!    right of its last `"` or `\` are read (where a proxy appending to the line it received
+//!    puts its own), and the element holding that character is unreadable. Nothing left of
+//!    a hop that could not be read is ever used, so a malformed header never makes an
+//!    address chosen by the client the client's.
 //! 6. At most [`max_hops`](TrustedProxies::max_hops) hops are walked (default
 //!    [`DEFAULT_MAX_HOPS`]); a longer chain of trusted proxies ends like rule 5. The walk
 //!    allocates nothing and reads each byte of the header a bounded number of times, so a
@@ -175,7 +176,7 @@ impl TrustedProxies {
         let mut last_trusted = peer;
         let mut hops = 0;
         for line in lines.rev() {
-            let Some(line) = readable_line(line, syntax) else {
+            let Some((line, whole)) = readable_part(line, syntax) else {
                 return last_trusted;
             };
             let mut rest = line;
@@ -198,6 +199,10 @@ impl TrustedProxies {
                     None => break,
                 }
             }
+            if !whole {
+                // The next hop to the left is the one that could not be read.
+                return last_trusted;
+            }
         }
         last_trusted
     }
@@ -218,23 +223,32 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The line as text, if it can be split into hops at all (rule 5).
-fn readable_line(line: &HeaderValue, syntax: Syntax) -> Option<&str> {
+/// The part of a line that can be split into hops (rule 5), and whether it is the whole line.
+///
+/// A `Forwarded` line with an odd number of `"` or with a `\` cannot be split into elements
+/// with certainty. Only the elements right of its last `"` or `\` (and of the comma after it)
+/// can: no quoted string can hide there, as none could be closed. That is where a proxy that
+/// appends its element to the line it received puts it, after whatever its client sent.
+fn readable_part(line: &HeaderValue, syntax: Syntax) -> Option<(&str, bool)> {
     let text = line.to_str().ok()?;
-    if syntax == Syntax::Forwarded {
-        let bytes = text.as_bytes();
-        if memchr::memchr(b'\\', bytes).is_some()
-            || memchr::memchr_iter(b'"', bytes).count() % 2 == 1
-        {
-            return None;
-        }
+    if syntax == Syntax::XForwardedFor {
+        return Some((text, true));
     }
-    Some(text)
+    let bytes = text.as_bytes();
+    let balanced =
+        memchr::memchr(b'\\', bytes).is_none() && memchr::memchr_iter(b'"', bytes).count() % 2 == 0;
+    if balanced {
+        return Some((text, true));
+    }
+    let last_bad = memchr::memrchr2(b'"', b'\\', bytes)?;
+    let after = &text[last_bad + 1..];
+    let comma = after.find(',')?;
+    Some((&after[comma + 1..], false))
 }
 
 /// The last comma-separated element of `line`, and what is left of it, if there was a comma.
 ///
-/// In `Forwarded`, commas inside quoted strings do not split: [`readable_line`] made sure
+/// In `Forwarded`, commas inside quoted strings do not split: [`readable_part`] made sure
 /// quotes pair up, so counting them from the right finds the same elements as from the left.
 /// `X-Forwarded-For` has no quoted strings (a quote makes its hop unreadable), so a quote a
 /// client sent can never join its text to the hops on its right.
@@ -651,6 +665,20 @@ mod tests {
             ("forwarded", "for=203.0.113.5"),
         ]);
         assert_eq!(t.client_ip(ip(PROXY), &h), ip("203.0.113.5"));
+        // Nor on the same line, the proxy's element appended after it.
+        let same_line = r#"for="1.2.3.4, for=203.0.113.5"#;
+        assert_eq!(t.client_ip(ip(PROXY), &fwd(same_line)), ip("203.0.113.5"));
+        let escaped = r#"for="1.2.3.4\", for=203.0.113.5, for=10.0.0.2"#;
+        assert_eq!(t.client_ip(ip(PROXY), &fwd(escaped)), ip("203.0.113.5"));
+        // Trusted all the way to the bad character: the last trusted hop.
+        let trusted_tail = r#"for="1.2.3.4, for=10.0.0.3, for=10.0.0.2"#;
+        assert_eq!(t.client_ip(ip(PROXY), &fwd(trusted_tail)), ip("10.0.0.3"));
+        // An earlier line with a bad character is unreadable where the walk reaches it.
+        let h = headers(&[
+            ("forwarded", r#"for=203.0.113.5;x="a"#),
+            ("forwarded", "for=10.0.0.2"),
+        ]);
+        assert_eq!(t.client_ip(ip(PROXY), &h), ip("10.0.0.2"));
     }
 
     #[test]
@@ -741,11 +769,13 @@ mod tests {
             let mut pairs: Vec<(&str, &str)> = garbage.iter().map(|l| (name, l.as_str())).collect();
             pairs.push((name, own));
             proptest::prop_assert_eq!(trusted().client_ip(ip(PROXY), &headers(&pairs)), ip("203.0.113.5"));
-            // X-Forwarded-For: appended on the client's own line too.
-            if !use_forwarded {
-                let line = format!("{}, 203.0.113.5", garbage[0]);
-                proptest::prop_assert_eq!(trusted().client_ip(ip(PROXY), &xff(&line)), ip("203.0.113.5"));
-            }
+            // Appended on the client's own line too (quotes and all in the client's part).
+            let got = if use_forwarded {
+                trusted().client_ip(ip(PROXY), &fwd(&format!("{}, for=203.0.113.5", garbage[0])))
+            } else {
+                trusted().client_ip(ip(PROXY), &xff(&format!("{}, 203.0.113.5", garbage[0])))
+            };
+            proptest::prop_assert_eq!(got, ip("203.0.113.5"));
         }
 
         #[test]
