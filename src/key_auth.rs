@@ -90,9 +90,18 @@ use crate::check::reject;
 use crate::error::{LayerName, PolicyError};
 use crate::keys::{ApiKey, BoxFuture, KeyDigest, KeyStore, StoreError};
 
-/// The client's address, for keys with `allow_ips`. The host inserts it into the request's
-/// extensions (a plain [`SocketAddr`] extension is read too). Without either, a key with an
-/// IP allow-list is refused: the layer never guesses and never trusts `X-Forwarded-For`.
+/// The client's address, for keys with `allow_ips` (and the audit record's `client_ip`). The
+/// host inserts it into the request's extensions (a plain [`SocketAddr`] extension is read
+/// too). Without either, a key with an IP allow-list is refused: the layer never guesses and
+/// never reads `X-Forwarded-For` or `Forwarded` itself.
+///
+/// Behind a reverse proxy, the connection's peer is the proxy. Put
+/// [`ResolveClientIpLayer`](crate::ResolveClientIpLayer) before this layer (or call
+/// [`TrustedProxies::client_ip`](crate::TrustedProxies::client_ip) in your server and insert
+/// the result): it believes the forwarding headers only on connections from the proxies you
+/// list, and then takes the right-most address that is not one of them (see
+/// [`client_ip`](crate::client_ip) for the whole rule). Do not list your proxies' own ranges
+/// in a key's `allow_ips`: a request whose headers cannot be read resolves to the proxy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ClientIp(pub IpAddr);
 

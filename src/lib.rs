@@ -6,6 +6,7 @@ pub mod body;
 #[macro_use]
 mod check;
 pub mod body_limit;
+pub mod client_ip;
 pub mod endpoint;
 pub mod error;
 pub mod feature_block;
@@ -25,6 +26,7 @@ pub mod tokens;
 pub use audit::{AuditHandle, AuditLayer, AuditRecord, LogSink};
 pub use body::{PolicyBody, ResponseBody};
 pub use body_limit::{BodyLimit, BodyLimitLayer};
+pub use client_ip::{ResolveClientIp, ResolveClientIpLayer, TrustedProxies};
 pub use endpoint::{Endpoint, Feature, FeatureSet, Route};
 pub use error::{LayerName, PolicyError, Rejection};
 pub use feature_block::{FeatureBlock, FeatureBlockLayer};

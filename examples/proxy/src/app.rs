@@ -191,6 +191,7 @@ impl Proxy {
             body_total_timeout: config.server.body_total_timeout,
             max_body_bytes_in_flight: config.server.max_body_bytes_in_flight,
             max_connections: config.server.max_connections,
+            trusted_proxies: config.proxy.trusted_proxies(),
         };
         let upstream_url = upstream.base_url().to_owned();
         let keys_from = match &args.config {

@@ -14,12 +14,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 use tower_llm_policy::audit::pricing::PricingTable;
 use tower_llm_policy::audit::DEFAULT_DRAIN_TIMEOUT;
 use tower_llm_policy::model::{ModelAliases, ModelList};
 use tower_llm_policy::request::{BodyOptions, DEFAULT_BODY_LIMIT, DEFAULT_MULTIPART_LIMIT};
-use tower_llm_policy::{ApiKey, FeatureSet};
+use tower_llm_policy::{ApiKey, FeatureSet, TrustedProxies};
 
 use crate::upstream::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_FIRST_BYTE_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
 
@@ -77,6 +78,10 @@ pub struct Config {
     /// `[body]`: request body size limits.
     #[serde(default)]
     pub body: BodyConfig,
+    /// `[proxy]`: the reverse proxies in front of this one, whose forwarding headers are
+    /// believed.
+    #[serde(default)]
+    pub proxy: ProxyConfig,
     /// `[[keys]]`: the virtual keys, with every field of [`ApiKey`].
     #[serde(default)]
     pub keys: Vec<ApiKey>,
@@ -372,6 +377,28 @@ fn default_multipart_limit() -> usize {
     DEFAULT_MULTIPART_LIMIT
 }
 
+/// `[proxy]`: the reverse proxies (load balancers, ingress) in front of this proxy.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// `trusted_proxies = ["10.0.0.0/8", "fd00::/8"]`: connections from these ranges may say
+    /// who the client is, in `X-Forwarded-For` or `Forwarded`; the client is then the
+    /// right-most address in the header that is not itself in these ranges (see
+    /// [`TrustedProxies`](tower_llm_policy::TrustedProxies) for the whole rule). It is what
+    /// the keys' `allow_ips` are checked against and what the audit record's `client_ip`
+    /// says. Empty (the default): the headers are ignored, the connection's address is the
+    /// client.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl ProxyConfig {
+    /// The trusted proxies, for the server.
+    pub fn trusted_proxies(&self) -> TrustedProxies {
+        TrustedProxies::new(self.trusted_proxies.iter().copied())
+    }
+}
+
 /// `"30s"`, `"1m 30s"`, `"500ms"` (humantime), or a number of seconds.
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     #[derive(Deserialize)]
@@ -500,6 +527,7 @@ impl Config {
             prompt_limits: PromptLimitsConfig::default(),
             pricing: PricingTable::empty(),
             body: BodyConfig::default(),
+            proxy: ProxyConfig::default(),
             keys: Vec::new(),
         }
     }

@@ -1,5 +1,6 @@
 //! The proxy's HTTP server: HTTP/1.1 and HTTP/2 (hyper-util's `auto`), `GET /healthz`, the
-//! client's address for the keys' IP allow-lists, one log line per request, and graceful
+//! client's address for the keys' IP allow-lists (the connection's, or from the forwarding
+//! headers of a trusted proxy), one log line per request, and graceful
 //! shutdown with a bounded wait.
 //!
 //! Slow and greedy clients ([`ServerOptions`], `[server]` in the configuration):
@@ -41,7 +42,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tower::{Service, ServiceExt};
-use tower_llm_policy::{ClientIp, PolicyBody, Rejection};
+use tower_llm_policy::{ClientIp, PolicyBody, Rejection, TrustedProxies};
 
 use crate::config::{
     DEFAULT_BODY_READ_TIMEOUT, DEFAULT_BODY_TOTAL_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
@@ -54,7 +55,7 @@ use crate::stack::{ProxyBody, ProxyService};
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How the server treats connections: `[server]` of the configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerOptions {
     /// After the shutdown signal, how long in-flight requests may run on.
     pub grace: Duration,
@@ -68,6 +69,8 @@ pub struct ServerOptions {
     pub max_body_bytes_in_flight: usize,
     /// Connections served at once.
     pub max_connections: usize,
+    /// The reverse proxies whose `X-Forwarded-For` or `Forwarded` is believed (`[proxy]`).
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl Default for ServerOptions {
@@ -79,6 +82,7 @@ impl Default for ServerOptions {
             body_total_timeout: DEFAULT_BODY_TOTAL_TIMEOUT,
             max_body_bytes_in_flight: DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            trusted_proxies: TrustedProxies::none(),
         }
     }
 }
@@ -135,6 +139,7 @@ pub async fn run(
         let _ = stream.set_nodelay(true);
         let service = service.clone();
         let bodies = bodies.clone();
+        let trusted = options.trusted_proxies.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let header_timeout = options.header_read_timeout;
@@ -158,7 +163,11 @@ pub async fn run(
             let tracked = activity.clone();
             let per_connection = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let active = tracked.as_ref().map(Activity::start);
-                let answer = handle(service.clone(), peer, bodies.clone(), req);
+                // KeyAuth reads the client's address for the keys' `allow_ips` (and the audit
+                // record shows it). The socket's peer is the client, unless it is one of
+                // `[proxy] trusted_proxies`: then its forwarding headers say who the client is.
+                let client = ClientIp(trusted.client_ip(peer.ip(), req.headers()));
+                let answer = handle(service.clone(), peer, client, bodies.clone(), req);
                 async move {
                     let response = answer.await?;
                     Ok::<_, Infallible>(match active {
@@ -329,6 +338,7 @@ struct BodyRules {
 async fn handle(
     mut service: ProxyService,
     peer: SocketAddr,
+    client: ClientIp,
     bodies: BodyRules,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
@@ -345,9 +355,7 @@ async fn handle(
         )
     });
     req.extensions_mut().insert(state);
-    // KeyAuth reads the client's address for the keys' `allow_ips`. The proxy listens for
-    // clients directly, so the socket's peer is the client: no forwarding header is trusted.
-    req.extensions_mut().insert(ClientIp(peer.ip()));
+    req.extensions_mut().insert(client);
     let started = Instant::now();
     let method = req.method().clone();
     // The path only: a query string could carry anything.

@@ -1344,3 +1344,158 @@ async fn an_http2_stream_over_the_budget_is_a_503_and_the_connection_lives_on() 
     assert_eq!(refused[0]["code"], "server_overloaded");
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// The client's address behind trusted proxies (`[proxy] trusted_proxies`). The tests connect
+// from loopback: trusted when the config lists 127.0.0.0/8, an ordinary client otherwise.
+
+const OFFICE_KEY: &str = "sk-office-hardening-key";
+
+/// A key usable only from 203.0.113.0/24, and `[proxy]` as given (`None`: no table).
+fn with_office_key(text: String, trusted: Option<&str>) -> String {
+    let mut text = format!(
+        "{text}\n[[keys]]\nname = \"office\"\nsecret = \"{OFFICE_KEY}\"\nallow_ips = [\"203.0.113.0/24\"]\n"
+    );
+    if let Some(trusted) = trusted {
+        text.push_str(&format!("\n[proxy]\ntrusted_proxies = {trusted}\n"));
+    }
+    text
+}
+
+/// A chat request with the office key and `headers`: its status and body.
+async fn office_chat(h: &Harness, headers: &[(&str, &str)]) -> (StatusCode, Bytes) {
+    let auth = bearer(OFFICE_KEY);
+    let mut all = vec![
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    all.extend_from_slice(headers);
+    let (status, _, body) = send(
+        Method::POST,
+        &h.url("/v1/chat/completions"),
+        &all,
+        &chat_body("gpt-4o-mini"),
+    )
+    .await;
+    (status, body)
+}
+
+fn client_ips(records: &[Value]) -> Vec<&str> {
+    records
+        .iter()
+        .map(|r| r["client_ip"].as_str().expect("a client_ip"))
+        .collect()
+}
+
+#[tokio::test]
+async fn forwarding_headers_from_an_untrusted_peer_change_nothing() -> TestResult {
+    let mut h = start(|t| with_office_key(t, None)).await;
+    let (status, body) = office_chat(&h, &[("x-forwarded-for", "203.0.113.5")]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_openai_error(&body, "ip_not_allowed");
+    let (status, body) = office_chat(&h, &[("forwarded", "for=203.0.113.5")]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_openai_error(&body, "ip_not_allowed");
+    let records = h.stop_and_records().await;
+    assert_eq!(client_ips(&records), ["127.0.0.1", "127.0.0.1"]);
+    assert!(h.log.is_empty(), "nothing went upstream");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_says_who_the_client_is() -> TestResult {
+    let mut h = start(|t| with_office_key(t, Some(r#"["127.0.0.0/8", "fd00::/8"]"#))).await;
+    let (status, _) = office_chat(&h, &[("x-forwarded-for", "203.0.113.5")]).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) =
+        office_chat(&h, &[("forwarded", r#"for="203.0.113.6:4711";proto=http"#)]).await;
+    assert_eq!(status, StatusCode::OK);
+    let records = h.stop_and_records().await;
+    assert_eq!(client_ips(&records), ["203.0.113.5", "203.0.113.6"]);
+    assert_eq!(records[0]["key"], "office");
+    assert_eq!(h.log.received().len(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_right_most_untrusted_hop_is_the_client() -> TestResult {
+    let mut h = start(|t| with_office_key(t, Some(r#"["127.0.0.0/8"]"#))).await;
+    // Trusted hops on the right are skipped.
+    let (status, _) = office_chat(&h, &[("x-forwarded-for", "203.0.113.5, 127.0.0.1")]).await;
+    assert_eq!(status, StatusCode::OK);
+    // Two lines, joined in order.
+    let (status, _) = office_chat(
+        &h,
+        &[
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-for", "127.0.0.9"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // A client that puts an allowed address on the left is still itself.
+    let (status, body) = office_chat(&h, &[("x-forwarded-for", "203.0.113.5, 198.51.100.7")]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_openai_error(&body, "ip_not_allowed");
+    // IPv6, quoted, with a port.
+    let (status, _) = office_chat(&h, &[("forwarded", r#"for="[2001:db8::1]:4711""#)]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let records = h.stop_and_records().await;
+    assert_eq!(
+        client_ips(&records),
+        ["203.0.113.5", "203.0.113.7", "198.51.100.7", "2001:db8::1"]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn both_headers_or_an_unreadable_hop_leave_the_proxys_own_address() -> TestResult {
+    let mut h = start(|t| with_office_key(t, Some(r#"["127.0.0.0/8"]"#))).await;
+    let (status, body) = office_chat(
+        &h,
+        &[
+            ("x-forwarded-for", "203.0.113.5"),
+            ("forwarded", "for=203.0.113.5"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_openai_error(&body, "ip_not_allowed");
+    for header in [
+        ("x-forwarded-for", "203.0.113.5, unknown"),
+        ("forwarded", "for=203.0.113.5, for=_hidden"),
+        ("forwarded", r#"for=203.0.113.5, for="127.0.0.2"#),
+    ] {
+        let (status, _) = office_chat(&h, &[header]).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{header:?}");
+    }
+    let records = h.stop_and_records().await;
+    assert_eq!(client_ips(&records), ["127.0.0.1"; 4]);
+    Ok(())
+}
+
+#[test]
+fn trusted_proxies_default_to_none_and_must_be_cidrs() -> TestResult {
+    let path = Path::new("proxy.toml");
+    let base = "[upstream]\nbase_url = \"http://127.0.0.1:9/v1\"\n";
+    let config = example_proxy::config::Config::parse(path, base).expect("defaults");
+    assert!(config.proxy.trusted_proxies().is_empty());
+    let text = format!("{base}[proxy]\ntrusted_proxies = [\"10.0.0.0/8\", \"fd00::/8\"]\n");
+    let config = example_proxy::config::Config::parse(path, &text).expect("two ranges");
+    assert!(config
+        .proxy
+        .trusted_proxies()
+        .is_trusted("::ffff:10.1.2.3".parse()?));
+    for bad in [
+        "[proxy]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+        "[proxy]\ntrusted_proxies = [\"proxy.internal\"]\n",
+        "[proxy]\ntrusted_proxy = [\"10.0.0.0/8\"]\n",
+    ] {
+        let text = format!("{base}{bad}");
+        assert!(
+            example_proxy::config::Config::parse(path, &text).is_err(),
+            "{bad}"
+        );
+    }
+    Ok(())
+}
