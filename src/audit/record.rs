@@ -215,7 +215,7 @@ pub mod flag {
     /// its usage is missing.
     pub const RESPONSE_ENCODED: &str = "response_encoded";
     /// The client went away before the usage, and the response was read on briefly until it
-    /// came ([`DrainOnCancelLayer`](crate::audit::DrainOnCancelLayer), `tokio` feature): the
+    /// came (`audit::DrainOnCancelLayer`, `tokio` feature): the
     /// record is [`Cancelled`](super::Outcome::Cancelled) with the upstream's own usage and
     /// cost, and `response_bytes` counts only what the client received.
     pub const USAGE_AFTER_CANCEL: &str = "usage_after_cancel";
