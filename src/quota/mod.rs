@@ -82,7 +82,7 @@
 //! let key = Arc::new(ApiKey::new("team-a").credit_limit_usd(0.02, BudgetPeriod::Daily).rpm(60));
 //! let chat = || {
 //!     let mut req = Request::post("/v1/chat/completions")
-//!         .body(r#"{"model":"gpt-4o","max_tokens":500,"messages":[{"role":"user","content":"Hi"}]}"#)
+//!         .body(r#"{"model":"gpt-4o","max_tokens":500,"messages":[{"role":"user","content":"Hi"}]}"#.to_owned())
 //!         .unwrap();
 //!     req.extensions_mut().insert(key.clone());
 //!     req
