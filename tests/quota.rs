@@ -671,7 +671,7 @@ async fn concurrent_requests_never_pass_the_cap_by_more_than_one_reservation() {
     let spend = spent(&ledger, "hot", BudgetPeriod::Lifetime).await;
     assert_eq!(spend.reserved_usd, 0.0);
     assert_eq!(spend.spent_usd, ok as f64 * 200.0);
-    assert!(ok >= 1 && ok <= 10, "{ok} passed");
+    assert!((1..=10).contains(&ok), "{ok} passed");
     assert!(
         spend.spent_usd <= cap + 200.0,
         "settled {} over a cap of {cap}",
