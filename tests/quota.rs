@@ -734,3 +734,63 @@ fn budget_period_reads_from_configuration() {
     assert_eq!(key.budget_period, BudgetPeriod::Lifetime);
     assert!(serde_json::from_str::<ApiKey>(r#"{"name":"a","budget_period":"weekly"}"#).is_err());
 }
+
+#[tokio::test]
+async fn an_inner_service_error_settles_at_the_reservation() {
+    let reserve = reservation_of(100).await;
+    let ledger = MemoryLedger::new();
+    let svc = ServiceBuilder::new()
+        .layer(
+            QuotaLayer::new(ledger.clone(), MemoryRateLimiter::new()).pricing(dollar_per_token()),
+        )
+        .service(service_fn(|_req: Request<PolicyBody>| async {
+            Err::<Response<Body>, _>(std::io::Error::other("connection reset"))
+        }));
+    let key = Arc::new(ApiKey::new("e").credit_limit_usd(1000.0, BudgetPeriod::Lifetime));
+    assert!(svc.oneshot(chat(&key, 100)).await.is_err());
+    let spend = spent(&ledger, "e", BudgetPeriod::Lifetime).await;
+    assert_eq!((spend.spent_usd, spend.reserved_usd), (reserve, 0.0));
+}
+
+#[tokio::test]
+async fn behind_the_audit_layer_a_stream_asks_for_its_usage_and_is_settled_from_it() {
+    use tower_llm_policy::audit::{AuditLayer, MemorySink};
+    let sink = MemorySink::new();
+    let ledger = MemoryLedger::new();
+    let svc = ServiceBuilder::new()
+        .layer(AuditLayer::new(sink.clone()).pricing(dollar_per_token()))
+        .layer(
+            QuotaLayer::new(ledger.clone(), MemoryRateLimiter::new()).pricing(dollar_per_token()),
+        )
+        .service(service_fn(|req: Request<PolicyBody>| async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let body: Value = serde_json::from_slice(&body).unwrap();
+            // The audit layer asked the upstream for the usage on the client's behalf.
+            assert_eq!(body["stream_options"]["include_usage"], true);
+            Ok::<_, Infallible>(reply(Reply::Sse(7, 5)))
+        }));
+    let key = Arc::new(ApiKey::new("a").credit_limit_usd(150.0, BudgetPeriod::Lifetime));
+    let mut req = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(
+            r#"{"model":"gpt-4o","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"Hi"}]}"#
+                .to_owned(),
+        )
+        .unwrap();
+    req.extensions_mut().insert(key.clone());
+    let (status, ..) = send(&svc, req).await;
+    assert_eq!(status, StatusCode::OK);
+    let spend = spent(&ledger, "a", BudgetPeriod::Lifetime).await;
+    assert_eq!((spend.spent_usd, spend.reserved_usd), (12.0, 0.0));
+
+    // 12 spent: a request that may cost over 200 does not fit in 150. The refusal is in the
+    // audit record, as the quota layer's.
+    let mut refused = chat(&key, 200);
+    refused.extensions_mut().insert(key.clone());
+    let (status, ..) = send(&svc, refused).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let records = sink.records();
+    let last = records.last().unwrap();
+    assert_eq!(last.blocked_by.as_deref(), Some("quota"));
+    assert_eq!(last.code.as_deref(), Some("insufficient_quota"));
+}

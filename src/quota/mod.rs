@@ -46,8 +46,10 @@
 //!
 //! Counted by the [`RateLimiter`]; [`MemoryRateLimiter`] uses token buckets, as OpenAI does
 //! (see its docs). The tokens of a request are its worst-case tokens (as above), corrected
-//! to its real usage when it ends. Every response to a key with a rate limit carries
-//! OpenAI's headers for each of the key's limits: `x-ratelimit-limit-requests`,
+//! to its real usage when it ends. Every response of a request the rate limiter counted, and
+//! every 429 of the rate limiter, carries OpenAI's headers for each of the key's limits
+//! (a request refused for its spend cap first does not reach the rate limiter):
+//! `x-ratelimit-limit-requests`,
 //! `x-ratelimit-remaining-requests`, `x-ratelimit-reset-requests` (a duration: `1s`,
 //! `6m0s`) and the `-tokens` variants; a 429 also `retry-after` (seconds), and its message
 //! names the limit. A request refused by a rate limit releases its spend reservation.
