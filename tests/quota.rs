@@ -566,6 +566,7 @@ impl SpendLedger for Counting {
             Ok(Reservation {
                 id: ReservationId::new("1"),
                 amount_usd,
+                headroom_usd: None,
             })
         })
     }
@@ -793,4 +794,117 @@ async fn behind_the_audit_layer_a_stream_asks_for_its_usage_and_is_settled_from_
     let last = records.last().unwrap();
     assert_eq!(last.blocked_by.as_deref(), Some("quota"));
     assert_eq!(last.code.as_deref(), Some("insufficient_quota"));
+}
+
+/// An SSE stream of `left` content chunks (` hello` each) that never reports usage, and
+/// tells when it is dropped.
+struct Runaway {
+    left: usize,
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for Runaway {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.left -= 1;
+        let chunk = if self.left == 0 {
+            "data: [DONE]\n\n"
+        } else {
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" hello\"}}]}\n\n"
+        };
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+            chunk.as_bytes(),
+        )))))
+    }
+}
+
+impl Drop for Runaway {
+    fn drop(&mut self) {
+        self.dropped.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_stream_that_outgrows_the_cap_is_cut_with_an_error_event_and_done() {
+    let reserve = reservation_of(10).await;
+    let ledger = MemoryLedger::new();
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = dropped.clone();
+    let svc = ServiceBuilder::new()
+        .layer(
+            QuotaLayer::new(ledger.clone(), MemoryRateLimiter::new()).pricing(dollar_per_token()),
+        )
+        .service(service_fn(move |_req: Request<PolicyBody>| {
+            let dropped = flag.clone();
+            async move {
+                // An upstream that ignores `max_tokens`.
+                let mut response = Response::new(Runaway {
+                    left: 1000,
+                    dropped,
+                });
+                response
+                    .headers_mut()
+                    .insert("content-type", "text/event-stream".parse().unwrap());
+                Ok::<_, Infallible>(response)
+            }
+        }));
+    let cap = reserve + 30.0;
+    let key = Arc::new(ApiKey::new("s").credit_limit_usd(cap, BudgetPeriod::Lifetime));
+    let response = svc.oneshot(chat(&key, 10)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.into_body().collect().await.unwrap().to_bytes();
+    let text = std::str::from_utf8(&text).unwrap();
+    assert!(dropped.load(Ordering::SeqCst), "the upstream was dropped");
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert!(events.len() < 100, "cut early: {} events", events.len());
+    assert_eq!(events[events.len() - 1], "data: [DONE]");
+    let error: Value =
+        serde_json::from_str(events[events.len() - 2].strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(error["error"]["code"], "insufficient_quota");
+    // Every event before is a whole content chunk.
+    for event in &events[..events.len() - 2] {
+        let chunk: Value = serde_json::from_str(event.strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(chunk["choices"][0]["delta"]["content"], " hello");
+    }
+    // Settled at what the stream was seen to cost: past the reservation, within the cap plus
+    // the one chunk that crossed it.
+    let spend = spent(&ledger, "s", BudgetPeriod::Lifetime).await;
+    assert_eq!(spend.reserved_usd, 0.0);
+    assert!(spend.spent_usd > reserve, "{} > {reserve}", spend.spent_usd);
+    assert!(spend.spent_usd <= cap + 2.0, "{} <= {cap}", spend.spent_usd);
+}
+
+#[tokio::test]
+async fn streams_are_not_cut_when_told_not_to() {
+    let ledger = MemoryLedger::new();
+    let svc = ServiceBuilder::new()
+        .layer(
+            QuotaLayer::new(ledger.clone(), MemoryRateLimiter::new())
+                .pricing(dollar_per_token())
+                .cut_streams_at_cap(false),
+        )
+        .service(service_fn(move |_req: Request<PolicyBody>| async move {
+            let dropped = Arc::default();
+            let mut response = Response::new(Runaway { left: 200, dropped });
+            response
+                .headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            Ok::<_, Infallible>(response)
+        }));
+    let key = Arc::new(ApiKey::new("s").credit_limit_usd(100.0, BudgetPeriod::Lifetime));
+    let response = svc.oneshot(chat(&key, 10)).await.unwrap();
+    let text = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        text.split(|b| *b == b'\n')
+            .filter(|l| l.starts_with(b"data: {"))
+            .count(),
+        199
+    );
 }

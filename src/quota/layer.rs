@@ -15,7 +15,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::body::{QuotaBody, Settle, Stage};
+use super::body::{Meter, QuotaBody, Settle, Stage};
 use super::ledger::{MemoryLedger, ReserveError, SpendLedger};
 use super::rate::{LimitState, MemoryRateLimiter, RateDecision, RateKind, RateLimiter, RateLimits};
 use crate::audit::pricing::{ModelPrice, PricingTable, Usage};
@@ -56,6 +56,7 @@ struct Config {
     refuse_unknown_prices: bool,
     media: MediaTokens,
     policy: Policy,
+    cut_streams: bool,
 }
 
 impl fmt::Debug for QuotaLayer {
@@ -88,6 +89,7 @@ impl QuotaLayer {
                 refuse_unknown_prices: true,
                 media: MediaTokens::default(),
                 policy: Policy::default(),
+                cut_streams: true,
             }),
         }
     }
@@ -110,6 +112,7 @@ impl QuotaLayer {
                 refuse_unknown_prices: c.refuse_unknown_prices,
                 media: c.media,
                 policy: c.policy.clone(),
+                cut_streams: c.cut_streams,
             });
         }
         Arc::get_mut(&mut self.config).expect("just made unique")
@@ -145,6 +148,14 @@ impl QuotaLayer {
     #[must_use]
     pub fn media_tokens(mut self, media: MediaTokens) -> Self {
         self.config_mut().media = media;
+        self
+    }
+
+    /// Whether a capped key's streamed response is cut when its running cost would take the
+    /// key past its cap (default: yes). See the [module docs](super#budget-aware-streams).
+    #[must_use]
+    pub fn cut_streams_at_cap(mut self, cut: bool) -> Self {
+        self.config_mut().cut_streams = cut;
         self
     }
 
@@ -272,6 +283,8 @@ struct Plan {
     price: Option<ModelPrice>,
     cost_usd: f64,
     tokens: u64,
+    prompt_tokens: u64,
+    counter: TokenCounter,
 }
 
 impl Config {
@@ -280,8 +293,8 @@ impl Config {
     /// default), times the choices asked for, at the model's price.
     fn plan(&self, view: &LlmRequest) -> Option<Plan> {
         let model = view.canonical_model()?;
+        let counter = TokenCounter::for_model(model);
         let prompt = if view.has_body() {
-            let counter = TokenCounter::for_model(model);
             prompt_tokens_up_to(view, &counter, &self.media, usize::MAX).tokens() as u64
         } else {
             0
@@ -308,6 +321,8 @@ impl Config {
             cost_usd: price.map_or(0.0, |p| p.cost(&usage)),
             price,
             tokens: usage.total_tokens,
+            prompt_tokens: prompt,
+            counter,
         })
     }
 }
@@ -342,6 +357,7 @@ async fn admit(config: Arc<Config>, key: Arc<ApiKey>, plan: Option<Plan>) -> Adm
         rate: None,
         stage: Stage::Unsent,
         scanner: None,
+        meter: None,
     };
     if let (Some(cap), Some(plan)) = (key.credit_limit_usd, plan.as_ref()) {
         if plan.price.is_none() && config.refuse_unknown_prices {
@@ -358,7 +374,24 @@ async fn admit(config: Arc<Config>, key: Arc<ApiKey>, plan: Option<Plan>) -> Adm
             .reserve(&name, plan.cost_usd, cap, period)
             .await
         {
-            Ok(reservation) => settle.reservation = Some(reservation),
+            Ok(reservation) => {
+                if let (true, Some(price)) = (config.cut_streams, plan.price.as_ref()) {
+                    let prompt = Usage {
+                        prompt_tokens: plan.prompt_tokens,
+                        total_tokens: plan.prompt_tokens,
+                        ..Usage::default()
+                    };
+                    let allowance =
+                        reservation.amount_usd + reservation.headroom_usd.unwrap_or(0.0);
+                    settle.meter = Some(Meter::new(
+                        plan.counter,
+                        price.cost(&prompt),
+                        price,
+                        allowance,
+                    ));
+                }
+                settle.reservation = Some(reservation);
+            }
             Err(ReserveError::Refused(refused)) => {
                 let spend = refused.spend;
                 let message = format!(
@@ -607,12 +640,17 @@ where
                         if response.extensions().get::<Rejection>().is_some() {
                             settle.stage = Stage::RefusedInside;
                         } else {
-                            settle.scanner = response
+                            let mode = response
                                 .headers()
                                 .get(header::CONTENT_TYPE)
                                 .and_then(|v| v.to_str().ok())
-                                .and_then(ScanMode::from_content_type)
-                                .map(UsageScanner::new);
+                                .and_then(ScanMode::from_content_type);
+                            settle.scanner = mode.map(UsageScanner::new);
+                            let encoded = response.headers().contains_key(header::CONTENT_ENCODING);
+                            if mode != Some(ScanMode::Sse) || encoded {
+                                // Only a plain event stream is metered (and cut).
+                                settle.meter = None;
+                            }
                         }
                     }
                     if let Some(rate) = rate {

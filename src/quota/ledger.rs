@@ -56,6 +56,10 @@ pub struct Reservation {
     pub id: ReservationId,
     /// The amount held, in USD.
     pub amount_usd: f64,
+    /// What the cap still allowed once this amount was held, in USD, when the ledger knows:
+    /// a stream that outgrows its reservation may use this much more before it is cut.
+    /// `None`: the stream is allowed its reservation only.
+    pub headroom_usd: Option<f64>,
 }
 
 /// A key's spend in its current period.
@@ -295,6 +299,7 @@ impl MemoryLedger {
             }));
         }
         account.reserved += amount;
+        let headroom = cap - account.spent.saturating_add(account.reserved);
         let id = ReservationId::new(self.next_id.fetch_add(1, Ordering::Relaxed).to_string());
         let key = state
             .accounts
@@ -313,6 +318,7 @@ impl MemoryLedger {
         Ok(Reservation {
             id,
             amount_usd: to_usd(amount),
+            headroom_usd: Some(to_usd(headroom)),
         })
     }
 }

@@ -42,6 +42,20 @@
 //! A request may cost more than its reservation (an estimate that was low): the cap can then
 //! be passed by that difference, once; the next request is refused.
 //!
+//! # Budget-aware streams
+//!
+//! A stream can outgrow its reservation: an upstream that ignores the output limit, or a
+//! request without one that writes more than [`DEFAULT_OUTPUT_TOKENS`]. For a key with a
+//! cap, the text of a streamed response's deltas (chat `delta.content`, refusals and tool
+//! call arguments, completions `text`, Responses `*.delta` events) is counted as it passes
+//! (exactly with the `tokens` feature, else at 4 characters a token), and when the stream's
+//! running cost would pass what the cap allowed when it started (its reservation and the
+//! room left beside it), the stream is cut after the event that crossed: the client gets an
+//! error event in OpenAI's shape (`data: {"error":{...,"code":"insufficient_quota"}}`) then
+//! `data: [DONE]`, the upstream response is dropped (which ends the generation), and the
+//! request is settled at what the stream was seen to cost. A compressed stream is not
+//! metered. [`QuotaLayer::cut_streams_at_cap`] turns this off.
+//!
 //! # Rate limits
 //!
 //! Counted by the [`RateLimiter`]; [`MemoryRateLimiter`] uses token buckets, as OpenAI does
