@@ -44,6 +44,8 @@ pub enum LayerName {
     FeatureBlock,
     /// The `PromptLimit` layer.
     PromptLimit,
+    /// The [`Quota`](crate::quota::Quota) layer (spend caps and rate limits).
+    Quota,
     /// The audit layer.
     Audit,
     /// Reading or parsing the request body (whichever layer read it first), or the
@@ -61,6 +63,7 @@ impl LayerName {
             LayerName::ModelAllowList => "model_allow_list",
             LayerName::FeatureBlock => "feature_block",
             LayerName::PromptLimit => "prompt_limit",
+            LayerName::Quota => "quota",
             LayerName::Audit => "audit",
             LayerName::RequestBody => "request_body",
             LayerName::Other(name) => name,

@@ -18,6 +18,11 @@ use sha2::{Digest, Sha256};
 
 use crate::endpoint::{hex_digit, FeatureSet};
 use crate::model::ModelList;
+use crate::quota::BudgetPeriod;
+
+fn is_lifetime(period: &BudgetPeriod) -> bool {
+    *period == BudgetPeriod::Lifetime
+}
 
 mod memory;
 pub use memory::MemoryKeyStore;
@@ -112,7 +117,7 @@ pub struct InvalidDigest;
 /// | `blocked_features`, `blocked_models`, `blocked_image_sizes`, `blocked_image_qualities` | [`FeatureBlock`](crate::feature_block::FeatureBlock) |
 /// | `max_prompt_chars`, `max_prompt_tokens`, `max_output_tokens`, `max_n`, `max_messages`, `require_user` | [`PromptLimit`](crate::prompt_limit::PromptLimit) |
 /// | `name`, `metadata` (again) | [`AuditLayer`](crate::audit::AuditLayer) records |
-/// | `credit_limit_usd`, `rpm`, `tpm` | not enforced yet: kept for spend and rate layers to come |
+/// | `credit_limit_usd`, `budget_period`, `rpm`, `tpm` | [`Quota`](crate::quota::Quota) |
 ///
 /// Build one with [`ApiKey::new`] and the builder methods, or load it from a file store (the
 /// field names are the configuration keys; unknown fields are an error).
@@ -164,9 +169,13 @@ pub struct ApiKey {
     /// A disabled key is refused as if unknown (401).
     #[serde(default)]
     pub disabled: bool,
-    /// Spend cap in USD.
+    /// Spend cap in USD, per [`budget_period`](Self::budget_period).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credit_limit_usd: Option<f64>,
+    /// The period `credit_limit_usd` covers (UTC): `none` (the default, the key's whole
+    /// life), `daily` or `monthly`.
+    #[serde(default, skip_serializing_if = "is_lifetime")]
+    pub budget_period: BudgetPeriod,
     /// Whether every request must carry `user` or `safety_identifier`.
     #[serde(default)]
     pub require_user: bool,
@@ -283,6 +292,28 @@ impl ApiKey {
         self
     }
 
+    /// Caps the key's spend, in USD, per `period`.
+    #[must_use]
+    pub fn credit_limit_usd(mut self, cap: f64, period: BudgetPeriod) -> Self {
+        self.credit_limit_usd = Some(cap);
+        self.budget_period = period;
+        self
+    }
+
+    /// Limits the key's requests per minute.
+    #[must_use]
+    pub fn rpm(mut self, requests: u64) -> Self {
+        self.rpm = Some(requests);
+        self
+    }
+
+    /// Limits the key's tokens (prompt and completion) per minute.
+    #[must_use]
+    pub fn tpm(mut self, tokens: u64) -> Self {
+        self.tpm = Some(tokens);
+        self
+    }
+
     /// Adds a metadata label.
     #[must_use]
     pub fn label(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
@@ -332,6 +363,7 @@ impl fmt::Debug for ApiKey {
             .field("expires_at", &self.expires_at)
             .field("disabled", &self.disabled)
             .field("credit_limit_usd", &self.credit_limit_usd)
+            .field("budget_period", &self.budget_period)
             .field("require_user", &self.require_user)
             .field("rpm", &self.rpm)
             .field("tpm", &self.tpm)

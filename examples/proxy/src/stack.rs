@@ -1,8 +1,13 @@
 //! The proxy's tower stack: the crate's policy layers in front of the forwarding client.
 //!
 //! ```text
-//! client ──► DrainOnCancel ──► Audit ──► BodyTimeout ──► BodyLimit ──► KeyAuth ──► FeatureBlock ──► ModelAllowList ──► PromptLimit ──► Upstream
+//! client ──► DrainOnCancel ──► Audit ──► BodyTimeout ──► BodyLimit ──► KeyAuth ──► FeatureBlock ──► ModelAllowList ──► PromptLimit ──► Quota ──► Upstream
 //! ```
+//!
+//! [`Quota`](tower_llm_policy::quota) (each key's `credit_limit_usd`, `budget_period`, `rpm`,
+//! `tpm`) is last: a request any other layer refuses reserves nothing and takes nothing
+//! from a rate limit. Its counters are in this process's memory: they start at zero when the
+//! proxy starts, and a file reload keeps them.
 //!
 //! [`BodyTimeout`](crate::slow_client::BodyTimeoutLayer) answers a request whose body stalled
 //! or came too slowly with a 408, or did not fit in the server's budget of body bytes with a
@@ -33,6 +38,7 @@ use tower_layer::Layer;
 use tower_llm_policy::audit::pricing::PricingTable;
 use tower_llm_policy::audit::{DrainOnCancelLayer, FanOut};
 use tower_llm_policy::model::{ModelAliases, ModelList};
+use tower_llm_policy::quota::QuotaLayer;
 use tower_llm_policy::request::BodyOptions;
 use tower_llm_policy::{
     AuditLayer, BodyLimitLayer, FeatureBlockLayer, KeyAuthLayer, KeyStore, ModelAllowListLayer,
@@ -79,6 +85,9 @@ pub struct Policy {
     /// client left first. Shared with the server, which waits for the drains before it
     /// flushes the audit log.
     pub drain: DrainOnCancelLayer,
+    /// The keys' spend caps and rate limits, counted in memory (the same prices as the
+    /// audit records). Kept across rebuilds of the stack.
+    pub quota: QuotaLayer,
 }
 
 impl std::fmt::Debug for Policy {
@@ -100,6 +109,7 @@ impl Policy {
         let mut pricing = PricingTable::builtin();
         pricing.merge(config.pricing);
         Policy {
+            quota: QuotaLayer::in_memory().pricing(pricing.clone()),
             store,
             workspace_models: config.workspace.models,
             names: config.model_names.to_model_aliases(),
@@ -179,6 +189,7 @@ pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService 
         .layer(feature_block)
         .layer(allow_list)
         .layer(prompt_limit)
+        .layer(policy.quota.clone().policy(resolve.clone()))
         .service(upstream);
     match (!policy.audit.is_empty()).then_some(&policy.audit) {
         // Outermost, so that it sees every request, rejected ones included, and every

@@ -1,0 +1,744 @@
+//! [`QuotaLayer`], [`Quota`] and their futures.
+
+use std::fmt;
+use std::future::Future;
+use std::mem;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Request, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::body::{Meter, QuotaBody, Settle, Stage};
+use super::ledger::{MemoryLedger, ReserveError, SpendLedger};
+use super::rate::{LimitState, MemoryRateLimiter, RateDecision, RateKind, RateLimiter, RateLimits};
+use crate::audit::pricing::{ModelPrice, PricingTable, Usage};
+use crate::audit::usage::{ScanMode, UsageScanner};
+use crate::body::{BoxError, PolicyBody, ResponseBody};
+use crate::check::{Check, CheckFuture};
+use crate::endpoint::{BodyModel, Endpoint};
+use crate::error::{LayerName, PolicyError, Rejection};
+use crate::keys::{ApiKey, BoxFuture};
+use crate::policy::Policy;
+// The prompt is counted as PromptLimit counts it (the one definition of "the prompt").
+use crate::prompt_limit::{prompt_tokens_up_to, MediaTokens};
+use crate::request::LlmRequest;
+use crate::tokens::TokenCounter;
+
+/// Output tokens assumed for a chat, completions or responses request that sets no output
+/// limit, by default: 4096.
+pub const DEFAULT_OUTPUT_TOKENS: u64 = 4096;
+
+const BATCH_REFUSED: &str = "Batches are not available to this key: it has a spend cap or a token rate limit, and the requests of a batch input file are stored upstream, where their cost cannot be known in advance.";
+const UNSEEN_REFUSED: &str = "This request runs a model it does not name (an assistant's, a session default, a source video's); this key has a spend cap or a token rate limit, so name the model in the request.";
+
+/// Applies spend caps and rate limits to the requests of keys that have them. See the
+/// [module docs](super).
+///
+/// Holds its ledger and rate limiter (shared by clones and by every service it makes) and its
+/// configuration.
+#[derive(Clone)]
+pub struct QuotaLayer {
+    config: Arc<Config>,
+}
+
+struct Config {
+    ledger: Arc<dyn SpendLedger>,
+    limiter: Arc<dyn RateLimiter>,
+    pricing: PricingTable,
+    default_output_tokens: u64,
+    refuse_unknown_prices: bool,
+    media: MediaTokens,
+    policy: Policy,
+    cut_streams: bool,
+}
+
+impl fmt::Debug for QuotaLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuotaLayer")
+            .field("prices", &self.config.pricing.len())
+            .field("default_output_tokens", &self.config.default_output_tokens)
+            .field("refuse_unknown_prices", &self.config.refuse_unknown_prices)
+            .field("policy", &self.config.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for QuotaLayer {
+    fn default() -> Self {
+        Self::new(MemoryLedger::new(), MemoryRateLimiter::new())
+    }
+}
+
+impl QuotaLayer {
+    /// A layer counting spend in `ledger` and rates in `limiter`, with the built-in prices
+    /// ([`PricingTable::builtin`]).
+    pub fn new(ledger: impl SpendLedger, limiter: impl RateLimiter) -> Self {
+        QuotaLayer {
+            config: Arc::new(Config {
+                ledger: Arc::new(ledger),
+                limiter: Arc::new(limiter),
+                pricing: PricingTable::builtin(),
+                default_output_tokens: DEFAULT_OUTPUT_TOKENS,
+                refuse_unknown_prices: true,
+                media: MediaTokens::default(),
+                policy: Policy::default(),
+                cut_streams: true,
+            }),
+        }
+    }
+
+    /// A layer with its state in this process's memory ([`MemoryLedger`],
+    /// [`MemoryRateLimiter`]).
+    pub fn in_memory() -> Self {
+        Self::default()
+    }
+
+    fn config_mut(&mut self) -> &mut Config {
+        // A clone being configured gets its own copy of the configuration.
+        if Arc::get_mut(&mut self.config).is_none() {
+            let c = &self.config;
+            self.config = Arc::new(Config {
+                ledger: c.ledger.clone(),
+                limiter: c.limiter.clone(),
+                pricing: c.pricing.clone(),
+                default_output_tokens: c.default_output_tokens,
+                refuse_unknown_prices: c.refuse_unknown_prices,
+                media: c.media,
+                policy: c.policy.clone(),
+                cut_streams: c.cut_streams,
+            });
+        }
+        Arc::get_mut(&mut self.config).expect("just made unique")
+    }
+
+    /// The prices a reservation and a settlement are computed with (canonical model names).
+    #[must_use]
+    pub fn pricing(mut self, pricing: PricingTable) -> Self {
+        self.config_mut().pricing = pricing;
+        self
+    }
+
+    /// Output tokens assumed, toward the worst-case cost and the tokens per minute, for a
+    /// chat, completions or responses request that sets no output limit (default
+    /// [`DEFAULT_OUTPUT_TOKENS`]).
+    #[must_use]
+    pub fn default_output_tokens(mut self, tokens: u64) -> Self {
+        self.config_mut().default_output_tokens = tokens;
+        self
+    }
+
+    /// Whether a key with a spend cap is refused a model the pricing table has no price for
+    /// (default: yes, 429 `insufficient_quota`, fail closed). With `false` such a request
+    /// passes while the key is under its cap and counts nothing toward it.
+    #[must_use]
+    pub fn refuse_unknown_prices(mut self, refuse: bool) -> Self {
+        self.config_mut().refuse_unknown_prices = refuse;
+        self
+    }
+
+    /// Tokens counted per image, audio and file part of a prompt (as
+    /// [`PromptLimitLayer::media_tokens`](crate::PromptLimitLayer::media_tokens)).
+    #[must_use]
+    pub fn media_tokens(mut self, media: MediaTokens) -> Self {
+        self.config_mut().media = media;
+        self
+    }
+
+    /// Whether a capped key's streamed response is cut when its running cost would take the
+    /// key past its cap (default: yes). See the [module docs](super#budget-aware-streams).
+    #[must_use]
+    pub fn cut_streams_at_cap(mut self, cut: bool) -> Self {
+        self.config_mut().cut_streams = cut;
+        self
+    }
+
+    /// The [`Policy`] a request is resolved with when this layer is the first to see it.
+    #[must_use]
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.config_mut().policy = policy;
+        self
+    }
+}
+
+impl<S> Layer<S> for QuotaLayer {
+    type Service = Quota<S>;
+
+    fn layer(&self, inner: S) -> Quota<S> {
+        Quota {
+            inner: Admit {
+                inner,
+                config: self.config.clone(),
+            },
+            check: QuotaCheck {
+                config: self.config.clone(),
+            },
+        }
+    }
+}
+
+/// Middleware that applies spend caps and rate limits. See the [module docs](super).
+#[derive(Clone)]
+pub struct Quota<S> {
+    inner: Admit<S>,
+    check: QuotaCheck,
+}
+
+impl<S: fmt::Debug> fmt::Debug for Quota<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Quota")
+            .field("inner", &self.inner.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Quota<S> {
+    /// Wraps `inner` with the limits of `layer`.
+    pub fn new(inner: S, layer: &QuotaLayer) -> Self {
+        layer.layer(inner)
+    }
+
+    /// A default [`QuotaLayer`] (in memory).
+    pub fn layer() -> QuotaLayer {
+        QuotaLayer::default()
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner.inner
+    }
+
+    /// Consumes the middleware, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner.inner
+    }
+}
+
+/// The part of the decision the common check machinery makes: read the body when the key
+/// has a limit that needs it, refuse what cannot be priced.
+#[derive(Clone)]
+struct QuotaCheck {
+    config: Arc<Config>,
+}
+
+/// Whether the key has any limit this layer enforces.
+fn limited(key: &ApiKey) -> bool {
+    key.credit_limit_usd.is_some() || key.rpm.is_some() || key.tpm.is_some()
+}
+
+/// Whether the request's cost or tokens must be known for this key (an `rpm` alone needs
+/// neither, nor the body).
+fn needs_cost(key: &ApiKey) -> bool {
+    key.credit_limit_usd.is_some() || key.tpm.is_some()
+}
+
+impl Check for QuotaCheck {
+    fn layer(&self) -> LayerName {
+        LayerName::Quota
+    }
+
+    fn policy(&self) -> &Policy {
+        &self.config.policy
+    }
+
+    fn on_head(&self, view: &LlmRequest, key: Option<&ApiKey>) -> Result<bool, PolicyError> {
+        if !key.is_some_and(needs_cost) {
+            return Ok(false);
+        }
+        if view.body_model() == BodyModel::Batch {
+            return Err(PolicyError::Unverifiable(BATCH_REFUSED.into()));
+        }
+        Ok(true)
+    }
+
+    fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError> {
+        if key.is_some_and(needs_cost) && view.has_body() && view.model_unseen() {
+            return Err(PolicyError::Unverifiable(UNSEEN_REFUSED.into()));
+        }
+        Ok(())
+    }
+}
+
+/// The service behind the check: makes the asynchronous decisions (ledger, rate limiter) on
+/// the resolved request, calls the inner service, and wraps its body for the settlement.
+#[derive(Clone)]
+struct Admit<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+/// What a request is expected to cost, at worst.
+struct Plan {
+    price: Option<ModelPrice>,
+    cost_usd: f64,
+    tokens: u64,
+    prompt_tokens: u64,
+    counter: TokenCounter,
+}
+
+impl Config {
+    /// The worst case of a request that runs a model: its prompt (counted exactly with the
+    /// `tokens` feature, else estimated from above) and its requested output (or the
+    /// default), times the choices asked for, at the model's price.
+    fn plan(&self, view: &LlmRequest) -> Option<Plan> {
+        let model = view.canonical_model()?;
+        let counter = TokenCounter::for_model(model);
+        let prompt = if view.has_body() {
+            prompt_tokens_up_to(view, &counter, &self.media, usize::MAX).tokens() as u64
+        } else {
+            0
+        };
+        let generates = matches!(
+            view.endpoint(),
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Responses
+        );
+        let per_choice = view.max_output().unwrap_or(if generates {
+            self.default_output_tokens
+        } else {
+            0
+        });
+        let choices = view.n().max(view.best_of()).unwrap_or(1).max(1);
+        let output = per_choice.saturating_mul(choices);
+        let price = self.pricing.get(model).copied();
+        let usage = Usage {
+            prompt_tokens: prompt,
+            completion_tokens: output,
+            total_tokens: prompt.saturating_add(output),
+            ..Usage::default()
+        };
+        Some(Plan {
+            cost_usd: price.map_or(0.0, |p| p.cost(&usage)),
+            price,
+            tokens: usage.total_tokens,
+            prompt_tokens: prompt,
+            counter,
+        })
+    }
+}
+
+/// A decision's outcome: the request may go on (with what it owes), or is refused.
+type Admission = Result<(Settle, Option<RateDecision>), (PolicyError, Option<RateDecision>)>;
+
+fn usd(amount: f64) -> String {
+    if amount >= 0.01 || amount == 0.0 {
+        format!("${amount:.2}")
+    } else {
+        format!("${amount:.6}")
+    }
+}
+
+/// The decision: the spend cap first (a request refused by a rate limit then releases its
+/// reservation), then the rate limits.
+async fn admit(config: Arc<Config>, key: Arc<ApiKey>, plan: Option<Plan>) -> Admission {
+    let name: Arc<str> = Arc::from(key.name.as_str());
+    let limits = RateLimits {
+        requests_per_minute: key.rpm,
+        tokens_per_minute: key.tpm,
+    };
+    let tokens = plan.as_ref().map_or(0, |p| p.tokens);
+    // Dropped (the client left) or refused before it is sent on: settled at nothing.
+    let mut settle = Settle {
+        ledger: config.ledger.clone(),
+        limiter: config.limiter.clone(),
+        key: name.clone(),
+        reservation: None,
+        price: plan.as_ref().and_then(|p| p.price),
+        rate: None,
+        stage: Stage::Unsent,
+        scanner: None,
+        meter: None,
+    };
+    if let (Some(cap), Some(plan)) = (key.credit_limit_usd, plan.as_ref()) {
+        if plan.price.is_none() && config.refuse_unknown_prices {
+            return Err((
+                PolicyError::InsufficientQuota(
+                    "This key has a spend cap, and this model's price is not known here, so its cost cannot be counted toward the cap.".into(),
+                ),
+                None,
+            ));
+        }
+        let period = key.budget_period;
+        match config
+            .ledger
+            .reserve(&name, plan.cost_usd, cap, period)
+            .await
+        {
+            Ok(reservation) => {
+                if let (true, Some(price)) = (config.cut_streams, plan.price.as_ref()) {
+                    let prompt = Usage {
+                        prompt_tokens: plan.prompt_tokens,
+                        total_tokens: plan.prompt_tokens,
+                        ..Usage::default()
+                    };
+                    let allowance =
+                        reservation.amount_usd + reservation.headroom_usd.unwrap_or(0.0);
+                    settle.meter = Some(Meter::new(
+                        plan.counter,
+                        price.cost(&prompt),
+                        price,
+                        allowance,
+                    ));
+                }
+                settle.reservation = Some(reservation);
+            }
+            Err(ReserveError::Refused(refused)) => {
+                let spend = refused.spend;
+                let message = format!(
+                    "You exceeded this key's {}spend cap of {}: {} spent, {} held by requests in progress, and this request may cost up to {}.",
+                    period.adjective(),
+                    usd(refused.cap_usd),
+                    usd(spend.spent_usd),
+                    usd(spend.reserved_usd),
+                    usd(refused.amount_usd),
+                );
+                return Err((PolicyError::InsufficientQuota(message.into()), None));
+            }
+            Err(ReserveError::Unavailable(_)) => {
+                return Err((PolicyError::PolicyUnavailable, None))
+            }
+        }
+    }
+    if limits.is_empty() {
+        return Ok((settle, None));
+    }
+    match config.limiter.acquire(&name, limits, tokens).await {
+        Ok(decision) => match decision.limited_by {
+            None => {
+                settle.rate = Some((limits, tokens));
+                Ok((settle, Some(decision)))
+            }
+            Some(kind) => Err((rate_limited(kind, &decision, tokens), Some(decision))),
+        },
+        Err(_) => Err((PolicyError::PolicyUnavailable, None)),
+    }
+}
+
+/// The 429 for a request refused by the `kind` limit.
+fn rate_limited(kind: RateKind, decision: &RateDecision, tokens: u64) -> PolicyError {
+    let (state, name, unit, requested) = match kind {
+        RateKind::Requests => (decision.requests, "requests per min (RPM)", "requests", 1),
+        RateKind::Tokens => (decision.tokens, "tokens per min (TPM)", "tokens", tokens),
+    };
+    let state = state.unwrap_or(LimitState {
+        limit: 0,
+        remaining: 0,
+        reset: Duration::ZERO,
+    });
+    let never = decision.retry_after == Duration::MAX;
+    let message = if never {
+        format!(
+            "Request too large for this key's {name}: Limit {}, Requested {requested} {unit}. Send a smaller request (a shorter prompt, a lower output limit).",
+            state.limit
+        )
+    } else {
+        format!(
+            "Rate limit reached for this key's {name}: Limit {}, Remaining {}, Requested {requested} {unit}. Please try again in {}.",
+            state.limit,
+            state.remaining,
+            reset_text(decision.retry_after)
+        )
+    };
+    let retry_after_secs = if never {
+        60
+    } else {
+        decision.retry_after.as_secs_f64().ceil().max(1.0) as u64
+    };
+    PolicyError::RateLimited {
+        message,
+        retry_after_secs,
+    }
+}
+
+/// A duration as OpenAI writes `x-ratelimit-reset-*`: `20ms`, `1.5s`, `6m0s` (rounded up to
+/// the millisecond).
+fn reset_text(d: Duration) -> String {
+    let ms = u64::try_from(d.as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_add(u64::from(d.subsec_nanos() % 1_000_000 != 0));
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let minutes = ms / 60_000;
+    let rest = ms % 60_000;
+    let secs = if rest % 1000 == 0 {
+        format!("{}s", rest / 1000)
+    } else {
+        let s = format!("{:.3}", rest as f64 / 1000.0);
+        format!("{}s", s.trim_end_matches('0'))
+    };
+    if minutes > 0 {
+        format!("{minutes}m{secs}")
+    } else {
+        secs
+    }
+}
+
+/// Sets the `x-ratelimit-*` headers of the key's limits.
+fn rate_headers(headers: &mut HeaderMap, decision: &RateDecision) {
+    const NAMES: [[&str; 3]; 2] = [
+        [
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ],
+        [
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ],
+    ];
+    for (names, state) in NAMES.iter().zip([decision.requests, decision.tokens]) {
+        let Some(state) = state else { continue };
+        headers.insert(names[0], HeaderValue::from(state.limit));
+        headers.insert(names[1], HeaderValue::from(state.remaining));
+        if let Ok(reset) = HeaderValue::try_from(reset_text(state.reset)) {
+            headers.insert(names[2], reset);
+        }
+    }
+}
+
+impl<S, ResBody> Service<Request<PolicyBody>> for Admit<S>
+where
+    S: Service<Request<PolicyBody>, Response = Response<ResBody>> + Clone,
+    ResBody: Body<Data = Bytes>,
+{
+    type Response = Response<QuotaBody<ResBody>>;
+    type Error = S::Error;
+    type Future = AdmitFuture<S>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<PolicyBody>) -> Self::Future {
+        let Some(key) = req
+            .extensions()
+            .get::<Arc<ApiKey>>()
+            .filter(|k| limited(k))
+            .cloned()
+        else {
+            // No key, or one without limits: no ledger, no limiter, nothing to settle.
+            return AdmitState::Inner {
+                future: self.inner.call(req),
+                settle: None,
+                rate: None,
+            }
+            .into();
+        };
+        let plan = req
+            .extensions()
+            .get::<LlmRequest>()
+            .and_then(|view| self.config.plan(view));
+        let clone = self.inner.clone();
+        let inner = mem::replace(&mut self.inner, clone);
+        AdmitState::Admitting {
+            admission: Box::pin(admit(self.config.clone(), key, plan)),
+            req: Some(req),
+            inner: Some(inner),
+        }
+        .into()
+    }
+}
+
+pin_project! {
+    pub(crate) struct AdmitFuture<S>
+    where
+        S: Service<Request<PolicyBody>>,
+    {
+        #[pin]
+        state: AdmitState<S>,
+    }
+}
+
+pin_project! {
+    #[project = AdmitProj]
+    enum AdmitState<S>
+    where
+        S: Service<Request<PolicyBody>>,
+    {
+        Admitting {
+            admission: BoxFuture<'static, Admission>,
+            req: Option<Request<PolicyBody>>,
+            inner: Option<S>,
+        },
+        Inner {
+            #[pin]
+            future: S::Future,
+            settle: Option<Settle>,
+            rate: Option<RateDecision>,
+        },
+    }
+}
+
+impl<S: Service<Request<PolicyBody>>> From<AdmitState<S>> for AdmitFuture<S> {
+    fn from(state: AdmitState<S>) -> Self {
+        AdmitFuture { state }
+    }
+}
+
+impl<S, ResBody> Future for AdmitFuture<S>
+where
+    S: Service<Request<PolicyBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes>,
+{
+    type Output = Result<Response<QuotaBody<ResBody>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                AdmitProj::Admitting {
+                    admission,
+                    req,
+                    inner,
+                } => {
+                    let next = match ready!(admission.as_mut().poll(cx)) {
+                        Ok((mut settle, rate)) => {
+                            let req = req.take().expect("AdmitFuture polled after completion");
+                            let mut svc =
+                                inner.take().expect("AdmitFuture polled after completion");
+                            // From here on the upstream may spend: never settled at nothing.
+                            settle.stage = Stage::Sent;
+                            AdmitState::Inner {
+                                future: svc.call(req),
+                                settle: Some(settle),
+                                rate,
+                            }
+                        }
+                        Err((error, rate)) => {
+                            let mut response = error
+                                .into_response(LayerName::Quota)
+                                .map(|full| QuotaBody::made(ResponseBody::from_full(full)));
+                            if let Some(rate) = rate {
+                                rate_headers(response.headers_mut(), &rate);
+                            }
+                            return Poll::Ready(Ok(response));
+                        }
+                    };
+                    state.set(next);
+                }
+                AdmitProj::Inner {
+                    future,
+                    settle,
+                    rate,
+                } => {
+                    // An error of the inner service drops `settle`: settled as sent.
+                    let mut response = ready!(future.poll(cx))?;
+                    let mut settle = settle.take();
+                    if let Some(settle) = settle.as_mut() {
+                        if response.extensions().get::<Rejection>().is_some() {
+                            settle.stage = Stage::RefusedInside;
+                        } else {
+                            let mode = response
+                                .headers()
+                                .get(header::CONTENT_TYPE)
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(ScanMode::from_content_type);
+                            settle.scanner = mode.map(UsageScanner::new);
+                            let encoded = response.headers().contains_key(header::CONTENT_ENCODING);
+                            if mode != Some(ScanMode::Sse) || encoded {
+                                // Only a plain event stream is metered (and cut).
+                                settle.meter = None;
+                            }
+                        }
+                    }
+                    if let Some(rate) = rate {
+                        rate_headers(response.headers_mut(), rate);
+                    }
+                    return Poll::Ready(Ok(
+                        response.map(|body| QuotaBody::new(ResponseBody::inner(body), settle))
+                    ));
+                }
+            }
+        }
+    }
+}
+
+impl<S, B, ResBody> Service<Request<B>> for Quota<S>
+where
+    S: Service<Request<PolicyBody>, Response = Response<ResBody>> + Clone,
+    ResBody: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<QuotaBody<ResBody>>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, B, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        ResponseFuture {
+            inner: CheckFuture::new(self.check.clone(), &mut self.inner, req),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`Quota`].
+    pub struct ResponseFuture<S, B, ResBody>
+    where
+        S: Service<Request<PolicyBody>, Response = Response<ResBody>>,
+        S: Clone,
+        ResBody: Body<Data = Bytes>,
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
+        #[pin]
+        inner: CheckFuture<Admit<S>, B, QuotaCheck>,
+    }
+}
+
+impl<S, B, ResBody> fmt::Debug for ResponseFuture<S, B, ResBody>
+where
+    S: Service<Request<PolicyBody>, Response = Response<ResBody>> + Clone,
+    ResBody: Body<Data = Bytes>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, B, ResBody> Future for ResponseFuture<S, B, ResBody>
+where
+    S: Service<Request<PolicyBody>, Response = Response<ResBody>> + Clone,
+    ResBody: Body<Data = Bytes>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ResponseBody<QuotaBody<ResBody>>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reset_text;
+    use std::time::Duration;
+
+    #[test]
+    fn reset_durations_read_as_openai_writes_them() {
+        assert_eq!(reset_text(Duration::from_millis(20)), "20ms");
+        assert_eq!(reset_text(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(reset_text(Duration::from_secs(1)), "1s");
+        assert_eq!(reset_text(Duration::from_secs(360)), "6m0s");
+        assert_eq!(reset_text(Duration::ZERO), "0ms");
+    }
+}

@@ -1,0 +1,369 @@
+//! The spend ledger: reserve a request's worst-case cost against a key's cap, settle its
+//! actual cost when the response ends.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::period::{BudgetPeriod, Clock, SystemClock};
+use crate::keys::{BoxFuture, StoreError};
+
+/// Nano-dollars per dollar: the in-memory ledger counts in whole nano-dollars (a `u64`, as a
+/// Redis ledger would with `INCRBY`), so that sums do not drift as floating-point sums do.
+const NANOS_PER_USD: f64 = 1e9;
+
+/// USD to nano-dollars, rounded up (a reservation never rounds down to less than its cost).
+fn to_nanos(usd: f64) -> u64 {
+    if usd.is_finite() && usd > 0.0 {
+        (usd * NANOS_PER_USD).ceil().min(u64::MAX as f64) as u64
+    } else {
+        0
+    }
+}
+
+fn to_usd(nanos: u64) -> f64 {
+    nanos as f64 / NANOS_PER_USD
+}
+
+/// Names one reservation, for [`SpendLedger::settle`]. Unique per ledger; a networked
+/// ledger may use the request's id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ReservationId(Arc<str>);
+
+impl ReservationId {
+    /// An id from a string.
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        ReservationId(id.into())
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ReservationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An amount held against a key's cap until the request is settled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reservation {
+    /// The id to settle it by.
+    pub id: ReservationId,
+    /// The amount held, in USD.
+    pub amount_usd: f64,
+    /// What the cap still allowed once this amount was held, in USD, when the ledger knows:
+    /// a stream that outgrows its reservation may use this much more before it is cut.
+    /// `None`: the stream is allowed its reservation only.
+    pub headroom_usd: Option<f64>,
+}
+
+/// A key's spend in its current period.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Spend {
+    /// Settled spend, in USD.
+    pub spent_usd: f64,
+    /// Held by requests still in flight, in USD.
+    pub reserved_usd: f64,
+}
+
+/// A reservation the cap does not allow.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Refused {
+    /// The cap, in USD.
+    pub cap_usd: f64,
+    /// The key's spend when the reservation was refused.
+    pub spend: Spend,
+    /// The amount asked for, in USD.
+    pub amount_usd: f64,
+}
+
+/// Why [`SpendLedger::reserve`] did not reserve.
+#[derive(Debug, thiserror::Error)]
+pub enum ReserveError {
+    /// The cap does not allow it: answered 429 `insufficient_quota`.
+    #[error("the spend cap does not allow this request")]
+    Refused(Refused),
+    /// The ledger could not answer: answered 503 `policy_unavailable` (fail closed).
+    #[error(transparent)]
+    Unavailable(StoreError),
+}
+
+/// Counts each key's spend against its cap. Object safe: hold it as `Arc<dyn SpendLedger>`.
+///
+/// The contract, which a shared ledger (Redis, with one Lua script per method) keeps too:
+///
+/// - [`reserve`](Self::reserve) is atomic: it refuses when the key's settled spend plus what
+///   requests in flight hold plus `amount_usd` would be more than `cap_usd` (or when the cap
+///   is already reached), and otherwise holds `amount_usd` — one step, so that concurrent
+///   requests cannot all pass on the same remaining budget.
+/// - The counters belong to the key's current [`BudgetPeriod`], and start at zero in a new one.
+/// - [`settle`](Self::settle) replaces the held amount by the actual cost, at most once per
+///   reservation id: a settle retried with the same id is not counted twice, and one for an
+///   unknown id is ignored. The actual cost counts in the period current when it settles.
+/// - `settle` is synchronous and must not block (it runs when a response body ends or is
+///   dropped, where nothing can be awaited, and the library spawns no task): a ledger on a
+///   network queues it (in a bounded queue it owns, and counts what it drops) and retries —
+///   which is safe, since settling is idempotent.
+pub trait SpendLedger: Send + Sync + 'static {
+    /// Holds `amount_usd` against `key`'s cap of `cap_usd` for its current `period`.
+    fn reserve<'a>(
+        &'a self,
+        key: &'a str,
+        amount_usd: f64,
+        cap_usd: f64,
+        period: BudgetPeriod,
+    ) -> BoxFuture<'a, Result<Reservation, ReserveError>>;
+
+    /// Replaces the reservation by the actual cost (`0.0` releases it). Idempotent.
+    fn settle(&self, id: &ReservationId, actual_usd: f64);
+
+    /// `key`'s spend in its current `period`.
+    fn spent<'a>(
+        &'a self,
+        key: &'a str,
+        period: BudgetPeriod,
+    ) -> BoxFuture<'a, Result<Spend, StoreError>>;
+}
+
+impl<T: SpendLedger + ?Sized> SpendLedger for Arc<T> {
+    fn reserve<'a>(
+        &'a self,
+        key: &'a str,
+        amount_usd: f64,
+        cap_usd: f64,
+        period: BudgetPeriod,
+    ) -> BoxFuture<'a, Result<Reservation, ReserveError>> {
+        (**self).reserve(key, amount_usd, cap_usd, period)
+    }
+    fn settle(&self, id: &ReservationId, actual_usd: f64) {
+        (**self).settle(id, actual_usd)
+    }
+    fn spent<'a>(
+        &'a self,
+        key: &'a str,
+        period: BudgetPeriod,
+    ) -> BoxFuture<'a, Result<Spend, StoreError>> {
+        (**self).spent(key, period)
+    }
+}
+
+/// A [`SpendLedger`] in this process's memory: one mutex, held for a few map operations.
+/// Clones share the counters. Spend is lost when the process ends; for several processes,
+/// or spend that must survive a restart, use a shared ledger.
+///
+/// ```
+/// use tower_llm_policy::quota::{BudgetPeriod, MemoryLedger, SpendLedger};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let ledger = MemoryLedger::new();
+/// let held = ledger.reserve("team-a", 0.75, 1.0, BudgetPeriod::Monthly).await.unwrap();
+/// // 0.75 held: another 0.50 would pass the cap.
+/// assert!(ledger.reserve("team-a", 0.50, 1.0, BudgetPeriod::Monthly).await.is_err());
+/// ledger.settle(&held.id, 0.10);
+/// ledger.settle(&held.id, 0.10); // a retry: not counted again
+/// let spend = ledger.spent("team-a", BudgetPeriod::Monthly).await.unwrap();
+/// assert_eq!((spend.spent_usd, spend.reserved_usd), (0.10, 0.0));
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct MemoryLedger {
+    state: Arc<Mutex<LedgerState>>,
+    next_id: Arc<AtomicU64>,
+    clock: Arc<dyn Clock>,
+}
+
+#[derive(Default)]
+struct LedgerState {
+    accounts: HashMap<Arc<str>, Account>,
+    open: HashMap<ReservationId, Open>,
+}
+
+/// One key's counters for one period.
+#[derive(Clone, Copy)]
+struct Account {
+    period: BudgetPeriod,
+    index: u64,
+    spent: u64,
+    reserved: u64,
+}
+
+/// A reservation not settled yet.
+struct Open {
+    key: Arc<str>,
+    amount: u64,
+    period: BudgetPeriod,
+    index: u64,
+}
+
+impl Default for MemoryLedger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.lock();
+        f.debug_struct("MemoryLedger")
+            .field("keys", &state.accounts.len())
+            .field("open_reservations", &state.open.len())
+            .finish()
+    }
+}
+
+impl MemoryLedger {
+    /// An empty ledger on the system clock.
+    pub fn new() -> Self {
+        MemoryLedger {
+            state: Arc::default(),
+            next_id: Arc::new(AtomicU64::new(1)),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// Reads the time (which decides the period) from `clock`.
+    #[must_use]
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Reservations not settled yet.
+    pub fn open_reservations(&self) -> usize {
+        self.lock().open.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LedgerState> {
+        // A panic elsewhere cannot leave the counters half-updated (each update is a few
+        // plain assignments), so a poisoned lock is used as is.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `key`'s account for the current `period`, started afresh when the period changed.
+    fn account<'s>(
+        state: &'s mut LedgerState,
+        key: &str,
+        period: BudgetPeriod,
+        index: u64,
+    ) -> &'s mut Account {
+        let fresh = Account {
+            period,
+            index,
+            spent: 0,
+            reserved: 0,
+        };
+        if !state.accounts.contains_key(key) {
+            state.accounts.insert(Arc::from(key), fresh);
+        }
+        let account = state
+            .accounts
+            .get_mut(key)
+            .expect("inserted if it was missing");
+        if account.period != period || account.index != index {
+            *account = fresh;
+        }
+        account
+    }
+
+    fn reserve_now(
+        &self,
+        key: &str,
+        amount_usd: f64,
+        cap_usd: f64,
+        period: BudgetPeriod,
+    ) -> Result<Reservation, ReserveError> {
+        let index = period.index_at(self.clock.now());
+        let amount = to_nanos(amount_usd);
+        // A cap rounds down, an amount up: the ledger errs on the side of the cap.
+        let cap = if cap_usd.is_finite() && cap_usd > 0.0 {
+            (cap_usd * NANOS_PER_USD).floor().min(u64::MAX as f64) as u64
+        } else {
+            0
+        };
+        let mut state = self.lock();
+        let account = Self::account(&mut state, key, period, index);
+        let held = account.spent.saturating_add(account.reserved);
+        if held >= cap || held.saturating_add(amount) > cap {
+            return Err(ReserveError::Refused(Refused {
+                cap_usd,
+                spend: Spend {
+                    spent_usd: to_usd(account.spent),
+                    reserved_usd: to_usd(account.reserved),
+                },
+                amount_usd,
+            }));
+        }
+        account.reserved += amount;
+        let headroom = cap - account.spent.saturating_add(account.reserved);
+        let id = ReservationId::new(self.next_id.fetch_add(1, Ordering::Relaxed).to_string());
+        let key = state
+            .accounts
+            .get_key_value(key)
+            .map(|(k, _)| k.clone())
+            .unwrap_or_else(|| Arc::from(key));
+        state.open.insert(
+            id.clone(),
+            Open {
+                key,
+                amount,
+                period,
+                index,
+            },
+        );
+        Ok(Reservation {
+            id,
+            amount_usd: to_usd(amount),
+            headroom_usd: Some(to_usd(headroom)),
+        })
+    }
+}
+
+impl SpendLedger for MemoryLedger {
+    fn reserve<'a>(
+        &'a self,
+        key: &'a str,
+        amount_usd: f64,
+        cap_usd: f64,
+        period: BudgetPeriod,
+    ) -> BoxFuture<'a, Result<Reservation, ReserveError>> {
+        let result = self.reserve_now(key, amount_usd, cap_usd, period);
+        Box::pin(std::future::ready(result))
+    }
+
+    fn settle(&self, id: &ReservationId, actual_usd: f64) {
+        let mut state = self.lock();
+        // Removed on the first settle: a second one finds nothing.
+        let Some(open) = state.open.remove(id) else {
+            return;
+        };
+        let index = open.period.index_at(self.clock.now());
+        let account = Self::account(&mut state, &open.key, open.period, index);
+        if account.index == open.index {
+            // Still the reservation's period (a new one started without it).
+            account.reserved = account.reserved.saturating_sub(open.amount);
+        }
+        account.spent = account.spent.saturating_add(to_nanos(actual_usd));
+    }
+
+    fn spent<'a>(
+        &'a self,
+        key: &'a str,
+        period: BudgetPeriod,
+    ) -> BoxFuture<'a, Result<Spend, StoreError>> {
+        let index = period.index_at(self.clock.now());
+        let state = self.lock();
+        let spend = match state.accounts.get(key) {
+            Some(a) if a.period == period && a.index == index => Spend {
+                spent_usd: to_usd(a.spent),
+                reserved_usd: to_usd(a.reserved),
+            },
+            _ => Spend::default(),
+        };
+        Box::pin(std::future::ready(Ok(spend)))
+    }
+}

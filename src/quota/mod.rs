@@ -1,0 +1,132 @@
+//! Quota: spend caps and rate limits per key.
+//!
+//! The limits are the key's own fields, on the [`ApiKey`](crate::ApiKey) that
+//! [`KeyAuth`](crate::KeyAuth) puts in the request's extensions (so put this layer after
+//! KeyAuth; without a key, or for a key with none of these fields, it does nothing and costs
+//! nothing):
+//!
+//! | field | limit | over the limit |
+//! |---|---|---|
+//! | `credit_limit_usd`, `budget_period` | spend in USD per period (`none`, `daily`, `monthly`, UTC) | 429 `insufficient_quota`, `x-should-retry: false` |
+//! | `rpm` | requests per minute | 429 `rate_limit_exceeded`, `retry-after` |
+//! | `tpm` | tokens (prompt and completion) per minute | 429 `rate_limit_exceeded`, `retry-after` |
+//!
+//! A refused request never reaches the inner service.
+//!
+//! # Spend caps
+//!
+//! Before the request goes on, its **worst-case cost** is reserved in the [`SpendLedger`]: the
+//! prompt's tokens (counted exactly with the `tokens` cargo feature, else estimated from
+//! above, as [`PromptLimit`](crate::prompt_limit) counts them) plus the requested output
+//! (`max_tokens`, `max_completion_tokens`, `max_output_tokens`; [`DEFAULT_OUTPUT_TOKENS`]
+//! when a chat, completions or responses request sets none, see
+//! [`QuotaLayer::default_output_tokens`]) times `n`, at the canonical model's price in the
+//! layer's [`PricingTable`](crate::audit::pricing::PricingTable). The ledger refuses when
+//! what the key spent, plus what its requests in flight hold, plus this reservation, would be
+//! more than the cap — atomically, so concurrent requests cannot share the same last dollar.
+//! A model with no known price is refused for a key with a cap (fail closed;
+//! [`QuotaLayer::refuse_unknown_prices`]). Batches, and requests that run a model they do not
+//! name, are refused for such keys (403 `unverifiable_request`): their cost cannot be known.
+//!
+//! When the response ends, the request is **settled**: its body is wrapped
+//! ([`QuotaBody`]), passed on frame by frame, and its usage read on the way
+//! ([`UsageScanner`](crate::audit::usage::UsageScanner)); the reservation is replaced by the
+//! usage's cost. A response that reports no usage (or usage that cannot be right), one whose
+//! body fails, or one dropped by a client that went away before the usage came, settles at
+//! its reservation: never at nothing once the upstream had the request. A request refused
+//! before it was sent on (here, or by a layer further in) settles at nothing. Streams report
+//! their usage only when asked: put the [`AuditLayer`](crate::AuditLayer) in front, which
+//! asks for it ([`inject_usage`](crate::AuditLayer::inject_usage)), or the stream is
+//! settled at its reservation.
+//!
+//! A request may cost more than its reservation (an estimate that was low): the cap can then
+//! be passed by that difference, once; the next request is refused.
+//!
+//! # Budget-aware streams
+//!
+//! A stream can outgrow its reservation: an upstream that ignores the output limit, or a
+//! request without one that writes more than [`DEFAULT_OUTPUT_TOKENS`]. For a key with a
+//! cap, the text of a streamed response's deltas (chat `delta.content`, refusals and tool
+//! call arguments, completions `text`, Responses `*.delta` events) is counted as it passes
+//! (exactly with the `tokens` feature, else at 4 characters a token), and when the stream's
+//! running cost would pass what the cap allowed when it started (its reservation and the
+//! room left beside it), the stream is cut after the event that crossed: the client gets an
+//! error event in OpenAI's shape (`data: {"error":{...,"code":"insufficient_quota"}}`) then
+//! `data: [DONE]`, the upstream response is dropped (which ends the generation), and the
+//! request is settled at what the stream was seen to cost. A compressed stream is not
+//! metered. [`QuotaLayer::cut_streams_at_cap`] turns this off.
+//!
+//! # Rate limits
+//!
+//! Counted by the [`RateLimiter`]; [`MemoryRateLimiter`] uses token buckets, as OpenAI does
+//! (see its docs). The tokens of a request are its worst-case tokens (as above), corrected
+//! to its real usage when it ends. Every response of a request the rate limiter counted, and
+//! every 429 of the rate limiter, carries OpenAI's headers for each of the key's limits
+//! (a request refused for its spend cap first does not reach the rate limiter):
+//! `x-ratelimit-limit-requests`,
+//! `x-ratelimit-remaining-requests`, `x-ratelimit-reset-requests` (a duration: `1s`,
+//! `6m0s`) and the `-tokens` variants; a 429 also `retry-after` (seconds), and its message
+//! names the limit. A request refused by a rate limit releases its spend reservation.
+//!
+//! # State
+//!
+//! [`MemoryLedger`] and [`MemoryRateLimiter`] (the default, [`QuotaLayer::in_memory`]) keep
+//! the counters in this process. Both traits are object safe, with boxed futures for the
+//! decisions and synchronous, idempotent settlements, so that a shared store (one atomic
+//! script per method) fits behind them; a ledger that cannot answer fails closed (503
+//! `policy_unavailable`). The clock of the in-memory state is injectable ([`Clock`],
+//! [`ManualClock`]).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::BodyExt;
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//! use tower_llm_policy::{ApiKey, PolicyBody};
+//! use tower_llm_policy::quota::{BudgetPeriod, MemoryLedger, MemoryRateLimiter, QuotaLayer};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let svc = ServiceBuilder::new()
+//!     .layer(QuotaLayer::new(MemoryLedger::new(), MemoryRateLimiter::new()))
+//!     .service(service_fn(|_req: Request<PolicyBody>| async {
+//!         let body = r#"{"choices":[],"usage":{"prompt_tokens":1000,"completion_tokens":1000,"total_tokens":2000}}"#;
+//!         let mut response = Response::new(body.to_owned());
+//!         response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+//!         Ok::<_, std::convert::Infallible>(response)
+//!     }));
+//! // KeyAuth puts the key there; a cap of 2 cents a day.
+//! let key = Arc::new(ApiKey::new("team-a").credit_limit_usd(0.02, BudgetPeriod::Daily).rpm(60));
+//! let chat = || {
+//!     let mut req = Request::post("/v1/chat/completions")
+//!         .body(r#"{"model":"gpt-4o","max_tokens":500,"messages":[{"role":"user","content":"Hi"}]}"#.to_owned())
+//!         .unwrap();
+//!     req.extensions_mut().insert(key.clone());
+//!     req
+//! };
+//!
+//! // Up to $0.005 reserved, $0.0125 spent (1000 + 1000 tokens of gpt-4o).
+//! let ok = svc.clone().oneshot(chat()).await.unwrap();
+//! assert_eq!(ok.status(), StatusCode::OK);
+//! assert_eq!(ok.headers()["x-ratelimit-remaining-requests"], "59");
+//! ok.into_body().collect().await.unwrap();
+//! // The second fits in the reservation, the third does not.
+//! let _ = svc.clone().oneshot(chat()).await.unwrap().into_body().collect().await;
+//! let refused = svc.oneshot(chat()).await.unwrap();
+//! assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+//! assert_eq!(refused.headers()["x-should-retry"], "false");
+//! # });
+//! ```
+
+mod body;
+mod layer;
+mod ledger;
+mod period;
+mod rate;
+
+pub use body::QuotaBody;
+pub use layer::{Quota, QuotaLayer, ResponseFuture, DEFAULT_OUTPUT_TOKENS};
+pub use ledger::{
+    MemoryLedger, Refused, Reservation, ReservationId, ReserveError, Spend, SpendLedger,
+};
+pub use period::{BudgetPeriod, Clock, ManualClock, SystemClock};
+pub use rate::{LimitState, MemoryRateLimiter, RateDecision, RateKind, RateLimiter, RateLimits};
