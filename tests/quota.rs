@@ -783,6 +783,12 @@ async fn behind_the_audit_layer_a_stream_asks_for_its_usage_and_is_settled_from_
     assert_eq!(status, StatusCode::OK);
     let spend = spent(&ledger, "a", BudgetPeriod::Lifetime).await;
     assert_eq!((spend.spent_usd, spend.reserved_usd), (12.0, 0.0));
+    // The record says what was held and what was settled (the usage's cost).
+    let first = sink.last().unwrap();
+    let reserved = first.reserved_usd.expect("the reservation is recorded");
+    assert!(reserved >= 12.0, "{reserved}");
+    assert_eq!(first.settled_usd, Some(12.0));
+    assert_eq!(first.cost_usd, Some(12.0));
 
     // 12 spent: a request that may cost over 200 does not fit in 150. The refusal is in the
     // audit record, as the quota layer's.
@@ -794,6 +800,45 @@ async fn behind_the_audit_layer_a_stream_asks_for_its_usage_and_is_settled_from_
     let last = records.last().unwrap();
     assert_eq!(last.blocked_by.as_deref(), Some("quota"));
     assert_eq!(last.code.as_deref(), Some("insufficient_quota"));
+    // Refused: nothing was held or settled.
+    assert_eq!((last.reserved_usd, last.settled_usd), (None, None));
+}
+
+#[tokio::test]
+async fn a_stream_cut_at_the_cap_is_flagged_in_its_record_with_what_was_settled() {
+    use tower_llm_policy::audit::{flag, AuditLayer, MemorySink};
+    let reserve = reservation_of(10).await;
+    let sink = MemorySink::new();
+    let ledger = MemoryLedger::new();
+    let svc = ServiceBuilder::new()
+        .layer(AuditLayer::new(sink.clone()).pricing(dollar_per_token()))
+        .layer(
+            QuotaLayer::new(ledger.clone(), MemoryRateLimiter::new()).pricing(dollar_per_token()),
+        )
+        .service(service_fn(move |_req: Request<PolicyBody>| async move {
+            let mut response = Response::new(Runaway {
+                left: 1000,
+                dropped: Arc::default(),
+            });
+            response
+                .headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            Ok::<_, Infallible>(response)
+        }));
+    let key = Arc::new(ApiKey::new("s").credit_limit_usd(reserve + 30.0, BudgetPeriod::Lifetime));
+    let response = svc.oneshot(chat(&key, 10)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.unwrap();
+    assert_eq!(sink.len(), 1);
+    let record = sink.last().unwrap();
+    assert!(
+        record.flags.iter().any(|f| f == flag::BUDGET_CUT),
+        "{:?}",
+        record.flags
+    );
+    let spend = spent(&ledger, "s", BudgetPeriod::Lifetime).await;
+    assert_eq!(record.settled_usd, Some(spend.spent_usd));
+    assert!(record.settled_usd > record.reserved_usd, "{record:?}");
 }
 
 /// An SSE stream of `left` content chunks (` hello` each) that never reports usage, and

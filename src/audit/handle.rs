@@ -53,6 +53,9 @@ pub(crate) struct State {
     claimed: bool,
     /// The audit layer's copy of a body no layer read (bounded).
     copy: Option<Copy>,
+    /// What a quota layer held against the key's spend cap, and what it settled.
+    pub(crate) reserved_usd: Option<f64>,
+    pub(crate) settled_usd: Option<f64>,
 }
 
 struct Copy {
@@ -241,6 +244,27 @@ impl AuditHandle {
     }
 
     /// Records the key the request was made with (found, whether admitted or not).
+    /// A quota layer held `usd` against the key's spend cap.
+    pub(crate) fn set_reserved(&self, usd: f64) {
+        lock(&self.shared.state).reserved_usd = Some(usd);
+    }
+
+    /// A quota layer settled `usd` against the key's spend cap.
+    pub(crate) fn set_settled(&self, usd: f64) {
+        lock(&self.shared.state).settled_usd = Some(usd);
+    }
+
+    /// What was written into the handle since [`take`](Self::take) (flags, the settled spend),
+    /// taken out: the response body may still be streaming when the layers write them.
+    pub(crate) fn take_late(&self) -> (Vec<String>, Option<f64>, Option<f64>) {
+        let mut state = lock(&self.shared.state);
+        (
+            std::mem::take(&mut state.flags),
+            state.reserved_usd.take(),
+            state.settled_usd.take(),
+        )
+    }
+
     pub(crate) fn set_key(&self, key: Arc<ApiKey>) {
         lock(&self.shared.state).key = Some(key);
     }

@@ -91,6 +91,15 @@ pub struct AuditRecord {
     /// `null` when there is no usage or no price for the model (flagged
     /// [`flag::UNKNOWN_PRICE`]).
     pub cost_usd: Option<f64>,
+    /// The worst-case cost a [`QuotaLayer`](crate::QuotaLayer) held against the key's spend cap
+    /// before the request went on; `null` when no cap applied (or no quota layer ran).
+    #[serde(default)]
+    pub reserved_usd: Option<f64>,
+    /// What the [`QuotaLayer`](crate::QuotaLayer) settled against the key's spend cap: the
+    /// usage's cost, or the reservation when no usage can be billed from (never nothing); `null`
+    /// when no cap applied. It may differ from `cost_usd`, which is `null` without valid usage.
+    #[serde(default)]
+    pub settled_usd: Option<f64>,
     /// From the request's arrival to the end of the response body (or to the failure or the
     /// client's departure), in milliseconds.
     pub latency_ms: f64,
@@ -219,6 +228,10 @@ pub mod flag {
     /// record is [`Cancelled`](super::Outcome::Cancelled) with the upstream's own usage and
     /// cost, and `response_bytes` counts only what the client received.
     pub const USAGE_AFTER_CANCEL: &str = "usage_after_cancel";
+    /// A [`QuotaLayer`](crate::QuotaLayer) cut the stream when its running cost reached what the
+    /// key's spend cap allowed: the client got an `insufficient_quota` error event and
+    /// `[DONE]`, and the upstream was dropped.
+    pub const BUDGET_CUT: &str = "budget_cut";
 }
 
 /// The most bytes of `model`, `canonical_model`, `user` and `method` a record keeps (256): longer values

@@ -55,6 +55,9 @@ pub(crate) struct Recorder {
     key: Option<Arc<ApiKey>>,
     flags: Vec<String>,
     facts: Option<Facts>,
+    /// What a quota layer held against the key's cap, and what it settled.
+    reserved_usd: Option<f64>,
+    settled_usd: Option<f64>,
     scanner: Option<UsageScanner>,
     ttfb: Option<Duration>,
     response_bytes: u64,
@@ -93,6 +96,8 @@ impl Recorder {
             key: None,
             flags: Vec::new(),
             facts: None,
+            reserved_usd: None,
+            settled_usd: None,
             scanner: None,
             ttfb: None,
             response_bytes: 0,
@@ -197,7 +202,18 @@ impl Recorder {
             self.key = state.key;
             self.flags = state.flags;
             self.facts = Some(state.facts);
+            self.reserved_usd = state.reserved_usd;
+            self.settled_usd = state.settled_usd;
         }
+    }
+
+    /// Takes what the layers wrote into the handle while the body streamed (flags, the
+    /// settled spend).
+    fn take_late(&mut self) {
+        let (flags, reserved, settled) = self.handle.take_late();
+        self.flags.extend(flags);
+        self.reserved_usd = reserved.or(self.reserved_usd);
+        self.settled_usd = settled.or(self.settled_usd);
     }
 
     /// Whether the request was rejected by a policy layer.
@@ -296,6 +312,7 @@ impl Recorder {
     fn build(&mut self, end: End) -> AuditRecord {
         let elapsed_ms = |d: Duration| d.as_micros() as f64 / 1000.0;
         self.take_handle();
+        self.take_late();
         let facts = self.facts.take().unwrap_or_default();
         let endpoint = facts.endpoint.unwrap_or(Endpoint::Other);
         let model = facts.model;
@@ -443,6 +460,8 @@ impl Recorder {
             reasoning_tokens: usage.as_ref().and_then(|u| u.reasoning),
             usage_estimate,
             cost_usd,
+            reserved_usd: self.reserved_usd,
+            settled_usd: self.settled_usd,
             latency_ms: elapsed_ms(self.info.start.elapsed()),
             ttft_ms: self.ttfb.map(elapsed_ms),
             response_bytes: self.response_bytes,

@@ -14,6 +14,7 @@ use super::ledger::{Reservation, SpendLedger};
 use super::rate::{RateLimiter, RateLimits};
 use crate::audit::pricing::ModelPrice;
 use crate::audit::usage::UsageScanner;
+use crate::audit::{flag, AuditHandle};
 use crate::body::ResponseBody;
 use crate::error::PolicyError;
 use crate::tokens::TokenCounter;
@@ -202,6 +203,9 @@ pub(crate) struct Settle {
     pub(crate) scanner: Option<UsageScanner>,
     /// For a stream that may be cut at the key's budget.
     pub(crate) meter: Option<Meter>,
+    /// The audit layer's handle, when there is one: the record gets what was reserved and
+    /// settled.
+    pub(crate) audit: Option<AuditHandle>,
 }
 
 /// How far the request went, which decides what is settled without usage.
@@ -249,8 +253,11 @@ impl Drop for Settle {
             // Without usage: the reservation, or what the stream was seen to cost if more.
             let seen = self.meter.as_ref().map_or(0.0, Meter::running_usd);
             let fallback = reservation.amount_usd.max(seen);
-            self.ledger
-                .settle(&reservation.id, cost.unwrap_or(fallback));
+            let settled = cost.unwrap_or(fallback);
+            self.ledger.settle(&reservation.id, settled);
+            if let Some(audit) = &self.audit {
+                audit.set_settled(settled);
+            }
         }
         if let Some((limits, estimated)) = self.rate.take() {
             if limits.tokens_per_minute.is_some() {
@@ -337,6 +344,11 @@ where
                 };
                 settle.feed(&data);
                 let Some(end) = settle.meter.as_mut().and_then(|m| m.feed(&data)) else {
+                    if this.inner.is_end_stream() {
+                        // The last frame: settled now, before whoever reads the body sees
+                        // its end (an audit layer records the settlement then).
+                        drop(this.settle.take());
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 };
                 // Past the budget: the rest of this frame is not sent, the upstream is
@@ -344,6 +356,9 @@ where
                 // stream was seen to cost, and the client gets an error and the end.
                 *this.cut = true;
                 *this.tail = Some(cut_events());
+                if let Some(audit) = &settle.audit {
+                    audit.flag(flag::BUDGET_CUT);
+                }
                 this.inner.set(ResponseBody::full(Bytes::new()));
                 drop(this.settle.take());
                 let head = data.slice(..end);

@@ -20,6 +20,7 @@ use super::ledger::{MemoryLedger, ReserveError, SpendLedger};
 use super::rate::{LimitState, MemoryRateLimiter, RateDecision, RateKind, RateLimiter, RateLimits};
 use crate::audit::pricing::{ModelPrice, PricingTable, Usage};
 use crate::audit::usage::{ScanMode, UsageScanner};
+use crate::audit::AuditHandle;
 use crate::body::{BoxError, PolicyBody, ResponseBody};
 use crate::check::{Check, CheckFuture};
 use crate::endpoint::{BodyModel, Endpoint};
@@ -340,7 +341,12 @@ fn usd(amount: f64) -> String {
 
 /// The decision: the spend cap first (a request refused by a rate limit then releases its
 /// reservation), then the rate limits.
-async fn admit(config: Arc<Config>, key: Arc<ApiKey>, plan: Option<Plan>) -> Admission {
+async fn admit(
+    config: Arc<Config>,
+    key: Arc<ApiKey>,
+    plan: Option<Plan>,
+    audit: Option<AuditHandle>,
+) -> Admission {
     let name: Arc<str> = Arc::from(key.name.as_str());
     let limits = RateLimits {
         requests_per_minute: key.rpm,
@@ -358,6 +364,7 @@ async fn admit(config: Arc<Config>, key: Arc<ApiKey>, plan: Option<Plan>) -> Adm
         stage: Stage::Unsent,
         scanner: None,
         meter: None,
+        audit,
     };
     if let (Some(cap), Some(plan)) = (key.credit_limit_usd, plan.as_ref()) {
         if plan.price.is_none() && config.refuse_unknown_prices {
@@ -389,6 +396,9 @@ async fn admit(config: Arc<Config>, key: Arc<ApiKey>, plan: Option<Plan>) -> Adm
                         price,
                         allowance,
                     ));
+                }
+                if let Some(audit) = &settle.audit {
+                    audit.set_reserved(reservation.amount_usd);
                 }
                 settle.reservation = Some(reservation);
             }
@@ -540,10 +550,11 @@ where
             .extensions()
             .get::<LlmRequest>()
             .and_then(|view| self.config.plan(view));
+        let audit = req.extensions().get::<AuditHandle>().cloned();
         let clone = self.inner.clone();
         let inner = mem::replace(&mut self.inner, clone);
         AdmitState::Admitting {
-            admission: Box::pin(admit(self.config.clone(), key, plan)),
+            admission: Box::pin(admit(self.config.clone(), key, plan, audit)),
             req: Some(req),
             inner: Some(inner),
         }
