@@ -210,6 +210,8 @@ pub struct LlmRequest {
     policy: Policy,
     runs: BodyModel,
     refusal: Option<Cow<'static, str>>,
+    /// A GET, HEAD or DELETE that selects no model: it reads or deletes a stored object.
+    runs_no_model: bool,
     has_model_body: bool,
     multipart: bool,
     body: Bytes,
@@ -315,6 +317,10 @@ impl LlmRequest {
             ))
         };
         let mut req = LlmRequest {
+            // Reading or deleting a stored object runs no model (the realtime WebSocket, a GET,
+            // does: see `runs`).
+            runs_no_model: matches!(*method, Method::GET | Method::HEAD | Method::DELETE)
+                && runs == BodyModel::None,
             has_model_body: body_method && !matches!(runs, BodyModel::None | BodyModel::Batch),
             runs,
             refusal,
@@ -482,6 +488,12 @@ impl LlmRequest {
     /// The route: endpoint, model in the path, Azure deployment.
     pub fn route(&self) -> &Route {
         &self.route
+    }
+
+    /// Whether the request only reads or deletes a stored object (a GET, HEAD or DELETE that
+    /// selects no model): it runs no model and costs no tokens.
+    pub(crate) fn runs_no_model(&self) -> bool {
+        self.runs_no_model
     }
 
     /// The endpoint.

@@ -953,3 +953,87 @@ async fn streams_are_not_cut_when_told_not_to() {
         199
     );
 }
+
+/// A request to `path` with `method` and a JSON `body` (empty: none), for `key`.
+fn to(key: &Arc<ApiKey>, method: &str, path: &str, body: &str) -> Request<String> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .unwrap();
+    req.extensions_mut().insert(key.clone());
+    req
+}
+
+#[tokio::test]
+async fn endpoints_whose_cost_is_billed_elsewhere_are_refused_to_limited_keys() {
+    let h = harness(
+        QuotaLayer::new(MemoryLedger::new(), MemoryRateLimiter::new()).pricing(dollar_per_token()),
+        Reply::NoUsage,
+    );
+    let capped = Arc::new(ApiKey::new("c").credit_limit_usd(50.0, BudgetPeriod::Lifetime));
+    let tokens = Arc::new(ApiKey::new("t").tpm(100));
+    let out_of_band = [
+        (
+            "POST",
+            "/v1/fine_tuning/jobs",
+            r#"{"model":"gpt-4o","training_file":"file-1","hyperparameters":{"n_epochs":50}}"#,
+        ),
+        (
+            "POST",
+            "/v1/threads/thread_1/runs",
+            r#"{"assistant_id":"asst_1","model":"gpt-4o"}"#,
+        ),
+        (
+            "POST",
+            "/v1/threads/runs",
+            r#"{"assistant_id":"asst_1","model":"gpt-4o","thread":{"messages":[{"role":"user","content":"hi"}]}}"#,
+        ),
+        (
+            "POST",
+            "/v1/realtime/client_secrets",
+            r#"{"session":{"type":"realtime","model":"gpt-4o"}}"#,
+        ),
+        ("POST", "/v1/realtime/sessions", r#"{"model":"gpt-4o"}"#),
+        ("GET", "/v1/realtime?model=gpt-4o", ""),
+    ];
+    for key in [&capped, &tokens] {
+        for (method, path, body) in out_of_band {
+            let (status, _, error, rejection) = send(&h.svc, to(key, method, path, body)).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {error}");
+            assert_eq!(error["error"]["code"], "unverifiable_request", "{path}");
+            assert_eq!(rejection.map(|r| r.layer.as_str()), Some("quota"));
+        }
+    }
+    assert_eq!(
+        h.calls.load(Ordering::SeqCst),
+        0,
+        "none reached the upstream"
+    );
+
+    // Reading and deleting stored objects, and the endpoints that report their own cost,
+    // go on.
+    for (method, path, body) in [
+        ("GET", "/v1/files", ""),
+        ("DELETE", "/v1/files/file-1", ""),
+        ("GET", "/v1/fine_tuning/jobs/ftjob-1", ""),
+        (
+            "POST",
+            "/v1/embeddings",
+            r#"{"model":"gpt-4o","input":"hello"}"#,
+        ),
+    ] {
+        let (status, _, error, _) = send(&h.svc, to(&capped, method, path, body)).await;
+        assert_eq!(status, StatusCode::OK, "{method} {path}: {error}");
+    }
+    assert_eq!(h.calls.load(Ordering::SeqCst), 4);
+    // A key with only a request rate needs no cost: its requests are not refused for it.
+    let rpm = Arc::new(ApiKey::new("r").rpm(100));
+    let (status, ..) = send(
+        &h.svc,
+        to(&rpm, "POST", "/v1/fine_tuning/jobs", out_of_band[0].2),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}

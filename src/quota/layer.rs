@@ -238,6 +238,26 @@ fn limited(key: &ApiKey) -> bool {
     key.credit_limit_usd.is_some() || key.rpm.is_some() || key.tpm.is_some()
 }
 
+/// Refusal for a key with a spend cap or a token limit, on an endpoint whose cost its own
+/// response does not report.
+const COST_UNREPORTED: &str = "This key has a spend cap or a token limit, and this endpoint's cost is not reported in its own response (it runs a job, a run, a session or a tool billed elsewhere), so it cannot be counted: it is refused for this key.";
+
+/// Whether a request to `endpoint` reports its own cost in its response: a capped or
+/// token-limited key may use only these (and read or delete stored objects). Fine-tuning
+/// jobs, assistant runs, eval runs, realtime sessions and client secrets, batches, videos,
+/// containers and unknown endpoints run models whose usage never comes back in the response:
+/// they would be counted at nothing.
+fn reports_own_cost(endpoint: Endpoint) -> bool {
+    matches!(
+        endpoint,
+        Endpoint::ChatCompletions
+            | Endpoint::Completions
+            | Endpoint::Embeddings
+            | Endpoint::Moderations
+            | Endpoint::Responses
+    )
+}
+
 /// Whether the request's cost or tokens must be known for this key (an `rpm` alone needs
 /// neither, nor the body).
 fn needs_cost(key: &ApiKey) -> bool {
@@ -259,6 +279,9 @@ impl Check for QuotaCheck {
         }
         if view.body_model() == BodyModel::Batch {
             return Err(PolicyError::Unverifiable(BATCH_REFUSED.into()));
+        }
+        if !view.runs_no_model() && !reports_own_cost(view.endpoint()) {
+            return Err(PolicyError::Unverifiable(COST_UNREPORTED.into()));
         }
         Ok(true)
     }
