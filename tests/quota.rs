@@ -1037,3 +1037,49 @@ async fn endpoints_whose_cost_is_billed_elsewhere_are_refused_to_limited_keys() 
     .await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn concurrent_streams_never_share_the_remaining_budget() {
+    // 20 streams admitted together, each reserving little, whose upstream never stops: each
+    // asks the ledger for more as it runs, so that together they stay within the cap.
+    let ledger = MemoryLedger::new();
+    let svc = ServiceBuilder::new()
+        .layer(
+            QuotaLayer::new(ledger.clone(), MemoryRateLimiter::new()).pricing(dollar_per_token()),
+        )
+        .service(service_fn(move |_req: Request<PolicyBody>| async move {
+            let mut response = Response::new(Runaway {
+                left: 100_000,
+                dropped: Arc::default(),
+            });
+            response
+                .headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            Ok::<_, Infallible>(response)
+        }));
+    let cap = 1000.0;
+    let key = Arc::new(ApiKey::new("s").credit_limit_usd(cap, BudgetPeriod::Lifetime));
+    // All admitted before any is read.
+    let mut bodies = Vec::new();
+    for _ in 0..20 {
+        let response = svc.clone().oneshot(chat(&key, 10)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        bodies.push(response.into_body());
+    }
+    let read: Vec<_> = bodies
+        .into_iter()
+        .map(|body| tokio::spawn(async move { body.collect().await.unwrap().to_bytes() }))
+        .collect();
+    for task in read {
+        let text = task.await.unwrap();
+        assert!(text.ends_with(b"data: [DONE]\n\n"), "every stream is cut");
+    }
+    let spend = spent(&ledger, "s", BudgetPeriod::Lifetime).await;
+    assert_eq!(spend.reserved_usd, 0.0);
+    // Each stream may pass what it holds by the one event that crossed it.
+    assert!(
+        spend.spent_usd <= cap + 20.0 * 2.0,
+        "{} spent against a cap of {cap}",
+        spend.spent_usd
+    );
+}

@@ -206,6 +206,8 @@ pub(crate) struct Settle {
     /// The audit layer's handle, when there is one: the record gets what was reserved and
     /// settled.
     pub(crate) audit: Option<AuditHandle>,
+    /// The key's spend cap, for a metered stream that asks the ledger for more.
+    pub(crate) cap_usd: Option<f64>,
 }
 
 /// How far the request went, which decides what is settled without usage.
@@ -224,6 +226,25 @@ impl Settle {
         if let Some(scanner) = self.scanner.as_mut() {
             scanner.feed(data);
         }
+    }
+
+    /// A metered stream outgrew its allowance: asks the ledger to hold more under its
+    /// reservation (what it is over by, and at least half the reservation again, so that a
+    /// long stream asks rarely). Whether it was granted.
+    fn extend_allowance(&mut self) -> bool {
+        let (Some(meter), Some(reservation), Some(cap)) =
+            (self.meter.as_mut(), self.reservation.as_mut(), self.cap_usd)
+        else {
+            return false;
+        };
+        let over = meter.running_usd() - meter.allowance_usd;
+        let more = over.max(reservation.amount_usd / 2.0).max(1e-9);
+        if !more.is_finite() || !self.ledger.extend(&reservation.id, more, cap) {
+            return false;
+        }
+        meter.allowance_usd += more;
+        reservation.amount_usd += more;
+        true
     }
 }
 
@@ -343,7 +364,23 @@ where
                     Err(frame) => return Poll::Ready(Some(Ok(frame))),
                 };
                 settle.feed(&data);
-                let Some(end) = settle.meter.as_mut().and_then(|m| m.feed(&data)) else {
+                // Where the stream went past what it may spend, if it did and the ledger
+                // holds no more for it.
+                let mut read = 0;
+                let cut_at = loop {
+                    let Some(end) = settle
+                        .meter
+                        .as_mut()
+                        .and_then(|m| m.feed(data.get(read..).unwrap_or_default()))
+                    else {
+                        break None;
+                    };
+                    read += end;
+                    if !settle.extend_allowance() {
+                        break Some(read);
+                    }
+                };
+                let Some(end) = cut_at else {
                     if this.inner.is_end_stream() {
                         // The last frame: settled now, before whoever reads the body sees
                         // its end (an audit layer records the settlement then).

@@ -388,6 +388,7 @@ async fn admit(
         scanner: None,
         meter: None,
         audit,
+        cap_usd: None,
     };
     if let (Some(cap), Some(plan)) = (key.credit_limit_usd, plan.as_ref()) {
         if plan.price.is_none() && config.refuse_unknown_prices {
@@ -411,8 +412,10 @@ async fn admit(
                         total_tokens: plan.prompt_tokens,
                         ..Usage::default()
                     };
-                    let allowance =
-                        reservation.amount_usd + reservation.headroom_usd.unwrap_or(0.0);
+                    // The stream may spend its reservation, and asks the ledger for more
+                    // as it goes (so that concurrent streams never share the same headroom).
+                    let allowance = reservation.amount_usd;
+                    settle.cap_usd = Some(cap);
                     settle.meter = Some(Meter::new(
                         plan.counter,
                         price.cost(&prompt),

@@ -122,6 +122,17 @@ pub trait SpendLedger: Send + Sync + 'static {
     /// Replaces the reservation by the actual cost (`0.0` releases it). Idempotent.
     fn settle(&self, id: &ReservationId, actual_usd: f64);
 
+    /// Holds `more_usd` more under an open reservation, atomically, if the key's cap of
+    /// `cap_usd` allows it: a stream that outgrows its reservation asks for more as it runs,
+    /// so that concurrent streams never share the same remaining budget. Returns whether it
+    /// was granted. Synchronous and must not block (it runs as a response body is read).
+    ///
+    /// The default grants nothing: a stream is then cut when it outgrows its reservation.
+    fn extend(&self, id: &ReservationId, more_usd: f64, cap_usd: f64) -> bool {
+        let _ = (id, more_usd, cap_usd);
+        false
+    }
+
     /// `key`'s spend in its current `period`.
     fn spent<'a>(
         &'a self,
@@ -142,6 +153,9 @@ impl<T: SpendLedger + ?Sized> SpendLedger for Arc<T> {
     }
     fn settle(&self, id: &ReservationId, actual_usd: f64) {
         (**self).settle(id, actual_usd)
+    }
+    fn extend(&self, id: &ReservationId, more_usd: f64, cap_usd: f64) -> bool {
+        (**self).extend(id, more_usd, cap_usd)
     }
     fn spent<'a>(
         &'a self,
@@ -348,6 +362,35 @@ impl SpendLedger for MemoryLedger {
             account.reserved = account.reserved.saturating_sub(open.amount);
         }
         account.spent = account.spent.saturating_add(to_nanos(actual_usd));
+    }
+
+    fn extend(&self, id: &ReservationId, more_usd: f64, cap_usd: f64) -> bool {
+        let more = to_nanos(more_usd);
+        let cap = if cap_usd.is_finite() && cap_usd > 0.0 {
+            (cap_usd * NANOS_PER_USD).floor().min(u64::MAX as f64) as u64
+        } else {
+            0
+        };
+        let mut state = self.lock();
+        let Some(open) = state.open.get(id) else {
+            return false;
+        };
+        let (key, period, opened) = (open.key.clone(), open.period, open.index);
+        let index = period.index_at(self.clock.now());
+        if index != opened {
+            // The period changed under the stream: it gets no more.
+            return false;
+        }
+        let account = Self::account(&mut state, &key, period, index);
+        let held = account.spent.saturating_add(account.reserved);
+        if held.saturating_add(more) > cap {
+            return false;
+        }
+        account.reserved += more;
+        if let Some(open) = state.open.get_mut(id) {
+            open.amount += more;
+        }
+        true
     }
 
     fn spent<'a>(

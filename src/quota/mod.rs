@@ -39,8 +39,12 @@
 //! asks for it ([`inject_usage`](crate::AuditLayer::inject_usage)), or the stream is
 //! settled at its reservation.
 //!
-//! A request may cost more than its reservation (an estimate that was low): the cap can then
-//! be passed by that difference, once; the next request is refused.
+//! A request may cost more than its reservation: a response that is not streamed and writes
+//! more than [`DEFAULT_OUTPUT_TOKENS`] when the request set no output limit, or hidden
+//! reasoning tokens. The cap can then be passed by that difference, **by each such request
+//! in flight at the same time**; the next request is refused. For a hard cap, require an
+//! output limit on capped keys ([`PromptLimit`](crate::prompt_limit)'s `require_output_limit`
+//! or its clamp) and raise [`QuotaLayer::default_output_tokens`] to the models' real maximum.
 //!
 //! # Budget-aware streams
 //!
@@ -48,9 +52,11 @@
 //! request without one that writes more than [`DEFAULT_OUTPUT_TOKENS`]. For a key with a
 //! cap, the text of a streamed response's deltas (chat `delta.content`, refusals and tool
 //! call arguments, completions `text`, Responses `*.delta` events) is counted as it passes
-//! (exactly with the `tokens` feature, else at 4 characters a token), and when the stream's
-//! running cost would pass what the cap allowed when it started (its reservation and the
-//! room left beside it), the stream is cut after the event that crossed: the client gets an
+//! (exactly with the `tokens` feature, else at 4 characters a token). A stream may spend its
+//! reservation; past it, it asks the ledger to hold more under the same reservation
+//! ([`SpendLedger::extend`], atomic against the cap, so that streams running together never
+//! share the same remaining budget), and when the ledger holds no more the stream is cut
+//! after the event that crossed: the client gets an
 //! error event in OpenAI's shape (`data: {"error":{...,"code":"insufficient_quota"}}`) then
 //! `data: [DONE]`, the upstream response is dropped (which ends the generation), and the
 //! request is settled at what the stream was seen to cost. A compressed stream is not
