@@ -375,9 +375,38 @@ async fn a_reservation_from_the_last_period_settles_into_the_new_one() {
         .await
         .unwrap();
     clock.advance(Duration::from_secs(24 * 3600));
+    // Until it settles, what it holds counts in the new day too.
+    let spend = spent(&ledger, "k", BudgetPeriod::Daily).await;
+    assert_eq!((spend.spent_usd, spend.reserved_usd), (0.0, 8.0));
     ledger.settle(&r.id, 2.0);
     let spend = spent(&ledger, "k", BudgetPeriod::Daily).await;
     assert_eq!((spend.spent_usd, spend.reserved_usd), (2.0, 0.0));
+}
+
+#[tokio::test]
+async fn a_request_in_flight_at_midnight_still_counts_against_the_new_day() {
+    let clock = ManualClock::new(at(JAN_31_NOON));
+    let ledger = MemoryLedger::new().with_clock(clock.clone());
+    // Reserved a second before midnight...
+    clock.advance(Duration::from_secs(12 * 3600 - 1));
+    let first = ledger
+        .reserve("k", 90.0, 100.0, BudgetPeriod::Daily)
+        .await
+        .unwrap();
+    // ...a second request two seconds later, in the new day, does not get the whole cap.
+    clock.advance(Duration::from_secs(2));
+    assert!(ledger
+        .reserve("k", 90.0, 100.0, BudgetPeriod::Daily)
+        .await
+        .is_err());
+    let small = ledger
+        .reserve("k", 10.0, 100.0, BudgetPeriod::Daily)
+        .await
+        .unwrap();
+    ledger.settle(&first.id, 90.0);
+    ledger.settle(&small.id, 10.0);
+    let spend = spent(&ledger, "k", BudgetPeriod::Daily).await;
+    assert_eq!((spend.spent_usd, spend.reserved_usd), (100.0, 0.0));
 }
 
 #[tokio::test]

@@ -265,23 +265,36 @@ impl MemoryLedger {
         period: BudgetPeriod,
         index: u64,
     ) -> &'s mut Account {
-        let fresh = Account {
-            period,
-            index,
-            spent: 0,
-            reserved: 0,
-        };
-        if !state.accounts.contains_key(key) {
-            state.accounts.insert(Arc::from(key), fresh);
+        let current = state
+            .accounts
+            .get(key)
+            .is_some_and(|a| a.period == period && a.index == index);
+        if !current {
+            // A new period starts with nothing spent, but what requests in flight hold (from
+            // the period that ended) still counts until they settle: otherwise a request
+            // reserved just before midnight and one just after would both pass a daily cap.
+            let reserved = state
+                .open
+                .values()
+                .filter(|o| &*o.key == key && o.period == period)
+                .fold(0u64, |sum, o| sum.saturating_add(o.amount));
+            let fresh = Account {
+                period,
+                index,
+                spent: 0,
+                reserved,
+            };
+            match state.accounts.get_mut(key) {
+                Some(account) => *account = fresh,
+                None => {
+                    state.accounts.insert(Arc::from(key), fresh);
+                }
+            }
         }
-        let account = state
+        state
             .accounts
             .get_mut(key)
-            .expect("inserted if it was missing");
-        if account.period != period || account.index != index {
-            *account = fresh;
-        }
-        account
+            .expect("inserted if it was missing")
     }
 
     fn reserve_now(
@@ -351,17 +364,20 @@ impl SpendLedger for MemoryLedger {
 
     fn settle(&self, id: &ReservationId, actual_usd: f64) {
         let mut state = self.lock();
-        // Removed on the first settle: a second one finds nothing.
-        let Some(open) = state.open.remove(id) else {
+        let Some((key, amount, period)) = state
+            .open
+            .get(id)
+            .map(|o| (o.key.clone(), o.amount, o.period))
+        else {
+            // Removed on the first settle: a second one finds nothing.
             return;
         };
-        let index = open.period.index_at(self.clock.now());
-        let account = Self::account(&mut state, &open.key, open.period, index);
-        if account.index == open.index {
-            // Still the reservation's period (a new one started without it).
-            account.reserved = account.reserved.saturating_sub(open.amount);
-        }
+        let index = period.index_at(self.clock.now());
+        // The account of the current period holds it (a new period carried it over).
+        let account = Self::account(&mut state, &key, period, index);
+        account.reserved = account.reserved.saturating_sub(amount);
         account.spent = account.spent.saturating_add(to_nanos(actual_usd));
+        state.open.remove(id);
     }
 
     fn extend(&self, id: &ReservationId, more_usd: f64, cap_usd: f64) -> bool {
@@ -405,7 +421,17 @@ impl SpendLedger for MemoryLedger {
                 spent_usd: to_usd(a.spent),
                 reserved_usd: to_usd(a.reserved),
             },
-            _ => Spend::default(),
+            // A period not started yet: nothing spent, what requests in flight hold.
+            _ => Spend {
+                spent_usd: 0.0,
+                reserved_usd: to_usd(
+                    state
+                        .open
+                        .values()
+                        .filter(|o| &*o.key == key && o.period == period)
+                        .fold(0u64, |sum, o| sum.saturating_add(o.amount)),
+                ),
+            },
         };
         Box::pin(std::future::ready(Ok(spend)))
     }
