@@ -1112,3 +1112,68 @@ async fn concurrent_streams_never_share_the_remaining_budget() {
         spend.spent_usd
     );
 }
+
+/// An SSE stream of 2,000 events of `data: {event}`, never reporting usage.
+struct Repeat {
+    event: Bytes,
+    left: usize,
+}
+
+impl http_body::Body for Repeat {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.left -= 1;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.event.clone()))))
+    }
+}
+
+#[tokio::test]
+async fn every_kind_of_streamed_output_is_metered() {
+    // Output in fields other than `delta.content`: each stream must be cut before its end.
+    for delta in [
+        r#"{"function_call":{"arguments":"{\"city\": \"Paris\", \"unit\": \"c\"}"}}"#,
+        r#"{"content":[{"type":"text","text":"hello there, friend"}]}"#,
+        r#"{"reasoning_content":"Let me think about this carefully."}"#,
+        r#"{"audio":{"id":"audio_1","transcript":"hello there, how are you"}}"#,
+        r#"{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"f","arguments":"{\"a\": 1, \"b\": 2}"}}]}"#,
+    ] {
+        let event = Bytes::from(format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{delta}}}]}}\n\n"
+        ));
+        let ledger = MemoryLedger::new();
+        let svc = ServiceBuilder::new()
+            .layer(
+                QuotaLayer::new(ledger.clone(), MemoryRateLimiter::new())
+                    .pricing(dollar_per_token()),
+            )
+            .service(service_fn(move |_req: Request<PolicyBody>| {
+                let event = event.clone();
+                async move {
+                    let mut response = Response::new(Repeat { event, left: 2000 });
+                    response
+                        .headers_mut()
+                        .insert("content-type", "text/event-stream".parse().unwrap());
+                    Ok::<_, Infallible>(response)
+                }
+            }));
+        let key = Arc::new(ApiKey::new("m").credit_limit_usd(300.0, BudgetPeriod::Lifetime));
+        let response = svc.oneshot(chat(&key, 10)).await.unwrap();
+        let text = response.into_body().collect().await.unwrap().to_bytes();
+        let events = text
+            .split(|b| *b == b'\n')
+            .filter(|l| l.starts_with(b"data: {\"choices\""))
+            .count();
+        assert!(events < 2000, "{delta}: not cut ({events} events)");
+        assert!(
+            text.ends_with(b"data: [DONE]\n\n"),
+            "{delta}: cut with [DONE]"
+        );
+    }
+}

@@ -90,8 +90,10 @@ impl Meter {
         None
     }
 
-    /// Counts the output text of one `data:` line: chat `choices[].delta.content` (and
-    /// tool call arguments), completions `choices[].text`, Responses `*.delta` events.
+    /// Counts the output text of one `data:` line: every string of a chat
+    /// `choices[].delta` but its labels (content, in parts too, refusals, tool and function
+    /// call arguments, audio transcripts, reasoning), completions `choices[].text`, Responses
+    /// `*.delta` events.
     fn read_line(&mut self, line: &[u8]) {
         let Some(json) = line.strip_prefix(b"data:") else {
             return;
@@ -107,13 +109,7 @@ impl Meter {
         let mut count = |text: &str| tokens += self.counter_tokens(text);
         for choice in &chunk.choices {
             if let Some(delta) = &choice.delta {
-                delta.content.as_deref().map(&mut count);
-                delta.refusal.as_deref().map(&mut count);
-                for call in &delta.tool_calls {
-                    if let Some(f) = &call.function {
-                        f.arguments.as_deref().map(&mut count);
-                    }
-                }
+                delta_text(delta, &mut count);
             }
             choice.text.as_deref().map(&mut count);
         }
@@ -147,32 +143,35 @@ struct Chunk<'a> {
 
 #[derive(serde::Deserialize)]
 struct Choice<'a> {
-    #[serde(default, borrow)]
-    delta: Option<Delta<'a>>,
+    /// Read whole: every string in it is output (content as text or parts, refusals, tool
+    /// and function call arguments, audio transcripts, a compatible server's reasoning).
+    #[serde(default)]
+    delta: Option<serde_json::Value>,
     #[serde(default, borrow)]
     text: Option<std::borrow::Cow<'a, str>>,
 }
 
-#[derive(serde::Deserialize)]
-struct Delta<'a> {
-    #[serde(default, borrow)]
-    content: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default, borrow)]
-    refusal: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default, borrow)]
-    tool_calls: Vec<ToolCall<'a>>,
-}
+/// Keys of a delta whose string values are labels, not output.
+const DELTA_LABELS: [&str; 4] = ["role", "type", "id", "name"];
 
-#[derive(serde::Deserialize)]
-struct ToolCall<'a> {
-    #[serde(default, borrow)]
-    function: Option<Function<'a>>,
-}
-
-#[derive(serde::Deserialize)]
-struct Function<'a> {
-    #[serde(default, borrow)]
-    arguments: Option<std::borrow::Cow<'a, str>>,
+/// Calls `count` with every string in a chat delta that is output (see [`DELTA_LABELS`]).
+fn delta_text(value: &serde_json::Value, count: &mut impl FnMut(&str)) {
+    match value {
+        serde_json::Value::String(text) => count(text),
+        serde_json::Value::Array(items) => {
+            for item in items {
+                delta_text(item, count);
+            }
+        }
+        serde_json::Value::Object(fields) => {
+            for (key, value) in fields {
+                if !(value.is_string() && DELTA_LABELS.contains(&key.as_str())) {
+                    delta_text(value, count);
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 /// The events that end a stream cut at its budget: an error in OpenAI's shape, then

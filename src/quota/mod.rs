@@ -50,8 +50,9 @@
 //!
 //! A stream can outgrow its reservation: an upstream that ignores the output limit, or a
 //! request without one that writes more than [`DEFAULT_OUTPUT_TOKENS`]. For a key with a
-//! cap, the text of a streamed response's deltas (chat `delta.content`, refusals and tool
-//! call arguments, completions `text`, Responses `*.delta` events) is counted as it passes
+//! cap, the text of a streamed response's deltas (every string of a chat `delta` but its
+//! labels: content, refusals, tool and function call arguments, audio transcripts; completions
+//! `text`; Responses `*.delta` events) is counted as it passes
 //! (exactly with the `tokens` feature, else at 4 characters a token). A stream may spend its
 //! reservation; past it, it asks the ledger to hold more under the same reservation
 //! ([`SpendLedger::extend`], atomic against the cap, so that streams running together never
