@@ -1177,3 +1177,39 @@ async fn every_kind_of_streamed_output_is_metered() {
         );
     }
 }
+
+#[tokio::test]
+async fn images_and_audio_priced_apart_are_refused_to_limited_keys() {
+    let h = harness(
+        QuotaLayer::new(MemoryLedger::new(), MemoryRateLimiter::new()).pricing(dollar_per_token()),
+        Reply::NoUsage,
+    );
+    let capped = Arc::new(ApiKey::new("c").credit_limit_usd(1000.0, BudgetPeriod::Lifetime));
+    for (path, body) in [
+        (
+            "/v1/responses",
+            r#"{"model":"gpt-4o","input":"draw a cat","max_output_tokens":16,"tools":[{"type":"image_generation","quality":"high"}]}"#,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o","max_tokens":16,"modalities":["text","audio"],"audio":{"voice":"alloy","format":"wav"},"messages":[{"role":"user","content":"hi"}]}"#,
+        ),
+    ] {
+        let (status, _, error, _) = send(&h.svc, to(&capped, "POST", path, body)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {error}");
+        assert_eq!(error["error"]["code"], "unverifiable_request");
+    }
+    assert_eq!(h.calls.load(Ordering::SeqCst), 0);
+    // The same requests without images or audio go on.
+    let (status, ..) = send(
+        &h.svc,
+        to(
+            &capped,
+            "POST",
+            "/v1/responses",
+            r#"{"model":"gpt-4o","input":"describe a cat","max_output_tokens":16}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}

@@ -23,7 +23,7 @@ use crate::audit::usage::{ScanMode, UsageScanner};
 use crate::audit::AuditHandle;
 use crate::body::{BoxError, PolicyBody, ResponseBody};
 use crate::check::{Check, CheckFuture};
-use crate::endpoint::{BodyModel, Endpoint};
+use crate::endpoint::{BodyModel, Endpoint, Feature};
 use crate::error::{LayerName, PolicyError, Rejection};
 use crate::keys::{ApiKey, BoxFuture};
 use crate::policy::Policy;
@@ -242,6 +242,11 @@ fn limited(key: &ApiKey) -> bool {
 /// response does not report.
 const COST_UNREPORTED: &str = "This key has a spend cap or a token limit, and this endpoint's cost is not reported in its own response (it runs a job, a run, a session or a tool billed elsewhere), so it cannot be counted: it is refused for this key.";
 
+/// Refusal for a key with a spend cap or a token limit, for a request that generates images
+/// (the `image_generation` tool) or speech (audio output): they are priced apart from the
+/// model's text tokens, so the reservation would not cover them.
+const PRICED_APART: &str = "This key has a spend cap or a token limit, and this request generates images or audio, which are priced apart from its text tokens, so its cost cannot be counted: it is refused for this key.";
+
 /// Whether a request to `endpoint` reports its own cost in its response: a capped or
 /// token-limited key may use only these (and read or delete stored objects). Fine-tuning
 /// jobs, assistant runs, eval runs, realtime sessions and client secrets, batches, videos,
@@ -287,8 +292,16 @@ impl Check for QuotaCheck {
     }
 
     fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError> {
-        if key.is_some_and(needs_cost) && view.has_body() && view.model_unseen() {
-            return Err(PolicyError::Unverifiable(UNSEEN_REFUSED.into()));
+        if key.is_some_and(needs_cost) && view.has_body() {
+            if view.model_unseen() {
+                return Err(PolicyError::Unverifiable(UNSEEN_REFUSED.into()));
+            }
+            let features = view.features();
+            if features.contains(Feature::ImageGeneration)
+                || features.contains(Feature::AudioSpeech)
+            {
+                return Err(PolicyError::Unverifiable(PRICED_APART.into()));
+            }
         }
         Ok(())
     }
