@@ -22,6 +22,16 @@ fn to_nanos(usd: f64) -> u64 {
     }
 }
 
+/// A cap in nano-dollars. A cap rounds down (an amount rounds up: [`to_nanos`]), so that the
+/// ledger errs on the side of the cap; a cap that is not a positive number is zero.
+fn cap_nanos(cap_usd: f64) -> u64 {
+    if cap_usd.is_finite() && cap_usd > 0.0 {
+        (cap_usd * NANOS_PER_USD).floor().min(u64::MAX as f64) as u64
+    } else {
+        0
+    }
+}
+
 fn to_usd(nanos: u64) -> f64 {
     nanos as f64 / NANOS_PER_USD
 }
@@ -306,12 +316,7 @@ impl MemoryLedger {
     ) -> Result<Reservation, ReserveError> {
         let index = period.index_at(self.clock.now());
         let amount = to_nanos(amount_usd);
-        // A cap rounds down, an amount up: the ledger errs on the side of the cap.
-        let cap = if cap_usd.is_finite() && cap_usd > 0.0 {
-            (cap_usd * NANOS_PER_USD).floor().min(u64::MAX as f64) as u64
-        } else {
-            0
-        };
+        let cap = cap_nanos(cap_usd);
         let mut state = self.lock();
         let account = Self::account(&mut state, key, period, index);
         let held = account.spent.saturating_add(account.reserved);
@@ -382,11 +387,7 @@ impl SpendLedger for MemoryLedger {
 
     fn extend(&self, id: &ReservationId, more_usd: f64, cap_usd: f64) -> bool {
         let more = to_nanos(more_usd);
-        let cap = if cap_usd.is_finite() && cap_usd > 0.0 {
-            (cap_usd * NANOS_PER_USD).floor().min(u64::MAX as f64) as u64
-        } else {
-            0
-        };
+        let cap = cap_nanos(cap_usd);
         let mut state = self.lock();
         let Some(open) = state.open.get(id) else {
             return false;
