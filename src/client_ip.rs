@@ -25,7 +25,8 @@
 //!    wrote the unreadable hop is the last one we can vouch for. Unreadable means: not an IP
 //!    address (with an optional port, IPv6 in brackets), an obfuscated identifier
 //!    (`_hidden`) or `unknown`, an empty hop, a `Forwarded` element without exactly one
-//!    `for=`, or a header line that is not visible ASCII. In a `Forwarded` line with an odd
+//!    `for=`, or an element holding a byte that is not visible ASCII: only the elements right
+//!    of a line's last such byte are read. Likewise, in a `Forwarded` line with an odd
 //!    number of `"` or with a `\`, quoted strings cannot be told apart: only the elements
 //!    right of its last `"` or `\` are read (where a proxy appending to the line it received
 //!    puts its own), and the element holding that character is unreadable. Nothing left of
@@ -230,15 +231,29 @@ fn canonical(ip: IpAddr) -> IpAddr {
 /// can: no quoted string can hide there, as none could be closed. That is where a proxy that
 /// appends its element to the line it received puts it, after whatever its client sent.
 fn readable_part(line: &HeaderValue, syntax: Syntax) -> Option<(&str, bool)> {
-    let text = line.to_str().ok()?;
+    // A byte that is not visible ASCII (a client's, say) makes its element unreadable, not
+    // the elements right of it: a proxy appends its own after a comma.
+    let bytes = line.as_bytes();
+    let (bytes, visible) = match bytes
+        .iter()
+        .rposition(|&b| !(b == b'\t' || (0x20..=0x7e).contains(&b)))
+    {
+        None => (bytes, true),
+        Some(bad) => {
+            let after = &bytes[bad + 1..];
+            let comma = memchr::memchr(b',', after)?;
+            (&after[comma + 1..], false)
+        }
+    };
+    let text = std::str::from_utf8(bytes).ok()?;
     if syntax == Syntax::XForwardedFor {
-        return Some((text, true));
+        return Some((text, visible));
     }
     let bytes = text.as_bytes();
     let balanced =
         memchr::memchr(b'\\', bytes).is_none() && memchr::memchr_iter(b'"', bytes).count() % 2 == 0;
     if balanced {
-        return Some((text, true));
+        return Some((text, visible));
     }
     let last_bad = memchr::memrchr2(b'"', b'\\', bytes)?;
     let after = &text[last_bad + 1..];
@@ -699,6 +714,33 @@ mod tests {
             HeaderValue::from_bytes(b"10.0.0.2\xff").unwrap(),
         );
         assert_eq!(trusted().client_ip(ip(PROXY), &h), ip(PROXY));
+    }
+
+    #[test]
+    fn a_client_byte_that_is_not_visible_ascii_does_not_hide_the_hops_right_of_it() {
+        // The client sent a non-ASCII byte; its proxy appended the client's address: the
+        // client is still found (it cannot hide behind the proxy's address).
+        let cases: [(HeaderName, &[u8], &[u8]); 2] = [
+            (
+                X_FORWARDED_FOR,
+                b"1.2.3.4\xff, 203.0.113.5",
+                b"9.9.9.9, 1.2.3.4\xff, 10.0.0.2",
+            ),
+            (
+                FORWARDED,
+                b"for=1.2.3.4\xff, for=203.0.113.5",
+                b"for=9.9.9.9, for=1.2.3.4\xff, for=10.0.0.2",
+            ),
+        ];
+        for (name, appended, all_trusted_after) in cases {
+            let mut h = HeaderMap::new();
+            h.append(name.clone(), HeaderValue::from_bytes(appended).unwrap());
+            assert_eq!(trusted().client_ip(ip(PROXY), &h), ip("203.0.113.5"));
+            // The bad element itself is never read, nor anything left of it.
+            let mut h = HeaderMap::new();
+            h.append(name, HeaderValue::from_bytes(all_trusted_after).unwrap());
+            assert_eq!(trusted().client_ip(ip(PROXY), &h), ip("10.0.0.2"));
+        }
     }
 
     #[test]
