@@ -15,8 +15,9 @@
 //!    is present, `X-Forwarded-For` if only it is. A request carrying **both** is treated as
 //!    carrying neither (the client is the peer). A proxy writes one of them and passes the
 //!    other on as the client sent it: whichever we preferred, a client could pick its own
-//!    address by sending the header its proxy does not write. Configure your proxy to remove
-//!    the header it does not write if its clients send it.
+//!    address by sending the header its proxy does not write. Better: name the header your
+//!    proxy writes ([`TrustedProxies::header`]); the other is then ignored, and a client
+//!    sending both hides nothing.
 //! 4. The header's lines are joined in order and its hops walked **from the right** (the hop
 //!    nearest to us first). The first address that is not a trusted proxy is the client. If
 //!    every hop is a trusted proxy, the client is the left-most one.
@@ -104,6 +105,21 @@ pub const DEFAULT_MAX_HOPS: usize = 20;
 pub struct TrustedProxies {
     nets: Arc<[IpNet]>,
     max_hops: usize,
+    header: ForwardedHeader,
+}
+
+/// Which forwarding header the trusted proxies write ([`TrustedProxies::header`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ForwardedHeader {
+    /// Whichever one the request carries; a request carrying both is read as carrying neither
+    /// (rule 3 of the [module docs](self)). The default.
+    #[default]
+    Either,
+    /// `X-Forwarded-For` only; a `Forwarded` header is ignored.
+    XForwardedFor,
+    /// `Forwarded` (RFC 7239) only; an `X-Forwarded-For` header is ignored.
+    Forwarded,
 }
 
 impl Default for TrustedProxies {
@@ -118,7 +134,17 @@ impl TrustedProxies {
         TrustedProxies {
             nets: nets.into_iter().collect(),
             max_hops: DEFAULT_MAX_HOPS,
+            header: ForwardedHeader::Either,
         }
+    }
+
+    /// Reads only the header the trusted proxies write (default: either, see rule 3 of the
+    /// [module docs](self)). Naming it means a client that sends the other as well cannot
+    /// make itself look like its proxy.
+    #[must_use]
+    pub fn header(mut self, header: ForwardedHeader) -> Self {
+        self.header = header;
+        self
     }
 
     /// Trusts no proxy: the client is always the connection's peer, headers are never read.
@@ -161,10 +187,14 @@ impl TrustedProxies {
         let x_forwarded_for = headers.get_all(X_FORWARDED_FOR);
         let has_forwarded = forwarded.iter().next().is_some();
         let has_xff = x_forwarded_for.iter().next().is_some();
-        match (has_forwarded, has_xff) {
-            (true, false) => self.walk(peer, forwarded.iter(), Syntax::Forwarded),
-            (false, true) => self.walk(peer, x_forwarded_for.iter(), Syntax::XForwardedFor),
-            // Neither, or both: see rule 3.
+        match (self.header, has_forwarded, has_xff) {
+            (ForwardedHeader::Forwarded, true, _) | (ForwardedHeader::Either, true, false) => {
+                self.walk(peer, forwarded.iter(), Syntax::Forwarded)
+            }
+            (ForwardedHeader::XForwardedFor, _, true) | (ForwardedHeader::Either, false, true) => {
+                self.walk(peer, x_forwarded_for.iter(), Syntax::XForwardedFor)
+            }
+            // Neither (of the named one), or both with none named: see rule 3.
             _ => peer,
         }
     }
@@ -714,6 +744,26 @@ mod tests {
             HeaderValue::from_bytes(b"10.0.0.2\xff").unwrap(),
         );
         assert_eq!(trusted().client_ip(ip(PROXY), &h), ip(PROXY));
+    }
+
+    #[test]
+    fn a_named_header_is_the_only_one_read() {
+        let mut both = HeaderMap::new();
+        both.append(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.5"));
+        both.append(FORWARDED, HeaderValue::from_static("for=198.51.100.7"));
+        // Either: both is neither.
+        assert_eq!(trusted().client_ip(ip(PROXY), &both), ip(PROXY));
+        let xff = trusted().header(ForwardedHeader::XForwardedFor);
+        assert_eq!(xff.client_ip(ip(PROXY), &both), ip("203.0.113.5"));
+        let fwd = trusted().header(ForwardedHeader::Forwarded);
+        assert_eq!(fwd.client_ip(ip(PROXY), &both), ip("198.51.100.7"));
+        // The other header alone is not read.
+        let mut only_forwarded = HeaderMap::new();
+        only_forwarded.append(FORWARDED, HeaderValue::from_static("for=198.51.100.7"));
+        assert_eq!(xff.client_ip(ip(PROXY), &only_forwarded), ip(PROXY));
+        let mut only_xff = HeaderMap::new();
+        only_xff.append(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.5"));
+        assert_eq!(fwd.client_ip(ip(PROXY), &only_xff), ip(PROXY));
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub mod tokens;
 pub use audit::{AuditHandle, AuditLayer, AuditRecord, LogSink};
 pub use body::{PolicyBody, ResponseBody};
 pub use body_limit::{BodyLimit, BodyLimitLayer};
-pub use client_ip::{ResolveClientIp, ResolveClientIpLayer, TrustedProxies};
+pub use client_ip::{ForwardedHeader, ResolveClientIp, ResolveClientIpLayer, TrustedProxies};
 pub use endpoint::{Endpoint, Feature, FeatureSet, Route};
 pub use error::{LayerName, PolicyError, Rejection};
 pub use feature_block::{FeatureBlock, FeatureBlockLayer};

@@ -20,7 +20,7 @@ use tower_llm_policy::audit::pricing::PricingTable;
 use tower_llm_policy::audit::DEFAULT_DRAIN_TIMEOUT;
 use tower_llm_policy::model::{ModelAliases, ModelList};
 use tower_llm_policy::request::{BodyOptions, DEFAULT_BODY_LIMIT, DEFAULT_MULTIPART_LIMIT};
-use tower_llm_policy::{ApiKey, FeatureSet, TrustedProxies};
+use tower_llm_policy::{ApiKey, FeatureSet, ForwardedHeader, TrustedProxies};
 
 use crate::upstream::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_FIRST_BYTE_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
 
@@ -390,12 +390,37 @@ pub struct ProxyConfig {
     /// client.
     #[serde(default)]
     pub trusted_proxies: Vec<IpNet>,
+    /// `forwarded_header = "x-forwarded-for"` (or `"forwarded"`): the header the trusted
+    /// proxies write; the other is ignored, so that a client sending both cannot make itself
+    /// look like its proxy. `"either"` (the default): whichever one a request carries, and
+    /// neither when it carries both.
+    #[serde(default)]
+    pub forwarded_header: ForwardedHeaderConfig,
+}
+
+/// `[proxy] forwarded_header`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedHeaderConfig {
+    /// `"either"`.
+    #[default]
+    Either,
+    /// `"x-forwarded-for"`.
+    XForwardedFor,
+    /// `"forwarded"`.
+    Forwarded,
 }
 
 impl ProxyConfig {
     /// The trusted proxies, for the server.
     pub fn trusted_proxies(&self) -> TrustedProxies {
-        TrustedProxies::new(self.trusted_proxies.iter().copied())
+        TrustedProxies::new(self.trusted_proxies.iter().copied()).header(
+            match self.forwarded_header {
+                ForwardedHeaderConfig::Either => ForwardedHeader::Either,
+                ForwardedHeaderConfig::XForwardedFor => ForwardedHeader::XForwardedFor,
+                ForwardedHeaderConfig::Forwarded => ForwardedHeader::Forwarded,
+            },
+        )
     }
 }
 

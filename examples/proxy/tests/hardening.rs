@@ -1474,6 +1474,30 @@ async fn both_headers_or_an_unreadable_hop_leave_the_proxys_own_address() -> Tes
     Ok(())
 }
 
+#[tokio::test]
+async fn with_the_proxys_header_named_a_client_sending_both_is_still_found() -> TestResult {
+    let mut h = start(|t| {
+        with_office_key(t, Some(r#"["127.0.0.0/8"]"#)) + "forwarded_header = \"x-forwarded-for\"\n"
+    })
+    .await;
+    // The proxy wrote X-Forwarded-For; the client added a Forwarded of its own.
+    let (status, _) = office_chat(
+        &h,
+        &[
+            ("x-forwarded-for", "203.0.113.5"),
+            ("forwarded", "for=198.51.100.7"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // A Forwarded alone is not read.
+    let (status, _) = office_chat(&h, &[("forwarded", "for=203.0.113.5")]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let records = h.stop_and_records().await;
+    assert_eq!(client_ips(&records), ["203.0.113.5", "127.0.0.1"]);
+    Ok(())
+}
+
 #[test]
 fn trusted_proxies_default_to_none_and_must_be_cidrs() -> TestResult {
     let path = Path::new("proxy.toml");
