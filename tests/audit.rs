@@ -2,9 +2,13 @@
 //! bodies, usage injection and stripping, rejections, cancellation, upstream errors, cost,
 //! bounded memory, sinks, and no secrets.
 
+mod common;
+
+use common::GatedWriter;
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::io::{self, Write};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::pin::Pin;
 use std::sync::{mpsc, Arc, Mutex};
@@ -890,26 +894,6 @@ async fn logged_content_is_bounded_and_uses_the_redaction_hook() {
 }
 
 // ---- sinks ----------------------------------------------------------------------------------
-
-/// A writer that blocks in `write` until the test opens the gate, and says when it is blocked.
-struct GatedWriter {
-    entered: mpsc::Sender<()>,
-    gate: Arc<Mutex<mpsc::Receiver<()>>>,
-    out: Arc<Mutex<Vec<u8>>>,
-}
-
-impl Write for GatedWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let _ = self.entered.send(());
-        let _ = self.gate.lock().unwrap().recv();
-        self.out.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 #[tokio::test]
 async fn slow_sink_does_not_slow_requests_and_counts_drops() {

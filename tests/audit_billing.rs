@@ -1,8 +1,13 @@
 //! Records you can bill from: bounded client-controlled fields, a JSONL queue bounded in
 //! bytes, and usage that is refused (never priced) when it cannot be right.
 
+mod common;
+
+use common::GatedWriter;
+use common::SharedWriter;
+
 use std::convert::Infallible;
-use std::io::{self, Write};
+use std::io;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -134,25 +139,6 @@ async fn ordinary_fields_are_kept_whole_and_unflagged() {
     assert_eq!(r.path, "/v1/chat/completions");
     assert!(r.flags.is_empty(), "{:?}", r.flags);
     assert!((r.cost_usd.unwrap() - 0.00021).abs() < 1e-12);
-}
-
-/// A writer whose first write waits until the gate opens.
-struct GatedWriter {
-    entered: mpsc::Sender<()>,
-    gate: Arc<Mutex<mpsc::Receiver<()>>>,
-    out: Arc<Mutex<Vec<u8>>>,
-}
-
-impl Write for GatedWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let _ = self.entered.send(());
-        let _ = self.gate.lock().unwrap().recv();
-        self.out.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 #[tokio::test]
@@ -625,19 +611,6 @@ async fn a_responses_stream_error_event_on_a_200_is_an_upstream_error() {
         r.flags
     );
     assert_eq!(r.cost_usd, None);
-}
-
-/// A writer whose bytes the test can read while the sink still holds it.
-struct SharedWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for SharedWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 #[tokio::test]

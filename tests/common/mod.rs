@@ -212,3 +212,39 @@ impl Body for CountingBody {
         Poll::Ready(self.chunks.pop().map(|c| Ok(Frame::data(c))))
     }
 }
+
+/// A writer that keeps what it is given where the test can read it while the writer is held
+/// (by a JSONL sink, say).
+pub struct SharedWriter(pub Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A writer whose `write` says it was entered, then blocks until the test opens the gate
+/// (drops or sends on its sender), then keeps the bytes in `out`.
+pub struct GatedWriter {
+    pub entered: std::sync::mpsc::Sender<()>,
+    pub gate: Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
+    pub out: Arc<Mutex<Vec<u8>>>,
+}
+
+impl std::io::Write for GatedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = self.entered.send(());
+        let _ = self.gate.lock().unwrap().recv();
+        self.out.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
