@@ -59,6 +59,18 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// Whether the endpoint's successful responses report their token usage (what the audit
+    /// record prices and a spend cap settles from).
+    pub(crate) fn reports_usage(self) -> bool {
+        matches!(
+            self,
+            Endpoint::ChatCompletions
+                | Endpoint::Completions
+                | Endpoint::Embeddings
+                | Endpoint::Responses
+        )
+    }
+
     /// A stable snake_case name for logs and audit records.
     pub fn as_str(&self) -> &'static str {
         match self {

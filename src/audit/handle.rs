@@ -125,17 +125,6 @@ impl PromptEstimate {
 /// straddles the limit is redacted whole rather than cut into an unrecognisable prefix.
 pub(crate) const REDACTION_MARGIN: usize = 256;
 
-/// Whether the endpoint's successful responses report token usage.
-pub(crate) fn reports_usage(endpoint: Endpoint) -> bool {
-    matches!(
-        endpoint,
-        Endpoint::ChatCompletions
-            | Endpoint::Completions
-            | Endpoint::Embeddings
-            | Endpoint::Responses
-    )
-}
-
 /// Cuts `text` to at most `max` bytes, on a character boundary. Whether it was cut.
 pub(crate) fn truncate(text: &mut String, max: usize) -> bool {
     if text.len() <= max {
@@ -179,7 +168,7 @@ impl Facts {
         if !view.has_body() {
             return facts;
         }
-        if reports_usage(view.endpoint()) {
+        if view.endpoint().reports_usage() {
             let text = view.prompt_text();
             // A large body is not held for the response's whole length: its estimate is made
             // now.
@@ -419,9 +408,9 @@ mod tests {
     #[test]
     fn only_endpoints_that_report_usage_get_a_prompt_estimate() {
         let config = config(AuditLayer::new(MemorySink::new()));
-        assert!(reports_usage(Endpoint::ChatCompletions));
-        assert!(!reports_usage(Endpoint::ImageGeneration));
-        assert!(!reports_usage(Endpoint::Moderations));
+        assert!(Endpoint::ChatCompletions.reports_usage());
+        assert!(!Endpoint::ImageGeneration.reports_usage());
+        assert!(!Endpoint::Moderations.reports_usage());
         // "abcdefgh" is 6 estimated tokens (the estimate errs high), plus 3 token ids.
         let completions = view(
             "/v1/completions",

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::{header, Method, StatusCode, Uri};
 
-use super::handle::{bounded, reports_usage, truncate, AuditHandle, Facts, REDACTION_MARGIN};
+use super::handle::{bounded, truncate, AuditHandle, Facts, REDACTION_MARGIN};
 use super::layer::Config;
 use super::pricing::Usage;
 use super::record::{
@@ -187,7 +187,7 @@ impl Recorder {
                 self.scanner.is_some()
                     && parts.status.is_success()
                     && self.info.method == Method::POST
-                    && endpoint.is_some_and(reports_usage),
+                    && endpoint.is_some_and(Endpoint::reports_usage),
             );
         }
         mode == Some(ScanMode::Sse)
@@ -391,7 +391,7 @@ impl Recorder {
         // its prompt at least: its missing usage is flagged and estimated as well.
         let usage_expected = self.rejection.is_none()
             && self.info.method == Method::POST
-            && reports_usage(endpoint)
+            && endpoint.reports_usage()
             && (outcome == Outcome::Completed
                 || outcome == Outcome::Cancelled
                 || (outcome == Outcome::UpstreamError && started));

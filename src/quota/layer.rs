@@ -253,14 +253,8 @@ const PRICED_APART: &str = "This key has a spend cap or a token limit, and this 
 /// containers and unknown endpoints run models whose usage never comes back in the response:
 /// they would be counted at nothing.
 fn reports_own_cost(endpoint: Endpoint) -> bool {
-    matches!(
-        endpoint,
-        Endpoint::ChatCompletions
-            | Endpoint::Completions
-            | Endpoint::Embeddings
-            | Endpoint::Moderations
-            | Endpoint::Responses
-    )
+    // Moderations are free: nothing to report.
+    endpoint.reports_usage() || endpoint == Endpoint::Moderations
 }
 
 /// Whether the request's cost or tokens must be known for this key (an `rpm` alone needs
