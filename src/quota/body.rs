@@ -17,6 +17,7 @@ use crate::audit::usage::UsageScanner;
 use crate::audit::{flag, AuditHandle};
 use crate::body::ResponseBody;
 use crate::error::PolicyError;
+use crate::keys::BoxFuture;
 use crate::tokens::TokenCounter;
 
 /// Longest SSE line the stream meter reads (a chunk's JSON is a few hundred bytes). A longer
@@ -229,22 +230,44 @@ impl Settle {
 
     /// A metered stream outgrew its allowance: asks the ledger to hold more under its
     /// reservation (what it is over by, and at least half the reservation again, so that a
-    /// long stream asks rarely). Whether it was granted.
-    fn extend_allowance(&mut self) -> bool {
+    /// long stream asks rarely). `None`: nothing can be asked for (the stream is cut).
+    fn ask_more(&self) -> Option<Grant> {
         let (Some(meter), Some(reservation), Some(cap)) =
-            (self.meter.as_mut(), self.reservation.as_mut(), self.cap_usd)
+            (self.meter.as_ref(), self.reservation.as_ref(), self.cap_usd)
         else {
-            return false;
+            return None;
         };
         let over = meter.running_usd() - meter.allowance_usd;
         let more = over.max(reservation.amount_usd / 2.0).max(1e-9);
-        if !more.is_finite() || !self.ledger.extend(&reservation.id, more, cap) {
-            return false;
+        if !more.is_finite() {
+            return None;
         }
-        meter.allowance_usd += more;
-        reservation.amount_usd += more;
-        true
+        Some(Grant {
+            answer: self.ledger.extend(&reservation.id, more, cap),
+            more,
+        })
     }
+
+    /// The ledger granted `more`.
+    fn granted(&mut self, more: f64) {
+        if let (Some(meter), Some(reservation)) = (self.meter.as_mut(), self.reservation.as_mut()) {
+            meter.allowance_usd += more;
+            reservation.amount_usd += more;
+        }
+    }
+}
+
+/// A request to the ledger for more allowance, awaited before the stream goes on.
+struct Grant {
+    answer: BoxFuture<'static, bool>,
+    more: f64,
+}
+
+/// A frame held while the ledger answers: metered up to `read`.
+struct Held {
+    data: Bytes,
+    read: usize,
+    grant: Grant,
 }
 
 impl Drop for Settle {
@@ -294,10 +317,13 @@ pin_project! {
     /// settled with the ledger when the body ends, fails, or is dropped before its end; in
     /// memory it holds the scanner's small buffer (one `usage` value), whatever the body's
     /// length.
+    #[project = QuotaBodyProj]
     pub struct QuotaBody<B> {
         #[pin]
         inner: ResponseBody<B>,
         settle: Option<Settle>,
+        // A frame waiting for the ledger's answer to a stream that outgrew its allowance.
+        held: Option<Held>,
         // The stream was cut at the key's budget: these events end it.
         tail: Option<Bytes>,
         cut: bool,
@@ -311,6 +337,7 @@ impl<B: Body<Data = Bytes>> QuotaBody<B> {
         QuotaBody {
             inner,
             settle,
+            held: None,
             tail: None,
             cut: false,
         }
@@ -322,6 +349,7 @@ impl<B> QuotaBody<B> {
         QuotaBody {
             inner,
             settle: None,
+            held: None,
             tail: None,
             cut: false,
         }
@@ -352,70 +380,73 @@ where
         if *this.cut {
             return Poll::Ready(this.tail.take().map(|tail| Ok(Frame::data(tail))));
         }
-        let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        match frame {
-            Some(Ok(frame)) => {
+        // The frame to meter, and how much of it is metered already.
+        let (data, mut read) = match this.held.as_mut() {
+            Some(held) => {
+                let granted = ready!(held.grant.answer.as_mut().poll(cx));
+                let held = this.held.take().expect("just matched");
                 let Some(settle) = this.settle.as_mut() else {
-                    return Poll::Ready(Some(Ok(frame)));
+                    return Poll::Ready(Some(Ok(Frame::data(held.data))));
                 };
-                let data = match frame.into_data() {
-                    Ok(data) => data,
-                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
-                };
-                settle.feed(&data);
-                // Where the stream went past what it may spend, if it did and the ledger
-                // holds no more for it.
-                let mut read = 0;
-                let cut_at = loop {
-                    let Some(end) = settle
-                        .meter
-                        .as_mut()
-                        .and_then(|m| m.feed(data.get(read..).unwrap_or_default()))
-                    else {
-                        break None;
-                    };
-                    read += end;
-                    if !settle.extend_allowance() {
-                        break Some(read);
-                    }
-                };
-                let Some(end) = cut_at else {
-                    if this.inner.is_end_stream() {
-                        // The last frame: settled now, before whoever reads the body sees
-                        // its end (an audit layer records the settlement then).
-                        drop(this.settle.take());
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                };
-                // Past the budget: the rest of this frame is not sent, the upstream is
-                // dropped (which stops the generation), the request settled with what the
-                // stream was seen to cost, and the client gets an error and the end.
-                *this.cut = true;
-                *this.tail = Some(cut_events());
-                if let Some(audit) = &settle.audit {
-                    audit.flag(flag::BUDGET_CUT);
+                if !granted {
+                    return cut(this, held.data, held.read);
                 }
-                this.inner.set(ResponseBody::full(Bytes::new()));
-                drop(this.settle.take());
-                let head = data.slice(..end);
-                if head.is_empty() {
-                    return Poll::Ready(this.tail.take().map(|tail| Ok(Frame::data(tail))));
-                }
-                Poll::Ready(Some(Ok(Frame::data(head))))
+                settle.granted(held.grant.more);
+                (held.data, held.read)
             }
-            // The end, or a failure: settle with what was seen.
-            other => {
-                drop(this.settle.take());
-                Poll::Ready(other)
+            None => match ready!(this.inner.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    let Some(settle) = this.settle.as_mut() else {
+                        return Poll::Ready(Some(Ok(frame)));
+                    };
+                    let data = match frame.into_data() {
+                        Ok(data) => data,
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    };
+                    settle.feed(&data);
+                    (data, 0)
+                }
+                // The end, or a failure: settle with what was seen.
+                other => {
+                    drop(this.settle.take());
+                    return Poll::Ready(other);
+                }
+            },
+        };
+        let settle = this.settle.as_mut().expect("metered only while unsettled");
+        // Meters the rest of the frame; each time the stream goes past what it may spend,
+        // asks the ledger for more, and cuts it there if the ledger holds no more.
+        while let Some(end) = settle
+            .meter
+            .as_mut()
+            .and_then(|m| m.feed(data.get(read..).unwrap_or_default()))
+        {
+            read += end;
+            let Some(mut grant) = settle.ask_more() else {
+                return cut(this, data, read);
+            };
+            match grant.answer.as_mut().poll(cx) {
+                Poll::Ready(true) => settle.granted(grant.more),
+                Poll::Ready(false) => return cut(this, data, read),
+                Poll::Pending => {
+                    *this.held = Some(Held { data, read, grant });
+                    return Poll::Pending;
+                }
             }
         }
+        if this.inner.is_end_stream() {
+            // The last frame: settled now, before whoever reads the body sees its end (an
+            // audit layer records the settlement then).
+            drop(this.settle.take());
+        }
+        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
     fn is_end_stream(&self) -> bool {
         if self.cut {
             return self.tail.is_none();
         }
-        self.inner.is_end_stream()
+        self.held.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -425,4 +456,27 @@ where
         }
         self.inner.size_hint()
     }
+}
+
+/// Cuts the stream past its budget, after the first `end` bytes of `data`: the rest of this
+/// frame is not sent, the upstream is dropped (which stops the generation), the request
+/// settled with what the stream was seen to cost, and the client gets an error and the end.
+fn cut<B: Body<Data = Bytes>>(
+    this: QuotaBodyProj<'_, B>,
+    data: Bytes,
+    end: usize,
+) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    *this.cut = true;
+    *this.tail = Some(cut_events());
+    if let Some(audit) = this.settle.as_ref().and_then(|s| s.audit.as_ref()) {
+        audit.flag(flag::BUDGET_CUT);
+    }
+    let mut inner = this.inner;
+    inner.set(ResponseBody::full(Bytes::new()));
+    drop(this.settle.take());
+    let head = data.slice(..end.min(data.len()));
+    if head.is_empty() {
+        return Poll::Ready(this.tail.take().map(|tail| Ok(Frame::data(tail))));
+    }
+    Poll::Ready(Some(Ok(Frame::data(head))))
 }

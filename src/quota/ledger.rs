@@ -134,13 +134,14 @@ pub trait SpendLedger: Send + Sync + 'static {
 
     /// Holds `more_usd` more under an open reservation, atomically, if the key's cap of
     /// `cap_usd` allows it: a stream that outgrows its reservation asks for more as it runs,
-    /// so that concurrent streams never share the same remaining budget. Returns whether it
-    /// was granted. Synchronous and must not block (it runs as a response body is read).
+    /// so that concurrent streams never share the same remaining budget. Resolves to whether
+    /// it was granted (a ledger that cannot answer grants nothing: the stream is cut). The
+    /// stream waits for the answer before it passes the event that outgrew it.
     ///
     /// The default grants nothing: a stream is then cut when it outgrows its reservation.
-    fn extend(&self, id: &ReservationId, more_usd: f64, cap_usd: f64) -> bool {
+    fn extend(&self, id: &ReservationId, more_usd: f64, cap_usd: f64) -> BoxFuture<'static, bool> {
         let _ = (id, more_usd, cap_usd);
-        false
+        Box::pin(std::future::ready(false))
     }
 
     /// `key`'s spend in its current `period`.
@@ -164,7 +165,7 @@ impl<T: SpendLedger + ?Sized> SpendLedger for Arc<T> {
     fn settle(&self, id: &ReservationId, actual_usd: f64) {
         (**self).settle(id, actual_usd)
     }
-    fn extend(&self, id: &ReservationId, more_usd: f64, cap_usd: f64) -> bool {
+    fn extend(&self, id: &ReservationId, more_usd: f64, cap_usd: f64) -> BoxFuture<'static, bool> {
         (**self).extend(id, more_usd, cap_usd)
     }
     fn spent<'a>(
@@ -385,7 +386,21 @@ impl SpendLedger for MemoryLedger {
         state.open.remove(id);
     }
 
-    fn extend(&self, id: &ReservationId, more_usd: f64, cap_usd: f64) -> bool {
+    fn extend(&self, id: &ReservationId, more_usd: f64, cap_usd: f64) -> BoxFuture<'static, bool> {
+        Box::pin(std::future::ready(self.extend_now(id, more_usd, cap_usd)))
+    }
+
+    fn spent<'a>(
+        &'a self,
+        key: &'a str,
+        period: BudgetPeriod,
+    ) -> BoxFuture<'a, Result<Spend, StoreError>> {
+        Box::pin(std::future::ready(Ok(self.spent_now(key, period))))
+    }
+}
+
+impl MemoryLedger {
+    fn extend_now(&self, id: &ReservationId, more_usd: f64, cap_usd: f64) -> bool {
         let more = to_nanos(more_usd);
         let cap = cap_nanos(cap_usd);
         let mut state = self.lock();
@@ -410,14 +425,10 @@ impl SpendLedger for MemoryLedger {
         true
     }
 
-    fn spent<'a>(
-        &'a self,
-        key: &'a str,
-        period: BudgetPeriod,
-    ) -> BoxFuture<'a, Result<Spend, StoreError>> {
+    fn spent_now(&self, key: &str, period: BudgetPeriod) -> Spend {
         let index = period.index_at(self.clock.now());
         let state = self.lock();
-        let spend = match state.accounts.get(key) {
+        match state.accounts.get(key) {
             Some(a) if a.period == period && a.index == index => Spend {
                 spent_usd: to_usd(a.spent),
                 reserved_usd: to_usd(a.reserved),
@@ -433,7 +444,6 @@ impl SpendLedger for MemoryLedger {
                         .fold(0u64, |sum, o| sum.saturating_add(o.amount)),
                 ),
             },
-        };
-        Box::pin(std::future::ready(Ok(spend)))
+        }
     }
 }
