@@ -58,6 +58,7 @@ struct Config {
     media: MediaTokens,
     policy: Policy,
     cut_streams: bool,
+    rate_fail_open: bool,
 }
 
 impl fmt::Debug for QuotaLayer {
@@ -67,6 +68,7 @@ impl fmt::Debug for QuotaLayer {
             .field("default_output_tokens", &self.config.default_output_tokens)
             .field("refuse_unknown_prices", &self.config.refuse_unknown_prices)
             .field("policy", &self.config.policy)
+            .field("rate_limits_fail_open", &self.config.rate_fail_open)
             .finish_non_exhaustive()
     }
 }
@@ -91,6 +93,7 @@ impl QuotaLayer {
                 media: MediaTokens::default(),
                 policy: Policy::default(),
                 cut_streams: true,
+                rate_fail_open: false,
             }),
         }
     }
@@ -114,6 +117,7 @@ impl QuotaLayer {
                 media: c.media,
                 policy: c.policy.clone(),
                 cut_streams: c.cut_streams,
+                rate_fail_open: c.rate_fail_open,
             });
         }
         Arc::get_mut(&mut self.config).expect("just made unique")
@@ -157,6 +161,16 @@ impl QuotaLayer {
     #[must_use]
     pub fn cut_streams_at_cap(mut self, cut: bool) -> Self {
         self.config_mut().cut_streams = cut;
+        self
+    }
+
+    /// Whether a request passes the rate limits when the rate limiter cannot answer (a
+    /// shared store that is down or too slow). Default: no, 503 `policy_unavailable` (fail
+    /// closed). With `true` the request goes on uncounted, without `x-ratelimit-*` headers.
+    /// Spend caps always fail closed: a ledger that cannot answer refuses.
+    #[must_use]
+    pub fn rate_limits_fail_open(mut self, open: bool) -> Self {
+        self.config_mut().rate_fail_open = open;
         self
     }
 
@@ -463,6 +477,8 @@ async fn admit(
             }
             Some(kind) => Err((rate_limited(kind, &decision, tokens), Some(decision))),
         },
+        // Uncounted, so nothing to correct.
+        Err(_) if config.rate_fail_open => Ok((settle, None)),
         Err(_) => Err((PolicyError::PolicyUnavailable, None)),
     }
 }

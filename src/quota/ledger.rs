@@ -14,7 +14,7 @@ use crate::keys::{BoxFuture, StoreError};
 const NANOS_PER_USD: f64 = 1e9;
 
 /// USD to nano-dollars, rounded up (a reservation never rounds down to less than its cost).
-fn to_nanos(usd: f64) -> u64 {
+pub(super) fn to_nanos(usd: f64) -> u64 {
     if usd.is_finite() && usd > 0.0 {
         (usd * NANOS_PER_USD).ceil().min(u64::MAX as f64) as u64
     } else {
@@ -24,7 +24,7 @@ fn to_nanos(usd: f64) -> u64 {
 
 /// A cap in nano-dollars. A cap rounds down (an amount rounds up: [`to_nanos`]), so that the
 /// ledger errs on the side of the cap; a cap that is not a positive number is zero.
-fn cap_nanos(cap_usd: f64) -> u64 {
+pub(super) fn cap_nanos(cap_usd: f64) -> u64 {
     if cap_usd.is_finite() && cap_usd > 0.0 {
         (cap_usd * NANOS_PER_USD).floor().min(u64::MAX as f64) as u64
     } else {
@@ -32,7 +32,7 @@ fn cap_nanos(cap_usd: f64) -> u64 {
     }
 }
 
-fn to_usd(nanos: u64) -> f64 {
+pub(super) fn to_usd(nanos: u64) -> f64 {
     nanos as f64 / NANOS_PER_USD
 }
 

@@ -129,6 +129,8 @@ mod layer;
 mod ledger;
 mod period;
 mod rate;
+#[cfg(feature = "redis")]
+mod redis;
 
 pub use body::QuotaBody;
 pub use layer::{Quota, QuotaLayer, ResponseFuture, DEFAULT_OUTPUT_TOKENS};
@@ -137,3 +139,9 @@ pub use ledger::{
 };
 pub use period::{BudgetPeriod, Clock, ManualClock, SystemClock};
 pub use rate::{LimitState, MemoryRateLimiter, RateDecision, RateKind, RateLimiter, RateLimits};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis::{
+    RedisLedger, RedisOptions, RedisRateLimiter, RedisStore, DEFAULT_REDIS_TIMEOUT,
+    DEFAULT_RESERVATION_TTL,
+};
