@@ -16,8 +16,8 @@ use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 use tower_llm_policy::audit::pricing::{ModelPrice, PricingTable};
 use tower_llm_policy::keys::{BoxFuture, StoreError};
 use tower_llm_policy::quota::{
-    BudgetPeriod, ManualClock, MemoryLedger, MemoryRateLimiter, QuotaLayer, Reservation,
-    ReservationId, ReserveError, Spend, SpendLedger,
+    team_account, BudgetPeriod, ManualClock, MemoryLedger, MemoryRateLimiter, QuotaLayer,
+    Reservation, ReservationId, ReserveError, Spend, SpendLedger,
 };
 use tower_llm_policy::{ApiKey, PolicyBody, PromptLimitLayer, Rejection};
 
@@ -1212,4 +1212,204 @@ async fn images_and_audio_priced_apart_are_refused_to_limited_keys() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_team_cap_is_shared_by_the_keys_of_the_team() {
+    let reserve = reservation_of(100).await;
+    let ledger = MemoryLedger::new();
+    // Room for three requests' usage (30 each) and one reservation on top.
+    let team_cap = 90.0 + reserve - 1.0;
+    let layer = QuotaLayer::new(ledger.clone(), MemoryRateLimiter::new())
+        .pricing(dollar_per_token())
+        .team_cap("research", team_cap, BudgetPeriod::Monthly);
+    let h = harness(layer, Reply::Json(10, 20));
+    let alice = Arc::new(ApiKey::new("alice").team("research"));
+    let bob = Arc::new(
+        ApiKey::new("bob")
+            .team("research")
+            .credit_limit_usd(1e6, BudgetPeriod::Lifetime),
+    );
+    let carol = Arc::new(ApiKey::new("carol").team("sales"));
+    for key in [&alice, &bob, &alice] {
+        assert_eq!(send(&h.svc, chat(key, 100)).await.0, StatusCode::OK);
+    }
+    let team = ledger
+        .spent(&team_account("research"), BudgetPeriod::Monthly)
+        .await
+        .unwrap();
+    assert_eq!((team.spent_usd, team.reserved_usd), (90.0, 0.0));
+    // The team is full for either key; the refusal names the team.
+    for key in [&alice, &bob] {
+        let (status, headers, body, _) = send(&h.svc, chat(key, 100)).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(headers["x-should-retry"], "false");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("team `research`"), "{message}");
+        assert!(message.contains("monthly spend cap"), "{message}");
+    }
+    assert_eq!(h.calls.load(Ordering::SeqCst), 3);
+    // Bob's own reservation was released when the team refused: his spend is his one request.
+    let bob_spend = spent(&ledger, "bob", BudgetPeriod::Lifetime).await;
+    assert_eq!((bob_spend.spent_usd, bob_spend.reserved_usd), (30.0, 0.0));
+    // A key of a team without a cap, and a key of no team, are not limited by it.
+    assert_eq!(send(&h.svc, chat(&carol, 100)).await.0, StatusCode::OK);
+    let loner = Arc::new(ApiKey::new("loner"));
+    let (status, headers, ..) = send(&h.svc, chat(&loner, 100)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.get("x-ratelimit-limit-requests").is_none());
+    // A key's own cap still applies inside its team.
+    let tight = Arc::new(
+        ApiKey::new("tight")
+            .team("sales")
+            .credit_limit_usd(1.0, BudgetPeriod::Lifetime),
+    );
+    let (status, _, body, _) = send(&h.svc, chat(&tight, 100)).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("this key's spend cap"));
+}
+
+#[tokio::test]
+async fn a_team_capped_key_is_refused_unpriced_models_and_unverifiable_requests() {
+    let layer = QuotaLayer::new(MemoryLedger::new(), MemoryRateLimiter::new())
+        .pricing(dollar_per_token())
+        .team_cap("research", 1000.0, BudgetPeriod::Lifetime);
+    let h = harness(layer, Reply::Json(10, 20));
+    let key = Arc::new(ApiKey::new("k").team("research"));
+    let (status, _, body, _) = send(&h.svc, chat_model(&key, "mystery-model", 10)).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("team `research` has a spend cap"));
+    let (status, _, body, _) = send(
+        &h.svc,
+        to(
+            &key,
+            "POST",
+            "/v1/batches",
+            r#"{"input_file_id":"f","endpoint":"/v1/chat/completions","completion_window":"24h"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(h.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_stream_is_cut_at_its_team_cap() {
+    let reserve = reservation_of(10).await;
+    let ledger = MemoryLedger::new();
+    let svc = ServiceBuilder::new()
+        .layer(
+            QuotaLayer::new(ledger.clone(), MemoryRateLimiter::new())
+                .pricing(dollar_per_token())
+                .team_cap("t", reserve + 30.0, BudgetPeriod::Lifetime),
+        )
+        .service(service_fn(move |_req: Request<PolicyBody>| async move {
+            let mut response = Response::new(Runaway {
+                left: 1000,
+                dropped: Arc::default(),
+            });
+            response
+                .headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            Ok::<_, Infallible>(response)
+        }));
+    // The key's own cap is far away: the team's cuts the stream.
+    let key = Arc::new(
+        ApiKey::new("k")
+            .team("t")
+            .credit_limit_usd(1e6, BudgetPeriod::Lifetime),
+    );
+    let response = svc.oneshot(chat(&key, 10)).await.unwrap();
+    let text = response.into_body().collect().await.unwrap().to_bytes();
+    let text = std::str::from_utf8(&text).unwrap();
+    assert!(text.contains("insufficient_quota"));
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    let team = ledger
+        .spent(&team_account("t"), BudgetPeriod::Lifetime)
+        .await
+        .unwrap();
+    let own = spent(&ledger, "k", BudgetPeriod::Lifetime).await;
+    assert_eq!(team.reserved_usd, 0.0);
+    assert!(
+        team.spent_usd > reserve && team.spent_usd <= reserve + 32.0,
+        "{team:?}"
+    );
+    // Both were settled at the same cost.
+    assert_eq!(own.spent_usd, team.spent_usd);
+}
+
+/// A ledger that answers `extend` only after a pause, as one on a network does.
+#[derive(Clone)]
+struct Slow(MemoryLedger);
+
+impl SpendLedger for Slow {
+    fn reserve<'a>(
+        &'a self,
+        key: &'a str,
+        amount_usd: f64,
+        cap_usd: f64,
+        period: BudgetPeriod,
+    ) -> BoxFuture<'a, Result<Reservation, ReserveError>> {
+        self.0.reserve(key, amount_usd, cap_usd, period)
+    }
+    fn settle(&self, id: &ReservationId, actual_usd: f64) {
+        self.0.settle(id, actual_usd)
+    }
+    fn extend(&self, id: &ReservationId, more_usd: f64, cap_usd: f64) -> BoxFuture<'static, bool> {
+        let answer = self.0.extend(id, more_usd, cap_usd);
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            answer.await
+        })
+    }
+    fn spent<'a>(
+        &'a self,
+        key: &'a str,
+        period: BudgetPeriod,
+    ) -> BoxFuture<'a, Result<Spend, StoreError>> {
+        self.0.spent(key, period)
+    }
+}
+
+#[tokio::test]
+async fn a_stream_waits_for_a_slow_ledger_to_grant_more_and_loses_nothing() {
+    let reserve = reservation_of(10).await;
+    let ledger = MemoryLedger::new();
+    let svc = ServiceBuilder::new()
+        .layer(
+            QuotaLayer::new(Slow(ledger.clone()), MemoryRateLimiter::new())
+                .pricing(dollar_per_token()),
+        )
+        .service(service_fn(move |_req: Request<PolicyBody>| async move {
+            let mut response = Response::new(Runaway {
+                left: 300,
+                dropped: Arc::default(),
+            });
+            response
+                .headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            Ok::<_, Infallible>(response)
+        }));
+    // Room for the whole stream, granted bit by bit: every chunk arrives, in order.
+    let key = Arc::new(ApiKey::new("s").credit_limit_usd(1e6, BudgetPeriod::Lifetime));
+    let response = svc.clone().oneshot(chat(&key, 10)).await.unwrap();
+    let text = response.into_body().collect().await.unwrap().to_bytes();
+    let text = std::str::from_utf8(&text).unwrap();
+    assert!(!text.contains("insufficient_quota"));
+    assert_eq!(text.matches(" hello").count(), 299);
+    // A cap that stops it: cut as with a fast ledger.
+    let key = Arc::new(ApiKey::new("t").credit_limit_usd(reserve + 30.0, BudgetPeriod::Lifetime));
+    let response = svc.oneshot(chat(&key, 10)).await.unwrap();
+    let text = response.into_body().collect().await.unwrap().to_bytes();
+    let text = std::str::from_utf8(&text).unwrap();
+    assert!(text.contains("insufficient_quota"));
+    assert!(text.matches(" hello").count() < 100);
+    let spend = spent(&ledger, "t", BudgetPeriod::Lifetime).await;
+    assert_eq!(spend.reserved_usd, 0.0);
 }

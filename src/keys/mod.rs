@@ -117,7 +117,7 @@ pub struct InvalidDigest;
 /// | `blocked_features`, `blocked_models`, `blocked_image_sizes`, `blocked_image_qualities` | [`FeatureBlock`](crate::feature_block::FeatureBlock) |
 /// | `max_prompt_chars`, `max_prompt_tokens`, `max_output_tokens`, `max_n`, `max_messages`, `require_user` | [`PromptLimit`](crate::prompt_limit::PromptLimit) |
 /// | `name`, `metadata` (again) | [`AuditLayer`](crate::audit::AuditLayer) records |
-/// | `credit_limit_usd`, `budget_period`, `rpm`, `tpm` | [`Quota`](crate::quota::Quota) |
+/// | `credit_limit_usd`, `budget_period`, `rpm`, `tpm`, `team` | [`Quota`](crate::quota::Quota) |
 ///
 /// Build one with [`ApiKey::new`] and the builder methods, or load it from a file store (the
 /// field names are the configuration keys; unknown fields are an error).
@@ -185,6 +185,11 @@ pub struct ApiKey {
     /// Tokens per minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<u64>,
+    /// The team the key belongs to: its requests count toward the team's spend cap too, when
+    /// the [`QuotaLayer`](crate::quota::QuotaLayer) has one
+    /// ([`team_cap`](crate::quota::QuotaLayer::team_cap)), shared by every key of the team.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
     /// Free-form labels (team, owner, ...) copied into audit records.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
@@ -314,6 +319,13 @@ impl ApiKey {
         self
     }
 
+    /// Puts the key in `team`, whose spend cap (if the quota layer has one) it shares.
+    #[must_use]
+    pub fn team(mut self, team: impl Into<String>) -> Self {
+        self.team = Some(team.into());
+        self
+    }
+
     /// Adds a metadata label.
     #[must_use]
     pub fn label(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
@@ -367,6 +379,7 @@ impl fmt::Debug for ApiKey {
             .field("require_user", &self.require_user)
             .field("rpm", &self.rpm)
             .field("tpm", &self.tpm)
+            .field("team", &self.team)
             .field("metadata", &self.metadata)
             .finish()
     }

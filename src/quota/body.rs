@@ -196,7 +196,8 @@ pub(crate) struct Settle {
     pub(crate) ledger: Arc<dyn SpendLedger>,
     pub(crate) limiter: Arc<dyn RateLimiter>,
     pub(crate) key: Arc<str>,
-    pub(crate) reservation: Option<Reservation>,
+    /// What is held: the key's reservation against its cap, the team's against the team's.
+    pub(crate) holds: Vec<Hold>,
     pub(crate) price: Option<ModelPrice>,
     pub(crate) rate: Option<(RateLimits, u64)>,
     pub(crate) stage: Stage,
@@ -206,8 +207,13 @@ pub(crate) struct Settle {
     /// The audit layer's handle, when there is one: the record gets what was reserved and
     /// settled.
     pub(crate) audit: Option<AuditHandle>,
-    /// The key's spend cap, for a metered stream that asks the ledger for more.
-    pub(crate) cap_usd: Option<f64>,
+}
+
+/// A reservation, and the cap it was made against (for a metered stream that asks the
+/// ledger for more).
+pub(crate) struct Hold {
+    pub(crate) reservation: Reservation,
+    pub(crate) cap_usd: f64,
 }
 
 /// How far the request went, which decides what is settled without usage.
@@ -228,31 +234,47 @@ impl Settle {
         }
     }
 
-    /// A metered stream outgrew its allowance: asks the ledger to hold more under its
-    /// reservation (what it is over by, and at least half the reservation again, so that a
-    /// long stream asks rarely). `None`: nothing can be asked for (the stream is cut).
+    /// A metered stream outgrew its allowance: asks the ledger to hold more under each of
+    /// its reservations (what it is over by, and at least half the allowance again, so that
+    /// a long stream asks rarely). `None`: nothing can be asked for (the stream is cut).
     fn ask_more(&self) -> Option<Grant> {
-        let (Some(meter), Some(reservation), Some(cap)) =
-            (self.meter.as_ref(), self.reservation.as_ref(), self.cap_usd)
-        else {
+        let meter = self.meter.as_ref()?;
+        if self.holds.is_empty() {
             return None;
-        };
+        }
         let over = meter.running_usd() - meter.allowance_usd;
-        let more = over.max(reservation.amount_usd / 2.0).max(1e-9);
+        let more = over.max(meter.allowance_usd / 2.0).max(1e-9);
         if !more.is_finite() {
             return None;
         }
-        Some(Grant {
-            answer: self.ledger.extend(&reservation.id, more, cap),
-            more,
-        })
+        let mut answers: Vec<_> = self
+            .holds
+            .iter()
+            .map(|h| self.ledger.extend(&h.reservation.id, more, h.cap_usd))
+            .collect();
+        let answer = if answers.len() == 1 {
+            answers.pop().expect("one answer")
+        } else {
+            // Granted when every cap allows it (what one of them holds more is released
+            // when the request settles).
+            Box::pin(async move {
+                let mut granted = true;
+                for answer in answers {
+                    granted &= answer.await;
+                }
+                granted
+            })
+        };
+        Some(Grant { answer, more })
     }
 
     /// The ledger granted `more`.
     fn granted(&mut self, more: f64) {
-        if let (Some(meter), Some(reservation)) = (self.meter.as_mut(), self.reservation.as_mut()) {
+        if let Some(meter) = self.meter.as_mut() {
             meter.allowance_usd += more;
-            reservation.amount_usd += more;
+            for hold in &mut self.holds {
+                hold.reservation.amount_usd += more;
+            }
         }
     }
 }
@@ -292,13 +314,13 @@ impl Drop for Settle {
                     .map(|u| u.prompt_tokens + u.completion_tokens),
             ),
         };
-        if let Some(reservation) = self.reservation.take() {
+        let seen = self.meter.as_ref().map_or(0.0, Meter::running_usd);
+        for (i, hold) in self.holds.drain(..).enumerate() {
             // Without usage: the reservation, or what the stream was seen to cost if more.
-            let seen = self.meter.as_ref().map_or(0.0, Meter::running_usd);
-            let fallback = reservation.amount_usd.max(seen);
+            let fallback = hold.reservation.amount_usd.max(seen);
             let settled = cost.unwrap_or(fallback);
-            self.ledger.settle(&reservation.id, settled);
-            if let Some(audit) = &self.audit {
+            self.ledger.settle(&hold.reservation.id, settled);
+            if let (0, Some(audit)) = (i, &self.audit) {
                 audit.set_settled(settled);
             }
         }

@@ -1,5 +1,6 @@
 //! [`QuotaLayer`], [`Quota`] and their futures.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::mem;
@@ -15,8 +16,9 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::body::{Meter, QuotaBody, Settle, Stage};
+use super::body::{Hold, Meter, QuotaBody, Settle, Stage};
 use super::ledger::{MemoryLedger, ReserveError, SpendLedger};
+use super::period::BudgetPeriod;
 use super::rate::{LimitState, MemoryRateLimiter, RateDecision, RateKind, RateLimiter, RateLimits};
 use crate::audit::pricing::{ModelPrice, PricingTable, Usage};
 use crate::audit::usage::{ScanMode, UsageScanner};
@@ -59,6 +61,49 @@ struct Config {
     policy: Policy,
     cut_streams: bool,
     rate_fail_open: bool,
+    teams: HashMap<String, TeamCap>,
+}
+
+/// A team's spend cap, shared by the keys whose [`team`](ApiKey::team) names it: see
+/// [`QuotaLayer::team_cap`].
+#[derive(Clone, Copy, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeamCap {
+    /// The cap in USD per period.
+    pub credit_limit_usd: f64,
+    /// The period the cap covers (`none`, the default, `daily`, `monthly`; UTC).
+    #[serde(default)]
+    pub budget_period: BudgetPeriod,
+}
+
+/// The ledger account of `team`'s spend: `team:<name>` (a key's account is its name). Read
+/// a team's spend with `ledger.spent(&team_account("research"), period)`. Name no key
+/// `team:…`: it would share the team's counter.
+pub fn team_account(team: &str) -> String {
+    format!("team:{team}")
+}
+
+/// Whose cap a reservation is held against, for the messages.
+#[derive(Clone, Copy)]
+enum Owner<'a> {
+    Key,
+    Team(&'a str),
+}
+
+impl Owner<'_> {
+    fn has(self) -> String {
+        match self {
+            Owner::Key => "This key has".to_owned(),
+            Owner::Team(team) => format!("This key's team `{team}` has"),
+        }
+    }
+
+    fn whose(self) -> String {
+        match self {
+            Owner::Key => "this key's".to_owned(),
+            Owner::Team(team) => format!("the team `{team}`'s"),
+        }
+    }
 }
 
 impl fmt::Debug for QuotaLayer {
@@ -69,6 +114,7 @@ impl fmt::Debug for QuotaLayer {
             .field("refuse_unknown_prices", &self.config.refuse_unknown_prices)
             .field("policy", &self.config.policy)
             .field("rate_limits_fail_open", &self.config.rate_fail_open)
+            .field("teams", &self.config.teams)
             .finish_non_exhaustive()
     }
 }
@@ -94,6 +140,7 @@ impl QuotaLayer {
                 policy: Policy::default(),
                 cut_streams: true,
                 rate_fail_open: false,
+                teams: HashMap::new(),
             }),
         }
     }
@@ -118,6 +165,7 @@ impl QuotaLayer {
                 policy: c.policy.clone(),
                 cut_streams: c.cut_streams,
                 rate_fail_open: c.rate_fail_open,
+                teams: c.teams.clone(),
             });
         }
         Arc::get_mut(&mut self.config).expect("just made unique")
@@ -161,6 +209,22 @@ impl QuotaLayer {
     #[must_use]
     pub fn cut_streams_at_cap(mut self, cut: bool) -> Self {
         self.config_mut().cut_streams = cut;
+        self
+    }
+
+    /// Caps the spend of `team`, in USD per `period`: every key whose
+    /// [`team`](ApiKey::team) is `team` counts toward it, on top of its own cap (a request
+    /// must fit both). The team's spend is counted in the same ledger, under
+    /// [`team_account`]`(team)`; a stream is cut when it would pass either cap.
+    #[must_use]
+    pub fn team_cap(mut self, team: impl Into<String>, cap_usd: f64, period: BudgetPeriod) -> Self {
+        self.config_mut().teams.insert(
+            team.into(),
+            TeamCap {
+                credit_limit_usd: cap_usd,
+                budget_period: period,
+            },
+        );
         self
     }
 
@@ -247,9 +311,23 @@ struct QuotaCheck {
     config: Arc<Config>,
 }
 
-/// Whether the key has any limit this layer enforces.
-fn limited(key: &ApiKey) -> bool {
-    key.credit_limit_usd.is_some() || key.rpm.is_some() || key.tpm.is_some()
+impl Config {
+    /// The key's team and its cap, when the team has one.
+    fn team_of<'k>(&self, key: &'k ApiKey) -> Option<(&'k str, TeamCap)> {
+        let team = key.team.as_deref()?;
+        self.teams.get(team).map(|cap| (team, *cap))
+    }
+
+    /// Whether the key has any limit this layer enforces.
+    fn limited(&self, key: &ApiKey) -> bool {
+        self.needs_cost(key) || key.rpm.is_some()
+    }
+
+    /// Whether the request's cost or tokens must be known for this key (an `rpm` alone
+    /// needs neither, nor the body).
+    fn needs_cost(&self, key: &ApiKey) -> bool {
+        key.credit_limit_usd.is_some() || key.tpm.is_some() || self.team_of(key).is_some()
+    }
 }
 
 /// Refusal for a key with a spend cap or a token limit, on an endpoint whose cost its own
@@ -271,12 +349,6 @@ fn reports_own_cost(endpoint: Endpoint) -> bool {
     endpoint.reports_usage() || endpoint == Endpoint::Moderations
 }
 
-/// Whether the request's cost or tokens must be known for this key (an `rpm` alone needs
-/// neither, nor the body).
-fn needs_cost(key: &ApiKey) -> bool {
-    key.credit_limit_usd.is_some() || key.tpm.is_some()
-}
-
 impl Check for QuotaCheck {
     fn layer(&self) -> LayerName {
         LayerName::Quota
@@ -287,7 +359,7 @@ impl Check for QuotaCheck {
     }
 
     fn on_head(&self, view: &LlmRequest, key: Option<&ApiKey>) -> Result<bool, PolicyError> {
-        if !key.is_some_and(needs_cost) {
+        if !key.is_some_and(|k| self.config.needs_cost(k)) {
             return Ok(false);
         }
         if view.body_model() == BodyModel::Batch {
@@ -300,7 +372,7 @@ impl Check for QuotaCheck {
     }
 
     fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError> {
-        if key.is_some_and(needs_cost) && view.has_body() {
+        if key.is_some_and(|k| self.config.needs_cost(k)) && view.has_body() {
             if view.model_unseen() {
                 return Err(PolicyError::Unverifiable(UNSEEN_REFUSED.into()));
             }
@@ -402,31 +474,63 @@ async fn admit(
         ledger: config.ledger.clone(),
         limiter: config.limiter.clone(),
         key: name.clone(),
-        reservation: None,
+        holds: Vec::new(),
         price: plan.as_ref().and_then(|p| p.price),
         rate: None,
         stage: Stage::Unsent,
         scanner: None,
         meter: None,
         audit,
-        cap_usd: None,
     };
-    if let (Some(cap), Some(plan)) = (key.credit_limit_usd, plan.as_ref()) {
-        if plan.price.is_none() && config.refuse_unknown_prices {
-            return Err((
-                PolicyError::InsufficientQuota(
-                    "This key has a spend cap, and this model's price is not known here, so its cost cannot be counted toward the cap.".into(),
-                ),
-                None,
-            ));
-        }
-        let period = key.budget_period;
-        match config
-            .ledger
-            .reserve(&name, plan.cost_usd, cap, period)
-            .await
-        {
-            Ok(reservation) => {
+    // The caps this request counts toward: the key's, then its team's.
+    let team = config.team_of(&key);
+    let caps = key
+        .credit_limit_usd
+        .map(|cap| (Owner::Key, name.to_string(), cap, key.budget_period))
+        .into_iter()
+        .chain(team.map(|(team, cap)| {
+            (
+                Owner::Team(team),
+                team_account(team),
+                cap.credit_limit_usd,
+                cap.budget_period,
+            )
+        }));
+    if let Some(plan) = plan.as_ref() {
+        for (owner, account, cap, period) in caps {
+            if plan.price.is_none() && config.refuse_unknown_prices {
+                return Err((
+                    PolicyError::InsufficientQuota(
+                        format!("{} a spend cap, and this model's price is not known here, so its cost cannot be counted toward the cap.", owner.has()).into(),
+                    ),
+                    None,
+                ));
+            }
+            // A refusal drops `settle`, which releases what was held already.
+            let reservation = match config
+                .ledger
+                .reserve(&account, plan.cost_usd, cap, period)
+                .await
+            {
+                Ok(reservation) => reservation,
+                Err(ReserveError::Refused(refused)) => {
+                    let spend = refused.spend;
+                    let message = format!(
+                        "You exceeded {} {}spend cap of {}: {} spent, {} held by requests in progress, and this request may cost up to {}.",
+                        owner.whose(),
+                        period.adjective(),
+                        usd(refused.cap_usd),
+                        usd(spend.spent_usd),
+                        usd(spend.reserved_usd),
+                        usd(refused.amount_usd),
+                    );
+                    return Err((PolicyError::InsufficientQuota(message.into()), None));
+                }
+                Err(ReserveError::Unavailable(_)) => {
+                    return Err((PolicyError::PolicyUnavailable, None))
+                }
+            };
+            if settle.holds.is_empty() {
                 if let (true, Some(price)) = (config.cut_streams, plan.price.as_ref()) {
                     let prompt = Usage {
                         prompt_tokens: plan.prompt_tokens,
@@ -435,35 +539,21 @@ async fn admit(
                     };
                     // The stream may spend its reservation, and asks the ledger for more
                     // as it goes (so that concurrent streams never share the same headroom).
-                    let allowance = reservation.amount_usd;
-                    settle.cap_usd = Some(cap);
                     settle.meter = Some(Meter::new(
                         plan.counter,
                         price.cost(&prompt),
                         price,
-                        allowance,
+                        reservation.amount_usd,
                     ));
                 }
                 if let Some(audit) = &settle.audit {
                     audit.set_reserved(reservation.amount_usd);
                 }
-                settle.reservation = Some(reservation);
             }
-            Err(ReserveError::Refused(refused)) => {
-                let spend = refused.spend;
-                let message = format!(
-                    "You exceeded this key's {}spend cap of {}: {} spent, {} held by requests in progress, and this request may cost up to {}.",
-                    period.adjective(),
-                    usd(refused.cap_usd),
-                    usd(spend.spent_usd),
-                    usd(spend.reserved_usd),
-                    usd(refused.amount_usd),
-                );
-                return Err((PolicyError::InsufficientQuota(message.into()), None));
-            }
-            Err(ReserveError::Unavailable(_)) => {
-                return Err((PolicyError::PolicyUnavailable, None))
-            }
+            settle.holds.push(Hold {
+                reservation,
+                cap_usd: cap,
+            });
         }
     }
     if limits.is_empty() {
@@ -584,7 +674,7 @@ where
         let Some(key) = req
             .extensions()
             .get::<Arc<ApiKey>>()
-            .filter(|k| limited(k))
+            .filter(|k| self.config.limited(k))
             .cloned()
         else {
             // No key, or one without limits: no ledger, no limiter, nothing to settle.

@@ -133,7 +133,7 @@ mod rate;
 mod redis;
 
 pub use body::QuotaBody;
-pub use layer::{Quota, QuotaLayer, ResponseFuture, DEFAULT_OUTPUT_TOKENS};
+pub use layer::{team_account, Quota, QuotaLayer, ResponseFuture, TeamCap, DEFAULT_OUTPUT_TOKENS};
 pub use ledger::{
     MemoryLedger, Refused, Reservation, ReservationId, ReserveError, Spend, SpendLedger,
 };
