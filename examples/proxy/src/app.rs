@@ -10,6 +10,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tower_llm_policy::audit::{DrainOnCancelLayer, FanOut, JsonlSink};
 use tower_llm_policy::keys::{FileKeyStore, KeyStore, MemoryKeyStore};
+use tower_llm_policy::quota::RedisStore;
 use tower_llm_policy::{ApiKey, FeatureSet};
 
 use crate::audit_line::{self, LineWriter};
@@ -50,6 +51,8 @@ pub enum StartError {
     Upstream(String),
     /// Listening (or starting the built-in mock) failed.
     Io(String, std::io::Error),
+    /// `[state]` is unusable.
+    State(String),
 }
 
 impl std::fmt::Display for StartError {
@@ -58,6 +61,7 @@ impl std::fmt::Display for StartError {
             StartError::Config(e) => e.fmt(f),
             StartError::Upstream(e) => write!(f, "invalid [upstream]: {e}"),
             StartError::Io(what, e) => write!(f, "{what}: {e}"),
+            StartError::State(e) => write!(f, "invalid [state]: {e}"),
         }
     }
 }
@@ -86,6 +90,7 @@ pub struct Proxy {
     audit_sink: Option<JsonlSink>,
     /// The responses read on after their clients left (see `[audit] drain_after_cancel`).
     drains: Option<DrainOnCancelLayer>,
+    redis: Option<RedisStore>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -212,8 +217,13 @@ impl Proxy {
             // The embedded default: a newcomer sees the audit records, one line each.
             audit = audit.with(audit_line::sink(audit_lines));
         }
-        let policy = (!args.no_policy).then(|| Policy::new(config, store, audit));
+        let policy = if args.no_policy {
+            None
+        } else {
+            Some(Policy::new(config, store, audit).map_err(|e| StartError::State(e.to_string()))?)
+        };
         let service = build_stack(policy.as_ref(), upstream);
+        let redis = policy.as_ref().and_then(|policy| policy.redis.clone());
         let drains = policy.map(|policy| policy.drain);
 
         let listener = TcpListener::bind(listen)
@@ -256,6 +266,7 @@ impl Proxy {
             server: server_options,
             audit_sink,
             drains,
+            redis,
         })
     }
 
@@ -270,6 +281,18 @@ impl Proxy {
             let deadline = tokio::time::Instant::now() + drains.timeout();
             while drains.in_flight() > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        if let Some(redis) = &self.redis {
+            // Settlements still queued for Redis, once every response has ended.
+            if tokio::time::timeout(std::time::Duration::from_secs(5), redis.flush())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "Redis did not take the last settlements within 5 s: their reservations \
+                     are counted at their amount when they expire"
+                );
             }
         }
         if let Some(sink) = self.audit_sink {

@@ -19,6 +19,7 @@ use serde::{Deserialize, Deserializer};
 use tower_llm_policy::audit::pricing::PricingTable;
 use tower_llm_policy::audit::DEFAULT_DRAIN_TIMEOUT;
 use tower_llm_policy::model::{ModelAliases, ModelList};
+use tower_llm_policy::quota::BudgetPeriod;
 use tower_llm_policy::request::{BodyOptions, DEFAULT_BODY_LIMIT, DEFAULT_MULTIPART_LIMIT};
 use tower_llm_policy::{ApiKey, FeatureSet, ForwardedHeader, TrustedProxies};
 
@@ -82,9 +83,100 @@ pub struct Config {
     /// believed.
     #[serde(default)]
     pub proxy: ProxyConfig,
+    /// `[state]`: where spend and rate counters live (in memory, or Redis for replicas).
+    #[serde(default)]
+    pub state: StateConfig,
+    /// `[[teams]]`: spend caps shared by the keys whose `team` names them.
+    #[serde(default)]
+    pub teams: Vec<TeamConfig>,
     /// `[[keys]]`: the virtual keys, with every field of [`ApiKey`].
     #[serde(default)]
     pub keys: Vec<ApiKey>,
+}
+
+/// `[state]`: where the keys' spend (`credit_limit_usd`) and rates (`rpm`, `tpm`) are
+/// counted.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// `redis_url = "redis://127.0.0.1:6379"`: counters in Redis, shared by every replica
+    /// pointed at it (each decision one atomic script). Absent (the default): in this
+    /// process's memory, lost on restart. May hold a password (`redis://:pw@host`): it is
+    /// never logged.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// `redis_prefix = "tlp:"`: what every Redis key starts with.
+    #[serde(default = "default_redis_prefix")]
+    pub redis_prefix: String,
+    /// `redis_timeout = "1s"`: how long one call to Redis may take; past it, or when Redis
+    /// is down, a capped or rate-limited key's request gets 503 `policy_unavailable`.
+    #[serde(default = "default_redis_timeout", deserialize_with = "duration")]
+    pub redis_timeout: Duration,
+    /// `reservation_ttl = "1h"`: a reservation left open longer (its replica died) is
+    /// counted at its amount. Longer than the longest stream.
+    #[serde(default = "default_reservation_ttl", deserialize_with = "duration")]
+    pub reservation_ttl: Duration,
+    /// `rate_limits_fail_open = false`: with `true`, requests pass the rate limits (not the
+    /// spend caps) while the state cannot answer.
+    #[serde(default)]
+    pub rate_limits_fail_open: bool,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            redis_url: None,
+            redis_prefix: default_redis_prefix(),
+            redis_timeout: default_redis_timeout(),
+            reservation_ttl: default_reservation_ttl(),
+            rate_limits_fail_open: false,
+        }
+    }
+}
+
+impl fmt::Debug for StateConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateConfig")
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("redis_prefix", &self.redis_prefix)
+            .field("redis_timeout", &self.redis_timeout)
+            .field("reservation_ttl", &self.reservation_ttl)
+            .field("rate_limits_fail_open", &self.rate_limits_fail_open)
+            .finish()
+    }
+}
+
+/// A URL with its user and password (between `://` and `@`) hidden.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn default_redis_prefix() -> String {
+    "tlp:".to_owned()
+}
+fn default_redis_timeout() -> Duration {
+    tower_llm_policy::quota::DEFAULT_REDIS_TIMEOUT
+}
+fn default_reservation_ttl() -> Duration {
+    tower_llm_policy::quota::DEFAULT_RESERVATION_TTL
+}
+
+/// `[[teams]]`: one team's spend cap.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeamConfig {
+    /// The team's name, as the keys' `team = "..."` gives it.
+    pub name: String,
+    /// The cap in USD per period.
+    pub credit_limit_usd: f64,
+    /// `"none"` (the default), `"daily"` or `"monthly"` (UTC).
+    #[serde(default)]
+    pub budget_period: BudgetPeriod,
 }
 
 fn default_listen() -> SocketAddr {
@@ -526,6 +618,45 @@ impl Config {
                 ),
             ));
         }
+        let invalid = |message: String| ConfigError::Invalid(path.to_owned(), message);
+        if let Some(url) = &config.state.redis_url {
+            let scheme = url.split("://").next().unwrap_or_default();
+            if !url.contains("://")
+                || !["redis", "rediss", "redis+unix", "unix", "valkey", "valkeys"].contains(&scheme)
+            {
+                return Err(invalid(format!(
+                    "`state.redis_url` ({}) must be a redis:// (or rediss://) URL",
+                    redact_url(url)
+                )));
+            }
+        }
+        if config.state.redis_timeout.is_zero() || config.state.reservation_ttl.is_zero() {
+            return Err(invalid(
+                "`state.redis_timeout` and `state.reservation_ttl` must be above zero".into(),
+            ));
+        }
+        let mut teams = std::collections::HashSet::new();
+        for team in &config.teams {
+            if team.name.trim().is_empty() || !teams.insert(team.name.as_str()) {
+                return Err(invalid(format!(
+                    "`[[teams]]` need a name each, once: `{}`",
+                    team.name
+                )));
+            }
+            if !(team.credit_limit_usd.is_finite() && team.credit_limit_usd >= 0.0) {
+                return Err(invalid(format!(
+                    "team `{}`: `credit_limit_usd` must be a number of dollars, zero or more",
+                    team.name
+                )));
+            }
+        }
+        if let Some(key) = config.keys.iter().find(|k| k.name.starts_with("team:")) {
+            // A team's spend is counted under `team:<name>`: such a key would share it.
+            return Err(invalid(format!(
+                "key `{}`: a key's name may not start with `team:`",
+                key.name
+            )));
+        }
         Ok(config)
     }
 
@@ -553,6 +684,8 @@ impl Config {
             pricing: PricingTable::empty(),
             body: BodyConfig::default(),
             proxy: ProxyConfig::default(),
+            state: StateConfig::default(),
+            teams: Vec::new(),
             keys: Vec::new(),
         }
     }

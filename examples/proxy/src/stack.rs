@@ -37,8 +37,9 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_layer::Layer;
 use tower_llm_policy::audit::pricing::PricingTable;
 use tower_llm_policy::audit::{DrainOnCancelLayer, FanOut};
+use tower_llm_policy::keys::StoreError;
 use tower_llm_policy::model::{ModelAliases, ModelList};
-use tower_llm_policy::quota::QuotaLayer;
+use tower_llm_policy::quota::{QuotaLayer, RedisOptions, RedisStore};
 use tower_llm_policy::request::BodyOptions;
 use tower_llm_policy::{
     AuditLayer, BodyLimitLayer, FeatureBlockLayer, KeyAuthLayer, KeyStore, ModelAllowListLayer,
@@ -85,9 +86,12 @@ pub struct Policy {
     /// client left first. Shared with the server, which waits for the drains before it
     /// flushes the audit log.
     pub drain: DrainOnCancelLayer,
-    /// The keys' spend caps and rate limits, counted in memory (the same prices as the
-    /// audit records). Kept across rebuilds of the stack.
+    /// The keys' and teams' spend caps and rate limits, counted in memory or in Redis
+    /// (`[state]`), at the same prices as the audit records. Kept across rebuilds of the
+    /// stack.
     pub quota: QuotaLayer,
+    /// The Redis store of `[state] redis_url`, flushed at shutdown (queued settlements).
+    pub redis: Option<RedisStore>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -104,12 +108,40 @@ impl std::fmt::Debug for Policy {
 
 impl Policy {
     /// The policy of `config`, with its keys served by `store` and its audit records sent to
-    /// `audit` (the caller opens `[audit] jsonl`, adds the console lines).
-    pub fn new(config: Config, store: Arc<dyn KeyStore>, audit: FanOut) -> Policy {
+    /// `audit` (the caller opens `[audit] jsonl`, adds the console lines). With `[state]
+    /// redis_url`, connects to Redis (lazily: a Redis that is down fails requests of limited
+    /// keys closed until it is back); must run within the Tokio runtime then. Fails on a
+    /// Redis URL that cannot be read.
+    pub fn new(
+        config: Config,
+        store: Arc<dyn KeyStore>,
+        audit: FanOut,
+    ) -> Result<Policy, StoreError> {
         let mut pricing = PricingTable::builtin();
         pricing.merge(config.pricing);
-        Policy {
-            quota: QuotaLayer::in_memory().pricing(pricing.clone()),
+        let state = &config.state;
+        let redis = match &state.redis_url {
+            Some(url) => Some(RedisStore::open_with(
+                url,
+                RedisOptions::new()
+                    .prefix(state.redis_prefix.clone())
+                    .timeout(state.redis_timeout)
+                    .reservation_ttl(state.reservation_ttl),
+            )?),
+            None => None,
+        };
+        let mut quota = match &redis {
+            Some(redis) => QuotaLayer::new(redis.ledger(), redis.rate_limiter()),
+            None => QuotaLayer::in_memory(),
+        }
+        .pricing(pricing.clone())
+        .rate_limits_fail_open(state.rate_limits_fail_open);
+        for team in &config.teams {
+            quota = quota.team_cap(team.name.clone(), team.credit_limit_usd, team.budget_period);
+        }
+        Ok(Policy {
+            quota,
+            redis,
             store,
             workspace_models: config.workspace.models,
             names: config.model_names.to_model_aliases(),
@@ -119,7 +151,7 @@ impl Policy {
             pricing,
             audit,
             drain: DrainOnCancelLayer::new().drain_timeout(config.audit.drain_after_cancel),
-        }
+        })
     }
 }
 

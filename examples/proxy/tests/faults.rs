@@ -516,7 +516,7 @@ async fn a_hanging_or_panicking_store_is_a_503_and_the_connection_lives_on() -> 
         config,
         Arc::new(BrokenStore),
         FanOut::new().with(records.clone()),
-    );
+    )?;
     let forwarder = Forwarder::new(format!("http://{upstream}/v1"), None)?;
     let service = build_stack(Some(&policy), forwarder);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
