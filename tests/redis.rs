@@ -76,6 +76,29 @@ impl RedisServer {
             && &reply == b"+PONG\r\n"
     }
 
+    /// The names of the keys in this Redis (`KEYS *`), sorted.
+    fn keys(&self) -> Vec<String> {
+        let mut conn = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        conn.write_all(b"*2\r\n$4\r\nKEYS\r\n$1\r\n*\r\n").unwrap();
+        // An array of bulk strings: read until every element has come.
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = conn.read(&mut buf).unwrap();
+            reply.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&reply);
+            let mut lines = text.split("\r\n");
+            let count: usize = lines.next().unwrap()[1..].parse().unwrap();
+            let items: Vec<&str> = lines.skip(1).step_by(2).take(count).collect();
+            if items.len() == count && text.ends_with("\r\n") {
+                let mut keys: Vec<String> = items.iter().map(|s| s.to_string()).collect();
+                keys.sort();
+                return keys;
+            }
+        }
+    }
+
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }

@@ -60,12 +60,15 @@ local function spend(amount)
   redis.call('INCRBY', KEYS[1], amount)
   if spend_ttl > 0 then redis.call('EXPIRE', KEYS[1], spend_ttl) end
 end
+local function release(amount)
+  if redis.call('DECRBY', KEYS[2], amount) <= 0 then redis.call('DEL', KEYS[2]) end
+end
 local stale = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(stale) do
   local v = redis.call('HGET', KEYS[3], id)
   if v then
     local a = tonumber(string.match(v, '^(%d+)'))
-    redis.call('DECRBY', KEYS[2], fmt(a))
+    release(fmt(a))
     spend(fmt(a))
     redis.call('HDEL', KEYS[3], id)
   end
@@ -91,7 +94,6 @@ redis.call('INCRBY', KEYS[2], fmt(amount))
 redis.call('HSET', KEYS[3], id, fmt(amount) .. ' ' .. ARGV[6])
 local ttl = tonumber(ARGV[7])
 redis.call('ZADD', KEYS[4], now + ttl, id)
-for i = 2, 5 do redis.call('PEXPIRE', KEYS[i], ttl + 3600000) end
 return {1, fmt(spent), fmt(held + amount), id}
 ";
 
@@ -104,7 +106,7 @@ if not v then return 0 end
 local a = tonumber(string.match(v, '^(%d+)'))
 redis.call('HDEL', KEYS[3], ARGV[4])
 redis.call('ZREM', KEYS[4], ARGV[4])
-redis.call('DECRBY', KEYS[2], fmt(a))
+release(fmt(a))
 spend(ARGV[5])
 return 1
 ";
@@ -228,8 +230,10 @@ return 1
 /// Keys, under the prefix (`tlp:` by default), with the key's name in a hash tag so that
 /// one key's counters are in one cluster slot: `tlp:{name}:spend:d:20425` (settled spend in
 /// nano-dollars, per period, expiring some time after its period), `tlp:{name}:held`,
-/// `tlp:{name}:open`, `tlp:{name}:deadlines`, `tlp:{name}:seq` (open reservations),
-/// `tlp:{name}:rpm`, `tlp:{name}:tpm` (token buckets, expiring after two idle minutes).
+/// `tlp:{name}:open`, `tlp:{name}:deadlines` (open reservations: gone when none is open;
+/// they do not expire, so that one left by a dead replica is counted whenever the key is
+/// used next), `tlp:{name}:seq` (reservation ids), `tlp:{name}:rpm`, `tlp:{name}:tpm`
+/// (token buckets, expiring after two idle minutes, when they are full anyway).
 /// Amounts are whole nano-dollars, exact up to about $9 million per key and period (Lua's
 /// numbers are doubles).
 ///
