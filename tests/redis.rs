@@ -167,6 +167,15 @@ async fn reserve_refuses_past_the_cap_and_settle_counts_once() {
         .await
         .unwrap();
     assert_eq!(lifetime.spent_usd, 0.0);
+    // Nothing open is left behind: the spend counter and the id sequence only.
+    let index = BudgetPeriod::Monthly.index_at(SystemTime::now());
+    assert_eq!(
+        server.keys(),
+        [
+            "tlp:{team-a}:seq".to_owned(),
+            format!("tlp:{{team-a}}:spend:m:{index}")
+        ]
+    );
     // A cap already reached refuses even a free request.
     ledger.reserve("full", 1.0, 1.0, period).await.unwrap();
     assert!(matches!(

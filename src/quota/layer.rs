@@ -27,7 +27,7 @@ use crate::body::{BoxError, PolicyBody, ResponseBody};
 use crate::check::{Check, CheckFuture};
 use crate::endpoint::{BodyModel, Endpoint, Feature};
 use crate::error::{LayerName, PolicyError, Rejection};
-use crate::keys::{ApiKey, BoxFuture};
+use crate::keys::{ApiKey, BoxFuture, StoreError};
 use crate::policy::Policy;
 // The prompt is counted as PromptLimit counts it (the one definition of "the prompt").
 use crate::prompt_limit::{prompt_tokens_up_to, MediaTokens};
@@ -526,8 +526,9 @@ async fn admit(
                     );
                     return Err((PolicyError::InsufficientQuota(message.into()), None));
                 }
-                Err(ReserveError::Unavailable(_)) => {
-                    return Err((PolicyError::PolicyUnavailable, None))
+                Err(ReserveError::Unavailable(error)) => {
+                    state_failed("spend ledger", &error, false);
+                    return Err((PolicyError::PolicyUnavailable, None));
                 }
             };
             if settle.holds.is_empty() {
@@ -567,10 +568,29 @@ async fn admit(
             }
             Some(kind) => Err((rate_limited(kind, &decision, tokens), Some(decision))),
         },
-        // Uncounted, so nothing to correct.
-        Err(_) if config.rate_fail_open => Ok((settle, None)),
-        Err(_) => Err((PolicyError::PolicyUnavailable, None)),
+        Err(error) => {
+            state_failed("rate limiter", &error, config.rate_fail_open);
+            if config.rate_fail_open {
+                // Uncounted, so nothing to correct.
+                Ok((settle, None))
+            } else {
+                Err((PolicyError::PolicyUnavailable, None))
+            }
+        }
     }
+}
+
+/// Notes (feature `tracing`) a ledger or rate limiter that could not answer. The error names
+/// the failure, never a key or a store's address.
+fn state_failed(what: &str, error: &StoreError, passed: bool) {
+    #[cfg(feature = "tracing")]
+    if passed {
+        tracing::warn!(target: "tower_llm_policy::quota", %error, "{what} error: request let through (rate limits fail open)");
+    } else {
+        tracing::warn!(target: "tower_llm_policy::quota", %error, "{what} error: request refused (503)");
+    }
+    #[cfg(not(feature = "tracing"))]
+    let _ = (what, error, passed);
 }
 
 /// The 429 for a request refused by the `kind` limit.

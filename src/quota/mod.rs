@@ -75,14 +75,35 @@
 //! `6m0s`) and the `-tokens` variants; a 429 also `retry-after` (seconds), and its message
 //! names the limit. A request refused by a rate limit releases its spend reservation.
 //!
+//! # Team caps
+//!
+//! A key whose [`team`](crate::ApiKey::team) names a team with a cap
+//! ([`QuotaLayer::team_cap`]) reserves against both: its own cap (if it has one) and the
+//! team's, which every key of the team shares (counted under [`team_account`]). A request
+//! must fit both; refused by the team's, it releases what its key held. A stream is cut when
+//! it would pass either.
+//!
 //! # State
 //!
 //! [`MemoryLedger`] and [`MemoryRateLimiter`] (the default, [`QuotaLayer::in_memory`]) keep
-//! the counters in this process. Both traits are object safe, with boxed futures for the
-//! decisions and synchronous, idempotent settlements, so that a shared store (one atomic
-//! script per method) fits behind them; a ledger that cannot answer fails closed (503
-//! `policy_unavailable`). The clock of the in-memory state is injectable ([`Clock`],
-//! [`ManualClock`]).
+//! the counters in this process. For several replicas, keep them in Redis: `RedisStore`
+//! (cargo feature `redis`), whose ledger and rate limiter run each decision as one atomic Lua
+//! script, so that replicas never let two requests pass on the same remaining budget. Both
+//! traits are object safe, with boxed futures for the decisions and synchronous, idempotent
+//! settlements; a ledger that cannot answer fails closed (503 `policy_unavailable`), a rate
+//! limiter too unless [`QuotaLayer::rate_limits_fail_open`]. The clock of the state is
+//! injectable ([`Clock`], [`ManualClock`]).
+//!
+//! # Known limits
+//!
+//! - The reservation counts the prompt the request carries. A Responses request that
+//!   continues a stored conversation (`previous_response_id`, `conversation`) or uses a
+//!   stored prompt is reserved for its own input only; it settles at its real usage, so the
+//!   ledger is right afterwards, but that one request may pass the cap by the stored part.
+//! - Fees per tool call (web search, file search, code interpreter sessions) are not in the
+//!   token usage and are not counted.
+//! - A `background: true` Responses request answers at once without usage: it settles at
+//!   its reservation (its worst case when it sets an output limit).
 //!
 //! ```
 //! use std::sync::Arc;

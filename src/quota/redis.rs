@@ -19,10 +19,10 @@ use super::rate::{LimitState, RateDecision, RateKind, RateLimiter, RateLimits};
 use crate::keys::{BoxFuture, StoreError};
 
 /// How long a reservation may stay open, by default: one hour. See
-/// [`RedisStore::reservation_ttl`].
+/// [`RedisOptions::reservation_ttl`].
 pub const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(3600);
 
-/// How long a call to Redis may take, by default: one second. See [`RedisStore::timeout`].
+/// How long a call to Redis may take, by default: one second. See [`RedisOptions::timeout`].
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Settlements and corrections waiting for Redis, at most.
@@ -223,7 +223,7 @@ return 1
 /// sends them, retrying a failure until the reservation's time to live is over (settling is
 /// idempotent, so a retry of a settlement that did arrive changes nothing).
 ///
-/// A reservation still open after [`reservation_ttl`](Self::reservation_ttl) (its replica
+/// A reservation still open after [`reservation_ttl`](RedisOptions::reservation_ttl) (its replica
 /// died, or could not reach Redis to settle it) is settled at its amount by the next
 /// decision on that key: never at nothing.
 ///
@@ -237,7 +237,7 @@ return 1
 /// Amounts are whole nano-dollars, exact up to about $9 million per key and period (Lua's
 /// numbers are doubles).
 ///
-/// Redis that cannot be reached, or does not answer within [`timeout`](Self::timeout):
+/// Redis that cannot be reached, or does not answer within [`timeout`](RedisOptions::timeout):
 /// a decision fails with [`StoreError`], which [`QuotaLayer`](super::QuotaLayer) answers
 /// with 503 `policy_unavailable` (fail closed;
 /// [`rate_limits_fail_open`](super::QuotaLayer::rate_limits_fail_open) lets requests pass
