@@ -18,6 +18,9 @@ pub mod keys;
 pub mod model;
 pub mod model_allow_list;
 pub mod policy;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod postgres;
 pub mod prompt_limit;
 pub mod quota;
 pub mod request;

@@ -1,6 +1,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use super::admin::{
+    apply_patch, check_new_key, generate_secret, AdminError, CreatedKey, KeyAdmin, KeyPage,
+    KeyRecord, PageRequest,
+};
 use super::{ApiKey, BoxFuture, KeyDigest, KeyStore, StoreError};
 
 /// A key store in memory: the embedded default. Keys can be added and removed at run time.
@@ -97,5 +101,99 @@ impl KeyStore for MemoryKeyStore {
 
     fn lookup_now(&self, digest: &KeyDigest) -> Option<Result<Option<Arc<ApiKey>>, StoreError>> {
         Some(Ok(self.get(digest)))
+    }
+}
+
+impl MemoryKeyStore {
+    /// The digest and key named `name`.
+    fn named(&self, name: &str) -> Option<(KeyDigest, Arc<ApiKey>)> {
+        self.read()
+            .iter()
+            .find(|(_, k)| k.name == name)
+            .map(|(d, k)| (*d, k.clone()))
+    }
+}
+
+/// The admin API on memory: changes last until the process ends. Records carry no times.
+impl KeyAdmin for MemoryKeyStore {
+    fn create(&self, key: ApiKey) -> BoxFuture<'_, Result<CreatedKey, AdminError>> {
+        Box::pin(async move {
+            let key = check_new_key(key)?;
+            let secret = generate_secret()?;
+            let digest = KeyDigest::of(&secret);
+            let mut keys = self.write();
+            if keys.values().any(|k| k.name == key.name) {
+                return Err(AdminError::Conflict(key.name));
+            }
+            keys.insert(digest, Arc::new(key.clone()));
+            Ok(CreatedKey {
+                record: KeyRecord::new(key, &digest),
+                secret,
+            })
+        })
+    }
+
+    fn get<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<KeyRecord, AdminError>> {
+        let found = self
+            .named(name)
+            .map(|(digest, key)| KeyRecord::new((*key).clone(), &digest))
+            .ok_or_else(|| AdminError::NotFound(name.to_owned()));
+        Box::pin(std::future::ready(found))
+    }
+
+    fn update<'a>(
+        &'a self,
+        name: &'a str,
+        patch: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<KeyRecord, AdminError>> {
+        Box::pin(async move {
+            let mut keys = self.write();
+            let (digest, key) = keys
+                .iter()
+                .find(|(_, k)| k.name == name)
+                .map(|(d, k)| (*d, k.clone()))
+                .ok_or_else(|| AdminError::NotFound(name.to_owned()))?;
+            let patched = apply_patch(&key, patch)?;
+            keys.insert(digest, Arc::new(patched.clone()));
+            Ok(KeyRecord::new(patched, &digest))
+        })
+    }
+
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), AdminError>> {
+        let removed = match self.named(name) {
+            Some((digest, _)) => {
+                self.remove(&digest);
+                Ok(())
+            }
+            None => Err(AdminError::NotFound(name.to_owned())),
+        };
+        Box::pin(std::future::ready(removed))
+    }
+
+    fn list(&self, page: PageRequest) -> BoxFuture<'_, Result<KeyPage, AdminError>> {
+        let keys = self.read();
+        let mut all: Vec<(&KeyDigest, &Arc<ApiKey>)> = keys
+            .iter()
+            .filter(|(_, k)| {
+                page.after
+                    .as_deref()
+                    .is_none_or(|after| k.name.as_str() > after)
+            })
+            .collect();
+        all.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+        let size = page.size();
+        let more = all.len() > size;
+        let records: Vec<KeyRecord> = all
+            .into_iter()
+            .take(size)
+            .map(|(d, k)| KeyRecord::new((**k).clone(), d))
+            .collect();
+        let next = more
+            .then(|| records.last().map(|r| r.key.name.clone()))
+            .flatten();
+        Box::pin(std::future::ready(Ok(KeyPage {
+            keys: records,
+            next,
+        })))
     }
 }

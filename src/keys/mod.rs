@@ -24,7 +24,9 @@ fn is_lifetime(period: &BudgetPeriod) -> bool {
     *period == BudgetPeriod::Lifetime
 }
 
+pub mod admin;
 mod memory;
+pub use admin::{AdminError, CreatedKey, KeyAdmin, KeyPage, KeyRecord, PageRequest};
 pub use memory::MemoryKeyStore;
 
 #[cfg(feature = "file-store")]
