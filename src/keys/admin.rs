@@ -110,6 +110,7 @@ pub struct KeyPage {
 
 /// Why an admin operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AdminError {
     /// No key has this name.
     #[error("no key named `{0}`")]

@@ -69,6 +69,8 @@ pub struct FileKeyStore {
     max_file_size: u64,
     state: RwLock<State>,
     reload: Mutex<Option<Instant>>,
+    /// One admin change at a time.
+    admin: Mutex<()>,
 }
 
 struct State {
@@ -162,7 +164,7 @@ pub enum KeyFileError {
 
 /// What of the file the store reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Section {
+pub(super) enum Section {
     /// The file is a key file: `keys` and nothing else.
     WholeFile,
     /// The file is a larger configuration: its `keys` array, other tables ignored.
@@ -186,7 +188,7 @@ struct KeysOf {
 
 /// Parses the contents of a key file (or the `keys` of a larger file) into a digest → key
 /// map. `json` selects the format.
-fn parse_section(
+pub(super) fn parse_section(
     path: &Path,
     text: &str,
     json: bool,
@@ -387,6 +389,7 @@ impl FileKeyStore {
                 failures: 0,
             }),
             reload: Mutex::new(None),
+            admin: Mutex::new(()),
         })
     }
 
@@ -498,6 +501,21 @@ impl FileKeyStore {
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The keys in force.
+    pub(super) fn snapshot(&self) -> Arc<HashMap<KeyDigest, Arc<ApiKey>>> {
+        self.read().keys.clone()
+    }
+
+    /// Which part of the file holds the keys.
+    pub(super) fn section(&self) -> Section {
+        self.section
+    }
+
+    /// Held while an admin change rewrites the file.
+    pub(super) fn admin_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.admin.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {

@@ -32,6 +32,8 @@ pub use memory::MemoryKeyStore;
 #[cfg(feature = "file-store")]
 mod file;
 #[cfg(feature = "file-store")]
+mod file_admin;
+#[cfg(feature = "file-store")]
 pub use file::{toml_message, FileKeyStore, KeyFileError};
 
 /// A boxed, sendable future, as the object-safe traits of this crate return.
