@@ -24,6 +24,9 @@ fn is_lifetime(period: &BudgetPeriod) -> bool {
     *period == BudgetPeriod::Lifetime
 }
 
+mod cache;
+pub use cache::{CacheInvalidator, CacheStats, CachedKeyStore};
+
 mod memory;
 pub use memory::MemoryKeyStore;
 
