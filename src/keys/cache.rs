@@ -226,8 +226,12 @@ impl<S> CachedKeyStore<S> {
 
     /// Answers from the cache when it holds a fresh entry: `Some(found)`, or `None` on a miss.
     fn cached(&self, digest: &KeyDigest) -> Option<Option<Arc<ApiKey>>> {
+        self.cached_in(&self.shared.read(), digest)
+    }
+
+    /// [`cached`](Self::cached), under a lock already held.
+    fn cached_in(&self, state: &State, digest: &KeyDigest) -> Option<Option<Arc<ApiKey>>> {
         let now = self.clock.now();
-        let state = self.shared.read();
         if let Some(slot) = state.found.get(digest) {
             if is_fresh(slot.value.at, now, self.ttl) {
                 slot.touch();
@@ -271,6 +275,10 @@ impl<S: KeyStore> CachedKeyStore<S> {
             }
             let (flight, leader) = {
                 let mut state = self.shared.write();
+                // A lookup that landed between the read lock above and this one.
+                if let Some(found) = self.cached_in(&state, digest) {
+                    return Ok(found);
+                }
                 match state.flights.get(digest) {
                     Some(flight) => (flight.clone(), false),
                     None => {
