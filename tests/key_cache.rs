@@ -24,6 +24,8 @@ struct Db {
     keys: Mutex<HashMap<KeyDigest, Arc<ApiKey>>>,
     calls: AtomicUsize,
     failing: AtomicBool,
+    /// The next lookup panics (once), after the gate.
+    panics: AtomicBool,
     gate: Option<Gate>,
 }
 
@@ -83,6 +85,9 @@ impl KeyStore for Db {
             if let Some(gate) = &self.gate {
                 let _ = gate.started.send(());
                 gate.permits.acquire().await.unwrap().forget();
+            }
+            if self.panics.swap(false, Ordering::SeqCst) {
+                panic!("the store panicked");
             }
             answer
         })
@@ -662,4 +667,56 @@ async fn debug_shows_configuration_and_sizes_not_keys() {
     let digest = KeyDigest::of("sk-secret-value").to_hex();
     assert!(!debug.contains(&digest[..8]), "{debug}");
     assert!(!format!("{:?}", cache.invalidator()).contains("team-x"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_waiter_takes_over_when_the_store_panics_in_the_lookup_it_waits_for() {
+    let (db, mut started) = Db::held();
+    let (cache, db, _) = cache(db.with("sk-a", ApiKey::new("a")));
+    db.panics.store(true, Ordering::SeqCst);
+    let leader = lookup_in_flight(&cache, &mut started).await;
+    let waiter = tokio::spawn({
+        let cache = cache.clone();
+        async move { name_of(&*cache, "sk-a").await }
+    });
+    while cache.stats().coalesced < 1 {
+        tokio::task::yield_now().await;
+    }
+    db.release(1);
+    assert!(leader.await.unwrap_err().is_panic());
+    started.recv().await.unwrap();
+    db.release(1);
+    assert_eq!(waiter.await.unwrap().as_deref(), Some("a"));
+    assert_eq!(db.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clock_that_panics_as_the_answer_lands_does_not_strand_the_waiters() {
+    let (db, mut started) = Db::held();
+    let db = Arc::new(db.with("sk-a", ApiKey::new("a")));
+    let armed = Arc::new(AtomicBool::new(false));
+    let clock = {
+        let armed = armed.clone();
+        move || {
+            if armed.swap(false, Ordering::SeqCst) {
+                panic!("the clock panicked");
+            }
+            t0()
+        }
+    };
+    let cache = Arc::new(CachedKeyStore::new(db.clone()).clock(clock));
+    let leader = lookup_in_flight(&cache, &mut started).await;
+    let waiter = tokio::spawn({
+        let cache = cache.clone();
+        async move { name_of(&*cache, "sk-a").await }
+    });
+    while cache.stats().coalesced < 1 {
+        tokio::task::yield_now().await;
+    }
+    armed.store(true, Ordering::SeqCst);
+    db.release(1);
+    assert!(leader.await.unwrap_err().is_panic());
+    started.recv().await.unwrap();
+    db.release(1);
+    assert_eq!(waiter.await.unwrap().as_deref(), Some("a"));
 }

@@ -301,8 +301,11 @@ impl<S: KeyStore> CachedKeyStore<S> {
                     done: false,
                 };
                 let answer = self.ask_inner(digest).await;
+                // `land` reads the clock, which is user code: until it has handed the answer
+                // over, the guard still stands for the waiters.
+                let answer = self.land(digest, &flight, answer);
                 guard.done = true;
-                return self.land(digest, &flight, answer);
+                return answer;
             }
             self.shared
                 .counters
@@ -585,11 +588,12 @@ impl Flight {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records the outcome (`None`: the leader gave up) and wakes the waiters.
+    /// Records the outcome (`None`: the leader gave up) and wakes the waiters. The first
+    /// outcome stays.
     fn finish(&self, outcome: Option<FlightAnswer>) {
         let waiters = {
             let mut state = self.lock();
-            state.outcome = Some(outcome);
+            state.outcome.get_or_insert(outcome);
             std::mem::take(&mut state.waiters)
         };
         for waker in waiters {
