@@ -25,6 +25,9 @@ fn is_lifetime(period: &BudgetPeriod) -> bool {
 }
 
 pub mod admin;
+mod cache;
+pub use cache::{CacheInvalidator, CacheStats, CachedKeyStore};
+
 mod memory;
 pub use admin::{AdminError, CreatedKey, KeyAdmin, KeyPage, KeyRecord, PageRequest};
 pub use memory::MemoryKeyStore;
