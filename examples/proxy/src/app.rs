@@ -9,10 +9,14 @@ use std::sync::Arc;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tower_llm_policy::audit::{DrainOnCancelLayer, FanOut, JsonlSink};
-use tower_llm_policy::keys::{FileKeyStore, KeyStore, MemoryKeyStore};
+use tower_llm_policy::keys::{
+    CachedKeyStore, FileKeyStore, KeyAdmin, KeyDigest, KeyStore, MemoryKeyStore,
+};
+use tower_llm_policy::postgres::{KeyChange, Listener, PostgresKeyStore};
 use tower_llm_policy::quota::RedisStore;
 use tower_llm_policy::{ApiKey, FeatureSet};
 
+use crate::admin::{self, Admin};
 use crate::audit_line::{self, LineWriter};
 use crate::config::{Config, ConfigError};
 use crate::mock;
@@ -40,6 +44,10 @@ pub struct Args {
     /// upstream with the provider key, whatever key the client sent.
     #[arg(long)]
     pub no_policy: bool,
+    /// Apply the PostgreSQL schema's migrations (`[store] postgres_url`, `[audit]
+    /// postgres_url`) before serving. Safe to repeat, and from several replicas at once.
+    #[arg(long)]
+    pub migrate: bool,
 }
 
 /// Why the proxy could not start.
@@ -53,6 +61,8 @@ pub enum StartError {
     Io(String, std::io::Error),
     /// `[state]` is unusable.
     State(String),
+    /// `[store]` or `[admin]` is unusable (the database, the admin token).
+    Store(String),
 }
 
 impl std::fmt::Display for StartError {
@@ -62,6 +72,7 @@ impl std::fmt::Display for StartError {
             StartError::Upstream(e) => write!(f, "invalid [upstream]: {e}"),
             StartError::Io(what, e) => write!(f, "{what}: {e}"),
             StartError::State(e) => write!(f, "invalid [state]: {e}"),
+            StartError::Store(e) => write!(f, "{e}"),
         }
     }
 }
@@ -91,6 +102,8 @@ pub struct Proxy {
     /// The responses read on after their clients left (see `[audit] drain_after_cancel`).
     drains: Option<DrainOnCancelLayer>,
     redis: Option<RedisStore>,
+    /// The key change listener of `[store] postgres_url` (stops when dropped).
+    _listener: Option<Listener>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -121,20 +134,35 @@ impl Proxy {
         env: impl Fn(&str) -> Option<String>,
         audit_lines: LineWriter,
     ) -> Result<Proxy, StartError> {
-        let (config, store, demo_key, mock) = match &args.config {
+        let mut key_listener = None;
+        let (config, store, admin_keys, demo_key, mock) = match &args.config {
             Some(path) => {
                 let config = Config::load(path)?;
-                // The keys come from the same file through a store that reloads them on edit;
-                // opening it checks their credentials and that names and secrets are unique.
-                let store = FileKeyStore::open_keys_of(path)
-                    .map_err(|e| ConfigError::Invalid(path.clone(), e.to_string()))?;
+                let (store, admin_keys): (Arc<dyn KeyStore>, Arc<dyn KeyAdmin>) =
+                    match config.store.url(&env) {
+                        Some(url) => {
+                            let (store, admin, heard) =
+                                postgres_keys(&url, &config.store, args.migrate).await?;
+                            key_listener = Some(heard);
+                            (store, admin)
+                        }
+                        None => {
+                            // The keys come from the same file through a store that reloads
+                            // them on edit; opening it checks their credentials and that names
+                            // and secrets are unique.
+                            let store =
+                                Arc::new(FileKeyStore::open_keys_of(path).map_err(|e| {
+                                    ConfigError::Invalid(path.clone(), e.to_string())
+                                })?);
+                            (store.clone(), store)
+                        }
+                    };
                 tracing::info!(
                     config = %path.display(),
                     keys = config.keys.len(),
                     "configuration loaded"
                 );
-                let store: Arc<dyn KeyStore> = Arc::new(store);
-                (config, store, None, None)
+                (config, store, admin_keys, None, None)
             }
             None => {
                 let (mock_addr, log) = mock::spawn(mock::MockOptions::default().record(false))
@@ -143,9 +171,15 @@ impl Proxy {
                 let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
                 let config = Config::embedded(listen, format!("http://{mock_addr}/v1"));
                 let secret = demo_secret();
-                let store: Arc<dyn KeyStore> =
-                    Arc::new(MemoryKeyStore::new().with_key(&secret, demo_key_policy()));
-                (config, store, Some(secret), Some((mock_addr, log)))
+                let memory = Arc::new(MemoryKeyStore::new().with_key(&secret, demo_key_policy()));
+                let store: Arc<dyn KeyStore> = memory.clone();
+                (
+                    config,
+                    store,
+                    memory as Arc<dyn KeyAdmin>,
+                    Some(secret),
+                    Some((mock_addr, log)),
+                )
             }
         };
 
@@ -217,12 +251,31 @@ impl Proxy {
             // The embedded default: a newcomer sees the audit records, one line each.
             audit = audit.with(audit_line::sink(audit_lines));
         }
+        let admin_token_env = config.admin.token_env.clone();
+        let admin_check_store = store.clone();
         let policy = if args.no_policy {
             None
         } else {
             Some(Policy::new(config, store, audit).map_err(|e| StartError::State(e.to_string()))?)
         };
-        let service = build_stack(policy.as_ref(), upstream);
+        let mut service = build_stack(policy.as_ref(), upstream);
+        if let Some(token_env) = &admin_token_env {
+            let token = env(token_env).unwrap_or_default();
+            let token = token.trim();
+            if token.len() < admin::MIN_TOKEN_LEN {
+                return Err(StartError::Store(format!(
+                    "[admin] token_env: the variable {token_env} must hold a token of at least {} characters",
+                    admin::MIN_TOKEN_LEN
+                )));
+            }
+            // The admin token is never a virtual key.
+            if let Ok(Some(_)) = admin_check_store.lookup(&KeyDigest::of(token)).await {
+                return Err(StartError::Store(
+                    "[admin] token_env: the admin token is also a virtual key; use another".into(),
+                ));
+            }
+            service = admin::route(service, Arc::new(Admin::new(admin_keys, token, None)));
+        }
         let redis = policy.as_ref().and_then(|policy| policy.redis.clone());
         let drains = policy.map(|policy| policy.drain);
 
@@ -267,6 +320,7 @@ impl Proxy {
             audit_sink,
             drains,
             redis,
+            _listener: key_listener,
         })
     }
 
@@ -362,4 +416,40 @@ pub fn curl_command(base: &str, key: &str) -> String {
          -H 'Content-Type: application/json' \\\n  \
          -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'"
     )
+}
+
+/// The keys of `[store] postgres_url`: the pool, the migrations when asked for (`--migrate`),
+/// the store behind a cache, and the listener that drops changed keys from the cache at once.
+async fn postgres_keys(
+    url: &str,
+    config: &crate::config::StoreConfig,
+    migrate: bool,
+) -> Result<(Arc<dyn KeyStore>, Arc<dyn KeyAdmin>, Listener), StartError> {
+    let pool = tower_llm_policy::postgres::pool(
+        url,
+        config.max_connections,
+        tower_llm_policy::postgres::DEFAULT_TIMEOUT,
+    )
+    .map_err(|e| StartError::Store(format!("[store] postgres_url: {e}")))?;
+    if migrate {
+        let applied = tower_llm_policy::postgres::migrate(&pool)
+            .await
+            .map_err(|e| StartError::Store(format!("--migrate: {e}")))?;
+        tracing::info!(?applied, "database migrated");
+    }
+    let store = PostgresKeyStore::new(pool);
+    let cache = Arc::new(
+        CachedKeyStore::new(store.clone())
+            .max_entries(config.cache_max_entries)
+            .ttl(config.cache_ttl)
+            .negative_ttl(config.negative_cache_ttl),
+    );
+    let invalidator = cache.invalidator();
+    let listener = store
+        .listen(url, move |change| match change {
+            KeyChange::Key(digest) => invalidator.invalidate(&digest),
+            KeyChange::All => invalidator.invalidate_all(),
+        })
+        .map_err(|e| StartError::Store(format!("[store] postgres_url: {e}")))?;
+    Ok((cache, Arc::new(store), listener))
 }

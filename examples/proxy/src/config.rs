@@ -86,6 +86,12 @@ pub struct Config {
     /// `[state]`: where spend and rate counters live (in memory, or Redis for replicas).
     #[serde(default)]
     pub state: StateConfig,
+    /// `[store]`: where the keys are, when not in this file (PostgreSQL).
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// `[admin]`: the admin API (`/admin/v1/...`), off unless `token_env` is set.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// `[[teams]]`: spend caps shared by the keys whose `team` names them.
     #[serde(default)]
     pub teams: Vec<TeamConfig>,
@@ -164,6 +170,98 @@ fn default_redis_timeout() -> Duration {
 }
 fn default_reservation_ttl() -> Duration {
     tower_llm_policy::quota::DEFAULT_RESERVATION_TTL
+}
+
+/// `[store]`: the keys in PostgreSQL instead of `[[keys]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `postgres_url = "postgres://tlp:pw@db:5432/llm"`: the keys are the `tlp_keys` table of
+    /// this database (see `--migrate`); `[[keys]]` must then be empty. May hold a password:
+    /// it is never logged.
+    #[serde(default)]
+    pub postgres_url: Option<String>,
+    /// `postgres_url_env = "TLP_DATABASE_URL"`: the same URL from an environment variable.
+    #[serde(default)]
+    pub postgres_url_env: Option<String>,
+    /// `max_connections = 16`: the pool's size.
+    #[serde(default = "default_pg_connections")]
+    pub max_connections: usize,
+    /// `cache_ttl = "30s"`: how long a found key is served from memory without asking the
+    /// database. Changes reach every replica at once through `LISTEN`/`NOTIFY`; the TTL bounds
+    /// how stale a key can be while that connection is down.
+    #[serde(default = "default_cache_ttl", deserialize_with = "duration")]
+    pub cache_ttl: Duration,
+    /// `negative_cache_ttl = "2s"`: how long an unknown key is remembered as unknown (a flood
+    /// of bad keys does not reach the database).
+    #[serde(default = "default_negative_ttl", deserialize_with = "duration")]
+    pub negative_cache_ttl: Duration,
+    /// `cache_max_entries = 10000`.
+    #[serde(default = "default_cache_entries")]
+    pub cache_max_entries: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            postgres_url: None,
+            postgres_url_env: None,
+            max_connections: default_pg_connections(),
+            cache_ttl: default_cache_ttl(),
+            negative_cache_ttl: default_negative_ttl(),
+            cache_max_entries: default_cache_entries(),
+        }
+    }
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field(
+                "postgres_url",
+                &self.postgres_url.as_deref().map(redact_url),
+            )
+            .field("postgres_url_env", &self.postgres_url_env)
+            .field("max_connections", &self.max_connections)
+            .field("cache_ttl", &self.cache_ttl)
+            .field("negative_cache_ttl", &self.negative_cache_ttl)
+            .field("cache_max_entries", &self.cache_max_entries)
+            .finish()
+    }
+}
+
+impl StoreConfig {
+    /// The database URL: `postgres_url`, or the variable `postgres_url_env` names (looked up
+    /// with `env`).
+    pub fn url(&self, env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+        self.postgres_url
+            .clone()
+            .or_else(|| self.postgres_url_env.as_deref().and_then(env))
+    }
+}
+
+fn default_pg_connections() -> usize {
+    16
+}
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_negative_ttl() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_cache_entries() -> usize {
+    10_000
+}
+
+/// `[admin]`: the admin API.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `token_env = "TLP_ADMIN_TOKEN"`: the environment variable holding the admin token (at
+    /// least 32 characters). Set: `/admin/v1/...` answers the bearer of that token. Absent
+    /// (the default): there is no admin API.
+    #[serde(default)]
+    pub token_env: Option<String>,
 }
 
 /// `[[teams]]`: one team's spend cap.
@@ -650,6 +748,44 @@ impl Config {
                 )));
             }
         }
+        let store = &config.store;
+        if store.postgres_url.is_some() && store.postgres_url_env.is_some() {
+            return Err(invalid(
+                "`store.postgres_url` and `store.postgres_url_env`: one of them".into(),
+            ));
+        }
+        if (store.postgres_url.is_some() || store.postgres_url_env.is_some())
+            && !config.keys.is_empty()
+        {
+            return Err(invalid(
+                "with `[store]` in PostgreSQL, the keys are in the database: remove `[[keys]]` \
+                 (create keys with the admin API)"
+                    .into(),
+            ));
+        }
+        if let Some(url) = &store.postgres_url {
+            if !(url.starts_with("postgres://")
+                || url.starts_with("postgresql://")
+                || url.contains('='))
+            {
+                return Err(invalid(format!(
+                    "`store.postgres_url` ({}) must be a postgres:// URL",
+                    redact_url(url)
+                )));
+            }
+        }
+        if store.max_connections == 0 || store.cache_max_entries == 0 {
+            return Err(invalid(
+                "`store.max_connections` and `store.cache_max_entries` must be above zero".into(),
+            ));
+        }
+        if let Some(env) = &config.admin.token_env {
+            if env.trim().is_empty() || env.contains('=') || env.contains('\0') {
+                return Err(invalid(
+                    "`admin.token_env` must be the name of an environment variable".into(),
+                ));
+            }
+        }
         if let Some(key) = config.keys.iter().find(|k| k.name.starts_with("team:")) {
             // A team's spend is counted under `team:<name>`: such a key would share it.
             return Err(invalid(format!(
@@ -685,6 +821,8 @@ impl Config {
             body: BodyConfig::default(),
             proxy: ProxyConfig::default(),
             state: StateConfig::default(),
+            store: StoreConfig::default(),
+            admin: AdminConfig::default(),
             teams: Vec::new(),
             keys: Vec::new(),
         }

@@ -14,6 +14,7 @@
 //! - [`upstream`]: the forwarding client to the OpenAI-compatible upstream;
 //! - [`mock`]: a deterministic mock of the OpenAI API (the embedded default's upstream).
 
+pub mod admin;
 pub mod app;
 pub mod audit_line;
 pub mod config;

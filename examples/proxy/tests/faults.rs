@@ -203,6 +203,7 @@ async fn proxy(upstream: SocketAddr) -> Proxy {
         config: Some(config_path),
         listen: None,
         no_policy: false,
+        migrate: false,
     };
     let env = |name: &str| (name == PROVIDER_ENV).then(|| PROVIDER_KEY.to_owned());
     let proxy = app::Proxy::prepare(&args, env).await.expect("proxy starts");

@@ -91,6 +91,7 @@ async fn start_at(base: &str, log: MockLog, edit: impl FnOnce(String) -> String)
         config: Some(config_path),
         listen: None,
         no_policy: false,
+        migrate: false,
     };
     let proxy = app::Proxy::prepare(&args, env).await.expect("proxy starts");
     let addr = proxy.addr;

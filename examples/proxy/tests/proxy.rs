@@ -133,6 +133,7 @@ async fn start_edited(
         config: Some(config_path.clone()),
         listen: None,
         no_policy,
+        migrate: false,
     };
     let proxy = app::Proxy::prepare(&args, env).await.expect("proxy starts");
     let addr = proxy.addr;
@@ -726,6 +727,7 @@ async fn the_proxy_refuses_to_start_on_an_invalid_config() -> TestResult {
         config: Some(path.clone()),
         listen: Some("127.0.0.1:0".parse()?),
         no_policy: false,
+        migrate: false,
     };
     let base = config_text("http://127.0.0.1:9/v1", Path::new("audit.jsonl"));
     for (text, expected) in [
@@ -794,6 +796,7 @@ async fn the_sample_config_parses_and_builds() -> TestResult {
         config: Some(path),
         listen: Some("127.0.0.1:0".parse()?),
         no_policy: false,
+        migrate: false,
     };
     let proxy = app::Proxy::prepare(&args, |_| None).await?;
     assert!(proxy.banner.contains("api.openai.com"), "{}", proxy.banner);
@@ -810,6 +813,7 @@ async fn the_embedded_default_serves_the_printed_curl() -> TestResult {
         config: None,
         listen: Some("127.0.0.1:0".parse()?),
         no_policy: false,
+        migrate: false,
     };
     let proxy = app::Proxy::prepare(&args, |_| None).await?;
     let banner = proxy.banner.clone();
@@ -930,6 +934,7 @@ async fn the_embedded_default_prints_one_audit_line_per_request() -> TestResult 
         config: None,
         listen: Some("127.0.0.1:0".parse()?),
         no_policy: false,
+        migrate: false,
     };
     let lines = Lines::default();
     let proxy = app::Proxy::prepare_with(&args, |_| None, lines.writer()).await?;
@@ -1003,6 +1008,7 @@ async fn a_configuration_file_sends_the_records_to_its_jsonl_only() -> TestResul
         config: Some(config_path),
         listen: None,
         no_policy: false,
+        migrate: false,
     };
     let lines = Lines::default();
     let proxy = app::Proxy::prepare_with(&args, env, lines.writer()).await?;

@@ -74,6 +74,7 @@ async fn start() -> Proxy {
         config: Some(config_path),
         listen: None,
         no_policy: false,
+        migrate: false,
     };
     let env = |name: &str| (name == PROVIDER_ENV).then(|| "sk-provider".to_owned());
     let proxy = app::Proxy::prepare(&args, env).await.expect("proxy starts");

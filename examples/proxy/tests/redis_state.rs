@@ -141,6 +141,7 @@ async fn replica(mock_addr: std::net::SocketAddr, redis_url: &str) -> Replica {
         config: Some(config_path),
         listen: None,
         no_policy: false,
+        migrate: false,
     };
     let proxy = app::Proxy::prepare(&args, |_| None)
         .await

@@ -151,6 +151,7 @@ async fn no_secret_leaves_the_proxy_but_the_provider_key_to_the_upstream() {
         config: Some(config_path.clone()),
         listen: None,
         no_policy: false,
+        migrate: false,
     };
     let env = |name: &str| (name == PROVIDER_ENV).then(|| PROVIDER_KEY.to_owned());
     let proxy = app::Proxy::prepare(&args, env).await.expect("proxy starts");

@@ -43,6 +43,7 @@ blocked_features = ["images"]
         config: Some(config),
         listen: None,
         no_policy: false,
+        migrate: false,
     };
     let proxy = app::Proxy::prepare(&args, |_| None)
         .await
