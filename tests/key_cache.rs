@@ -424,16 +424,49 @@ async fn the_invalidator_works_from_another_task() {
     name_of(&*cache, "sk-a").await;
     let invalidator = cache.invalidator();
     let digest = KeyDigest::of("sk-a");
-    tokio::spawn(async move {
-        invalidator.clone().invalidate(&digest);
-        assert_eq!(invalidator.stats().entries, 0);
-        invalidator.invalidate_key_named("a");
-        invalidator.invalidate_all();
-    })
-    .await
-    .unwrap();
+    let task = {
+        let invalidator = invalidator.clone();
+        tokio::spawn(async move { invalidator.clone().invalidate(&digest) })
+    };
+    task.await.unwrap();
+    assert_eq!(invalidator.stats().entries, 0);
     name_of(&*cache, "sk-a").await;
     assert_eq!(db.calls(), 2);
+    invalidator.invalidate_key_named("a");
+    assert_eq!(invalidator.stats().entries, 0);
+    name_of(&*cache, "sk-a").await;
+    name_of(&*cache, "sk-x").await;
+    invalidator.invalidate_all();
+    assert_eq!(
+        (
+            invalidator.stats().entries,
+            invalidator.stats().negative_entries
+        ),
+        (0, 0)
+    );
+    assert_eq!(db.calls(), 4);
+}
+
+#[tokio::test]
+async fn a_key_deleted_from_the_store_is_unknown_after_the_ttl() {
+    let (cache, db, clock) = cache(Db::default().with("sk-a", ApiKey::new("a")));
+    name_of(&*cache, "sk-a").await;
+    db.keys.lock().unwrap().clear();
+    assert!(name_of(&*cache, "sk-a").await.is_some(), "within the TTL");
+    clock.advance(Duration::from_secs(30));
+    assert_eq!(name_of(&*cache, "sk-a").await, None);
+    let stats = cache.stats();
+    assert_eq!((stats.entries, stats.negative_entries), (0, 1));
+    assert_eq!(name_of(&*cache, "sk-a").await, None);
+    assert_eq!(db.calls(), 2);
+}
+
+#[test]
+fn the_inner_store_is_reachable() {
+    let db = Arc::new(Db::default().with("sk-a", ApiKey::new("a")));
+    let cache = CachedKeyStore::new(db.clone());
+    assert!(Arc::ptr_eq(cache.get_ref(), &db));
+    assert!(Arc::ptr_eq(&cache.into_inner(), &db));
 }
 
 /// Starts a lookup of `sk-a` on a held store, and returns once the store was asked.
