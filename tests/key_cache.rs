@@ -469,6 +469,18 @@ fn the_inner_store_is_reachable() {
     assert!(Arc::ptr_eq(&cache.into_inner(), &db));
 }
 
+/// Waits until `n` lookups have joined one in flight (failing after 10 s, not hanging).
+async fn until_coalesced(cache: &CachedKeyStore<Arc<Db>>, n: u64) {
+    let wait = async {
+        while cache.stats().coalesced < n {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("the lookups joined the one in flight");
+}
+
 /// Starts a lookup of `sk-a` on a held store, and returns once the store was asked.
 async fn lookup_in_flight(
     cache: &Arc<CachedKeyStore<Arc<Db>>>,
@@ -593,9 +605,7 @@ async fn concurrent_misses_of_one_key_make_one_store_lookup() {
         })
         .collect();
     // Every waiter has joined the lookup in flight before the store answers.
-    while cache.stats().coalesced < 100 {
-        tokio::task::yield_now().await;
-    }
+    until_coalesced(&cache, 100).await;
     db.release(1);
     assert_eq!(first.await.unwrap().as_deref(), Some("a"));
     for waiter in waiters {
@@ -622,9 +632,7 @@ async fn waiters_share_the_store_error_and_the_next_lookup_asks_again() {
             tokio::spawn(async move { cache.lookup(&KeyDigest::of("sk-a")).await.map(|_| ()) })
         })
         .collect();
-    while cache.stats().coalesced < 10 {
-        tokio::task::yield_now().await;
-    }
+    until_coalesced(&cache, 10).await;
     db.release(1);
     let err = first.await.unwrap().unwrap_err();
     assert_eq!(err.to_string(), "key store unavailable: database down");
@@ -648,9 +656,7 @@ async fn a_waiter_takes_over_when_the_lookup_it_waits_for_is_dropped() {
         let cache = cache.clone();
         async move { name_of(&*cache, "sk-a").await }
     });
-    while cache.stats().coalesced < 1 {
-        tokio::task::yield_now().await;
-    }
+    until_coalesced(&cache, 1).await;
     // The leader's client leaves (or its lookup times out).
     leader.abort();
     assert!(leader.await.unwrap_err().is_cancelled());
@@ -712,9 +718,7 @@ async fn a_waiter_takes_over_when_the_store_panics_in_the_lookup_it_waits_for() 
         let cache = cache.clone();
         async move { name_of(&*cache, "sk-a").await }
     });
-    while cache.stats().coalesced < 1 {
-        tokio::task::yield_now().await;
-    }
+    until_coalesced(&cache, 1).await;
     db.release(1);
     assert!(leader.await.unwrap_err().is_panic());
     started.recv().await.unwrap();
@@ -743,9 +747,7 @@ async fn a_clock_that_panics_as_the_answer_lands_does_not_strand_the_waiters() {
         let cache = cache.clone();
         async move { name_of(&*cache, "sk-a").await }
     });
-    while cache.stats().coalesced < 1 {
-        tokio::task::yield_now().await;
-    }
+    until_coalesced(&cache, 1).await;
     armed.store(true, Ordering::SeqCst);
     db.release(1);
     assert!(leader.await.unwrap_err().is_panic());
