@@ -424,16 +424,61 @@ async fn the_invalidator_works_from_another_task() {
     name_of(&*cache, "sk-a").await;
     let invalidator = cache.invalidator();
     let digest = KeyDigest::of("sk-a");
-    tokio::spawn(async move {
-        invalidator.clone().invalidate(&digest);
-        assert_eq!(invalidator.stats().entries, 0);
-        invalidator.invalidate_key_named("a");
-        invalidator.invalidate_all();
-    })
-    .await
-    .unwrap();
+    let task = {
+        let invalidator = invalidator.clone();
+        tokio::spawn(async move { invalidator.clone().invalidate(&digest) })
+    };
+    task.await.unwrap();
+    assert_eq!(invalidator.stats().entries, 0);
     name_of(&*cache, "sk-a").await;
     assert_eq!(db.calls(), 2);
+    invalidator.invalidate_key_named("a");
+    assert_eq!(invalidator.stats().entries, 0);
+    name_of(&*cache, "sk-a").await;
+    name_of(&*cache, "sk-x").await;
+    invalidator.invalidate_all();
+    assert_eq!(
+        (
+            invalidator.stats().entries,
+            invalidator.stats().negative_entries
+        ),
+        (0, 0)
+    );
+    assert_eq!(db.calls(), 4);
+}
+
+#[tokio::test]
+async fn a_key_deleted_from_the_store_is_unknown_after_the_ttl() {
+    let (cache, db, clock) = cache(Db::default().with("sk-a", ApiKey::new("a")));
+    name_of(&*cache, "sk-a").await;
+    db.keys.lock().unwrap().clear();
+    assert!(name_of(&*cache, "sk-a").await.is_some(), "within the TTL");
+    clock.advance(Duration::from_secs(30));
+    assert_eq!(name_of(&*cache, "sk-a").await, None);
+    let stats = cache.stats();
+    assert_eq!((stats.entries, stats.negative_entries), (0, 1));
+    assert_eq!(name_of(&*cache, "sk-a").await, None);
+    assert_eq!(db.calls(), 2);
+}
+
+#[test]
+fn the_inner_store_is_reachable() {
+    let db = Arc::new(Db::default().with("sk-a", ApiKey::new("a")));
+    let cache = CachedKeyStore::new(db.clone());
+    assert!(Arc::ptr_eq(cache.get_ref(), &db));
+    assert!(Arc::ptr_eq(&cache.into_inner(), &db));
+}
+
+/// Waits until `n` lookups have joined one in flight (failing after 10 s, not hanging).
+async fn until_coalesced(cache: &CachedKeyStore<Arc<Db>>, n: u64) {
+    let wait = async {
+        while cache.stats().coalesced < n {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("the lookups joined the one in flight");
 }
 
 /// Starts a lookup of `sk-a` on a held store, and returns once the store was asked.
@@ -560,9 +605,7 @@ async fn concurrent_misses_of_one_key_make_one_store_lookup() {
         })
         .collect();
     // Every waiter has joined the lookup in flight before the store answers.
-    while cache.stats().coalesced < 100 {
-        tokio::task::yield_now().await;
-    }
+    until_coalesced(&cache, 100).await;
     db.release(1);
     assert_eq!(first.await.unwrap().as_deref(), Some("a"));
     for waiter in waiters {
@@ -589,9 +632,7 @@ async fn waiters_share_the_store_error_and_the_next_lookup_asks_again() {
             tokio::spawn(async move { cache.lookup(&KeyDigest::of("sk-a")).await.map(|_| ()) })
         })
         .collect();
-    while cache.stats().coalesced < 10 {
-        tokio::task::yield_now().await;
-    }
+    until_coalesced(&cache, 10).await;
     db.release(1);
     let err = first.await.unwrap().unwrap_err();
     assert_eq!(err.to_string(), "key store unavailable: database down");
@@ -615,9 +656,7 @@ async fn a_waiter_takes_over_when_the_lookup_it_waits_for_is_dropped() {
         let cache = cache.clone();
         async move { name_of(&*cache, "sk-a").await }
     });
-    while cache.stats().coalesced < 1 {
-        tokio::task::yield_now().await;
-    }
+    until_coalesced(&cache, 1).await;
     // The leader's client leaves (or its lookup times out).
     leader.abort();
     assert!(leader.await.unwrap_err().is_cancelled());
@@ -679,9 +718,7 @@ async fn a_waiter_takes_over_when_the_store_panics_in_the_lookup_it_waits_for() 
         let cache = cache.clone();
         async move { name_of(&*cache, "sk-a").await }
     });
-    while cache.stats().coalesced < 1 {
-        tokio::task::yield_now().await;
-    }
+    until_coalesced(&cache, 1).await;
     db.release(1);
     assert!(leader.await.unwrap_err().is_panic());
     started.recv().await.unwrap();
@@ -710,9 +747,7 @@ async fn a_clock_that_panics_as_the_answer_lands_does_not_strand_the_waiters() {
         let cache = cache.clone();
         async move { name_of(&*cache, "sk-a").await }
     });
-    while cache.stats().coalesced < 1 {
-        tokio::task::yield_now().await;
-    }
+    until_coalesced(&cache, 1).await;
     armed.store(true, Ordering::SeqCst);
     db.release(1);
     assert!(leader.await.unwrap_err().is_panic());

@@ -956,5 +956,13 @@ mod tests {
         let error = shared.to_error();
         assert_eq!(error.to_string(), "key store unavailable: postgres");
         assert_eq!(error.source().unwrap().to_string(), "connection reset");
+        assert!(format!("{error:?}").contains("connection reset"));
+        // The source's own source is kept too.
+        let io = std::io::Error::other("reset");
+        let outer = StoreError::with_source("pool", StoreError::with_source("connect", io));
+        let error = SharedError::from(outer).to_error();
+        let source = error.source().unwrap();
+        assert_eq!(source.to_string(), "key store unavailable: connect");
+        assert_eq!(source.source().unwrap().to_string(), "reset");
     }
 }
