@@ -95,7 +95,11 @@ async fn ten_thousand_records_are_written_none_lost() {
         10_000.0 / elapsed.as_secs_f64()
     );
     assert_eq!(rows(&pool).await, 10_000);
-    assert_eq!(sink.dropped() + sink.failed() + sink.skipped(), 0, "{sink:?}");
+    assert_eq!(
+        sink.dropped() + sink.failed() + sink.skipped(),
+        0,
+        "{sink:?}"
+    );
     assert_eq!(sink.written(), 10_000);
     assert_eq!(sink.queue_depth(), 0);
 }
@@ -179,7 +183,11 @@ async fn a_database_restart_loses_no_record_uncounted() {
 
     let written = rows(&pool).await as u64;
     assert!(written > 1_000, "queued records written after the restart");
-    assert_eq!(written + sink.dropped() + sink.failed(), sent as u64, "{sink:?}");
+    assert_eq!(
+        written + sink.dropped() + sink.failed(),
+        sent as u64,
+        "{sink:?}"
+    );
     assert_eq!(written, sink.written() + sink.skipped());
     assert_eq!(sink.queue_depth(), 0);
 }
@@ -292,10 +300,13 @@ async fn spend_per_day_sums_per_key_and_day() {
     );
     assert_eq!(
         spend_per_day(&pool, from, to, Some("b")).await.unwrap(),
-        [day("b", "2024-03-01", 1.0, 1), day("b", "2024-03-02", 2.0, 1)]
+        [
+            day("b", "2024-03-01", 1.0, 1),
+            day("b", "2024-03-02", 2.0, 1)
+        ]
     );
-    let json = serde_json::to_value(&spend_per_day(&pool, from, to, Some("b")).await.unwrap()[0])
-        .unwrap();
+    let json =
+        serde_json::to_value(&spend_per_day(&pool, from, to, Some("b")).await.unwrap()[0]).unwrap();
     assert_eq!(json["day"], "2024-03-01");
     assert_eq!(json["requests"], 1);
 }
@@ -307,5 +318,8 @@ async fn debug_shows_no_connection_details() {
     let pool = pool(&url, 1, Duration::from_secs(5)).unwrap();
     let sink = PostgresSink::new(pool);
     let debug = format!("{sink:?}");
-    assert!(!debug.contains("hunter2") && !debug.contains("127.0.0.1"), "{debug}");
+    assert!(
+        !debug.contains("hunter2") && !debug.contains("127.0.0.1"),
+        "{debug}"
+    );
 }

@@ -331,11 +331,7 @@ fn without_nul(json: String) -> String {
     }
     fn clean(value: &mut Value) {
         match value {
-            Value::String(s) => {
-                if s.contains('\0') {
-                    *s = s.replace('\0', "\u{FFFD}");
-                }
-            }
+            Value::String(s) if s.contains('\0') => *s = s.replace('\0', "\u{FFFD}"),
             Value::Array(items) => items.iter_mut().for_each(clean),
             Value::Object(map) => {
                 let old = std::mem::take(map);
