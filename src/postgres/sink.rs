@@ -40,8 +40,9 @@ pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// are already there, and exactly-once needs that (a batch retried after its commit's reply
 /// was lost must not be written twice). COPY would need a staging table and an
 /// `INSERT ... SELECT ... ON CONFLICT` after it: three statements and a transaction per batch
-/// instead of one statement, for a gain that does not matter at a gateway's rates (this
-/// statement writes tens of thousands of records a second, see the README). It is also one
+/// instead of one statement, for a gain that does not matter at a gateway's rates (10,000
+/// records through the sink, serialization included, take about a second in an unoptimized
+/// build of `tests/postgres_sink.rs`, 8,000 to 11,000 records a second). It is also one
 /// prepared statement whatever the batch's size (a multi-row `VALUES` list would be one per
 /// size, and bounded by the 65,535 parameters of the protocol), and the JSON is the only
 /// thing serialized, once, on the request path.
