@@ -1,12 +1,11 @@
 //! PostgreSQL: keys ([`PostgresKeyStore`], with the admin API and change notifications) and
-//! audit records (`PostgresSink`), for deployments that outgrow one machine (cargo feature
-//! `postgres`).
+//! audit records ([`PostgresSink`], and the spend query [`spend_per_day`]), for deployments
+//! that outgrow one machine (cargo feature `postgres`).
 //!
 //! The driver is [`tokio-postgres`](https://docs.rs/tokio-postgres) with the
 //! [`deadpool-postgres`](https://docs.rs/deadpool-postgres) pool: asynchronous, no macros and
-//! no database needed at build time (unlike sqlx's checked queries), and direct access to the
-//! two PostgreSQL features this module needs, `LISTEN`/`NOTIFY` (a connection's notification
-//! stream) and `COPY` for the audit batches.
+//! no database needed at build time (unlike sqlx's checked queries), and direct access to
+//! `LISTEN`/`NOTIFY` (a connection's notification stream), which the key listener needs.
 //!
 //! # Schema
 //!
@@ -19,17 +18,25 @@
 //!   key), `policy` (every policy field, as the configuration files name them, in JSON),
 //!   `created_at`, `updated_at`, `last_used_at`. A trigger announces every change on the
 //!   channel `tlp_keys` (the key's digest in hexadecimal).
-//! - `tlp_audit`: one row per request: the fields queries filter and sum on (`ts`, `key`,
-//!   `model`, `endpoint`, `status`, `outcome`, `blocked_by`, `code`, tokens, `cost_usd`) and
-//!   the whole record in `record` (JSON); indexed by `(key, ts)` and `ts`.
+//! - `tlp_audit`: one row per request, written by [`PostgresSink`]: the fields queries filter
+//!   and sum on (`ts`, `request_id`, `key`, `model`, `endpoint`, `status`, `outcome`,
+//!   `blocked_by`, `code`, tokens, `cost_usd`) and the whole record in `record` (JSON);
+//!   indexed by `(key, ts)` and `ts` (per key and per day), and unique on
+//!   `(request_id, ts)` (a retried batch is not written twice; a request's record by its
+//!   `x-request-id`).
 //!
-//! Spend per key per day (`spend_per_day`):
+//! Spend per key per day, UTC ([`spend_per_day`], which an admin endpoint can serve as it
+//! is): every request counts, a request without a cost counts 0.
 //!
 //! ```sql
-//! SELECT key, (ts AT TIME ZONE 'UTC')::date AS day, sum(cost_usd) AS cost_usd, count(*) AS requests
+//! SELECT key, to_char((ts AT TIME ZONE 'UTC')::date, 'YYYY-MM-DD') AS day,
+//!        coalesce(sum(cost_usd), 0)::double precision AS cost_usd, count(*) AS requests,
+//!        coalesce(sum(prompt_tokens), 0)::bigint AS prompt_tokens,
+//!        coalesce(sum(completion_tokens), 0)::bigint AS completion_tokens
 //! FROM tlp_audit
 //! WHERE ts >= $1 AND ts < $2 AND ($3::text IS NULL OR key = $3)
-//! GROUP BY 1, 2 ORDER BY 2, 1;
+//! GROUP BY 1, 2
+//! ORDER BY 2, 1;
 //! ```
 //!
 //! Connections are plain TCP (or a Unix socket): put PostgreSQL on a private network, or in
@@ -43,12 +50,22 @@ use tokio_postgres::NoTls;
 use crate::keys::StoreError;
 
 mod keys;
+mod sink;
 pub use keys::{KeyChange, Listener, PostgresKeyStore, DEFAULT_LAST_USED_EVERY};
+pub use sink::{
+    spend_per_day, DaySpend, PostgresSink, PostgresSinkBuilder, DEFAULT_BATCH_SIZE,
+    DEFAULT_FLUSH_INTERVAL, DEFAULT_QUEUE, DEFAULT_QUEUE_BYTES, DEFAULT_WRITE_TIMEOUT,
+};
 
 /// The schema's migrations, in order: `(version, name, SQL)`.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "keys", include_str!("migrations/0001_keys.sql")),
     (2, "audit", include_str!("migrations/0002_audit.sql")),
+    (
+        3,
+        "audit_request_id",
+        include_str!("migrations/0003_audit_request_id.sql"),
+    ),
 ];
 
 /// How long a query (or waiting for a pooled connection) may take, by default: 5 seconds.
@@ -67,7 +84,7 @@ pub(crate) fn db_error(e: &tokio_postgres::Error) -> StoreError {
     }
 }
 
-fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+pub(crate) fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => db_error(&e),
         deadpool_postgres::PoolError::Timeout(_) => {
