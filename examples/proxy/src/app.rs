@@ -12,7 +12,7 @@ use tower_llm_policy::audit::{DrainOnCancelLayer, FanOut, JsonlSink};
 use tower_llm_policy::keys::{
     CachedKeyStore, FileKeyStore, KeyAdmin, KeyDigest, KeyStore, MemoryKeyStore,
 };
-use tower_llm_policy::postgres::{KeyChange, Listener, PostgresKeyStore};
+use tower_llm_policy::postgres::{KeyChange, Listener, PostgresKeyStore, PostgresSink};
 use tower_llm_policy::quota::RedisStore;
 use tower_llm_policy::{ApiKey, FeatureSet};
 
@@ -99,6 +99,8 @@ pub struct Proxy {
     listener: TcpListener,
     server: ServerOptions,
     audit_sink: Option<JsonlSink>,
+    /// `[audit] postgres_url`'s sink, flushed at shutdown.
+    audit_db: Option<PostgresSink>,
     /// The responses read on after their clients left (see `[audit] drain_after_cancel`).
     drains: Option<DrainOnCancelLayer>,
     redis: Option<RedisStore>,
@@ -247,6 +249,14 @@ impl Proxy {
         if let Some(sink) = &audit_sink {
             audit = audit.with(sink.clone());
         }
+        // `[audit] postgres_url`: the records in PostgreSQL too, and spend per day from them.
+        let audit_db = match (config.audit.postgres_url(&env), args.no_policy) {
+            (Some(url), false) => Some(audit_database(&url, args.migrate).await?),
+            _ => None,
+        };
+        if let Some((sink, _)) = &audit_db {
+            audit = audit.with(sink.clone());
+        }
         if mock.is_some() && !args.no_policy {
             // The embedded default: a newcomer sees the audit records, one line each.
             audit = audit.with(audit_line::sink(audit_lines));
@@ -274,7 +284,10 @@ impl Proxy {
                     "[admin] token_env: the admin token is also a virtual key; use another".into(),
                 ));
             }
-            service = admin::route(service, Arc::new(Admin::new(admin_keys, token, None)));
+            let spend = audit_db
+                .as_ref()
+                .map(|(_, pool)| spend_source(pool.clone()));
+            service = admin::route(service, Arc::new(Admin::new(admin_keys, token, spend)));
         }
         let redis = policy.as_ref().and_then(|policy| policy.redis.clone());
         let drains = policy.map(|policy| policy.drain);
@@ -318,6 +331,7 @@ impl Proxy {
             listener,
             server: server_options,
             audit_sink,
+            audit_db: audit_db.map(|(sink, _)| sink),
             drains,
             redis,
             _listener: key_listener,
@@ -347,6 +361,21 @@ impl Proxy {
                     "Redis did not take the last settlements within 5 s: their reservations \
                      are counted at their amount when they expire"
                 );
+            }
+        }
+        if let Some(sink) = &self.audit_db {
+            // Records are emitted when response bodies end, so after the connections closed.
+            match tokio::time::timeout(std::time::Duration::from_secs(10), sink.flush()).await {
+                Ok(()) => tracing::info!(
+                    written = sink.written(),
+                    dropped = sink.dropped(),
+                    failed = sink.failed(),
+                    "audit database flushed"
+                ),
+                Err(_) => tracing::warn!(
+                    queued = sink.queue_depth(),
+                    "the audit database did not take the last records within 10 s"
+                ),
             }
         }
         if let Some(sink) = self.audit_sink {
@@ -452,4 +481,35 @@ async fn postgres_keys(
         })
         .map_err(|e| StartError::Store(format!("[store] postgres_url: {e}")))?;
     Ok((cache, Arc::new(store), listener))
+}
+
+/// The audit database of `[audit] postgres_url`: its pool (migrated when asked for) and the
+/// sink writing into it.
+async fn audit_database(
+    url: &str,
+    migrate: bool,
+) -> Result<(PostgresSink, deadpool_postgres::Pool), StartError> {
+    let pool =
+        tower_llm_policy::postgres::pool(url, 4, tower_llm_policy::postgres::DEFAULT_TIMEOUT)
+            .map_err(|e| StartError::Store(format!("[audit] postgres_url: {e}")))?;
+    if migrate {
+        let applied = tower_llm_policy::postgres::migrate(&pool)
+            .await
+            .map_err(|e| StartError::Store(format!("--migrate: {e}")))?;
+        tracing::info!(?applied, "audit database migrated");
+    }
+    Ok((PostgresSink::new(pool.clone()), pool))
+}
+
+/// `/admin/v1/spend`'s source: the spend per key per day in the audit database.
+fn spend_source(pool: deadpool_postgres::Pool) -> admin::SpendSource {
+    Arc::new(move |from, to, key| {
+        let pool = pool.clone();
+        Box::pin(async move {
+            let days = tower_llm_policy::postgres::spend_per_day(&pool, from, to, key.as_deref())
+                .await
+                .map_err(|e| e.to_string())?;
+            serde_json::to_value(days).map_err(|e| e.to_string())
+        })
+    })
 }

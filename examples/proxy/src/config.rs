@@ -395,12 +395,21 @@ fn default_max_connections() -> usize {
 }
 
 /// `[audit]`.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// `jsonl = "audit.jsonl"`: append one JSON record per request to this file.
     #[serde(default)]
     pub jsonl: Option<PathBuf>,
+    /// `postgres_url = "postgres://..."`: also write every record into the `tlp_audit` table
+    /// of this database (batched, see `--migrate`); `/admin/v1/spend` reads it. May hold a
+    /// password: it is never logged.
+    #[serde(default)]
+    pub postgres_url: Option<String>,
+    /// `postgres_url_env = "TLP_AUDIT_DATABASE_URL"`: the same URL from an environment
+    /// variable.
+    #[serde(default)]
+    pub postgres_url_env: Option<String>,
     /// `drain_after_cancel = "1s"`: when a client leaves before a response's usage came (for
     /// example right after a stream's last token), the response is read on for at most this
     /// long (and 64 KiB) so that its record has the upstream's usage and cost (flagged
@@ -414,8 +423,33 @@ impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
             jsonl: None,
+            postgres_url: None,
+            postgres_url_env: None,
             drain_after_cancel: DEFAULT_DRAIN_TIMEOUT,
         }
+    }
+}
+
+impl fmt::Debug for AuditConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditConfig")
+            .field("jsonl", &self.jsonl)
+            .field(
+                "postgres_url",
+                &self.postgres_url.as_deref().map(redact_url),
+            )
+            .field("postgres_url_env", &self.postgres_url_env)
+            .field("drain_after_cancel", &self.drain_after_cancel)
+            .finish()
+    }
+}
+
+impl AuditConfig {
+    /// The audit database URL: `postgres_url`, or the variable `postgres_url_env` names.
+    pub fn postgres_url(&self, env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+        self.postgres_url
+            .clone()
+            .or_else(|| self.postgres_url_env.as_deref().and_then(env))
     }
 }
 
@@ -763,13 +797,22 @@ impl Config {
                     .into(),
             ));
         }
-        if let Some(url) = &store.postgres_url {
+        let audit = &config.audit;
+        if audit.postgres_url.is_some() && audit.postgres_url_env.is_some() {
+            return Err(invalid(
+                "`audit.postgres_url` and `audit.postgres_url_env`: one of them".into(),
+            ));
+        }
+        for url in [&store.postgres_url, &audit.postgres_url]
+            .into_iter()
+            .flatten()
+        {
             if !(url.starts_with("postgres://")
                 || url.starts_with("postgresql://")
                 || url.contains('='))
             {
                 return Err(invalid(format!(
-                    "`store.postgres_url` ({}) must be a postgres:// URL",
+                    "a PostgreSQL URL ({}) must be a postgres:// URL",
                     redact_url(url)
                 )));
             }

@@ -332,14 +332,56 @@ async fn two_replicas_on_postgres_see_every_change_within_a_second() -> TestResu
     let server = PgServer::start();
     let (mock, _log) = mock::spawn(mock::MockOptions::default()).await?;
     let tail = format!(
-        "\n[store]\npostgres_url = \"{}\"\n# Long: only NOTIFY can make a change arrive in time.\ncache_ttl = \"1h\"\n",
-        server.url()
+        "\n[store]\npostgres_url = \"{url}\"\n# Long: only NOTIFY can make a change arrive in time.\ncache_ttl = \"1h\"\n",
+        url = server.url()
     );
-    let text = config(mock, &tail);
+    // The audit records in the same database.
+    let text = config(mock, &tail).replace(
+        "[admin]",
+        &format!("[audit]\npostgres_url = \"{}\"\n\n[admin]", server.url()),
+    );
     // Without the schema: the first replica migrates.
     let a = start(&text, true).await?;
     let b = start(&text, false).await?;
     story(a.addr, b.addr).await?;
+
+    // Spend per key per day, from both replicas' records: the allowed requests of the story
+    // (two, two more, then refusals and 401s, which cost nothing).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let today =
+        humantime::format_rfc3339(std::time::SystemTime::now()).to_string()[..10].to_owned();
+    loop {
+        let (status, body) = call(
+            a.addr,
+            Method::GET,
+            &format!("/admin/v1/spend?key=new-app&from={today}&to={today}"),
+            TOKEN,
+            None,
+        )
+        .await?;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let days = body["data"].as_array().cloned().unwrap_or_default();
+        if let Some(day) = days.first() {
+            if day["requests"].as_i64() >= Some(8) {
+                assert_eq!(days.len(), 1, "{body}");
+                assert_eq!(day["key"], "new-app");
+                assert_eq!(day["day"], today.as_str());
+                assert!(day["cost_usd"].as_f64().unwrap() > 0.0, "{body}");
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "spend never showed: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = call(
+        a.addr,
+        Method::GET,
+        "/admin/v1/spend?from=tomorrow",
+        TOKEN,
+        None,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     Ok(())
 }
 
