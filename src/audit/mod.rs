@@ -122,6 +122,7 @@ pub use drain::{
     DEFAULT_MAX_DRAIN_BYTES,
 };
 pub use future::ResponseFuture;
+pub(crate) use handle::forwarding;
 pub use handle::AuditHandle;
 pub use layer::{AuditLayer, DEFAULT_MAX_CONTENT_BYTES};
 pub use record::{
