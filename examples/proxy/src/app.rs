@@ -53,6 +53,8 @@ pub enum StartError {
     Io(String, std::io::Error),
     /// `[state]` is unusable.
     State(String),
+    /// `[metrics]` is unusable.
+    Metrics(String),
 }
 
 impl std::fmt::Display for StartError {
@@ -62,6 +64,7 @@ impl std::fmt::Display for StartError {
             StartError::Upstream(e) => write!(f, "invalid [upstream]: {e}"),
             StartError::Io(what, e) => write!(f, "{what}: {e}"),
             StartError::State(e) => write!(f, "invalid [state]: {e}"),
+            StartError::Metrics(e) => write!(f, "invalid [metrics]: {e}"),
         }
     }
 }
@@ -91,6 +94,8 @@ pub struct Proxy {
     /// The responses read on after their clients left (see `[audit] drain_after_cancel`).
     drains: Option<DrainOnCancelLayer>,
     redis: Option<RedisStore>,
+    /// `[metrics]`, when on.
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -217,6 +222,17 @@ impl Proxy {
             // The embedded default: a newcomer sees the audit records, one line each.
             audit = audit.with(audit_line::sink(audit_lines));
         }
+        let metrics = crate::metrics::Metrics::prepare(
+            &config.metrics,
+            &config.pricing,
+            audit_sink.as_ref(),
+            &env,
+        )
+        .await
+        .map_err(StartError::Metrics)?;
+        if let Some(metrics) = &metrics {
+            audit = audit.with(metrics.sink());
+        }
         let policy = if args.no_policy {
             None
         } else {
@@ -267,14 +283,27 @@ impl Proxy {
             audit_sink,
             drains,
             redis,
+            metrics,
         })
+    }
+
+    /// Where the `[metrics]` page listens when it has a listener of its own.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .as_ref()
+            .and_then(crate::metrics::Metrics::addr)
     }
 
     /// Serves until `shutdown` completes, then shuts down gracefully (see [`server::run`])
     /// and flushes the audit log: every request answered has its record on disk when this
     /// returns.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
-        let served = server::run(self.service, self.listener, self.server, shutdown).await;
+        let (page, page_listener) = self.metrics.map_or((None, None), |m| m.start());
+        let served =
+            server::run_with(self.service, self.listener, self.server, page, shutdown).await;
+        if let Some(task) = page_listener {
+            task.abort();
+        }
         if let Some(drains) = &self.drains {
             // Responses still read on for their usage (clients that left): their records
             // come when they end, within the drain timeout.
