@@ -27,13 +27,13 @@ const SECRET: &str = "sk-virt-metrics-Q7wZp3LmN8vR2xTk";
 
 const CHAT_JSON: &str = r#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":2000,"completion_tokens":300,"total_tokens":2300}}"#;
 
+/// One series: its name, its labels, its value.
+type Sample = (String, Vec<(String, String)>, DebugValue);
+type Snapshot = Vec<Sample>;
 type Series<'a> = Vec<(&'a [(String, String)], &'a DebugValue)>;
 
 /// The series of `name`, with their labels.
-fn series<'a>(
-    snapshot: &'a [(String, Vec<(String, String)>, DebugValue)],
-    name: &str,
-) -> Series<'a> {
+fn series<'a>(snapshot: &'a [Sample], name: &str) -> Series<'a> {
     snapshot
         .iter()
         .filter(|(n, ..)| n == name)
@@ -41,7 +41,7 @@ fn series<'a>(
         .collect()
 }
 
-fn take(snapshotter: &Snapshotter) -> Vec<(String, Vec<(String, String)>, DebugValue)> {
+fn take(snapshotter: &Snapshotter) -> Snapshot {
     snapshotter
         .snapshot()
         .into_vec()
@@ -63,11 +63,7 @@ fn has(labels: &[(String, String)], want: &[(&str, &str)]) -> bool {
 }
 
 /// The sum of the counters of `name` whose labels include `want`.
-fn counter(
-    snapshot: &[(String, Vec<(String, String)>, DebugValue)],
-    name: &str,
-    want: &[(&str, &str)],
-) -> u64 {
+fn counter(snapshot: &[Sample], name: &str, want: &[(&str, &str)]) -> u64 {
     series(snapshot, name)
         .into_iter()
         .filter(|(labels, _)| has(labels, want))
@@ -79,11 +75,7 @@ fn counter(
 }
 
 /// The values recorded into the histograms of `name` whose labels include `want`.
-fn histogram(
-    snapshot: &[(String, Vec<(String, String)>, DebugValue)],
-    name: &str,
-    want: &[(&str, &str)],
-) -> Vec<f64> {
+fn histogram(snapshot: &[Sample], name: &str, want: &[(&str, &str)]) -> Vec<f64> {
     series(snapshot, name)
         .into_iter()
         .filter(|(labels, _)| has(labels, want))
@@ -94,11 +86,7 @@ fn histogram(
         .collect()
 }
 
-fn gauge(
-    snapshot: &[(String, Vec<(String, String)>, DebugValue)],
-    name: &str,
-    want: &[(&str, &str)],
-) -> f64 {
+fn gauge(snapshot: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
     let found = series(snapshot, name)
         .into_iter()
         .find(|(labels, _)| has(labels, want))
@@ -111,9 +99,7 @@ fn gauge(
 
 /// Runs `f` with a local recorder on a current-thread runtime (the records are emitted on
 /// this thread, when the response bodies end), and returns what was recorded.
-fn recorded<F: FnOnce(&tokio::runtime::Runtime)>(
-    f: F,
-) -> Vec<(String, Vec<(String, String)>, DebugValue)> {
+fn recorded<F: FnOnce(&tokio::runtime::Runtime)>(f: F) -> Snapshot {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let runtime = tokio::runtime::Builder::new_current_thread()
