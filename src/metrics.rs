@@ -1,5 +1,5 @@
 //! Metrics (feature `metrics`): a [`LogSink`] that turns each audit record into counters and
-//! histograms of the [`metrics`](::metrics) facade, for whichever exporter the host installs
+//! histograms of the [`metrics`] facade, for whichever exporter the host installs
 //! (Prometheus, StatsD, ...).
 //!
 //! [`MetricsSink`] goes into the audit layer's sinks (alone, or with others in a
@@ -162,7 +162,7 @@ const ENDPOINTS: [&str; 20] = [
     "other",
 ];
 
-/// A [`LogSink`] that counts each audit record in the [`metrics`](::metrics) facade. See the
+/// A [`LogSink`] that counts each audit record in the [`metrics`] facade. See the
 /// [module docs](self) for the metrics and their labels.
 ///
 /// Cheap to clone (clones share the cost totals). `record` takes a lock only for records
