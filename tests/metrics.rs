@@ -473,6 +473,9 @@ fn a_jsonl_sinks_queue_and_drops_are_reported() {
         .writer(writer)
         .unwrap();
     let sink = MetricsSink::new().watch_jsonl("audit_file", &jsonl);
+    // Dropped before the sinks should an assertion fail: the writer is let go before the last
+    // sink waits for it.
+    let release = release;
     let snapshot = recorded(|_| {
         // The writer takes the first record and blocks writing it out.
         jsonl.record(&record(json!({})));
@@ -510,4 +513,29 @@ fn debug_output_names_no_key_and_no_secret() {
     assert!(!shown.contains("sk-"), "{shown}");
     // The record's outcome is the label.
     assert_eq!(Outcome::Rejected.as_str(), "rejected");
+}
+
+#[test]
+fn descriptions_and_units_are_registered() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        MetricsSink::describe();
+        MetricsSink::new().record(&record(json!({"policy_ms": 0.5})));
+    });
+    let described: Vec<_> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, unit, description, _)| (key.key().name().to_owned(), unit, description))
+        .collect();
+    let of = |name: &str| {
+        described
+            .iter()
+            .find(|(n, ..)| n == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    assert!(of(names::REQUESTS).2.is_some());
+    assert_eq!(of(names::LAYERS_DURATION).1, Some(metrics::Unit::Seconds));
+    assert_eq!(of(names::REQUEST_DURATION).1, Some(metrics::Unit::Seconds));
 }
