@@ -150,9 +150,11 @@ where
             inner: Limited::new(body, limit),
             tripped: tripped.clone(),
         });
+        let req = Request::from_parts(parts, body);
+        crate::audit::forwarding(&req);
         ResponseFuture {
             state: State::Inner {
-                future: self.inner.call(Request::from_parts(parts, body)),
+                future: self.inner.call(req),
                 tripped,
                 limit,
             },

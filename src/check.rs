@@ -198,10 +198,13 @@ where
         };
         if !(view.body_pending() && (needs_body || for_audit)) {
             return match decide_and_forward(&check, parts, PolicyBody::new(body), key.as_deref()) {
-                Ok(req) => State::Inner {
-                    future: inner.call(req),
+                Ok(req) => {
+                    crate::audit::forwarding(&req);
+                    State::Inner {
+                        future: inner.call(req),
+                    }
+                    .into()
                 }
-                .into(),
                 Err(error) => Self::rejected(error, check.layer()),
             };
         }
@@ -356,6 +359,7 @@ where
                                 Ok(req) => {
                                     let mut svc =
                                         inner.take().expect("CheckFuture polled after completion");
+                                    crate::audit::forwarding(&req);
                                     State::Inner {
                                         future: svc.call(req),
                                     }

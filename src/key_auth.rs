@@ -421,11 +421,14 @@ where
         };
         if let Some(found) = now {
             return match admit(&mut req, found) {
-                Ok(()) => ResponseFuture {
-                    state: State::Inner {
-                        future: self.inner.call(req),
-                    },
-                },
+                Ok(()) => {
+                    crate::audit::forwarding(&req);
+                    ResponseFuture {
+                        state: State::Inner {
+                            future: self.inner.call(req),
+                        },
+                    }
+                }
                 Err(error) => ResponseFuture::rejected(error),
             };
         }
@@ -540,6 +543,7 @@ where
                             let mut svc = inner
                                 .take()
                                 .expect("ResponseFuture polled after completion");
+                            crate::audit::forwarding(&req);
                             State::Inner {
                                 future: svc.call(req),
                             }

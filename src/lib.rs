@@ -15,6 +15,9 @@ pub mod feature_block;
 pub mod fuzzing;
 pub mod key_auth;
 pub mod keys;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 pub mod model;
 pub mod model_allow_list;
 pub mod policy;

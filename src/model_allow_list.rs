@@ -295,6 +295,7 @@ where
                     key,
                 };
                 let req = Request::from_parts(parts, PolicyBody::new(body));
+                crate::audit::forwarding(&req);
                 return ResponseFuture {
                     state: State::Listing {
                         future: self.inner.call(req),

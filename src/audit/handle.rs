@@ -1,7 +1,9 @@
 use std::fmt;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Uri};
@@ -41,6 +43,11 @@ pub struct AuditHandle {
 struct Shared {
     config: Arc<Config>,
     state: Mutex<State>,
+    /// When the audit layer took the request.
+    start: Instant,
+    /// Nanoseconds after `start` when a layer of this crate last handed the request to its
+    /// inner service (`0`: not yet); see [`forwarding`].
+    forwarded: AtomicU64,
 }
 
 /// What the handle holds for the record.
@@ -199,12 +206,29 @@ impl Facts {
     }
 }
 
+/// Called by every layer of this crate just before it calls its inner service with `req`:
+/// the request's [`AuditHandle`], if any, notes the time. The layers are called from the
+/// outside in, so the last note is the innermost layer's, taken as the request leaves the
+/// policy stack for the service it guards (the upstream): the record's
+/// [`policy_ms`](super::AuditRecord::policy_ms). One clock read per layer, and only behind an
+/// audit layer.
+pub(crate) fn forwarding<B>(req: &http::Request<B>) {
+    if let Some(handle) = req.extensions().get::<AuditHandle>() {
+        handle.mark_forwarded();
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl AuditHandle {
-    pub(crate) fn new(config: Arc<Config>, view: &LlmRequest, key: Option<Arc<ApiKey>>) -> Self {
+    pub(crate) fn new(
+        config: Arc<Config>,
+        view: &LlmRequest,
+        key: Option<Arc<ApiKey>>,
+        start: Instant,
+    ) -> Self {
         let facts = Facts::of(view, &config);
         AuditHandle {
             shared: Arc::new(Shared {
@@ -214,7 +238,25 @@ impl AuditHandle {
                     facts,
                     ..State::default()
                 }),
+                start,
+                forwarded: AtomicU64::new(0),
             }),
+        }
+    }
+
+    /// A layer hands the request to its inner service now (see [`forwarding`]).
+    fn mark_forwarded(&self) {
+        let nanos = u64::try_from(self.shared.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        // 0 means "not yet": a request forwarded within its first nanosecond is 1 ns.
+        self.shared.forwarded.store(nanos.max(1), Ordering::Relaxed);
+    }
+
+    /// From the request's arrival at the audit layer to the last time a layer of this crate
+    /// handed it to its inner service; `None` if none did.
+    pub(crate) fn forwarded_after(&self) -> Option<Duration> {
+        match self.shared.forwarded.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(Duration::from_nanos(nanos)),
         }
     }
 
@@ -497,7 +539,12 @@ mod tests {
     #[test]
     fn flags_are_kept_once_in_order() {
         let config = config(AuditLayer::new(MemorySink::new()));
-        let handle = AuditHandle::new(config, &view("/v1/chat/completions", "{}"), None);
+        let handle = AuditHandle::new(
+            config,
+            &view("/v1/chat/completions", "{}"),
+            None,
+            std::time::Instant::now(),
+        );
         handle.flag("b");
         handle.flag("a");
         handle.flag("b");
@@ -517,7 +564,7 @@ mod tests {
         let copy = |limit: usize, claim: bool| {
             let config = config(AuditLayer::new(MemorySink::new()));
             let head = view("/v1/chat/completions", "");
-            let handle = AuditHandle::new(config, &head, None);
+            let handle = AuditHandle::new(config, &head, None, std::time::Instant::now());
             handle.start_copy(Policy::default(), limit);
             let (first, rest) = body.as_bytes().split_at(20);
             handle.copy_chunk(first);

@@ -45,7 +45,9 @@
 //!   report ([`flag::USAGE_REPEATED`]); nothing after `[DONE]` is read. Client-controlled
 //!   fields are bounded ([`MAX_FIELD_BYTES`], [`MAX_PATH_BYTES`], [`MAX_ID_BYTES`];
 //!   [`flag::FIELD_TRUNCATED`]).
-//! - **Timing**: latency to the end of the body, time to the first byte of the body.
+//! - **Timing**: latency to the end of the body, time to the first byte of the body, and the
+//!   time spent in the policy stack itself (`policy_ms`: until the innermost layer of this
+//!   crate called the service behind it, or until the rejection).
 //! - **Content**: not by default. [`AuditLayer::log_content`] adds the prompt and the start
 //!   of the response, redacted ([`redact_api_keys`] unless [`AuditLayer::redact`] says
 //!   otherwise) and bounded.
@@ -122,6 +124,7 @@ pub use drain::{
     DEFAULT_MAX_DRAIN_BYTES,
 };
 pub use future::ResponseFuture;
+pub(crate) use handle::forwarding;
 pub use handle::AuditHandle;
 pub use layer::{AuditLayer, DEFAULT_MAX_CONTENT_BYTES};
 pub use record::{

@@ -106,6 +106,16 @@ pub struct AuditRecord {
     /// From the request's arrival to the first byte of the response body, in milliseconds
     /// (for a stream: the time to the first token).
     pub ttft_ms: Option<f64>,
+    /// The time the request spent in the policy stack before it went on, in milliseconds:
+    /// from its arrival at the audit layer to the moment the innermost layer of this crate
+    /// called the service behind the stack (the upstream) — the key lookup, reading and
+    /// parsing the body, every decision, the spend and rate checks — or, for a rejection, to
+    /// the rejection response reaching the audit layer. The upstream's time is not in it.
+    /// Waits within the stack count: a key store or spend ledger over the network, a client
+    /// slow to send its body. `null` (and not serialized) when no response came (the client
+    /// left or the inner service failed first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_ms: Option<f64>,
     /// Response body bytes sent to the client.
     pub response_bytes: u64,
     /// Prompt and response text, only with content logging on; redacted.

@@ -60,6 +60,8 @@ pub(crate) struct Recorder {
     settled_usd: Option<f64>,
     scanner: Option<UsageScanner>,
     ttfb: Option<Duration>,
+    /// The time spent in the policy stack (see [`AuditRecord::policy_ms`]).
+    policy: Option<Duration>,
     response_bytes: u64,
     content: Option<Vec<u8>>,
     content_truncated: bool,
@@ -100,6 +102,7 @@ impl Recorder {
             settled_usd: None,
             scanner: None,
             ttfb: None,
+            policy: None,
             response_bytes: 0,
             content_truncated: false,
             response_encoded: false,
@@ -161,6 +164,13 @@ impl Recorder {
             .get::<Rejection>()
             .map(|r| (r.layer, r.code));
         self.take_handle();
+        // A rejection was decided in the stack alone; a forwarded request spent the time until
+        // the innermost layer handed it on.
+        self.policy = if self.rejection.is_some() {
+            Some(self.info.start.elapsed())
+        } else {
+            self.handle.forwarded_after()
+        };
         if self.rejection.is_some() {
             return false;
         }
@@ -464,6 +474,7 @@ impl Recorder {
             settled_usd: self.settled_usd,
             latency_ms: elapsed_ms(self.info.start.elapsed()),
             ttft_ms: self.ttfb.map(elapsed_ms),
+            policy_ms: self.policy.map(elapsed_ms),
             response_bytes: self.response_bytes,
             content,
         }

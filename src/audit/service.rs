@@ -121,7 +121,7 @@ where
         let method = parts.method.clone();
         let uri = parts.uri.clone();
         let view = LlmRequest::resolve(&mut parts, &self.config.policy);
-        let handle = AuditHandle::new(self.config.clone(), view, key.clone());
+        let handle = AuditHandle::new(self.config.clone(), view, key.clone(), start);
         // With the key not known yet, the body is not read here: the layer that admits the
         // request reads it for the record. Should no layer of this crate read it, the record
         // takes a bounded copy of it on its way to the inner service.

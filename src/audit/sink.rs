@@ -329,6 +329,8 @@ struct Counters {
     write_errors: AtomicU64,
     /// Bytes of the lines queued and not yet written.
     queued_bytes: AtomicU64,
+    /// Lines queued and not yet written.
+    queued: AtomicU64,
 }
 
 /// Writes records as JSON Lines: one JSON object per line, appended to a file (or any
@@ -487,6 +489,7 @@ fn write_lines<W: Write>(
             counters
                 .queued_bytes
                 .fetch_sub(line.len() as u64, Ordering::Relaxed);
+            counters.queued.fetch_sub(1, Ordering::Relaxed);
             match out.write_all(&line) {
                 Ok(()) => counters.written.fetch_add(1, Ordering::Relaxed),
                 Err(_) => counters.write_errors.fetch_add(1, Ordering::Relaxed),
@@ -572,6 +575,17 @@ impl JsonlSink {
         self.shared.counters.write_errors.load(Ordering::Relaxed)
     }
 
+    /// Records queued for the writer thread and not yet written (the queue's depth now).
+    pub fn queued(&self) -> u64 {
+        self.shared.counters.queued.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the records queued for the writer thread and not yet written (at most the
+    /// queue's byte budget, [`JsonlSinkBuilder::queue_bytes`]).
+    pub fn queued_bytes(&self) -> u64 {
+        self.shared.counters.queued_bytes.load(Ordering::Relaxed)
+    }
+
     /// Waits until every record queued before this call is written and the writer flushed.
     /// Blocks: not for the request path. An error when the flush failed or the writer thread
     /// is gone.
@@ -641,9 +655,12 @@ impl LogSink for JsonlSink {
             counters.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        // Counted before the send, so that the writer never takes it below zero.
+        counters.queued.fetch_add(1, Ordering::Relaxed);
         match self.shared.tx.try_send(Message::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                counters.queued.fetch_sub(1, Ordering::Relaxed);
                 counters.queued_bytes.fetch_sub(len, Ordering::Relaxed);
                 counters.dropped.fetch_add(1, Ordering::Relaxed);
             }

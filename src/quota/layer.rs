@@ -698,6 +698,7 @@ where
             .cloned()
         else {
             // No key, or one without limits: no ledger, no limiter, nothing to settle.
+            crate::audit::forwarding(&req);
             return AdmitState::Inner {
                 future: self.inner.call(req),
                 settle: None,
@@ -780,6 +781,7 @@ where
                                 inner.take().expect("AdmitFuture polled after completion");
                             // From here on the upstream may spend: never settled at nothing.
                             settle.stage = Stage::Sent;
+                            crate::audit::forwarding(&req);
                             AdmitState::Inner {
                                 future: svc.call(req),
                                 settle: Some(settle),

@@ -63,6 +63,8 @@ pub enum StartError {
     State(String),
     /// `[store]` or `[admin]` is unusable (the database, the admin token).
     Store(String),
+    /// `[metrics]` is unusable.
+    Metrics(String),
 }
 
 impl std::fmt::Display for StartError {
@@ -73,6 +75,7 @@ impl std::fmt::Display for StartError {
             StartError::Io(what, e) => write!(f, "{what}: {e}"),
             StartError::State(e) => write!(f, "invalid [state]: {e}"),
             StartError::Store(e) => write!(f, "{e}"),
+            StartError::Metrics(e) => write!(f, "invalid [metrics]: {e}"),
         }
     }
 }
@@ -106,6 +109,8 @@ pub struct Proxy {
     redis: Option<RedisStore>,
     /// The key change listener of `[store] postgres_url` (stops when dropped).
     _listener: Option<Listener>,
+    /// `[metrics]`, when on.
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -263,6 +268,18 @@ impl Proxy {
         }
         let admin_token_env = config.admin.token_env.clone();
         let admin_check_store = store.clone();
+        let metrics = crate::metrics::Metrics::prepare(
+            &config.metrics,
+            &config.pricing,
+            audit_sink.as_ref(),
+            audit_db.as_ref().map(|(sink, _)| sink),
+            &env,
+        )
+        .await
+        .map_err(StartError::Metrics)?;
+        if let Some(metrics) = &metrics {
+            audit = audit.with(metrics.sink());
+        }
         let policy = if args.no_policy {
             None
         } else {
@@ -335,14 +352,27 @@ impl Proxy {
             drains,
             redis,
             _listener: key_listener,
+            metrics,
         })
+    }
+
+    /// Where the `[metrics]` page listens when it has a listener of its own.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .as_ref()
+            .and_then(crate::metrics::Metrics::addr)
     }
 
     /// Serves until `shutdown` completes, then shuts down gracefully (see [`server::run`])
     /// and flushes the audit log: every request answered has its record on disk when this
     /// returns.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
-        let served = server::run(self.service, self.listener, self.server, shutdown).await;
+        let (page, page_listener) = self.metrics.map_or((None, None), |m| m.start());
+        let served =
+            server::run_with(self.service, self.listener, self.server, page, shutdown).await;
+        if let Some(task) = page_listener {
+            task.abort();
+        }
         if let Some(drains) = &self.drains {
             // Responses still read on for their usage (clients that left): their records
             // come when they end, within the drain timeout.

@@ -92,6 +92,9 @@ pub struct Config {
     /// `[admin]`: the admin API (`/admin/v1/...`), off unless `token_env` is set.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// `[metrics]`: Prometheus metrics (off by default).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// `[[teams]]`: spend caps shared by the keys whose `team` names them.
     #[serde(default)]
     pub teams: Vec<TeamConfig>,
@@ -866,10 +869,47 @@ impl Config {
             state: StateConfig::default(),
             store: StoreConfig::default(),
             admin: AdminConfig::default(),
+            metrics: MetricsConfig::default(),
             teams: Vec::new(),
             keys: Vec::new(),
         }
     }
+}
+
+/// `[metrics]`: the Prometheus page (see [`crate::metrics`]). Off by default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `enabled = true`: serve the metrics.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `path = "/metrics"`: where (not under `/v1`, not `/healthz`).
+    #[serde(default = "default_metrics_path")]
+    pub path: String,
+    /// `listen = "127.0.0.1:9090"`: a listener of the page's own. Absent: the API's
+    /// listener, which then needs `token_env`.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// `token_env = "METRICS_TOKEN"`: the environment variable holding the bearer token a
+    /// scrape must send. Required on the API's listener; a variable that is not set is an
+    /// error at start-up.
+    #[serde(default)]
+    pub token_env: Option<String>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: false,
+            path: default_metrics_path(),
+            listen: None,
+            token_env: None,
+        }
+    }
+}
+
+fn default_metrics_path() -> String {
+    "/metrics".to_owned()
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! - [`app`]: command line, configuration or embedded default, start-up;
 //! - [`audit_line`]: the embedded default's audit records, one line each on stdout;
 //! - [`config`]: the TOML configuration (see `proxy.toml` in this package);
+//! - [`metrics`]: `[metrics]`, the Prometheus page;
 //! - [`stack`]: the policy layers in front of the forwarding client;
 //! - [`server`]: the HTTP server, `/healthz`, timeouts and the connection limit, graceful
 //!   shutdown;
@@ -18,6 +19,7 @@ pub mod admin;
 pub mod app;
 pub mod audit_line;
 pub mod config;
+pub mod metrics;
 pub mod mock;
 pub mod server;
 pub mod slow_client;

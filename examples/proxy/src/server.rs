@@ -48,6 +48,7 @@ use crate::config::{
     DEFAULT_BODY_READ_TIMEOUT, DEFAULT_BODY_TOTAL_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
     DEFAULT_MAX_BODY_BYTES_IN_FLIGHT, DEFAULT_MAX_CONNECTIONS, DEFAULT_SHUTDOWN_GRACE,
 };
+use crate::metrics::MetricsPage;
 use crate::slow_client::{BodyBudget, BodyState, ReadTimeoutBody};
 use crate::stack::{ProxyBody, ProxyService};
 
@@ -99,6 +100,18 @@ pub async fn run(
     options: ServerOptions,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    run_with(service, listener, options, None, shutdown).await
+}
+
+/// [`run`], with the `[metrics]` page served on the same listener, before the stack (see
+/// [`crate::metrics`]).
+pub async fn run_with(
+    service: ProxyService,
+    listener: TcpListener,
+    options: ServerOptions,
+    metrics: Option<Arc<MetricsPage>>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let grace = options.grace;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -138,6 +151,7 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let service = service.clone();
+        let metrics = metrics.clone();
         let bodies = bodies.clone();
         let trusted = options.trusted_proxies.clone();
         let builder = builder.clone();
@@ -167,7 +181,8 @@ pub async fn run(
                 // record shows it). The socket's peer is the client, unless it is one of
                 // `[proxy] trusted_proxies`: then its forwarding headers say who the client is.
                 let client = ClientIp(trusted.client_ip(peer.ip(), req.headers()));
-                let answer = handle(service.clone(), peer, client, bodies.clone(), req);
+                let page = metrics.clone();
+                let answer = handle(service.clone(), page, peer, client, bodies.clone(), req);
                 async move {
                     let response = answer.await?;
                     Ok::<_, Infallible>(match active {
@@ -334,9 +349,10 @@ struct BodyRules {
     budget: BodyBudget,
 }
 
-/// One request: `/healthz` here, everything else through the stack.
+/// One request: `/healthz` and the metrics page here, everything else through the stack.
 async fn handle(
     mut service: ProxyService,
+    metrics: Option<Arc<MetricsPage>>,
     peer: SocketAddr,
     client: ClientIp,
     bodies: BodyRules,
@@ -344,6 +360,9 @@ async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     if req.uri().path() == "/healthz" && matches!(*req.method(), Method::GET | Method::HEAD) {
         return Ok(healthz());
+    }
+    if let Some(page) = metrics.filter(|page| page.matches(&req)) {
+        return Ok(page.respond(&req));
     }
     // The request starts now (hyper calls the service once the head is read): its body's
     // total deadline runs from here.
