@@ -218,3 +218,53 @@ async fn attack_reload_accepts_team_prefixed_key_name() {
         found.unwrap().name
     );
 }
+
+/// A JSON key file whose `expires_at` is Unix seconds past `SystemTime`'s range (valid JSON,
+/// a u64) panics inside `refresh()` while it holds the reload mutex. KeyAuth catches the
+/// panic, but the mutex stays poisoned and `refresh()` / `maybe_refresh()` read a poisoned
+/// `try_lock` as "someone else is reloading": the store never reloads again. Fixing the file
+/// and revoking a key afterwards is silently ignored until a restart.
+#[tokio::test]
+async fn attack_json_reload_panic_freezes_the_store_forever() {
+    let (_dir, path) = temp_file(
+        "keys.json",
+        &format!(r#"{{"keys": [{{"name": "victim", "secret": "{VICTIM_SECRET}"}}]}}"#),
+    );
+    let store = Arc::new(
+        FileKeyStore::open(&path)
+            .unwrap()
+            .check_interval(Duration::ZERO),
+    );
+    assert!(futures_lookup(&store, VICTIM_SECRET).is_some());
+    let replace = |text: String| {
+        let tmp = path.with_extension("new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    };
+    // A bad edit (a typo'd timestamp, or written by a tool that emits u64 seconds).
+    replace(format!(
+        r#"{{"keys": [{{"name": "victim", "secret": "{VICTIM_SECRET}", "expires_at": 18446744073709551615}}]}}"#
+    ));
+    let s = store.clone();
+    let panicked = std::thread::spawn(move || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            s.lookup_now(&KeyDigest::of(VICTIM_SECRET))
+        }))
+        .is_err()
+    })
+    .join()
+    .unwrap();
+    // The operator fixes the file and revokes the leaked key.
+    std::thread::sleep(Duration::from_millis(20));
+    replace(r#"{"keys": []}"#.to_owned());
+    let still = futures_lookup(&store, VICTIM_SECRET);
+    assert!(
+        still.is_none(),
+        "the reload panicked ({panicked}); after the file was fixed and the key revoked, the \
+         store still serves `{}` (reloads: {}, failed: {}, last_error: {:?})",
+        still.as_ref().unwrap().name,
+        store.reloads(),
+        store.failed_reloads(),
+        store.last_error()
+    );
+}

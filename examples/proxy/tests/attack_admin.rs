@@ -246,3 +246,52 @@ async fn attack_admin_cannot_choose_or_change_a_secret() -> TestResult {
     assert!(!text.contains("name = \"other\""), "{text}");
     Ok(())
 }
+
+/// `expires_at` as Unix seconds is a u64: one past SystemTime's range panics in the
+/// deserializer (`UNIX_EPOCH + Duration`), and one past year 9999 parses but panics when the
+/// key is written (`humantime` returns fmt::Error, `to_string()` panics). Either kills the
+/// admin request's connection instead of a 400. A key file holding such a key (valid TOML,
+/// loaded and served fine) makes `GET /admin/v1/keys` panic for good.
+#[tokio::test]
+async fn attack_admin_far_future_expiry_panics_the_handler() -> TestResult {
+    let (mock, _log) = mock::spawn(mock::MockOptions::default()).await?;
+    let text = format!(
+        "{}\n[[keys]]\nname = \"far\"\nsecret = \"sk-far-future-key-00000000\"\nexpires_at = 253402300800\n",
+        config(mock)
+    );
+    let proxy = start(&text).await?;
+    let mut dead = Vec::new();
+    for (i, expiry) in [json!(18446744073709551615u64), json!(253402300800u64)]
+        .into_iter()
+        .enumerate()
+    {
+        for (method, path, body) in [
+            (
+                Method::POST,
+                "/admin/v1/keys".to_owned(),
+                json!({"name": format!("far-{i}"), "expires_at": expiry}),
+            ),
+            (
+                Method::PATCH,
+                "/admin/v1/keys/leaked".to_owned(),
+                json!({"expires_at": expiry}),
+            ),
+        ] {
+            match call(proxy.addr, method.clone(), &path, TOKEN, Some(body)).await {
+                Ok((status, _)) if status.is_client_error() => {}
+                Ok((status, body)) => dead.push(format!("{method} {path} {expiry}: {status} {body}")),
+                Err(e) => dead.push(format!("{method} {path} expires_at {expiry}: no answer ({e})")),
+            }
+        }
+    }
+    // The far key itself is served (it has not expired)...
+    assert_eq!(chat(proxy.addr, "sk-far-future-key-00000000").await?, StatusCode::OK);
+    // ...but listing or reading the keys dies.
+    for path in ["/admin/v1/keys", "/admin/v1/keys/far"] {
+        if let Err(e) = call(proxy.addr, Method::GET, path, TOKEN, None).await {
+            dead.push(format!("GET {path}: no answer ({e})"));
+        }
+    }
+    assert!(dead.is_empty(), "admin requests killed by a panic:\n{}", dead.join("\n"));
+    Ok(())
+}
