@@ -268,3 +268,34 @@ async fn attack_json_reload_panic_freezes_the_store_forever() {
         store.last_error()
     );
 }
+
+/// Held: names and metadata built to break out of their TOML string or table (quotes,
+/// `]]`, newlines in metadata, `'''`, a fake `[[keys]]` with a secret) round-trip as data;
+/// the file still loads with exactly the keys created, and no injected key authenticates.
+#[tokio::test]
+async fn held_toml_injection_through_names_and_metadata() {
+    let (_dir, path) = temp_file("proxy.toml", &format!("listen = \"127.0.0.1:1\"\n\n{}", keys_file()));
+    let store = FileKeyStore::open_keys_of(&path).unwrap();
+    let evil = [
+        "a\"\n[[keys]]\nname = \"inj\"\nsecret = \"sk-injected-0000000\"\n#",
+        "b\"]]\n[[keys]]",
+        "c'''\n[[keys]]\nname='inj2'\nsecret='sk-injected-0000001'\n'''",
+        "d\\\"\\u0022",
+        "e = 1 # \u{2028}\u{feff}",
+        "[[keys]]",
+    ];
+    let mut made = 0;
+    for (i, text) in evil.iter().enumerate() {
+        let name = format!("n{i}-{}", text.replace(['\n'], " "));
+        let key = ApiKey::new(name.clone()).label(*text, *text).label("v", format!("x\n{text}"));
+        if store.create(key).await.is_ok() {
+            made += 1;
+        }
+    }
+    let fresh = FileKeyStore::open_keys_of(&path).unwrap();
+    assert_eq!(fresh.len(), 1 + made);
+    for secret in ["sk-injected-0000000", "sk-injected-0000001"] {
+        assert!(futures_lookup(&fresh, secret).is_none());
+    }
+}
+

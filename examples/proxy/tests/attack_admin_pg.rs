@@ -202,3 +202,31 @@ async fn attack_spend_parameters() -> TestResult {
     assert_eq!(status, StatusCode::OK, "{body}");
     Ok(())
 }
+
+/// Held: on PostgreSQL, concurrent PATCHes of one key serialize (`SELECT ... FOR UPDATE`):
+/// a disable racing an rpm change is never lost (contrast with the file store,
+/// `attack_admin::attack_concurrent_admin_patches_undo_a_disable`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn held_concurrent_patches_on_postgres_keep_the_disable() -> TestResult {
+    let server = PgServer::start();
+    let (mock, _log) = mock::spawn(mock::MockOptions::default()).await?;
+    let (addr, _dir) = start(&config(mock, &server.url()), true).await?;
+    let (status, _) =
+        call(addr, Method::POST, "/admin/v1/keys", TOKEN, Some(json!({"name": "k"}))).await?;
+    assert_eq!(status, StatusCode::CREATED);
+    for i in 0..60 {
+        call(addr, Method::PATCH, "/admin/v1/keys/k", TOKEN, Some(json!({"disabled": false}))).await?;
+        let a = tokio::spawn(async move {
+            call(addr, Method::PATCH, "/admin/v1/keys/k", TOKEN, Some(json!({"disabled": true}))).await
+        });
+        let b = tokio::spawn(async move {
+            call(addr, Method::PATCH, "/admin/v1/keys/k", TOKEN, Some(json!({"rpm": 1000 + i}))).await
+        });
+        a.await??;
+        b.await??;
+        let (_, key) = call(addr, Method::GET, "/admin/v1/keys/k", TOKEN, None).await?;
+        assert_eq!(key["disabled"], true, "round {i}: {key}");
+        assert_eq!(key["rpm"], 1000 + i, "round {i}: {key}");
+    }
+    Ok(())
+}
