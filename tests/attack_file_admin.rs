@@ -152,7 +152,7 @@ async fn attack_sequential_patch_reverts_disable_under_lookup_traffic() {
 /// the same (coarse) mtime and a recycled inode is not seen by `refresh()` (the stamp is
 /// unchanged), so the next PATCH starts from the stale snapshot.
 #[tokio::test]
-async fn attack_sequential_patches_same_length_are_not_reloaded() {
+async fn held_sequential_patches_same_length_are_reloaded() {
     let (_dir, path) = temp_file("keys.toml", &keys_file());
     let store = FileKeyStore::open(&path).unwrap();
     let mut stale = 0;
