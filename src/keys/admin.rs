@@ -33,8 +33,12 @@ pub struct KeyRecord {
 }
 
 fn time<S: Serializer>(at: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    // RFC 3339 ends with the year 9999 (a database may hold later times).
+    let latest = std::time::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799);
     match at {
-        Some(at) => s.serialize_str(&humantime::format_rfc3339_millis(*at).to_string()),
+        Some(at) => {
+            s.serialize_str(&humantime::format_rfc3339_millis((*at).min(latest)).to_string())
+        }
         None => s.serialize_none(),
     }
 }
@@ -198,7 +202,29 @@ impl<T: KeyAdmin + ?Sized> KeyAdmin for std::sync::Arc<T> {
 pub fn check_new_key(mut key: ApiKey) -> Result<ApiKey, AdminError> {
     let _ = key.take_credential();
     check_name(&key.name)?;
+    check_no_nul(&key)?;
     Ok(key)
+}
+
+/// A NUL character anywhere in a key's policy: refused (a database cannot store it in text,
+/// and no name, model or label needs one).
+fn check_no_nul(key: &ApiKey) -> Result<(), AdminError> {
+    fn has_nul(value: &Value) -> bool {
+        match value {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(items) => items.iter().any(has_nul),
+            Value::Object(fields) => fields.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+            _ => false,
+        }
+    }
+    let value =
+        serde_json::to_value(key).map_err(|e| AdminError::Invalid(format!("invalid key: {e}")))?;
+    if has_nul(&value) {
+        return Err(AdminError::Invalid(
+            "a key's policy may not hold a NUL character".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn check_name(name: &str) -> Result<(), AdminError> {
@@ -244,6 +270,7 @@ pub fn apply_patch(key: &ApiKey, patch: &Value) -> Result<ApiKey, AdminError> {
     merge(&mut current, patch);
     let patched: ApiKey = serde_json::from_value(current)
         .map_err(|e| AdminError::Invalid(format!("invalid key: {e}")))?;
+    check_no_nul(&patched)?;
     Ok(patched)
 }
 

@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::task::{Poll, Waker};
 use std::time::{Duration, SystemTime};
 
-use super::{ApiKey, BoxFuture, KeyDigest, KeyStore, StoreError};
+use super::{
+    AdminError, ApiKey, BoxFuture, CreatedKey, KeyAdmin, KeyDigest, KeyPage, KeyRecord, KeyStore,
+    PageRequest, StoreError,
+};
 use crate::quota::{Clock, SystemClock};
 
 /// The default [`max_entries`](CachedKeyStore::max_entries).
@@ -804,6 +807,49 @@ impl<V> ClockMap<V> {
         if self.hand >= self.slots.len() {
             self.hand = 0;
         }
+    }
+}
+
+/// The admin API of the store inside, which also drops each changed key from this cache at
+/// once: this replica never serves a key it has just changed or deleted (other replicas
+/// learn of it from the store's own notifications, or when their entries' TTL runs out).
+impl<S: KeyStore + KeyAdmin> KeyAdmin for CachedKeyStore<S> {
+    fn create(&self, key: ApiKey) -> BoxFuture<'_, Result<CreatedKey, AdminError>> {
+        Box::pin(async move {
+            let created = self.get_ref().create(key).await?;
+            // Unknown keys remembered as unknown may include this one.
+            self.invalidate_key_named(&created.record.key.name);
+            Ok(created)
+        })
+    }
+
+    fn get<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<KeyRecord, AdminError>> {
+        self.get_ref().get(name)
+    }
+
+    fn update<'a>(
+        &'a self,
+        name: &'a str,
+        patch: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<KeyRecord, AdminError>> {
+        Box::pin(async move {
+            let result = self.get_ref().update(name, patch).await;
+            // Dropped even when the answer was lost: the next lookup asks the store.
+            self.invalidate_key_named(name);
+            result
+        })
+    }
+
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), AdminError>> {
+        Box::pin(async move {
+            let result = self.get_ref().delete(name).await;
+            self.invalidate_key_named(name);
+            result
+        })
+    }
+
+    fn list(&self, page: PageRequest) -> BoxFuture<'_, Result<KeyPage, AdminError>> {
+        self.get_ref().list(page)
     }
 }
 

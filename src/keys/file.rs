@@ -275,6 +275,16 @@ pub(crate) fn build_index(
                 message: "a key has an empty `name`".into(),
             });
         }
+        if key.name.starts_with("team:") {
+            // A team's spend is counted under `team:<name>` (see `quota::team_account`).
+            return Err(KeyFileError::Parse {
+                path: path.to_owned(),
+                message: format!(
+                    "key `{}`: a key's name may not start with `team:` (a team's spend account)",
+                    key.name
+                ),
+            });
+        }
         if !names.insert(key.name.clone()) {
             return Err(KeyFileError::Duplicate {
                 path: path.to_owned(),
@@ -447,9 +457,12 @@ impl FileKeyStore {
 
     /// Checks the file now and reloads it if it changed. Returns whether keys were replaced.
     pub fn refresh(&self) -> bool {
-        let Ok(mut last) = self.reload.try_lock() else {
+        let mut last = match self.reload.try_lock() {
+            Ok(last) => last,
+            // A reload that panicked: the lock guards a time only, take it over.
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             // Another caller is reloading right now: use the keys in force.
-            return false;
+            Err(std::sync::TryLockError::WouldBlock) => return false,
         };
         *last = Some(Instant::now());
         let current = Stamp::of(&self.path).ok();
@@ -490,7 +503,10 @@ impl FileKeyStore {
         if !self.check_interval.is_zero() {
             let due = match self.reload.try_lock() {
                 Ok(last) => last.is_none_or(|at| at.elapsed() >= self.check_interval),
-                Err(_) => false,
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned
+                    .into_inner()
+                    .is_none_or(|at| at.elapsed() >= self.check_interval),
+                Err(std::sync::TryLockError::WouldBlock) => false,
             };
             if !due {
                 return;
@@ -511,6 +527,22 @@ impl FileKeyStore {
     /// Which part of the file holds the keys.
     pub(super) fn section(&self) -> Section {
         self.section
+    }
+
+    /// The size limit of the file.
+    pub(super) fn max_size(&self) -> u64 {
+        self.max_file_size
+    }
+
+    /// Puts `keys`, just written to the file, in force (an admin change), with the file's
+    /// stamp now, whatever a reload running at the same time does.
+    pub(super) fn install(&self, keys: HashMap<KeyDigest, Arc<ApiKey>>) {
+        let stamp = Stamp::of(&self.path).ok();
+        let mut state = self.write();
+        state.keys = Arc::new(keys);
+        state.stamp = stamp;
+        state.last_error = None;
+        state.reloads += 1;
     }
 
     /// Held while an admin change rewrites the file.

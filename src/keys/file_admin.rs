@@ -195,7 +195,13 @@ fn write_atomically(path: &Path, text: &str) -> Result<(), AdminError> {
         None => Path::new(&temp_name).to_owned(),
     };
     let result = (|| {
-        let mut file = std::fs::File::create(&temp).map_err(|e| io_error("write", e))?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        // Readable by the owner alone until it has the key file's own permissions: the file
+        // may hold plaintext secrets and passwords.
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&temp).map_err(|e| io_error("write", e))?;
         // The key file's permissions are kept (it may hold plaintext secrets).
         if let Ok(meta) = std::fs::metadata(path) {
             let _ = file.set_permissions(meta.permissions());
@@ -216,30 +222,85 @@ fn write_atomically(path: &Path, text: &str) -> Result<(), AdminError> {
     result
 }
 
+/// A change asked of the file.
+enum Op<'a> {
+    Create(&'a ApiKey, &'a KeyDigest),
+    Update(&'a str, &'a Value),
+    Delete(&'a str),
+}
+
 impl FileKeyStore {
-    /// Applies `edit` to the file: reads it, edits it (TOML keeps its comments and every
-    /// other table), checks that the result loads as a key file would, writes it atomically
-    /// and loads it. One change at a time per store.
-    fn change(&self, edit: &Edit<'_>) -> Result<(), AdminError> {
+    /// Applies `op` to the file: under the admin lock, reads the file, finds the key in it
+    /// (never in the keys loaded earlier, which another change may have made stale), edits
+    /// the text (TOML keeps its comments and every other table), checks that the result loads
+    /// as a key file would and fits the size limit, writes it atomically and puts its keys in
+    /// force. Returns the key as it now is, with its digest (none for a delete).
+    fn change(&self, op: Op<'_>) -> Result<Option<(KeyDigest, ApiKey)>, AdminError> {
         let _one = self.admin_lock();
         let text = std::fs::read_to_string(self.path()).map_err(|e| io_error("read", e))?;
         let json = self
             .path()
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("json"));
-        let new = if json {
-            edit_json(&text, edit)?
-        } else {
-            edit_toml(&text, edit)?
+        let current = parse_section(self.path(), &text, json, self.section())
+            .map_err(|e| AdminError::Invalid(format!("the key file does not load now: {e}")))?;
+        let named = |name: &str| {
+            current
+                .iter()
+                .find(|(_, k)| k.name == name)
+                .map(|(d, k)| (*d, (**k).clone()))
         };
+        let edit_text = |edit: &Edit<'_>| {
+            if json {
+                edit_json(&text, edit)
+            } else {
+                edit_toml(&text, edit)
+            }
+        };
+        let (new, outcome) = match op {
+            Op::Create(key, digest) => {
+                if named(&key.name).is_some() {
+                    return Err(AdminError::Conflict(key.name.clone()));
+                }
+                (
+                    edit_text(&Edit::Create(key, digest))?,
+                    Some((*digest, key.clone())),
+                )
+            }
+            Op::Update(name, patch) => {
+                let (digest, key) =
+                    named(name).ok_or_else(|| AdminError::NotFound(name.to_owned()))?;
+                let patched = apply_patch(&key, patch)?;
+                (
+                    edit_text(&Edit::Update(name, &patched))?,
+                    Some((digest, patched)),
+                )
+            }
+            Op::Delete(name) => {
+                if named(name).is_none() {
+                    return Err(AdminError::NotFound(name.to_owned()));
+                }
+                (edit_text(&Edit::Delete(name))?, None)
+            }
+        };
+        if new.len() as u64 > self.max_size() {
+            return Err(AdminError::Invalid(format!(
+                "the key file would be {} bytes, over the store's limit of {}",
+                new.len(),
+                self.max_size()
+            )));
+        }
         // The new file must load: a change never leaves a file the store would refuse.
-        parse_section(self.path(), &new, json, self.section())
+        let keys = parse_section(self.path(), &new, json, self.section())
             .map_err(|e| AdminError::Invalid(e.to_string()))?;
         write_atomically(self.path(), &new)?;
-        self.refresh();
-        Ok(())
+        // In force at once, whatever a reload running now does.
+        self.install(keys);
+        Ok(outcome)
     }
+}
 
+impl FileKeyStore {
     /// The key named `name` and its digest, as loaded.
     fn named(&self, name: &str) -> Option<(KeyDigest, std::sync::Arc<ApiKey>)> {
         self.snapshot()
@@ -258,20 +319,9 @@ impl KeyAdmin for FileKeyStore {
     fn create(&self, key: ApiKey) -> BoxFuture<'_, Result<CreatedKey, AdminError>> {
         Box::pin(async move {
             let key = check_new_key(key)?;
-            self.refresh();
-            if self.named(&key.name).is_some() {
-                return Err(AdminError::Conflict(key.name));
-            }
             let secret = generate_secret()?;
             let digest = KeyDigest::of(&secret);
-            self.change(&Edit::Create(&key, &digest))
-                .map_err(|e| match e {
-                    // Another writer added the name first.
-                    AdminError::Invalid(m) if m.contains("two keys are named") => {
-                        AdminError::Conflict(key.name.clone())
-                    }
-                    e => e,
-                })?;
+            self.change(Op::Create(&key, &digest))?;
             Ok(CreatedKey {
                 record: KeyRecord::new(key, &digest),
                 secret,
@@ -294,18 +344,15 @@ impl KeyAdmin for FileKeyStore {
         patch: &'a Value,
     ) -> BoxFuture<'a, Result<KeyRecord, AdminError>> {
         Box::pin(async move {
-            self.refresh();
             let (digest, key) = self
-                .named(name)
-                .ok_or_else(|| AdminError::NotFound(name.to_owned()))?;
-            let patched = apply_patch(&key, patch)?;
-            self.change(&Edit::Update(name, &patched))?;
-            Ok(KeyRecord::new(patched, &digest))
+                .change(Op::Update(name, patch))?
+                .expect("an update returns the key");
+            Ok(KeyRecord::new(key, &digest))
         })
     }
 
     fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), AdminError>> {
-        Box::pin(async move { self.change(&Edit::Delete(name)) })
+        Box::pin(async move { self.change(Op::Delete(name)).map(drop) })
     }
 
     fn list(&self, page: PageRequest) -> BoxFuture<'_, Result<KeyPage, AdminError>> {

@@ -419,13 +419,26 @@ mod expiry {
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<Option<SystemTime>, D::Error> {
-        match Option::<Raw>::deserialize(d)? {
-            None => Ok(None),
-            Some(Raw::Seconds(s)) => Ok(Some(UNIX_EPOCH + Duration::from_secs(s))),
-            Some(Raw::Text(t)) => humantime::parse_rfc3339_weak(t.trim())
-                .map(Some)
-                .map_err(|e| serde::de::Error::custom(format!("invalid expires_at `{t}`: {e}"))),
+        let at = match Option::<Raw>::deserialize(d)? {
+            None => return Ok(None),
+            Some(Raw::Seconds(s)) => UNIX_EPOCH.checked_add(Duration::from_secs(s)),
+            Some(Raw::Text(t)) => {
+                Some(humantime::parse_rfc3339_weak(t.trim()).map_err(|e| {
+                    serde::de::Error::custom(format!("invalid expires_at `{t}`: {e}"))
+                })?)
+            }
+        };
+        match at {
+            Some(at) if at <= latest() => Ok(Some(at)),
+            _ => Err(serde::de::Error::custom(
+                "invalid expires_at: after 9999-12-31T23:59:59Z",
+            )),
         }
+    }
+
+    /// The latest time RFC 3339 can write: 9999-12-31T23:59:59Z.
+    pub(crate) fn latest() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(253_402_300_799)
     }
 
     pub(super) fn serialize<S: Serializer>(
@@ -433,7 +446,10 @@ mod expiry {
         s: S,
     ) -> Result<S::Ok, S::Error> {
         match at {
-            Some(at) => s.serialize_str(&humantime::format_rfc3339_seconds(*at).to_string()),
+            // A later time (set in code) is written as the latest one: it never comes either.
+            Some(at) => {
+                s.serialize_str(&humantime::format_rfc3339_seconds((*at).min(latest())).to_string())
+            }
             None => s.serialize_none(),
         }
     }

@@ -214,7 +214,8 @@ fn percent_decode(text: &str, plus_is_space: bool) -> Option<String> {
             }
         }
     }
-    String::from_utf8(out).ok()
+    // No NUL: no key name, date or cursor holds one (and a database refuses it in text).
+    String::from_utf8(out).ok().filter(|s| !s.contains('\0'))
 }
 
 /// The query's parameters, decoded.
@@ -463,6 +464,7 @@ mod tests {
         assert_eq!(percent_decode("%zz", false), None);
         assert_eq!(percent_decode("%", false), None);
         assert_eq!(percent_decode("%ff", false), None, "not UTF-8");
+        assert_eq!(percent_decode("a%00b", false), None, "a NUL");
         assert_eq!(
             parse_time("2026-12-03"),
             humantime::parse_rfc3339("2026-12-03T00:00:00Z").ok()

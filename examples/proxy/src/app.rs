@@ -510,7 +510,9 @@ async fn postgres_keys(
             KeyChange::All => invalidator.invalidate_all(),
         })
         .map_err(|e| StartError::Store(format!("[store] postgres_url: {e}")))?;
-    Ok((cache, Arc::new(store), listener))
+    // Changes made through this replica's admin API drop the key from its cache at once
+    // (the NOTIFY reaches the other replicas).
+    Ok((cache.clone(), cache, listener))
 }
 
 /// The audit database of `[audit] postgres_url`: its pool (migrated when asked for) and the

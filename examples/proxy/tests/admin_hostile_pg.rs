@@ -1,4 +1,5 @@
-//! Attacks on the admin API over keys in PostgreSQL (behind the CachedKeyStore + NOTIFY).
+//! Hostile tests of the admin API over keys in PostgreSQL (behind the CachedKeyStore and
+//! NOTIFY): the attacks that once worked assert they no longer do.
 
 #[path = "../../../tests/common/pg.rs"]
 mod pg;
@@ -20,7 +21,10 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 const TOKEN_ENV: &str = "TEST_ADMIN_TOKEN";
 const TOKEN: &str = "admin-token-for-the-tests-0123456789abcdef";
 
-async fn start(config: &str, migrate: bool) -> Result<(SocketAddr, tempfile::TempDir), app::StartError> {
+async fn start(
+    config: &str,
+    migrate: bool,
+) -> Result<(SocketAddr, tempfile::TempDir), app::StartError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("proxy.toml");
@@ -60,7 +64,10 @@ async fn call(
     let response = http.request(req.body(Full::new(body))?).await?;
     let status = response.status();
     let bytes = response.into_body().collect().await?.to_bytes();
-    Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+    Ok((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
 }
 
 async fn chat(addr: SocketAddr, key: &str) -> Result<StatusCode, Error> {
@@ -98,7 +105,7 @@ token_env = "{TOKEN_ENV}"
 /// NOTIFY: a client holding the key, racing the operator, is still served by the very proxy
 /// that just answered "deleted" (the cache is only told through PostgreSQL's round trip).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn attack_deleted_key_still_served_by_the_same_replica() -> TestResult {
+async fn a_deleted_key_is_refused_by_the_same_replica_at_once() -> TestResult {
     let server = PgServer::start();
     let (mock, _log) = mock::spawn(mock::MockOptions::default()).await?;
     let (addr, _dir) = start(&config(mock, &server.url()), true).await?;
@@ -107,8 +114,14 @@ async fn attack_deleted_key_still_served_by_the_same_replica() -> TestResult {
     let rounds = 30;
     for i in 0..rounds {
         let name = format!("racer-{i}");
-        let (status, created) =
-            call(addr, Method::POST, "/admin/v1/keys", TOKEN, Some(json!({"name": name}))).await?;
+        let (status, created) = call(
+            addr,
+            Method::POST,
+            "/admin/v1/keys",
+            TOKEN,
+            Some(json!({"name": name})),
+        )
+        .await?;
         assert_eq!(status, StatusCode::CREATED, "{created}");
         let secret = created["secret"].as_str().unwrap().to_owned();
         assert_eq!(chat(addr, &secret).await?, StatusCode::OK);
@@ -124,8 +137,14 @@ async fn attack_deleted_key_still_served_by_the_same_replica() -> TestResult {
             })
         };
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        let (status, body) =
-            call(addr, Method::DELETE, &format!("/admin/v1/keys/{name}"), TOKEN, None).await?;
+        let (status, body) = call(
+            addr,
+            Method::DELETE,
+            &format!("/admin/v1/keys/{name}"),
+            TOKEN,
+            None,
+        )
+        .await?;
         let deleted_at = std::time::Instant::now();
         assert_eq!(status, StatusCode::OK, "{body}");
         for (at, status) in holder.await? {
@@ -148,7 +167,7 @@ async fn attack_deleted_key_still_served_by_the_same_replica() -> TestResult {
 /// a NUL character in a policy string is valid JSON and valid for the file store, but
 /// PostgreSQL's jsonb refuses it.
 #[tokio::test]
-async fn attack_nul_in_policy_is_reported_as_a_store_outage() -> TestResult {
+async fn a_nul_in_admin_input_is_a_400_not_a_store_outage() -> TestResult {
     let server = PgServer::start();
     let (mock, _log) = mock::spawn(mock::MockOptions::default()).await?;
     let (addr, _dir) = start(&config(mock, &server.url()), true).await?;
@@ -164,19 +183,27 @@ async fn attack_nul_in_policy_is_reported_as_a_store_outage() -> TestResult {
     if !status.is_client_error() {
         wrong.push(format!("POST a NUL in metadata: {status} {body}"));
     }
-    for path in ["/admin/v1/keys?after=%00", "/admin/v1/keys/a%00b", "/admin/v1/spend?key=%00"] {
+    for path in [
+        "/admin/v1/keys?after=%00",
+        "/admin/v1/keys/a%00b",
+        "/admin/v1/spend?key=%00",
+    ] {
         let (status, body) = call(addr, Method::GET, path, TOKEN, None).await?;
         if status.is_server_error() {
             wrong.push(format!("GET {path}: {status} {body}"));
         }
     }
-    assert!(wrong.is_empty(), "client mistakes answered as store outages:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "client mistakes answered as store outages:\n{}",
+        wrong.join("\n")
+    );
     Ok(())
 }
 
 /// The spend endpoint's parameters: far dates, reversed ranges, injection in `key`.
 #[tokio::test]
-async fn attack_spend_parameters() -> TestResult {
+async fn spend_parameters_are_checked() -> TestResult {
     let server = PgServer::start();
     let (mock, _log) = mock::spawn(mock::MockOptions::default()).await?;
     let (addr, _dir) = start(&config(mock, &server.url()), true).await?;
@@ -193,8 +220,14 @@ async fn attack_spend_parameters() -> TestResult {
         ("to=1970-01-01T00:00:00Z", false),
         ("from=%FF", false),
     ] {
-        let (status, body) =
-            call(addr, Method::GET, &format!("/admin/v1/spend?{query}"), TOKEN, None).await?;
+        let (status, body) = call(
+            addr,
+            Method::GET,
+            &format!("/admin/v1/spend?{query}"),
+            TOKEN,
+            None,
+        )
+        .await?;
         if ok {
             assert_eq!(status, StatusCode::OK, "{query}: {body}");
         } else {
@@ -210,20 +243,47 @@ async fn attack_spend_parameters() -> TestResult {
 /// a disable racing an rpm change is never lost (contrast with the file store,
 /// `attack_admin::attack_concurrent_admin_patches_undo_a_disable`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
-async fn held_concurrent_patches_on_postgres_keep_the_disable() -> TestResult {
+async fn concurrent_patches_on_postgres_keep_the_disable() -> TestResult {
     let server = PgServer::start();
     let (mock, _log) = mock::spawn(mock::MockOptions::default()).await?;
     let (addr, _dir) = start(&config(mock, &server.url()), true).await?;
-    let (status, _) =
-        call(addr, Method::POST, "/admin/v1/keys", TOKEN, Some(json!({"name": "k"}))).await?;
+    let (status, _) = call(
+        addr,
+        Method::POST,
+        "/admin/v1/keys",
+        TOKEN,
+        Some(json!({"name": "k"})),
+    )
+    .await?;
     assert_eq!(status, StatusCode::CREATED);
     for i in 0..60 {
-        call(addr, Method::PATCH, "/admin/v1/keys/k", TOKEN, Some(json!({"disabled": false}))).await?;
+        call(
+            addr,
+            Method::PATCH,
+            "/admin/v1/keys/k",
+            TOKEN,
+            Some(json!({"disabled": false})),
+        )
+        .await?;
         let a = tokio::spawn(async move {
-            call(addr, Method::PATCH, "/admin/v1/keys/k", TOKEN, Some(json!({"disabled": true}))).await
+            call(
+                addr,
+                Method::PATCH,
+                "/admin/v1/keys/k",
+                TOKEN,
+                Some(json!({"disabled": true})),
+            )
+            .await
         });
         let b = tokio::spawn(async move {
-            call(addr, Method::PATCH, "/admin/v1/keys/k", TOKEN, Some(json!({"rpm": 1000 + i}))).await
+            call(
+                addr,
+                Method::PATCH,
+                "/admin/v1/keys/k",
+                TOKEN,
+                Some(json!({"rpm": 1000 + i})),
+            )
+            .await
         });
         a.await??;
         b.await??;

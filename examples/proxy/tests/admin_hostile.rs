@@ -1,4 +1,5 @@
-//! Attacks on the proxy's admin API (`/admin/v1/...`) over the configuration file's keys.
+//! Hostile tests of the proxy's admin API (`/admin/v1/...`) over the configuration file's keys:
+//! the attacks that once worked assert they no longer do, the others that they never did.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -108,7 +109,7 @@ async fn chat(addr: SocketAddr, key: &str) -> Result<StatusCode, Error> {
 /// `update` computes the new entry from the snapshot it read before taking the admin lock,
 /// so the rpm change writes the pre-disable policy back: the leaked key works again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
-async fn attack_concurrent_admin_patches_undo_a_disable() -> TestResult {
+async fn concurrent_admin_patches_never_undo_a_disable() -> TestResult {
     let (mock, _log) = mock::spawn(mock::MockOptions::default()).await?;
     let proxy = Arc::new(start(&config(mock)).await?);
     assert_eq!(chat(proxy.addr, LEAKED).await?, StatusCode::OK);
@@ -172,7 +173,7 @@ async fn attack_concurrent_admin_patches_undo_a_disable() -> TestResult {
 /// handler, and the admin token is not a virtual key: nothing reaches the upstream and no
 /// alternative spelling lists the keys.
 #[tokio::test]
-async fn attack_admin_path_spellings() -> TestResult {
+async fn no_spelling_of_the_admin_path_gets_past_the_token() -> TestResult {
     let (mock, log) = mock::spawn(mock::MockOptions::default()).await?;
     let proxy = start(&config(mock)).await?;
     for path in [
@@ -208,7 +209,7 @@ async fn attack_admin_path_spellings() -> TestResult {
 /// A created key's credential is chosen by the proxy, never by the caller; a patch cannot set
 /// one (through any spelling) nor rename the key.
 #[tokio::test]
-async fn attack_admin_cannot_choose_or_change_a_secret() -> TestResult {
+async fn the_admin_api_cannot_choose_or_change_a_secret() -> TestResult {
     let (mock, _log) = mock::spawn(mock::MockOptions::default()).await?;
     let proxy = start(&config(mock)).await?;
     let (status, created) = call(
@@ -220,7 +221,10 @@ async fn attack_admin_cannot_choose_or_change_a_secret() -> TestResult {
     )
     .await?;
     assert_eq!(status, StatusCode::CREATED, "{created}");
-    assert_eq!(chat(proxy.addr, "sk-chosen-by-attacker-000").await?, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        chat(proxy.addr, "sk-chosen-by-attacker-000").await?,
+        StatusCode::UNAUTHORIZED
+    );
     for patch in [
         r#"{"name":"mine","name":"other"}"#,
         r#"{"secret":"sk-x-000000000000","rpm":1}"#,
@@ -239,9 +243,17 @@ async fn attack_admin_cannot_choose_or_change_a_secret() -> TestResult {
             .await?;
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();
-        assert_ne!(status, StatusCode::OK, "{patch}: {}", String::from_utf8_lossy(&body));
+        assert_ne!(
+            status,
+            StatusCode::OK,
+            "{patch}: {}",
+            String::from_utf8_lossy(&body)
+        );
     }
-    assert_eq!(chat(proxy.addr, "sk-x-000000000000").await?, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        chat(proxy.addr, "sk-x-000000000000").await?,
+        StatusCode::UNAUTHORIZED
+    );
     let text = std::fs::read_to_string(&proxy.path)?;
     assert!(!text.contains("name = \"other\""), "{text}");
     Ok(())
@@ -253,10 +265,10 @@ async fn attack_admin_cannot_choose_or_change_a_secret() -> TestResult {
 /// admin request's connection instead of a 400. A key file holding such a key (valid TOML,
 /// loaded and served fine) makes `GET /admin/v1/keys` panic for good.
 #[tokio::test]
-async fn attack_admin_far_future_expiry_panics_the_handler() -> TestResult {
+async fn a_far_future_expiry_is_refused_and_never_kills_the_handler() -> TestResult {
     let (mock, _log) = mock::spawn(mock::MockOptions::default()).await?;
     let text = format!(
-        "{}\n[[keys]]\nname = \"far\"\nsecret = \"sk-far-future-key-00000000\"\nexpires_at = 253402300800\n",
+        "{}\n[[keys]]\nname = \"far\"\nsecret = \"sk-far-future-key-00000000\"\nexpires_at = 253402300799\n",
         config(mock)
     );
     let proxy = start(&text).await?;
@@ -279,19 +291,30 @@ async fn attack_admin_far_future_expiry_panics_the_handler() -> TestResult {
         ] {
             match call(proxy.addr, method.clone(), &path, TOKEN, Some(body)).await {
                 Ok((status, _)) if status.is_client_error() => {}
-                Ok((status, body)) => dead.push(format!("{method} {path} {expiry}: {status} {body}")),
-                Err(e) => dead.push(format!("{method} {path} expires_at {expiry}: no answer ({e})")),
+                Ok((status, body)) => {
+                    dead.push(format!("{method} {path} {expiry}: {status} {body}"))
+                }
+                Err(e) => dead.push(format!(
+                    "{method} {path} expires_at {expiry}: no answer ({e})"
+                )),
             }
         }
     }
-    // The far key itself is served (it has not expired)...
-    assert_eq!(chat(proxy.addr, "sk-far-future-key-00000000").await?, StatusCode::OK);
-    // ...but listing or reading the keys dies.
+    // The farthest key a file may hold (9999-12-31T23:59:59Z) is served...
+    assert_eq!(
+        chat(proxy.addr, "sk-far-future-key-00000000").await?,
+        StatusCode::OK
+    );
+    // ...and listed and read.
     for path in ["/admin/v1/keys", "/admin/v1/keys/far"] {
         if let Err(e) = call(proxy.addr, Method::GET, path, TOKEN, None).await {
             dead.push(format!("GET {path}: no answer ({e})"));
         }
     }
-    assert!(dead.is_empty(), "admin requests killed by a panic:\n{}", dead.join("\n"));
+    assert!(
+        dead.is_empty(),
+        "admin requests killed by a panic:\n{}",
+        dead.join("\n")
+    );
     Ok(())
 }
