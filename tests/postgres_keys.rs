@@ -286,3 +286,44 @@ async fn a_listener_hears_every_change_within_a_second_and_comes_back_after_a_re
     assert_eq!(got, Some(KeyChange::Key(KeyDigest::of(&again.secret))));
     drop(listener);
 }
+
+#[tokio::test]
+async fn a_cache_in_front_answers_hits_and_unknown_keys_without_the_database() {
+    use tower_llm_policy::keys::CachedKeyStore;
+    let server = PgServer::start();
+    let store = store(&server).await;
+    let cache = CachedKeyStore::new(store.clone())
+        .ttl(Duration::from_secs(3600))
+        .negative_ttl(Duration::from_millis(300));
+    let created = store.create(ApiKey::new("cached")).await.unwrap();
+    let digest = KeyDigest::of(&created.secret);
+    // A miss goes to the database, the next lookups are hits.
+    assert!(cache.lookup(&digest).await.unwrap().is_some());
+    assert!(cache.lookup(&digest).await.unwrap().is_some());
+    assert!(cache.lookup_now(&digest).is_some());
+    let stats = cache.stats();
+    assert_eq!((stats.misses, stats.hits), (1, 2));
+    // The row removed behind the cache's back (no listener here): still served, from memory.
+    let client = store.pool().get().await.unwrap();
+    client.execute("DELETE FROM tlp_keys", &[]).await.unwrap();
+    assert!(cache.lookup(&digest).await.unwrap().is_some());
+    // Told of the change: the database's answer.
+    cache.invalidate(&digest);
+    assert!(cache.lookup(&digest).await.unwrap().is_none());
+    // Unknown keys are remembered as unknown for the negative TTL: a key inserted meanwhile
+    // is found once it ends.
+    let unknown = KeyDigest::of("sk-tlp-not-yet");
+    assert!(cache.lookup(&unknown).await.unwrap().is_none());
+    client
+        .execute(
+            "INSERT INTO tlp_keys (name, digest, policy) VALUES ('late', $1, '{\"name\":\"late\"}')",
+            &[&unknown.as_bytes().as_slice()],
+        )
+        .await
+        .unwrap();
+    assert!(cache.lookup(&unknown).await.unwrap().is_none());
+    assert!(cache.stats().negative_hits >= 1);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let late = cache.lookup(&unknown).await.unwrap().unwrap();
+    assert_eq!(late.name, "late");
+}
