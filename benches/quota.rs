@@ -32,16 +32,17 @@
 //!
 //! [`QuotaLayer::in_memory`]: tower_llm_policy::quota::QuotaLayer::in_memory
 
+#[path = "../tests/common/redis.rs"]
+mod redis_server;
+
 use std::future::Future;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::pin::pin;
-use std::process::{Child, Command, Stdio};
 use std::sync::{LazyLock, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use divan::{black_box, counter::ItemsCount, Bencher};
+use redis_server::RedisServer;
 use tokio::runtime::Runtime;
 use tower_llm_policy::quota::{
     BudgetPeriod, MemoryLedger, MemoryRateLimiter, RateLimiter, RateLimits, RedisLedger,
@@ -72,62 +73,6 @@ fn main() {
     REDIS_URL.set(server.url()).unwrap();
     divan::main();
     drop(server);
-}
-
-/// A `redis-server` of this bench's own, on a free loopback port, stopped when dropped.
-/// (Adapted from `tests/redis.rs`.)
-struct RedisServer {
-    child: Child,
-    port: u16,
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
-        let child = Command::new(&bin)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start `{bin}` ({e}): install redis-server or set REDIS_SERVER")
-            });
-        let server = RedisServer { child, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !server.answers() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-
-    fn answers(&self) -> bool {
-        let Ok(mut conn) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut reply = [0u8; 7];
-        conn.write_all(b"PING\r\n").is_ok()
-            && conn.read_exact(&mut reply).is_ok()
-            && &reply == b"+PONG\r\n"
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The runtime and the store every Redis bench shares, connected and with its scripts

@@ -112,6 +112,33 @@ pub struct KeyPage {
     pub next: Option<String>,
 }
 
+/// The page `page` asks for of `keys` (in any order): sorted by name, those after `after`,
+/// at most [`PageRequest::size`], and where the next page starts.
+pub(crate) fn page_of<'a>(
+    keys: impl Iterator<Item = (&'a KeyDigest, &'a std::sync::Arc<ApiKey>)>,
+    page: &PageRequest,
+) -> KeyPage {
+    let mut all: Vec<_> = keys
+        .filter(|(_, k)| {
+            page.after
+                .as_deref()
+                .is_none_or(|after| k.name.as_str() > after)
+        })
+        .collect();
+    all.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+    let size = page.size();
+    let more = all.len() > size;
+    let keys: Vec<KeyRecord> = all
+        .into_iter()
+        .take(size)
+        .map(|(d, k)| KeyRecord::new((**k).clone(), d))
+        .collect();
+    let next = more
+        .then(|| keys.last().map(|r| r.key.name.clone()))
+        .flatten();
+    KeyPage { keys, next }
+}
+
 /// Why an admin operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::Value;
 
-use super::admin::{apply_patch, check_new_key, generate_secret};
+use super::admin::{apply_patch, check_new_key, generate_secret, page_of};
 use super::file::{parse_section, FileKeyStore};
 use super::{
     AdminError, ApiKey, BoxFuture, CreatedKey, KeyAdmin, KeyDigest, KeyPage, KeyRecord,
@@ -358,26 +358,7 @@ impl KeyAdmin for FileKeyStore {
     fn list(&self, page: PageRequest) -> BoxFuture<'_, Result<KeyPage, AdminError>> {
         Box::pin(async move {
             self.refresh();
-            let keys = self.snapshot();
-            let mut all: Vec<_> = keys
-                .iter()
-                .filter(|(_, k)| page.after.as_deref().is_none_or(|a| k.name.as_str() > a))
-                .collect();
-            all.sort_by(|a, b| a.1.name.cmp(&b.1.name));
-            let size = page.size();
-            let more = all.len() > size;
-            let records: Vec<KeyRecord> = all
-                .into_iter()
-                .take(size)
-                .map(|(d, k)| KeyRecord::new((**k).clone(), d))
-                .collect();
-            let next = more
-                .then(|| records.last().map(|r| r.key.name.clone()))
-                .flatten();
-            Ok(KeyPage {
-                keys: records,
-                next,
-            })
+            Ok(page_of(self.snapshot().iter(), &page))
         })
     }
 }

@@ -2,8 +2,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use super::admin::{
-    apply_patch, check_new_key, generate_secret, AdminError, CreatedKey, KeyAdmin, KeyPage,
-    KeyRecord, PageRequest,
+    apply_patch, check_new_key, generate_secret, page_of, AdminError, CreatedKey, KeyAdmin,
+    KeyPage, KeyRecord, PageRequest,
 };
 use super::{ApiKey, BoxFuture, KeyDigest, KeyStore, StoreError};
 
@@ -171,29 +171,7 @@ impl KeyAdmin for MemoryKeyStore {
     }
 
     fn list(&self, page: PageRequest) -> BoxFuture<'_, Result<KeyPage, AdminError>> {
-        let keys = self.read();
-        let mut all: Vec<(&KeyDigest, &Arc<ApiKey>)> = keys
-            .iter()
-            .filter(|(_, k)| {
-                page.after
-                    .as_deref()
-                    .is_none_or(|after| k.name.as_str() > after)
-            })
-            .collect();
-        all.sort_by(|a, b| a.1.name.cmp(&b.1.name));
-        let size = page.size();
-        let more = all.len() > size;
-        let records: Vec<KeyRecord> = all
-            .into_iter()
-            .take(size)
-            .map(|(d, k)| KeyRecord::new((**k).clone(), d))
-            .collect();
-        let next = more
-            .then(|| records.last().map(|r| r.key.name.clone()))
-            .flatten();
-        Box::pin(std::future::ready(Ok(KeyPage {
-            keys: records,
-            next,
-        })))
+        let page = page_of(self.read().iter(), &page);
+        Box::pin(std::future::ready(Ok(page)))
     }
 }

@@ -4,10 +4,11 @@
 //! team's spend cap across both, and a Redis that is down refuses limited keys with 503
 //! `policy_unavailable` while the proxy stays up.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+#[path = "../../../tests/common/redis.rs"]
+mod redis_server;
+
+use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,6 +19,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use mock::{MockLog, MockOptions};
+use redis_server::RedisServer;
 use serde_json::Value;
 use tower_llm_policy::quota::{team_account, BudgetPeriod, RedisOptions, RedisStore, SpendLedger};
 
@@ -27,56 +29,6 @@ const RPM_KEY: &str = "sk-three-a-minute-test-key";
 const TEAM_KEY_A: &str = "sk-research-a-test-key";
 const TEAM_KEY_B: &str = "sk-research-b-test-key";
 const PLAIN_KEY: &str = "sk-unlimited-test-key";
-
-/// A `redis-server` of the test's own on a free loopback port, stopped when dropped.
-struct RedisServer {
-    child: Child,
-    port: u16,
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
-        let child = Command::new(&bin)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start `{bin}` ({e}): install redis-server or set REDIS_SERVER")
-            });
-        let server = RedisServer { child, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut reply = [0u8; 7];
-            let up = TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut c| {
-                c.write_all(b"PING\r\n").is_ok() && c.read_exact(&mut reply).is_ok()
-            });
-            if up && &reply == b"+PONG\r\n" {
-                return server;
-            }
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn config_text(base: &str, audit: &Path, redis_url: &str) -> String {
     format!(
