@@ -39,7 +39,6 @@ use std::future::Future;
 use std::pin::pin;
 use std::sync::{LazyLock, OnceLock};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
 
 use divan::{black_box, counter::ItemsCount, Bencher};
 use redis_server::RedisServer;
