@@ -375,6 +375,143 @@ mod tests {
     }
 
     #[test]
+    fn a_record_shows_the_first_four_bytes_of_the_digest() {
+        let digest = KeyDigest::of("sk-some-key");
+        let record = KeyRecord::new(ApiKey::new("k"), &digest);
+        assert_eq!(record.digest_prefix, digest.to_hex()[..8]);
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(json["digest_prefix"], digest.to_hex()[..8]);
+        assert_eq!(json["name"], "k");
+        assert!(json.get("created_at").is_none(), "no time, no field");
+    }
+
+    #[test]
+    fn pages_hold_the_names_after_the_cursor_in_order() {
+        let keys: std::collections::HashMap<KeyDigest, std::sync::Arc<ApiKey>> = [7, 2, 9, 0, 4]
+            .iter()
+            .map(|i| {
+                let name = format!("k{i}");
+                (KeyDigest::of(&name), std::sync::Arc::new(ApiKey::new(name)))
+            })
+            .collect();
+        let names = |page: &KeyPage| {
+            page.keys
+                .iter()
+                .map(|r| r.key.name.clone())
+                .collect::<Vec<_>>()
+        };
+        let first = page_of(
+            keys.iter(),
+            &PageRequest {
+                after: None,
+                limit: Some(2),
+            },
+        );
+        assert_eq!(names(&first), ["k0", "k2"]);
+        assert_eq!(first.next.as_deref(), Some("k2"));
+        // Strictly after the cursor.
+        let second = page_of(
+            keys.iter(),
+            &PageRequest {
+                after: first.next.clone(),
+                limit: Some(2),
+            },
+        );
+        assert_eq!(names(&second), ["k4", "k7"]);
+        let last = page_of(
+            keys.iter(),
+            &PageRequest {
+                after: second.next.clone(),
+                limit: Some(2),
+            },
+        );
+        assert_eq!(names(&last), ["k9"]);
+        assert_eq!(last.next, None);
+        // A page exactly as long as what is left has no next page.
+        let exact = page_of(
+            keys.iter(),
+            &PageRequest {
+                after: None,
+                limit: Some(5),
+            },
+        );
+        assert_eq!(exact.keys.len(), 5);
+        assert_eq!(exact.next, None);
+        let all = page_of(keys.iter(), &PageRequest::default());
+        assert_eq!(all.keys.len(), 5);
+    }
+
+    #[test]
+    fn page_sizes_are_bounded() {
+        let size = |limit| PageRequest { after: None, limit }.size();
+        assert_eq!(size(None), 100);
+        assert_eq!(size(Some(0)), 1);
+        assert_eq!(size(Some(7)), 7);
+        assert_eq!(size(Some(MAX_PAGE + 1)), MAX_PAGE);
+    }
+
+    #[test]
+    fn a_nul_anywhere_in_a_policy_is_refused() {
+        let bad = [
+            ApiKey::new("k").label("team", "a\0b"),
+            ApiKey::new("k").label("te\0am", "a"),
+            ApiKey::new("k").model_limits(["gpt-4o", "gpt\0"]),
+        ];
+        for key in bad {
+            assert!(
+                matches!(check_new_key(key.clone()), Err(AdminError::Invalid(_))),
+                "{key:?}"
+            );
+        }
+        let key = ApiKey::new("k");
+        for patch in [
+            serde_json::json!({"metadata": {"team": "a\0"}}),
+            serde_json::json!({"metadata": {"a\0": "x"}}),
+            serde_json::json!({"model_limits": ["gpt\0"]}),
+        ] {
+            assert!(
+                matches!(apply_patch(&key, &patch), Err(AdminError::Invalid(_))),
+                "{patch}"
+            );
+        }
+        assert!(
+            check_new_key(ApiKey::new("k").label("team", "a").model_limits(["gpt-4o"])).is_ok()
+        );
+    }
+
+    #[test]
+    fn names_are_at_most_200_bytes() {
+        assert!(check_new_key(ApiKey::new("x".repeat(200))).is_ok());
+        assert!(check_new_key(ApiKey::new("x".repeat(201))).is_err());
+    }
+
+    #[test]
+    fn times_are_rfc3339_and_never_past_the_year_9999() {
+        let mut record = KeyRecord::new(ApiKey::new("k"), &KeyDigest::of("x"));
+        record.created_at =
+            Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_764_720_000_250));
+        record.updated_at =
+            Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(400_000_000_000));
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(json["created_at"], "2025-12-03T00:00:00.250Z");
+        assert_eq!(json["updated_at"], "9999-12-31T23:59:59.000Z");
+    }
+
+    #[test]
+    fn a_created_key_shows_no_secret_in_debug() {
+        let created = CreatedKey {
+            record: KeyRecord::new(ApiKey::new("k"), &KeyDigest::of("x")),
+            secret: "sk-tlp-secret-value".into(),
+        };
+        let shown = format!("{created:?}");
+        assert!(!shown.contains("secret-value"), "{shown}");
+        assert!(
+            shown.contains("<redacted>") && shown.contains("\"k\""),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn secrets_are_random_and_well_formed() {
         let a = generate_secret().unwrap();
         let b = generate_secret().unwrap();
