@@ -519,6 +519,13 @@ mod tests {
         assert_eq!(a.len(), 7 + 43);
         assert!(a.starts_with("sk-tlp-"));
         assert!(a[7..].chars().all(|c| c.is_ascii_alphanumeric()));
+        // The whole alphabet is used: 860 characters of 62 leave none out in practice (a
+        // sampling that kept only a few byte values would show a handful).
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20 {
+            seen.extend(generate_secret().unwrap()[7..].chars());
+        }
+        assert!(seen.len() >= 55, "{} distinct characters", seen.len());
     }
 
     #[test]
