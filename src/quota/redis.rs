@@ -584,6 +584,31 @@ fn tag_letter(period: BudgetPeriod) -> char {
     }
 }
 
+/// A period as a reservation records it: its letter and its index (`d:20425`).
+fn period_tag(period: BudgetPeriod, index: u64) -> String {
+    format!("{}:{index}", tag_letter(period))
+}
+
+/// A call of one of the ledger's scripts with what [`LEDGER_PRELUDE`] reads: the four keys
+/// of the key's ledger, the time, the sweep's bound and the spend counter's time to live. The
+/// script's own keys and arguments follow.
+fn ledger_call<'s>(
+    script: &'s Script,
+    keys: &LedgerKeys,
+    now: &str,
+    spend_ttl: u64,
+) -> redis::ScriptInvocation<'s> {
+    let mut call = script.prepare_invoke();
+    call.key(&keys.spend)
+        .key(&keys.held)
+        .key(&keys.open)
+        .key(&keys.deadlines)
+        .arg(now)
+        .arg(SWEEP)
+        .arg(spend_ttl);
+    call
+}
+
 fn period_from_letter(letter: &str) -> Option<BudgetPeriod> {
     match letter {
         "l" => Some(BudgetPeriod::Lifetime),
@@ -640,16 +665,7 @@ async fn send_job(store: Arc<Shared>, job: Job) {
                 now,
                 queued,
             } => (
-                store
-                    .scripts
-                    .settle
-                    .key(&keys.spend)
-                    .key(&keys.held)
-                    .key(&keys.open)
-                    .key(&keys.deadlines)
-                    .arg(now)
-                    .arg(SWEEP)
-                    .arg(spend_ttl)
+                ledger_call(&store.scripts.settle, keys, now, *spend_ttl)
                     .arg(id)
                     .arg(actual)
                     .invoke_async::<i64>(&mut conn)
@@ -761,26 +777,22 @@ impl SpendLedger for RedisLedger {
             let keys = shared.ledger_keys(key, period, index);
             let amount = to_nanos(amount_usd);
             let cap = cap_nanos(cap_usd);
-            let tag = format!("{}:{index}", tag_letter(period));
+            let tag = period_tag(period, index);
             let mut conn = shared.conn.clone();
-            let (granted, spent, held, seq): (i64, String, String, String) = shared
-                .scripts
-                .reserve
-                .key(&keys.spend)
-                .key(&keys.held)
-                .key(&keys.open)
-                .key(&keys.deadlines)
-                .key(&keys.seq)
-                .arg(shared.now_arg())
-                .arg(SWEEP)
-                .arg(spend_ttl_secs(period))
-                .arg(amount)
-                .arg(cap)
-                .arg(&tag)
-                .arg(u64::try_from(shared.reservation_ttl.as_millis()).unwrap_or(u64::MAX))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| ReserveError::Unavailable(unavailable(e)))?;
+            let (granted, spent, held, seq): (i64, String, String, String) = ledger_call(
+                &shared.scripts.reserve,
+                &keys,
+                &shared.now_arg(),
+                spend_ttl_secs(period),
+            )
+            .key(&keys.seq)
+            .arg(amount)
+            .arg(cap)
+            .arg(&tag)
+            .arg(u64::try_from(shared.reservation_ttl.as_millis()).unwrap_or(u64::MAX))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| ReserveError::Unavailable(unavailable(e)))?;
             let (spent, held) = (nanos_of(&spent), nanos_of(&held));
             if granted != 1 {
                 return Err(ReserveError::Refused(Refused {
@@ -827,23 +839,19 @@ impl SpendLedger for RedisLedger {
             let index = shared.period_index(period);
             let keys = shared.ledger_keys(&name, period, index);
             let mut conn = shared.conn.clone();
-            shared
-                .scripts
-                .extend
-                .key(&keys.spend)
-                .key(&keys.held)
-                .key(&keys.open)
-                .key(&keys.deadlines)
-                .arg(shared.now_arg())
-                .arg(SWEEP)
-                .arg(spend_ttl_secs(period))
-                .arg(seq)
-                .arg(to_nanos(more_usd))
-                .arg(cap_nanos(cap_usd))
-                .arg(format!("{}:{index}", tag_letter(period)))
-                .invoke_async::<i64>(&mut conn)
-                .await
-                .is_ok_and(|granted| granted == 1)
+            ledger_call(
+                &shared.scripts.extend,
+                &keys,
+                &shared.now_arg(),
+                spend_ttl_secs(period),
+            )
+            .arg(seq)
+            .arg(to_nanos(more_usd))
+            .arg(cap_nanos(cap_usd))
+            .arg(period_tag(period, index))
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .is_ok_and(|granted| granted == 1)
         })
     }
 
@@ -856,19 +864,15 @@ impl SpendLedger for RedisLedger {
             let shared = &self.store.shared;
             let keys = shared.ledger_keys(key, period, shared.period_index(period));
             let mut conn = shared.conn.clone();
-            let (spent, held): (String, String) = shared
-                .scripts
-                .spent
-                .key(&keys.spend)
-                .key(&keys.held)
-                .key(&keys.open)
-                .key(&keys.deadlines)
-                .arg(shared.now_arg())
-                .arg(SWEEP)
-                .arg(spend_ttl_secs(period))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+            let (spent, held): (String, String) = ledger_call(
+                &shared.scripts.spent,
+                &keys,
+                &shared.now_arg(),
+                spend_ttl_secs(period),
+            )
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
             Ok(Spend {
                 spent_usd: to_usd(nanos_of(&spent)),
                 reserved_usd: to_usd(nanos_of(&held)),
