@@ -4,6 +4,9 @@
 //! restrict its models and see the next request refused, disable it and see 401 on both
 //! replicas.
 
+#[path = "common/admin.rs"]
+mod admin_common;
+
 #[path = "../../../tests/common/pg.rs"]
 mod pg;
 
@@ -11,10 +14,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use admin_common::{call, TOKEN, TOKEN_ENV};
 use bytes::Bytes;
 use example_proxy::{app, mock};
 use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use pg::PgServer;
@@ -22,8 +26,6 @@ use serde_json::{json, Value};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-const TOKEN_ENV: &str = "TEST_ADMIN_TOKEN";
-const TOKEN: &str = "admin-token-for-the-tests-0123456789abcdef";
 const FILE_KEY: &str = "sk-file-key-of-the-admin-test";
 
 struct Proxy {
@@ -60,34 +62,6 @@ base_url = "http://{mock}/v1"
 token_env = "{TOKEN_ENV}"
 {tail}"#
     )
-}
-
-async fn call(
-    addr: SocketAddr,
-    method: Method,
-    path: &str,
-    bearer: &str,
-    body: Option<Value>,
-) -> Result<(StatusCode, Value), Box<dyn std::error::Error + Send + Sync>> {
-    let http = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let mut req = Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"))
-        .header("authorization", format!("Bearer {bearer}"));
-    let body = match body {
-        Some(body) => {
-            req = req.header("content-type", "application/json");
-            Bytes::from(body.to_string())
-        }
-        None => Bytes::new(),
-    };
-    let response = http.request(req.body(Full::new(body))?).await?;
-    let status = response.status();
-    let bytes = response.into_body().collect().await?.to_bytes();
-    Ok((
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    ))
 }
 
 async fn chat(

@@ -1,22 +1,24 @@
 //! Hostile tests of the proxy's admin API (`/admin/v1/...`) over the configuration file's keys:
 //! the attacks that once worked assert they no longer do, the others that they never did.
 
+#[path = "common/admin.rs"]
+mod admin_common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use admin_common::{call, TOKEN, TOKEN_ENV};
 use bytes::Bytes;
 use example_proxy::{app, mock};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
-use serde_json::{json, Value};
+use serde_json::json;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-const TOKEN_ENV: &str = "TEST_ADMIN_TOKEN";
-const TOKEN: &str = "admin-token-for-the-tests-0123456789abcdef";
 const LEAKED: &str = "sk-leaked-key-that-must-be-disabled";
 
 struct Proxy {
@@ -62,34 +64,6 @@ name = "leaked"
 secret = "{LEAKED}"
 "#
     )
-}
-
-async fn call(
-    addr: SocketAddr,
-    method: Method,
-    path: &str,
-    bearer: &str,
-    body: Option<Value>,
-) -> Result<(StatusCode, Value), Error> {
-    let http = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let mut req = Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"))
-        .header("authorization", format!("Bearer {bearer}"));
-    let body = match body {
-        Some(body) => {
-            req = req.header("content-type", "application/json");
-            Bytes::from(body.to_string())
-        }
-        None => Bytes::new(),
-    };
-    let response = http.request(req.body(Full::new(body))?).await?;
-    let status = response.status();
-    let bytes = response.into_body().collect().await?.to_bytes();
-    Ok((
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    ))
 }
 
 async fn chat(addr: SocketAddr, key: &str) -> Result<StatusCode, Error> {

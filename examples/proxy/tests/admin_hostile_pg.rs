@@ -1,25 +1,22 @@
 //! Hostile tests of the admin API over keys in PostgreSQL (behind the CachedKeyStore and
 //! NOTIFY): the attacks that once worked assert they no longer do.
 
+#[path = "common/admin.rs"]
+mod admin_common;
+
 #[path = "../../../tests/common/pg.rs"]
 mod pg;
 
 use std::net::SocketAddr;
 
-use bytes::Bytes;
+use admin_common::{call, TOKEN, TOKEN_ENV};
 use example_proxy::{app, mock};
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client as HttpClient;
-use hyper_util::rt::TokioExecutor;
+use http::{Method, StatusCode};
 use pg::PgServer;
-use serde_json::{json, Value};
+use serde_json::json;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 type Error = Box<dyn std::error::Error + Send + Sync>;
-
-const TOKEN_ENV: &str = "TEST_ADMIN_TOKEN";
-const TOKEN: &str = "admin-token-for-the-tests-0123456789abcdef";
 
 async fn start(
     config: &str,
@@ -40,34 +37,6 @@ async fn start(
     let addr = proxy.addr;
     tokio::spawn(proxy.run(std::future::pending()));
     Ok((addr, dir))
-}
-
-async fn call(
-    addr: SocketAddr,
-    method: Method,
-    path: &str,
-    bearer: &str,
-    body: Option<Value>,
-) -> Result<(StatusCode, Value), Error> {
-    let http = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let mut req = Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"))
-        .header("authorization", format!("Bearer {bearer}"));
-    let body = match body {
-        Some(body) => {
-            req = req.header("content-type", "application/json");
-            Bytes::from(body.to_string())
-        }
-        None => Bytes::new(),
-    };
-    let response = http.request(req.body(Full::new(body))?).await?;
-    let status = response.status();
-    let bytes = response.into_body().collect().await?.to_bytes();
-    Ok((
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    ))
 }
 
 async fn chat(addr: SocketAddr, key: &str) -> Result<StatusCode, Error> {
