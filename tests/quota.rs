@@ -845,14 +845,7 @@ async fn a_stream_cut_at_the_cap_is_flagged_in_its_record_with_what_was_settled(
             QuotaLayer::new(ledger.clone(), MemoryRateLimiter::new()).pricing(dollar_per_token()),
         )
         .service(service_fn(move |_req: Request<PolicyBody>| async move {
-            let mut response = Response::new(Runaway {
-                left: 1000,
-                dropped: Arc::default(),
-            });
-            response
-                .headers_mut()
-                .insert("content-type", "text/event-stream".parse().unwrap());
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(runaway(1000, Arc::default()))
         }));
     let key = Arc::new(ApiKey::new("s").credit_limit_usd(reserve + 30.0, BudgetPeriod::Lifetime));
     let response = svc.oneshot(chat(&key, 10)).await.unwrap();
@@ -899,6 +892,16 @@ impl http_body::Body for Runaway {
     }
 }
 
+/// An event stream from an upstream that ignores `max_tokens`: `left - 1` chunks, then
+/// `[DONE]`; `dropped` is set when the body is dropped.
+fn runaway(left: usize, dropped: Arc<std::sync::atomic::AtomicBool>) -> Response<Runaway> {
+    let mut response = Response::new(Runaway { left, dropped });
+    response
+        .headers_mut()
+        .insert("content-type", "text/event-stream".parse().unwrap());
+    response
+}
+
 impl Drop for Runaway {
     fn drop(&mut self) {
         self.dropped.store(true, Ordering::SeqCst);
@@ -919,14 +922,7 @@ async fn a_stream_that_outgrows_the_cap_is_cut_with_an_error_event_and_done() {
             let dropped = flag.clone();
             async move {
                 // An upstream that ignores `max_tokens`.
-                let mut response = Response::new(Runaway {
-                    left: 1000,
-                    dropped,
-                });
-                response
-                    .headers_mut()
-                    .insert("content-type", "text/event-stream".parse().unwrap());
-                Ok::<_, Infallible>(response)
+                Ok::<_, Infallible>(runaway(1000, dropped))
             }
         }));
     let cap = reserve + 30.0;
@@ -966,11 +962,7 @@ async fn streams_are_not_cut_when_told_not_to() {
         )
         .service(service_fn(move |_req: Request<PolicyBody>| async move {
             let dropped = Arc::default();
-            let mut response = Response::new(Runaway { left: 200, dropped });
-            response
-                .headers_mut()
-                .insert("content-type", "text/event-stream".parse().unwrap());
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(runaway(200, dropped))
         }));
     let key = Arc::new(ApiKey::new("s").credit_limit_usd(100.0, BudgetPeriod::Lifetime));
     let response = svc.oneshot(chat(&key, 10)).await.unwrap();
@@ -1077,14 +1069,7 @@ async fn concurrent_streams_never_share_the_remaining_budget() {
             QuotaLayer::new(ledger.clone(), MemoryRateLimiter::new()).pricing(dollar_per_token()),
         )
         .service(service_fn(move |_req: Request<PolicyBody>| async move {
-            let mut response = Response::new(Runaway {
-                left: 100_000,
-                dropped: Arc::default(),
-            });
-            response
-                .headers_mut()
-                .insert("content-type", "text/event-stream".parse().unwrap());
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(runaway(100_000, Arc::default()))
         }));
     let cap = 1000.0;
     let key = Arc::new(ApiKey::new("s").credit_limit_usd(cap, BudgetPeriod::Lifetime));
@@ -1310,14 +1295,7 @@ async fn a_stream_is_cut_at_its_team_cap() {
                 .team_cap("t", reserve + 30.0, BudgetPeriod::Lifetime),
         )
         .service(service_fn(move |_req: Request<PolicyBody>| async move {
-            let mut response = Response::new(Runaway {
-                left: 1000,
-                dropped: Arc::default(),
-            });
-            response
-                .headers_mut()
-                .insert("content-type", "text/event-stream".parse().unwrap());
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(runaway(1000, Arc::default()))
         }));
     // The key's own cap is far away: the team's cuts the stream.
     let key = Arc::new(
@@ -1387,14 +1365,7 @@ async fn a_stream_waits_for_a_slow_ledger_to_grant_more_and_loses_nothing() {
                 .pricing(dollar_per_token()),
         )
         .service(service_fn(move |_req: Request<PolicyBody>| async move {
-            let mut response = Response::new(Runaway {
-                left: 300,
-                dropped: Arc::default(),
-            });
-            response
-                .headers_mut()
-                .insert("content-type", "text/event-stream".parse().unwrap());
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(runaway(300, Arc::default()))
         }));
     // Room for the whole stream, granted bit by bit: every chunk arrives, in order.
     let key = Arc::new(ApiKey::new("s").credit_limit_usd(1e6, BudgetPeriod::Lifetime));
