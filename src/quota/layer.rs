@@ -1,5 +1,6 @@
 //! [`QuotaLayer`], [`Quota`] and their futures.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -486,12 +487,12 @@ async fn admit(
     let team = config.team_of(&key);
     let caps = key
         .credit_limit_usd
-        .map(|cap| (Owner::Key, name.to_string(), cap, key.budget_period))
+        .map(|cap| (Owner::Key, Cow::Borrowed(&*name), cap, key.budget_period))
         .into_iter()
         .chain(team.map(|(team, cap)| {
             (
                 Owner::Team(team),
-                team_account(team),
+                Cow::Owned(team_account(team)),
                 cap.credit_limit_usd,
                 cap.budget_period,
             )
