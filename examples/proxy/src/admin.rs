@@ -103,7 +103,8 @@ impl Service<Request<PolicyBody>> for WithAdmin {
             let admin = self.admin.clone();
             return Box::pin(async move { Ok(handle(&admin, req).await) });
         }
-        Box::pin(self.stack.call(req))
+        // The stack's own future is boxed already: passed on as it is.
+        self.stack.call(req)
     }
 }
 
