@@ -34,7 +34,7 @@ pub struct KeyRecord {
 
 fn time<S: Serializer>(at: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
     // RFC 3339 ends with the year 9999 (a database may hold later times).
-    let latest = std::time::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799);
+    let latest = super::expiry::latest();
     match at {
         Some(at) => {
             s.serialize_str(&humantime::format_rfc3339_millis((*at).min(latest)).to_string())
