@@ -83,6 +83,10 @@ model_limits = ["gpt-4o-mini"]
 
 type Client = HttpClient<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
+/// The recorder is global to the process: tests that send requests through a proxy with
+/// metrics run one at a time, so that one test's counts are not another's.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn client() -> Client {
     HttpClient::builder(TokioExecutor::new()).build_http()
 }
@@ -164,6 +168,7 @@ fn sum(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
 
 #[tokio::test]
 async fn the_page_counts_a_mix_of_allowed_and_rejected_requests() -> TestResult {
+    let _one = ONE_AT_A_TIME.lock().await;
     let metrics = format!("[metrics]\nenabled = true\ntoken_env = \"{TOKEN_ENV}\"\n");
     let p = start("mix", &metrics).await?;
     let client = client();
@@ -330,6 +335,7 @@ async fn the_page_counts_a_mix_of_allowed_and_rejected_requests() -> TestResult 
 
 #[tokio::test]
 async fn on_the_api_listener_the_page_wants_its_token() -> TestResult {
+    let _one = ONE_AT_A_TIME.lock().await;
     let metrics = format!(
         "[metrics]\nenabled = true\npath = \"/internal/metrics\"\ntoken_env = \"{TOKEN_ENV}\"\n"
     );
@@ -363,6 +369,7 @@ async fn on_the_api_listener_the_page_wants_its_token() -> TestResult {
 
 #[tokio::test]
 async fn without_a_token_the_page_needs_a_listener_of_its_own() -> TestResult {
+    let _one = ONE_AT_A_TIME.lock().await;
     match start("open", "[metrics]\nenabled = true\n").await {
         Err(app::StartError::Metrics(message)) => {
             assert!(message.contains("token_env"), "{message}")
@@ -416,6 +423,7 @@ async fn without_a_token_the_page_needs_a_listener_of_its_own() -> TestResult {
 
 #[tokio::test]
 async fn off_by_default() -> TestResult {
+    let _one = ONE_AT_A_TIME.lock().await;
     let p = start("off", "").await?;
     assert_eq!(p.metrics_addr, None);
     let (status, text) = get(&client(), format!("http://{}/metrics", p.addr), None).await;
