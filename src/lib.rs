@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod alert;
 pub mod audit;
 pub mod body;
 #[macro_use]
@@ -13,6 +14,9 @@ pub mod feature_block;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(feature = "guards")]
+#[cfg_attr(docsrs, doc(cfg(feature = "guards")))]
+pub mod guard;
 pub mod key_auth;
 pub mod keys;
 #[cfg(feature = "metrics")]
@@ -44,4 +48,4 @@ pub use model_allow_list::{ModelAllowList, ModelAllowListLayer};
 pub use policy::Policy;
 pub use prompt_limit::{OutputLimitMode, PromptLimit, PromptLimitLayer, PromptLimits};
 pub use quota::{Quota, QuotaLayer};
-pub use request::{BodyOptions, LlmRequest};
+pub use request::{BodyOptions, LlmRequest, Role};

@@ -126,11 +126,65 @@ pub enum PromptSource {
     Prediction,
 }
 
+/// The `role` of the message (or Responses input item) a prompt part belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Role {
+    /// `system`.
+    System,
+    /// `developer`.
+    Developer,
+    /// `user`.
+    User,
+    /// `assistant`.
+    Assistant,
+    /// `tool` (a tool's result).
+    Tool,
+    /// `function` (a legacy function's result).
+    Function,
+    /// Any other role.
+    Other,
+}
+
+impl Role {
+    /// The role as written in the API (`"other"` for [`Role::Other`]).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::Developer => "developer",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+            Role::Function => "function",
+            Role::Other => "other",
+        }
+    }
+
+    /// The role named `name` (exactly as the API spells it); any other name is
+    /// [`Role::Other`].
+    pub fn from_name(name: &str) -> Role {
+        match name {
+            "system" => Role::System,
+            "developer" => Role::Developer,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            "tool" => Role::Tool,
+            "function" => Role::Function,
+            _ => Role::Other,
+        }
+    }
+}
+
 /// One piece of prompt text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PromptPart<'a> {
     /// Where it comes from.
     pub source: PromptSource,
+    /// The `role` of the message or input item it is in, when that names one; `None` for
+    /// text outside messages (a completions `prompt`, a string `input`, `instructions`,
+    /// tool definitions).
+    pub role: Option<Role>,
     /// The text (unescaped).
     pub text: &'a str,
 }
@@ -237,7 +291,7 @@ pub struct LlmRequest {
     best_of: Option<u64>,
     messages: usize,
     message_names: usize,
-    parts: Vec<(PromptSource, Span)>,
+    parts: Vec<(PromptSource, Option<Role>, Span)>,
     token_ids: u64,
     media: MediaCounts,
     size: Option<String>,
@@ -657,18 +711,21 @@ impl LlmRequest {
 
     /// The prompt's text parts, in body order.
     pub fn prompt_parts(&self) -> impl Iterator<Item = PromptPart<'_>> + '_ {
-        self.parts.iter().map(move |(source, span)| PromptPart {
-            source: *source,
-            text: match span {
-                Span::Owned(s) => s,
-                // Ranges are taken from `str`s that serde_json validated within this body.
-                Span::Range(r) => self
-                    .body
-                    .get(r.clone())
-                    .and_then(|b| std::str::from_utf8(b).ok())
-                    .unwrap_or_default(),
-            },
-        })
+        self.parts
+            .iter()
+            .map(move |(source, role, span)| PromptPart {
+                source: *source,
+                role: *role,
+                text: match span {
+                    Span::Owned(s) => s,
+                    // Ranges are taken from `str`s that serde_json validated within this body.
+                    Span::Range(r) => self
+                        .body
+                        .get(r.clone())
+                        .and_then(|b| std::str::from_utf8(b).ok())
+                        .unwrap_or_default(),
+                },
+            })
     }
 
     /// The prompt's size in characters (Unicode scalar values), over all text parts.
@@ -690,7 +747,7 @@ impl LlmRequest {
     pub(crate) fn prompt_len(&self) -> usize {
         self.parts
             .iter()
-            .map(|(_, span)| match span {
+            .map(|(_, _, span)| match span {
                 Span::Owned(s) => s.len(),
                 Span::Range(r) => r.len(),
             })
@@ -699,7 +756,7 @@ impl LlmRequest {
 
     /// The bytes of the prompt's text parts, in body order.
     fn prompt_bytes(&self) -> impl Iterator<Item = &[u8]> + '_ {
-        self.parts.iter().map(move |(_, span)| match span {
+        self.parts.iter().map(move |(_, _, span)| match span {
             Span::Owned(s) => s.as_bytes(),
             Span::Range(r) => self.body.get(r.clone()).unwrap_or_default(),
         })
@@ -710,7 +767,7 @@ impl LlmRequest {
     pub(crate) fn prompt_text(&self) -> PromptText {
         PromptText {
             body: self.body.clone(),
-            spans: self.parts.iter().map(|(_, span)| span.clone()).collect(),
+            spans: self.parts.iter().map(|(_, _, span)| span.clone()).collect(),
             token_ids: self.token_ids,
         }
     }
@@ -806,7 +863,7 @@ struct Collector<'a> {
     base: &'a [u8],
     /// Count the elements of a top-level `input` array as messages (Responses API items).
     input_items_are_messages: bool,
-    parts: Vec<(PromptSource, Span)>,
+    parts: Vec<(PromptSource, Option<Role>, Span)>,
     messages: usize,
     names: usize,
     token_ids: u64,
@@ -849,7 +906,7 @@ impl<'a> Collector<'a> {
     fn text(&mut self, source: PromptSource, s: Cow<'a, str>) {
         if !s.is_empty() {
             let span = self.span(s);
-            self.parts.push((source, span));
+            self.parts.push((source, None, span));
         }
     }
 
@@ -968,6 +1025,7 @@ const FIELDS: &[&str] = &[
 /// names that way, so it would read `"MODEL"` where we read nothing.
 const READ_KEYS: &[&str] = &[
     "content",
+    "role",
     "text",
     "refusal",
     "output",
@@ -1804,8 +1862,17 @@ impl<'de, 'c> Visitor<'de> for ItemSeed<'c, 'de> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let c = self.c;
         let (source, depth) = (self.source, self.depth);
+        // The parts of this item (and of the items inside it that name no role of their own)
+        // take its `role`, wherever in the object that is written.
+        let first_part = c.parts.len();
+        let mut role = None;
         while let Some(key) = map.next_key::<Key<'de>>()? {
             match key.0.as_ref() {
+                "role" => {
+                    if let Some(name) = map.next_value::<Option<Text<'de>>>()? {
+                        role = Some(Role::from_name(&name.0));
+                    }
+                }
                 // Text-bearing fields: strings or arrays of parts, followed recursively. A
                 // custom tool call's `input` is text the model reads as well.
                 "content" | "text" | "refusal" | "output" | "arguments" | "summary" | "input"
@@ -1845,6 +1912,11 @@ impl<'de, 'c> Visitor<'de> for ItemSeed<'c, 'de> {
                     }
                 }
                 k => scan_member(k, &mut map, &mut *c, depth + 1)?,
+            }
+        }
+        if role.is_some() {
+            for part in &mut c.parts[first_part..] {
+                part.1 = part.1.or(role);
             }
         }
         Ok(())
@@ -2115,7 +2187,7 @@ fn parse_multipart(
             "model" => req.model = Some(text),
             "prompt" => req
                 .parts
-                .push((PromptSource::Prompt, Span::Owned(text.into()))),
+                .push((PromptSource::Prompt, None, Span::Owned(text.into()))),
             "user" => req.user = Some(text),
             "size" => req.size = Some(text),
             "quality" => req.quality = Some(text),
@@ -2152,9 +2224,9 @@ fn parse_session_part(req: &mut LlmRequest, text: &str) -> Result<(), PolicyErro
             },
             other => other,
         })?;
-    let owned: Vec<(PromptSource, Span)> = inner
+    let owned: Vec<(PromptSource, Option<Role>, Span)> = inner
         .prompt_parts()
-        .map(|p| (p.source, Span::Owned(p.text.into())))
+        .map(|p| (p.source, p.role, Span::Owned(p.text.into())))
         .collect();
     req.parts.extend(owned);
     if req.model.is_none() {

@@ -125,6 +125,7 @@ pub struct InvalidDigest;
 /// | `max_prompt_chars`, `max_prompt_tokens`, `max_output_tokens`, `max_n`, `max_messages`, `require_user` | [`PromptLimit`](crate::prompt_limit::PromptLimit) |
 /// | `name`, `metadata` (again) | [`AuditLayer`](crate::audit::AuditLayer) records |
 /// | `credit_limit_usd`, `budget_period`, `rpm`, `tpm`, `team` | [`Quota`](crate::quota::Quota) |
+/// | `guards` | `GuardLayer` (feature `guards`) |
 ///
 /// Build one with [`ApiKey::new`] and the builder methods, or load it from a file store (the
 /// field names are the configuration keys; unknown fields are an error).
@@ -197,6 +198,11 @@ pub struct ApiKey {
     /// ([`team_cap`](crate::quota::QuotaLayer::team_cap)), shared by every key of the team.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub team: Option<String>,
+    /// The named content guards and tool-call firewall policies this key is bound to, on top
+    /// of the workspace's defaults (a key can add guards, never remove a workspace one): see
+    /// the `guard` module (feature `guards`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guards: Vec<String>,
     /// Free-form labels (team, owner, ...) copied into audit records.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
@@ -387,6 +393,7 @@ impl fmt::Debug for ApiKey {
             .field("rpm", &self.rpm)
             .field("tpm", &self.tpm)
             .field("team", &self.team)
+            .field("guards", &self.guards)
             .field("metadata", &self.metadata)
             .finish()
     }
