@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use super::ledger::{Reservation, SpendLedger};
+use super::ledger::{Reservation, SpendLedger, SpendWatch};
 use super::rate::{RateLimiter, RateLimits};
 use crate::audit::pricing::ModelPrice;
 use crate::audit::usage::UsageScanner;
@@ -214,6 +214,8 @@ pub(crate) struct Settle {
 pub(crate) struct Hold {
     pub(crate) reservation: Reservation,
     pub(crate) cap_usd: f64,
+    /// The thresholds its settlement is watched for, when the layer alerts.
+    pub(crate) watch: Option<SpendWatch>,
 }
 
 /// How far the request went, which decides what is settled without usage.
@@ -319,7 +321,14 @@ impl Drop for Settle {
             // Without usage: the reservation, or what the stream was seen to cost if more.
             let fallback = hold.reservation.amount_usd.max(seen);
             let settled = cost.unwrap_or(fallback);
-            self.ledger.settle(&hold.reservation.id, settled);
+            match hold.watch {
+                // Nothing spent: no threshold newly reached.
+                Some(watch) if settled > 0.0 => {
+                    self.ledger
+                        .settle_watched(&hold.reservation.id, settled, watch)
+                }
+                _ => self.ledger.settle(&hold.reservation.id, settled),
+            }
             if let (0, Some(audit)) = (i, &self.audit) {
                 audit.set_settled(settled);
             }

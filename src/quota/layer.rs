@@ -18,9 +18,10 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::body::{Hold, Meter, QuotaBody, Settle, Stage};
-use super::ledger::{MemoryLedger, ReserveError, SpendLedger};
+use super::ledger::{thresholds, MemoryLedger, ReserveError, SpendLedger, SpendWatch};
 use super::period::BudgetPeriod;
 use super::rate::{LimitState, MemoryRateLimiter, RateDecision, RateKind, RateLimiter, RateLimits};
+use crate::alert::{AlertSink, DEFAULT_SPEND_THRESHOLDS};
 use crate::audit::pricing::{ModelPrice, PricingTable, Usage};
 use crate::audit::usage::{ScanMode, UsageScanner};
 use crate::audit::AuditHandle;
@@ -63,6 +64,8 @@ struct Config {
     cut_streams: bool,
     rate_fail_open: bool,
     teams: HashMap<String, TeamCap>,
+    alerts: Option<Arc<dyn AlertSink>>,
+    alert_thresholds: Arc<[u8]>,
 }
 
 /// A team's spend cap, shared by the keys whose [`team`](ApiKey::team) names it: see
@@ -116,6 +119,8 @@ impl fmt::Debug for QuotaLayer {
             .field("policy", &self.config.policy)
             .field("rate_limits_fail_open", &self.config.rate_fail_open)
             .field("teams", &self.config.teams)
+            .field("alerts", &self.config.alerts.is_some())
+            .field("alert_thresholds", &self.config.alert_thresholds)
             .finish_non_exhaustive()
     }
 }
@@ -142,6 +147,8 @@ impl QuotaLayer {
                 cut_streams: true,
                 rate_fail_open: false,
                 teams: HashMap::new(),
+                alerts: None,
+                alert_thresholds: Arc::new(DEFAULT_SPEND_THRESHOLDS),
             }),
         }
     }
@@ -167,6 +174,8 @@ impl QuotaLayer {
                 cut_streams: c.cut_streams,
                 rate_fail_open: c.rate_fail_open,
                 teams: c.teams.clone(),
+                alerts: c.alerts.clone(),
+                alert_thresholds: c.alert_thresholds.clone(),
             });
         }
         Arc::get_mut(&mut self.config).expect("just made unique")
@@ -236,6 +245,25 @@ impl QuotaLayer {
     #[must_use]
     pub fn rate_limits_fail_open(mut self, open: bool) -> Self {
         self.config_mut().rate_fail_open = open;
+        self
+    }
+
+    /// Sends [`Alert::SpendThreshold`](crate::alert::Alert::SpendThreshold) to `sink` when an
+    /// account's settled spend reaches one of the [thresholds](Self::alert_thresholds) of its
+    /// cap (a key's, or a team's as `team:<name>`): once per account, period and threshold.
+    /// Keys without a cap alert nothing. See the [module docs](super#alerts).
+    #[must_use]
+    pub fn alerts(mut self, sink: Arc<dyn AlertSink>) -> Self {
+        self.config_mut().alerts = Some(sink);
+        self
+    }
+
+    /// The spend thresholds alerted, in percent of a cap (default
+    /// [`DEFAULT_SPEND_THRESHOLDS`]: 50, 80, 100). Sorted and deduplicated; 0 is ignored;
+    /// above 100 is allowed (a request may settle past the cap). None: no spend alerts.
+    #[must_use]
+    pub fn alert_thresholds(mut self, percents: impl IntoIterator<Item = u8>) -> Self {
+        self.config_mut().alert_thresholds = thresholds(percents);
         self
     }
 
@@ -497,8 +525,22 @@ async fn admit(
                 cap.budget_period,
             )
         }));
+    let sink = config
+        .alerts
+        .as_ref()
+        .filter(|_| !config.alert_thresholds.is_empty());
     if let Some(plan) = plan.as_ref() {
         for (owner, account, cap, period) in caps {
+            let watch = sink.map(|sink| SpendWatch {
+                account: match owner {
+                    Owner::Key => name.clone(),
+                    Owner::Team(_) => Arc::from(&*account),
+                },
+                period,
+                cap_usd: cap,
+                percents: config.alert_thresholds.clone(),
+                sink: sink.clone(),
+            });
             if plan.price.is_none() && config.refuse_unknown_prices {
                 return Err((
                     PolicyError::InsufficientQuota(
@@ -516,6 +558,11 @@ async fn admit(
                 Ok(reservation) => reservation,
                 Err(ReserveError::Refused(refused)) => {
                     let spend = refused.spend;
+                    if let Some(watch) = watch.filter(|w| w.reaches(spend.spent_usd, 100)) {
+                        // At the cap: the thresholds its settlements did not alert (none,
+                        // usually), once.
+                        config.ledger.watch(watch);
+                    }
                     let message = format!(
                         "You exceeded {} {}spend cap of {}: {} spent, {} held by requests in progress, and this request may cost up to {}.",
                         owner.whose(),
@@ -555,6 +602,7 @@ async fn admit(
             settle.holds.push(Hold {
                 reservation,
                 cap_usd: cap,
+                watch,
             });
         }
     }

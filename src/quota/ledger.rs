@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::period::{BudgetPeriod, Clock, SystemClock};
+use crate::alert::{Alert, AlertSink};
 use crate::keys::{BoxFuture, StoreError};
 
 /// Nano-dollars per dollar: the in-memory ledger counts in whole nano-dollars (a `u64`, as a
@@ -103,6 +104,85 @@ pub enum ReserveError {
     Unavailable(StoreError),
 }
 
+/// The spend thresholds a settlement is watched for, and where to alert them: see
+/// [`SpendLedger::settle_watched`]. Made by [`QuotaLayer`](super::QuotaLayer) for each cap a
+/// request counts toward, when it has an [alert sink](super::QuotaLayer::alerts).
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct SpendWatch {
+    /// The ledger account: a key's name, or [`team_account`](super::team_account)`(team)`.
+    pub account: Arc<str>,
+    /// The period the cap covers.
+    pub period: BudgetPeriod,
+    /// The cap, in USD.
+    pub cap_usd: f64,
+    /// The thresholds, in percent of the cap, ascending, each once, none zero.
+    pub percents: Arc<[u8]>,
+    /// Where alerts go.
+    pub sink: Arc<dyn AlertSink>,
+}
+
+impl fmt::Debug for SpendWatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpendWatch")
+            .field("account", &self.account)
+            .field("period", &self.period)
+            .field("cap_usd", &self.cap_usd)
+            .field("percents", &self.percents)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SpendWatch {
+    /// A watch of `account`'s spend against `cap_usd` per `period`, for `percents` (sorted
+    /// and deduplicated here; zeros are dropped).
+    pub fn new(
+        account: impl Into<Arc<str>>,
+        period: BudgetPeriod,
+        cap_usd: f64,
+        percents: impl IntoIterator<Item = u8>,
+        sink: Arc<dyn AlertSink>,
+    ) -> Self {
+        SpendWatch {
+            account: account.into(),
+            period,
+            cap_usd,
+            percents: thresholds(percents),
+            sink,
+        }
+    }
+
+    /// Whether `spent_usd` reaches `percent` % of the cap (never, for a cap that is not a
+    /// positive amount).
+    pub fn reaches(&self, spent_usd: f64, percent: u8) -> bool {
+        reaches(to_nanos(spent_usd), cap_nanos(self.cap_usd), percent)
+    }
+
+    /// Sends the alert that the account's spend, `spent_usd`, reached `percent` %.
+    pub fn alert(&self, percent: u8, spent_usd: f64) {
+        self.sink.alert(Alert::SpendThreshold {
+            account: self.account.to_string(),
+            percent,
+            spent_usd,
+            cap_usd: self.cap_usd,
+            period: self.period,
+        });
+    }
+}
+
+/// Thresholds sorted, deduplicated, without zero.
+pub(super) fn thresholds(percents: impl IntoIterator<Item = u8>) -> Arc<[u8]> {
+    let mut percents: Vec<u8> = percents.into_iter().filter(|p| *p > 0).collect();
+    percents.sort_unstable();
+    percents.dedup();
+    percents.into()
+}
+
+/// Whether `spent` reaches `percent` % of `cap` (nano-dollars; never for a zero cap).
+pub(super) fn reaches(spent: u64, cap: u64, percent: u8) -> bool {
+    cap > 0 && u128::from(spent) * 100 >= u128::from(cap) * u128::from(percent)
+}
+
 /// Counts each key's spend against its cap. Object safe: hold it as `Arc<dyn SpendLedger>`.
 ///
 /// The contract, which a shared ledger (Redis, with one Lua script per method) keeps too:
@@ -144,6 +224,30 @@ pub trait SpendLedger: Send + Sync + 'static {
         Box::pin(std::future::ready(false))
     }
 
+    /// [`settle`](Self::settle)s, then alerts `watch.sink` of each of `watch.percents` that
+    /// the account's settled spend in its current period has reached and that was not
+    /// alerted before: each threshold once per account and period, however many layers (and,
+    /// for a shared ledger, replicas) settle, in ascending order, with the spend after this
+    /// settlement. Like `settle` it must not block: alerts may come later, from the task that
+    /// sends a queued settlement.
+    ///
+    /// The default settles, then calls [`watch`](Self::watch).
+    fn settle_watched(&self, id: &ReservationId, actual_usd: f64, watch: SpendWatch) {
+        self.settle(id, actual_usd);
+        self.watch(watch);
+    }
+
+    /// Alerts `watch.sink` of the thresholds the account's settled spend has reached in its
+    /// current period and that were not alerted yet (as
+    /// [`settle_watched`](Self::settle_watched), without settling). The layer calls it when
+    /// it refuses a request of an account whose spend has reached its cap. Must not block.
+    ///
+    /// The default alerts nothing: a ledger that keeps no record of the alerts it sent sends
+    /// none.
+    fn watch(&self, watch: SpendWatch) {
+        let _ = watch;
+    }
+
     /// `key`'s spend in its current `period`.
     fn spent<'a>(
         &'a self,
@@ -167,6 +271,12 @@ impl<T: SpendLedger + ?Sized> SpendLedger for Arc<T> {
     }
     fn extend(&self, id: &ReservationId, more_usd: f64, cap_usd: f64) -> BoxFuture<'static, bool> {
         (**self).extend(id, more_usd, cap_usd)
+    }
+    fn settle_watched(&self, id: &ReservationId, actual_usd: f64, watch: SpendWatch) {
+        (**self).settle_watched(id, actual_usd, watch)
+    }
+    fn watch(&self, watch: SpendWatch) {
+        (**self).watch(watch)
     }
     fn spent<'a>(
         &'a self,
@@ -215,6 +325,8 @@ struct Account {
     index: u64,
     spent: u64,
     reserved: u64,
+    /// The thresholds alerted in this period: bit `p` for `p` %.
+    alerted: [u64; 4],
 }
 
 /// A reservation not settled yet.
@@ -294,6 +406,7 @@ impl MemoryLedger {
                 index,
                 spent: 0,
                 reserved,
+                alerted: [0; 4],
             };
             match state.accounts.get_mut(key) {
                 Some(account) => *account = fresh,
@@ -369,21 +482,26 @@ impl SpendLedger for MemoryLedger {
     }
 
     fn settle(&self, id: &ReservationId, actual_usd: f64) {
-        let mut state = self.lock();
-        let Some((key, amount, period)) = state
-            .open
-            .get(id)
-            .map(|o| (o.key.clone(), o.amount, o.period))
-        else {
-            // Removed on the first settle: a second one finds nothing.
-            return;
+        self.settle_locked(&mut self.lock(), id, actual_usd);
+    }
+
+    fn settle_watched(&self, id: &ReservationId, actual_usd: f64, watch: SpendWatch) {
+        let due = {
+            let mut state = self.lock();
+            self.settle_locked(&mut state, id, actual_usd);
+            self.due_locked(&mut state, &watch)
         };
-        let index = period.index_at(self.clock.now());
-        // The account of the current period holds it (a new period carried it over).
-        let account = Self::account(&mut state, &key, period, index);
-        account.reserved = account.reserved.saturating_sub(amount);
-        account.spent = account.spent.saturating_add(to_nanos(actual_usd));
-        state.open.remove(id);
+        // Outside the lock: a sink may read the ledger.
+        for (percent, spent) in due {
+            watch.alert(percent, spent);
+        }
+    }
+
+    fn watch(&self, watch: SpendWatch) {
+        let due = self.due_locked(&mut self.lock(), &watch);
+        for (percent, spent) in due {
+            watch.alert(percent, spent);
+        }
     }
 
     fn extend(&self, id: &ReservationId, more_usd: f64, cap_usd: f64) -> BoxFuture<'static, bool> {
@@ -400,6 +518,43 @@ impl SpendLedger for MemoryLedger {
 }
 
 impl MemoryLedger {
+    fn settle_locked(&self, state: &mut LedgerState, id: &ReservationId, actual_usd: f64) {
+        let Some((key, amount, period)) = state
+            .open
+            .get(id)
+            .map(|o| (o.key.clone(), o.amount, o.period))
+        else {
+            // Removed on the first settle: a second one finds nothing.
+            return;
+        };
+        let index = period.index_at(self.clock.now());
+        // The account of the current period holds it (a new period carried it over).
+        let account = Self::account(state, &key, period, index);
+        account.reserved = account.reserved.saturating_sub(amount);
+        account.spent = account.spent.saturating_add(to_nanos(actual_usd));
+        state.open.remove(id);
+    }
+
+    /// The thresholds of `watch` its account's spend reaches and that were not alerted in
+    /// the current period, marked alerted now: `(percent, spent_usd)`, ascending.
+    fn due_locked(&self, state: &mut LedgerState, watch: &SpendWatch) -> Vec<(u8, f64)> {
+        let cap = cap_nanos(watch.cap_usd);
+        if cap == 0 || watch.percents.is_empty() {
+            return Vec::new();
+        }
+        let index = watch.period.index_at(self.clock.now());
+        let account = Self::account(state, &watch.account, watch.period, index);
+        let mut due = Vec::new();
+        for &percent in watch.percents.iter() {
+            let (word, bit) = (usize::from(percent / 64), 1u64 << (percent % 64));
+            if reaches(account.spent, cap, percent) && account.alerted[word] & bit == 0 {
+                account.alerted[word] |= bit;
+                due.push((percent, to_usd(account.spent)));
+            }
+        }
+        due
+    }
+
     fn extend_now(&self, id: &ReservationId, more_usd: f64, cap_usd: f64) -> bool {
         let more = to_nanos(more_usd);
         let cap = cap_nanos(cap_usd);

@@ -83,6 +83,20 @@
 //! must fit both; refused by the team's, it releases what its key held. A stream is cut when
 //! it would pass either.
 //!
+//! # Alerts
+//!
+//! With an [alert sink](QuotaLayer::alerts), an account (a key, or `team:<name>` for a team
+//! cap) whose settled spend reaches a threshold of its cap ([`QuotaLayer::alert_thresholds`],
+//! 50, 80 and 100 % by default) fires
+//! [`Alert::SpendThreshold`](crate::alert::Alert::SpendThreshold), once per account, period
+//! and threshold: the ledger records what it alerted, with the period's counters
+//! ([`SpendLedger::settle_watched`]), so a new period alerts again and other requests of the
+//! same period do not. Spend is what is settled (a request counts when its response ends),
+//! so a threshold fires from the settlement that reaches it. A request refused at the cap
+//! (429) alerts at most the thresholds not alerted yet, never again. [`MemoryLedger`]
+//! alerts from the settlement itself; `RedisLedger` from the task that sends its queued
+//! settlement, once in total for every replica sharing the Redis.
+//!
 //! # State
 //!
 //! [`MemoryLedger`] and [`MemoryRateLimiter`] (the default, [`QuotaLayer::in_memory`]) keep
@@ -156,7 +170,7 @@ mod redis;
 pub use body::QuotaBody;
 pub use layer::{team_account, Quota, QuotaLayer, ResponseFuture, TeamCap, DEFAULT_OUTPUT_TOKENS};
 pub use ledger::{
-    MemoryLedger, Refused, Reservation, ReservationId, ReserveError, Spend, SpendLedger,
+    MemoryLedger, Refused, Reservation, ReservationId, ReserveError, Spend, SpendLedger, SpendWatch,
 };
 pub use period::{BudgetPeriod, Clock, ManualClock, SystemClock};
 pub use rate::{LimitState, MemoryRateLimiter, RateDecision, RateKind, RateLimiter, RateLimits};
