@@ -328,3 +328,142 @@ fn memory_alerts_take_and_snapshot() {
     assert!(alerts.is_empty());
     assert!(shared.take().is_empty());
 }
+
+#[cfg(feature = "redis")]
+#[path = "common/redis.rs"]
+mod redis_server;
+
+#[cfg(feature = "redis")]
+mod redis {
+    use super::*;
+    use tower_llm_policy::quota::{RedisOptions, RedisStore};
+
+    fn store(server: &super::redis_server::RedisServer, clock: &ManualClock) -> RedisStore {
+        let options = RedisOptions::new()
+            .timeout(Duration::from_millis(500))
+            .clock(clock.clone());
+        RedisStore::open_with(&server.url(), options).unwrap()
+    }
+
+    fn layer(store: &RedisStore, alerts: &MemoryAlerts) -> QuotaLayer {
+        QuotaLayer::new(store.ledger(), store.rate_limiter())
+            .pricing(dollar_per_token())
+            .alerts(Arc::new(alerts.clone()))
+    }
+
+    /// Two replicas (two stores, two layers, two sinks) share one Redis: each threshold
+    /// fires once in total, from the replica whose settlement reached it.
+    #[tokio::test]
+    async fn replicas_sharing_redis_alert_each_threshold_once_in_total() {
+        let server = super::redis_server::RedisServer::start();
+        let clock = ManualClock::new(at(JAN_31_NOON));
+        let (store_a, store_b) = (store(&server, &clock), store(&server, &clock));
+        let (alerts_a, alerts_b) = (MemoryAlerts::new(), MemoryAlerts::new());
+        let a = stack(layer(&store_a, &alerts_a));
+        let b = stack(layer(&store_b, &alerts_b));
+        let key = Arc::new(ApiKey::new("k").credit_limit_usd(1000.0, BudgetPeriod::Daily));
+
+        let mut fired = Vec::new();
+        for i in 0..10 {
+            let (svc, store) = if i % 2 == 0 {
+                (&a, &store_a)
+            } else {
+                (&b, &store_b)
+            };
+            assert_eq!(spend(svc, &key, 100).await, StatusCode::OK);
+            // The settlement is queued: sent (and its alerts sent) once flushed.
+            store.flush().await;
+            for (replica, alerts) in [("a", &alerts_a), ("b", &alerts_b)] {
+                for (account, percent, spent, cap, period) in spend_alerts(alerts) {
+                    assert_eq!(
+                        (account.as_str(), cap, period),
+                        ("k", 1000.0, BudgetPeriod::Daily)
+                    );
+                    fired.push((i, replica, percent, spent));
+                }
+            }
+        }
+        assert_eq!(
+            fired,
+            [
+                (4, "a", 50, 500.0),
+                (7, "b", 80, 800.0),
+                (9, "b", 100, 1000.0)
+            ]
+        );
+
+        // At the cap: refused on both replicas, no alert again.
+        for (svc, store) in [(&a, &store_a), (&b, &store_b)] {
+            assert_eq!(spend(svc, &key, 1).await, StatusCode::TOO_MANY_REQUESTS);
+            store.flush().await;
+        }
+        assert!(alerts_a.is_empty() && alerts_b.is_empty());
+
+        // The next day: re-armed.
+        clock.set(at(JAN_31_NOON + 12 * 3600));
+        assert_eq!(spend(&b, &key, 600).await, StatusCode::OK);
+        store_b.flush().await;
+        assert_eq!(
+            spend_alerts(&alerts_b),
+            [("k".to_owned(), 50, 600.0, 1000.0, BudgetPeriod::Daily)]
+        );
+        assert!(alerts_a.is_empty());
+    }
+
+    /// A team cap alerts as `team:<name>` in Redis too; a refusal at the cap alerts what
+    /// settlements without alerts left unalerted, once.
+    #[tokio::test]
+    async fn team_accounts_and_refusals_at_the_cap() {
+        let server = super::redis_server::RedisServer::start();
+        let clock = ManualClock::new(at(JAN_31_NOON));
+        let store = store(&server, &clock);
+        let alerts = MemoryAlerts::new();
+        let svc = stack(layer(&store, &alerts).team_cap("research", 200.0, BudgetPeriod::Monthly));
+        let alice = Arc::new(ApiKey::new("alice").team("research"));
+        spend(&svc, &alice, 170).await;
+        store.flush().await;
+        assert_eq!(
+            spend_alerts(&alerts),
+            [
+                (
+                    team_account("research"),
+                    50,
+                    170.0,
+                    200.0,
+                    BudgetPeriod::Monthly
+                ),
+                (
+                    team_account("research"),
+                    80,
+                    170.0,
+                    200.0,
+                    BudgetPeriod::Monthly
+                ),
+            ]
+        );
+
+        // Spent to the cap by a layer without alerts: the next refusal alerts 100 %, once.
+        let quiet = stack(
+            QuotaLayer::new(store.ledger(), store.rate_limiter())
+                .pricing(dollar_per_token())
+                .team_cap("research", 200.0, BudgetPeriod::Monthly),
+        );
+        spend(&quiet, &alice, 30).await;
+        store.flush().await;
+        assert!(alerts.is_empty());
+        for _ in 0..3 {
+            assert_eq!(spend(&svc, &alice, 1).await, StatusCode::TOO_MANY_REQUESTS);
+            store.flush().await;
+        }
+        assert_eq!(
+            spend_alerts(&alerts),
+            [(
+                team_account("research"),
+                100,
+                200.0,
+                200.0,
+                BudgetPeriod::Monthly
+            )]
+        );
+    }
+}

@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 
 use super::ledger::{
     cap_nanos, to_nanos, to_usd, Refused, Reservation, ReservationId, ReserveError, Spend,
-    SpendLedger,
+    SpendLedger, SpendWatch,
 };
 use super::period::{BudgetPeriod, Clock};
 use super::rate::{LimitState, RateDecision, RateKind, RateLimiter, RateLimits};
@@ -97,18 +97,50 @@ redis.call('ZADD', KEYS[4], now + ttl, id)
 return {1, fmt(spent), fmt(held + amount), id}
 ";
 
+/// Spend alerts, for the scripts that watch thresholds: `KEYS[5]` the thresholds alerted in
+/// the current period (a set, expiring with the spend counter); from `ARGV[at]`: the cap
+/// (nano-dollars; 0: not watched), then the thresholds, in percent. `alerts(at)` marks those
+/// the settled spend reaches and that were not marked, and returns `{spent, percent...}`.
+const ALERTS: &str = r"
+local function alerts(at)
+  local spent = num(KEYS[1])
+  local out = {spent}
+  local cap = tonumber(ARGV[at])
+  if not cap or cap <= 0 then return out end
+  for i = at + 1, #ARGV do
+    local p = tonumber(ARGV[i])
+    if spent * 100 >= p * cap and redis.call('SADD', KEYS[5], p) == 1 then
+      if spend_ttl > 0 then redis.call('EXPIRE', KEYS[5], spend_ttl) end
+      table.insert(out, p)
+    end
+  end
+  return out
+end
+";
+
 /// Settle: replaces an open reservation by the actual cost, once. `ARGV[4]` the id,
-/// `ARGV[5]` the actual cost.
-/// Returns 1 when settled, 0 when the id is not open (settled already, or swept).
+/// `ARGV[5]` the actual cost, then the thresholds watched ([`ALERTS`], from `ARGV[6]`).
+/// Returns `{1, spent, percent...}` when settled (the thresholds newly reached), `{0}` when
+/// the id is not open (settled already, or swept).
 const SETTLE: &str = r"
 local v = redis.call('HGET', KEYS[3], ARGV[4])
-if not v then return 0 end
+if not v then return {0} end
 local a = tonumber(string.match(v, '^(%d+)'))
 redis.call('HDEL', KEYS[3], ARGV[4])
 redis.call('ZREM', KEYS[4], ARGV[4])
 release(fmt(a))
 spend(ARGV[5])
-return 1
+local out = alerts(6)
+table.insert(out, 1, 1)
+return out
+";
+
+/// Watch: the thresholds watched ([`ALERTS`], from `ARGV[4]`) that the settled spend has
+/// reached and that were not alerted. Returns `{1, spent, percent...}`.
+const WATCH: &str = r"
+local out = alerts(4)
+table.insert(out, 1, 1)
+return out
 ";
 
 /// Extend: holds `ARGV[5]` more under the open reservation `ARGV[4]` if the cap `ARGV[6]`
@@ -233,7 +265,16 @@ return 1
 /// `tlp:{name}:open`, `tlp:{name}:deadlines` (open reservations: gone when none is open;
 /// they do not expire, so that one left by a dead replica is counted whenever the key is
 /// used next), `tlp:{name}:seq` (reservation ids), `tlp:{name}:rpm`, `tlp:{name}:tpm`
-/// (token buckets, expiring after two idle minutes, when they are full anyway).
+/// (token buckets, expiring after two idle minutes, when they are full anyway), and with
+/// [spend alerts](super::QuotaLayer::alerts) `tlp:{name}:alerts:d:20425` (the thresholds
+/// alerted in the period, a set expiring with its spend counter).
+///
+/// Spend alerts: the settlement's script also marks the thresholds the spend reaches (`SADD`
+/// to the period's set, atomic with the settlement), so each fires once in total for every
+/// replica sharing the Redis; the alert is sent by the task that sends the queued settlement,
+/// once Redis has answered (a few milliseconds after the response ended, longer while Redis
+/// is slow or down). An alert whose answer is lost (Redis applied the settlement but the
+/// connection broke before its answer came) is not sent again: at most once.
 /// Amounts are whole nano-dollars, exact up to about $9 million per key and period (Lua's
 /// numbers are doubles).
 ///
@@ -263,6 +304,7 @@ struct Shared {
 struct Scripts {
     reserve: Script,
     settle: Script,
+    watch: Script,
     extend: Script,
     spent: Script,
     acquire: Script,
@@ -275,7 +317,8 @@ impl Scripts {
         let buckets = |body: &str| Script::new(&format!("{BUCKETS}{body}"));
         Scripts {
             reserve: ledger(RESERVE),
-            settle: ledger(SETTLE),
+            settle: ledger(&format!("{ALERTS}{SETTLE}")),
+            watch: ledger(&format!("{ALERTS}{WATCH}")),
             extend: ledger(EXTEND),
             spent: ledger(SPENT),
             acquire: buckets(ACQUIRE),
@@ -293,6 +336,15 @@ enum Job {
         spend_ttl: u64,
         now: String,
         queued: Instant,
+        watch: Option<SpendWatch>,
+    },
+    /// Alerts the thresholds reached and not alerted.
+    Watch {
+        keys: LedgerKeys,
+        spend_ttl: u64,
+        now: String,
+        queued: Instant,
+        watch: SpendWatch,
     },
     Correct {
         keys: [String; 2],
@@ -313,6 +365,8 @@ struct LedgerKeys {
     open: String,
     deadlines: String,
     seq: String,
+    /// The thresholds alerted in the period.
+    alerts: String,
 }
 
 impl fmt::Debug for RedisStore {
@@ -539,6 +593,7 @@ impl Shared {
             open: format!("{base}open"),
             deadlines: format!("{base}deadlines"),
             seq: format!("{base}seq"),
+            alerts: format!("{base}alerts:{}:{index}", tag_letter(period)),
         }
     }
 
@@ -664,15 +719,35 @@ async fn send_job(store: Arc<Shared>, job: Job) {
                 spend_ttl,
                 now,
                 queued,
-            } => (
-                ledger_call(&store.scripts.settle, keys, now, *spend_ttl)
-                    .arg(id)
-                    .arg(actual)
-                    .invoke_async::<i64>(&mut conn)
-                    .await
-                    .map(drop),
-                *queued,
-            ),
+                watch,
+            } => {
+                let mut call = ledger_call(&store.scripts.settle, keys, now, *spend_ttl);
+                call.key(&keys.alerts).arg(id).arg(actual);
+                watch_args(&mut call, watch.as_ref());
+                (
+                    call.invoke_async::<Vec<i64>>(&mut conn)
+                        .await
+                        .map(|answer| alert(watch.as_ref(), &answer)),
+                    *queued,
+                )
+            }
+            Job::Watch {
+                keys,
+                spend_ttl,
+                now,
+                queued,
+                watch,
+            } => {
+                let mut call = ledger_call(&store.scripts.watch, keys, now, *spend_ttl);
+                call.key(&keys.alerts);
+                watch_args(&mut call, Some(watch));
+                (
+                    call.invoke_async::<Vec<i64>>(&mut conn)
+                        .await
+                        .map(|answer| alert(Some(watch), &answer)),
+                    *queued,
+                )
+            }
             Job::Correct {
                 keys,
                 tpm,
@@ -712,6 +787,34 @@ async fn send_job(store: Arc<Shared>, job: Job) {
     }
 }
 
+/// The arguments of [`ALERTS`]: the cap (0 when not watched) and the thresholds.
+fn watch_args(call: &mut redis::ScriptInvocation<'_>, watch: Option<&SpendWatch>) {
+    match watch {
+        Some(watch) => {
+            call.arg(cap_nanos(watch.cap_usd));
+            for percent in watch.percents.iter() {
+                call.arg(percent);
+            }
+        }
+        None => {
+            call.arg(0);
+        }
+    }
+}
+
+/// Sends the alerts of a script's answer `{1, spent, percent...}`.
+fn alert(watch: Option<&SpendWatch>, answer: &[i64]) {
+    let (Some(watch), [1, spent, percents @ ..]) = (watch, answer) else {
+        return;
+    };
+    let spent = to_usd(u64::try_from(*spent).unwrap_or(0));
+    for &percent in percents {
+        if let Ok(percent) = u8::try_from(percent) {
+            watch.alert(percent, spent);
+        }
+    }
+}
+
 /// A [`SpendLedger`] in Redis: see [`RedisStore`]. Clones share the store.
 ///
 /// Reservation ids are `seq/period/name` (`seq` counted in Redis per key), so that any
@@ -725,6 +828,24 @@ impl RedisLedger {
     /// The store this ledger writes to.
     pub fn store(&self) -> &RedisStore {
         &self.store
+    }
+
+    fn settle_with(&self, id: &ReservationId, actual_usd: f64, watch: Option<SpendWatch>) {
+        let shared = &self.store.shared;
+        let Some((seq, period, name)) = parse_id(id.as_str()) else {
+            // Not an id of this ledger: nothing is open under it.
+            return;
+        };
+        let index = shared.period_index(period);
+        shared.enqueue(Job::Settle {
+            keys: shared.ledger_keys(&name, period, index),
+            id: seq.to_owned(),
+            actual: to_nanos(actual_usd),
+            spend_ttl: spend_ttl_secs(period),
+            now: shared.now_arg(),
+            queued: Instant::now(),
+            watch,
+        });
     }
 }
 
@@ -813,19 +934,26 @@ impl SpendLedger for RedisLedger {
     }
 
     fn settle(&self, id: &ReservationId, actual_usd: f64) {
+        self.settle_with(id, actual_usd, None);
+    }
+
+    /// Settles in the same script that marks the thresholds reached (once for every
+    /// replica: a set per account and period in Redis), and alerts from the task that sends
+    /// the queued settlement, when Redis has answered.
+    fn settle_watched(&self, id: &ReservationId, actual_usd: f64, watch: SpendWatch) {
+        self.settle_with(id, actual_usd, Some(watch));
+    }
+
+    fn watch(&self, watch: SpendWatch) {
         let shared = &self.store.shared;
-        let Some((seq, period, name)) = parse_id(id.as_str()) else {
-            // Not an id of this ledger: nothing is open under it.
-            return;
-        };
+        let period = watch.period;
         let index = shared.period_index(period);
-        shared.enqueue(Job::Settle {
-            keys: shared.ledger_keys(&name, period, index),
-            id: seq.to_owned(),
-            actual: to_nanos(actual_usd),
+        shared.enqueue(Job::Watch {
+            keys: shared.ledger_keys(&watch.account, period, index),
             spend_ttl: spend_ttl_secs(period),
             now: shared.now_arg(),
             queued: Instant::now(),
+            watch,
         });
     }
 
