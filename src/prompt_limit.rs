@@ -740,7 +740,12 @@ impl Check for LimitCheck {
         Ok(applies)
     }
 
-    fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError> {
+    fn decide(
+        &self,
+        view: &mut LlmRequest,
+        key: Option<&ApiKey>,
+        _audit: Option<&crate::audit::AuditHandle>,
+    ) -> Result<(), PolicyError> {
         let own = key.map(PromptLimits::of_key).unwrap_or_default();
         if !view.has_body() || !self.applies(&own) {
             return Ok(());
