@@ -46,8 +46,11 @@ macro_rules! check_service {
             }
 
             fn call(&mut self, req: Request<B>) -> Self::Future {
+                let (mut parts, body) = req.into_parts();
+                let check = self.check.for_request(&mut parts);
+                let req = Request::from_parts(parts, body);
                 ResponseFuture {
-                    inner: CheckFuture::new(self.check.clone(), &mut self.inner, req),
+                    inner: CheckFuture::new(check, &mut self.inner, req),
                 }
             }
         }
@@ -111,6 +114,12 @@ pub(crate) trait Check: Clone + Send + 'static {
         key: Option<&ApiKey>,
         audit: Option<&AuditHandle>,
     ) -> Result<(), PolicyError>;
+
+    /// The check for one request: this one, or one adjusted by what the request's head asks
+    /// (a header that tightens a limit, read and removed here).
+    fn for_request(&self, _parts: &mut Parts) -> Self {
+        self.clone()
+    }
 
     /// Whether this layer reads a pending body for the audit record when no decision needs it,
     /// once its own head checks passed (the body-reading policy layers do; the audit layer

@@ -18,6 +18,7 @@
 pub mod detect;
 pub mod external;
 mod firewall;
+mod layer;
 pub(crate) mod response;
 
 use std::borrow::Cow;
@@ -28,6 +29,8 @@ use std::sync::Arc;
 pub use detect::{Detector, Found};
 pub use external::{ModerationError, ModerationInput, Moderator, Verdict};
 pub use firewall::ToolFirewall;
+pub use layer::{GuardLayer, Guarded, ResponseFuture, GUARDS_HEADER};
+pub use response::GuardBody;
 
 use crate::request::{PromptPart, PromptSource, Role};
 
