@@ -17,7 +17,6 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -860,6 +859,7 @@ impl LlmRequest {
     }
 
     /// Queues a rewrite of the prompt's strings (a guard's redaction).
+    #[cfg(feature = "guards")]
     pub(crate) fn queue_redaction(&mut self, redact: rewrite::Redactor) {
         self.text_edits.redact = Some(redact);
         self.edits.redacted = true;
@@ -867,7 +867,8 @@ impl LlmRequest {
     }
 
     /// Queues the replacement of `user` and `safety_identifier` by `hash` of their values.
-    pub(crate) fn queue_end_user_hash(&mut self, hash: Arc<dyn Fn(&str) -> String + Send + Sync>) {
+    #[cfg(feature = "guards")]
+    pub(crate) fn queue_end_user_hash(&mut self, hash: rewrite::EndUserHash) {
         self.text_edits.end_user = Some(hash);
         self.edits.end_user_hashed = true;
         self.dirty = true;
@@ -878,6 +879,7 @@ impl LlmRequest {
     /// the rewritten text. The text rewrites are dropped once applied (a hash is never
     /// hashed again); the other edits stay queued, and are applied again, to the same
     /// effect, if another edit is queued later. JSON bodies only.
+    #[cfg(feature = "guards")]
     pub(crate) fn reparse(&mut self) -> Result<(), PolicyError> {
         if self.text_edits.is_empty() || self.multipart {
             return Ok(());

@@ -53,10 +53,14 @@ pub(crate) struct TextEdits {
     /// Rewrites the strings of the prompt fields.
     pub(crate) redact: Option<Redactor>,
     /// The value `user` and `safety_identifier` strings are replaced with.
-    pub(crate) end_user: Option<Arc<dyn Fn(&str) -> String + Send + Sync>>,
+    pub(crate) end_user: Option<EndUserHash>,
 }
 
+/// What an end-user id (`user`, `safety_identifier`) is replaced with.
+pub(crate) type EndUserHash = Arc<dyn Fn(&str) -> String + Send + Sync>;
+
 impl TextEdits {
+    #[cfg(feature = "guards")]
     pub(crate) fn is_empty(&self) -> bool {
         self.redact.is_none() && self.end_user.is_none()
     }
@@ -211,6 +215,7 @@ fn write_key(out: &mut Vec<u8>, key: &str) -> Result<(), PolicyError> {
 }
 
 /// `body` (a JSON object) with `edits` applied. See the [module docs](self).
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn apply(body: &[u8], edits: &Edits) -> Result<Bytes, PolicyError> {
     apply_with(body, edits, &TextEdits::default())
 }

@@ -294,7 +294,7 @@ impl Config {
     }
 
     /// The salted hash an end-user id is replaced with.
-    fn end_user_hash(&self) -> Option<Arc<dyn Fn(&str) -> String + Send + Sync>> {
+    fn end_user_hash(&self) -> Option<crate::rewrite::EndUserHash> {
         let salt = self.end_user_salt.clone()?;
         Some(Arc::new(move |id: &str| {
             let mut h = Sha256::new();
