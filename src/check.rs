@@ -46,8 +46,11 @@ macro_rules! check_service {
             }
 
             fn call(&mut self, req: Request<B>) -> Self::Future {
+                let (mut parts, body) = req.into_parts();
+                let check = self.check.for_request(&mut parts);
+                let req = Request::from_parts(parts, body);
                 ResponseFuture {
-                    inner: CheckFuture::new(self.check.clone(), &mut self.inner, req),
+                    inner: CheckFuture::new(check, &mut self.inner, req),
                 }
             }
         }
@@ -105,7 +108,18 @@ pub(crate) trait Check: Clone + Send + 'static {
 
     /// Decides on the resolved view, with its body when there is one and it was asked for.
     /// May queue body edits on the view.
-    fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError>;
+    fn decide(
+        &self,
+        view: &mut LlmRequest,
+        key: Option<&ApiKey>,
+        audit: Option<&AuditHandle>,
+    ) -> Result<(), PolicyError>;
+
+    /// The check for one request: this one, or one adjusted by what the request's head asks
+    /// (a header that tightens a limit, read and removed here).
+    fn for_request(&self, _parts: &mut Parts) -> Self {
+        self.clone()
+    }
 
     /// Whether this layer reads a pending body for the audit record when no decision needs it,
     /// once its own head checks passed (the body-reading policy layers do; the audit layer
@@ -256,11 +270,12 @@ fn decide_and_forward<C: Check>(
     mut body: PolicyBody,
     key: Option<&ApiKey>,
 ) -> Result<Request<PolicyBody>, PolicyError> {
+    let audit = parts.extensions.get::<AuditHandle>().cloned();
     let view = parts
         .extensions
         .get_mut::<LlmRequest>()
         .expect("the view is resolved before any decision");
-    check.decide(view, key)?;
+    check.decide(view, key, audit.as_ref())?;
     if let Some(rendered) = view.take_rendered() {
         let rendered = rendered?;
         // The new body is in memory and of known length: it is sent with that length, never

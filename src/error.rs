@@ -46,6 +46,8 @@ pub enum LayerName {
     PromptLimit,
     /// The [`Quota`](crate::quota::Quota) layer (spend caps and rate limits).
     Quota,
+    /// The content guards (the `GuardLayer`, feature `guards`).
+    Guard,
     /// The audit layer.
     Audit,
     /// Reading or parsing the request body (whichever layer read it first), or the
@@ -64,6 +66,7 @@ impl LayerName {
             LayerName::FeatureBlock => "feature_block",
             LayerName::PromptLimit => "prompt_limit",
             LayerName::Quota => "quota",
+            LayerName::Guard => "guard",
             LayerName::Audit => "audit",
             LayerName::RequestBody => "request_body",
             LayerName::Other(name) => name,
@@ -142,7 +145,9 @@ pub enum PolicyError {
         param: Option<&'static str>,
     },
     /// The key requires an end-user identifier and the request has none.
-    #[error("A `user` (or `safety_identifier`) field is required on every request here.")]
+    #[error(
+        "A non-blank `user` (or `safety_identifier`) field is required on every request here."
+    )]
     UserRequired,
     /// A content guard blocked the prompt.
     #[error("{0}")]

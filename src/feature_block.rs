@@ -512,7 +512,12 @@ impl Check for BlockCheck {
         Ok(self.body_blocks_apply(key, view.endpoint()))
     }
 
-    fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError> {
+    fn decide(
+        &self,
+        view: &mut LlmRequest,
+        key: Option<&ApiKey>,
+        _audit: Option<&crate::audit::AuditHandle>,
+    ) -> Result<(), PolicyError> {
         // Features the body adds to the endpoint's: audio output, an image generation tool.
         let endpoint_feature = view.endpoint().feature();
         for feature in view.features().iter() {

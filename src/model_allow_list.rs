@@ -243,7 +243,12 @@ impl Check for AllowCheck {
         Ok(true)
     }
 
-    fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError> {
+    fn decide(
+        &self,
+        view: &mut LlmRequest,
+        key: Option<&ApiKey>,
+        _audit: Option<&crate::audit::AuditHandle>,
+    ) -> Result<(), PolicyError> {
         if !self.applies(key) {
             return Ok(());
         }

@@ -12,7 +12,7 @@
 //! | `max_output_tokens` | `max_tokens`, `max_completion_tokens`, `max_output_tokens` | 400 `prompt_too_long`, or clamped |
 //! | `max_n` | `n` and `best_of` | 400 `prompt_too_long` |
 //! | `max_messages` | the number of chat `messages` | 400 `prompt_too_long` |
-//! | `require_user` | `user` or `safety_identifier` present | 400 `user_required` |
+//! | `require_user` | `user` or `safety_identifier` present, and not empty or blank | 400 `user_required` |
 //!
 //! The message gives the limit and the measured size: "Prompt is at least 1534 tokens; the
 //! limit for this key is 1000 tokens." ("at least": counting stops as soon as the limit is
@@ -389,6 +389,7 @@ impl<S> Layer<S> for PromptLimitLayer {
             inner,
             check: LimitCheck {
                 config: self.config.clone(),
+                requested: None,
             },
         }
     }
@@ -433,6 +434,7 @@ impl<S> PromptLimit<S> {
 enum Level {
     Workspace,
     Key,
+    Request,
 }
 
 impl fmt::Display for Level {
@@ -440,6 +442,7 @@ impl fmt::Display for Level {
         f.write_str(match self {
             Level::Workspace => "this workspace",
             Level::Key => "this key",
+            Level::Request => "this request",
         })
     }
 }
@@ -522,10 +525,19 @@ fn fixed_tokens(view: &LlmRequest, media: &MediaTokens) -> usize {
         .saturating_add(to_usize(media_tokens))
 }
 
+/// The request header with which a caller tightens the prompt token limit of its own
+/// request: `x-llm-policy-max-prompt-tokens: 2000`. A value at or above the limit that
+/// applies anyway (or not a number) is ignored, and the request flagged
+/// `header_ignored:x-llm-policy-max-prompt-tokens`: a header never loosens a limit. Removed
+/// before the request is forwarded.
+pub const MAX_PROMPT_TOKENS_HEADER: &str = "x-llm-policy-max-prompt-tokens";
+
 /// The limit decision.
 #[derive(Clone, Debug)]
 struct LimitCheck {
     config: Arc<Config>,
+    /// The request's own limit ([`MAX_PROMPT_TOKENS_HEADER`]), when it sent a number.
+    requested: Option<u64>,
 }
 
 /// Endpoints whose requests take `user` / `safety_identifier`.
@@ -599,7 +611,7 @@ impl LimitCheck {
 
         if (global.require_user || own.require_user)
             && takes_user(endpoint)
-            && view.user().is_none()
+            && view.end_user().is_none()
         {
             return Err(PolicyError::UserRequired);
         }
@@ -724,6 +736,25 @@ fn prompt_param(endpoint: Endpoint) -> Option<&'static str> {
 }
 
 impl Check for LimitCheck {
+    fn for_request(&self, parts: &mut http::request::Parts) -> Self {
+        let Some(value) = parts.headers.remove(MAX_PROMPT_TOKENS_HEADER) else {
+            return self.clone();
+        };
+        let requested = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if requested.is_none() {
+            if let Some(audit) = parts.extensions.get::<crate::audit::AuditHandle>() {
+                audit.flag(format!("header_ignored:{MAX_PROMPT_TOKENS_HEADER}"));
+            }
+        }
+        LimitCheck {
+            config: self.config.clone(),
+            requested,
+        }
+    }
+
     fn layer(&self) -> LayerName {
         LayerName::PromptLimit
     }
@@ -733,17 +764,50 @@ impl Check for LimitCheck {
     }
 
     fn on_head(&self, view: &LlmRequest, key: Option<&ApiKey>) -> Result<bool, PolicyError> {
-        let applies = self.applies(&key.map(PromptLimits::of_key).unwrap_or_default());
+        let applies = self.applies(&key.map(PromptLimits::of_key).unwrap_or_default())
+            || self.requested.is_some();
         if applies && view.body_model() == BodyModel::Batch {
             return Err(PolicyError::Unverifiable(BATCH_REFUSED.into()));
         }
         Ok(applies)
     }
 
-    fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError> {
+    fn decide(
+        &self,
+        view: &mut LlmRequest,
+        key: Option<&ApiKey>,
+        _audit: Option<&crate::audit::AuditHandle>,
+    ) -> Result<(), PolicyError> {
         let own = key.map(PromptLimits::of_key).unwrap_or_default();
-        if !view.has_body() || !self.applies(&own) {
+        let requested = self.requested.filter(|&r| {
+            let tightens = effective(self.config.limits.max_prompt_tokens, own.max_prompt_tokens)
+                .is_none_or(|(limit, _)| r < limit);
+            if !tightens {
+                if let Some(audit) = _audit {
+                    audit.flag(format!("header_ignored:{MAX_PROMPT_TOKENS_HEADER}"));
+                }
+            }
+            tightens
+        });
+        if !view.has_body() || !(self.applies(&own) || requested.is_some()) {
             return Ok(());
+        }
+        if let Some(limit) = requested {
+            let count = prompt_tokens_up_to(
+                view,
+                &self.counter(view),
+                &self.config.media,
+                to_usize(limit),
+            );
+            if let Count::Exceeded { counted } = count {
+                return Err(too_long(
+                    format!(
+                        "Prompt is at least {counted} tokens; the limit for {} is {limit} tokens.",
+                        Level::Request
+                    ),
+                    None,
+                ));
+            }
         }
         if let Some(limit) = self.decide_limits(&own, view)? {
             view.clamp_output(limit);

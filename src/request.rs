@@ -29,7 +29,7 @@ use crate::endpoint::{BodyModel, Endpoint, Feature, FeatureSet, Route};
 use crate::error::PolicyError;
 use crate::model::ModelName;
 use crate::policy::Policy;
-use crate::rewrite::{self, Edits};
+use crate::rewrite::{self, Edits, TextEdits};
 
 /// Default limit for JSON request bodies: 16 MiB (a chat request with several base64 images
 /// fits; a 200-page prompt is well under 1 MiB).
@@ -298,6 +298,7 @@ pub struct LlmRequest {
     quality: Option<String>,
     parsed_body: bool,
     edits: Edits,
+    text_edits: TextEdits,
     dirty: bool,
 }
 
@@ -410,6 +411,7 @@ impl LlmRequest {
             quality: None,
             parsed_body: false,
             edits: Edits::default(),
+            text_edits: TextEdits::default(),
             dirty: false,
         };
         req.finish();
@@ -632,6 +634,15 @@ impl LlmRequest {
         self.user.as_deref().or(self.safety_identifier.as_deref())
     }
 
+    /// The end user, as a check that requires one reads it: the first of `user` and
+    /// `safety_identifier` that is not empty or blank (whitespace only).
+    pub fn end_user(&self) -> Option<&str> {
+        [self.user.as_deref(), self.safety_identifier.as_deref()]
+            .into_iter()
+            .flatten()
+            .find(|id| !id.trim().is_empty())
+    }
+
     /// `safety_identifier` as sent.
     pub fn safety_identifier(&self) -> Option<&str> {
         self.safety_identifier.as_deref()
@@ -840,7 +851,47 @@ impl LlmRequest {
         if !std::mem::take(&mut self.dirty) {
             return None;
         }
-        Some(rewrite::apply(&self.body, &self.edits))
+        Some(rewrite::apply_with(
+            &self.body,
+            &self.edits,
+            &self.text_edits,
+        ))
+    }
+
+    /// Queues a rewrite of the prompt's strings (a guard's redaction).
+    #[cfg(feature = "guards")]
+    pub(crate) fn queue_redaction(&mut self, redact: rewrite::Redactor) {
+        self.text_edits.redact = Some(redact);
+        self.edits.redacted = true;
+        self.dirty = true;
+    }
+
+    /// Queues the replacement of `user` and `safety_identifier` by `hash` of their values.
+    #[cfg(feature = "guards")]
+    pub(crate) fn queue_end_user_hash(&mut self, hash: rewrite::EndUserHash) {
+        self.text_edits.end_user = Some(hash);
+        self.edits.end_user_hashed = true;
+        self.dirty = true;
+    }
+
+    /// Applies the queued text rewrites (and every other queued edit) now, and reads the
+    /// view again from the new body: every later check, the price and the audit record see
+    /// the rewritten text. The text rewrites are dropped once applied (a hash is never
+    /// hashed again); the other edits stay queued, and are applied again, to the same
+    /// effect, if another edit is queued later. JSON bodies only.
+    #[cfg(feature = "guards")]
+    pub(crate) fn reparse(&mut self) -> Result<(), PolicyError> {
+        if self.text_edits.is_empty() || self.multipart {
+            return Ok(());
+        }
+        let rendered = rewrite::apply_with(&self.body, &self.edits, &self.text_edits)?;
+        self.text_edits = TextEdits::default();
+        self.parts.clear();
+        self.read_body(&HeaderMap::new(), rendered)?;
+        // The body that travels on is rendered once more, from the new bytes (the other
+        // edits are idempotent).
+        self.dirty = true;
+        Ok(())
     }
 }
 

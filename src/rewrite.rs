@@ -13,6 +13,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::de::{Deserializer, MapAccess, Visitor};
@@ -20,6 +21,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::PolicyError;
+use crate::request::{PromptSource, Role};
 
 /// The changes queued for a request's body.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -31,6 +33,131 @@ pub struct Edits {
     pub clamp_output: Option<u64>,
     /// `stream_options.include_usage` is set to `true` (the object is added when absent).
     pub include_usage: bool,
+    /// Prompt text was redacted by a content guard (feature `guards`): each string of the
+    /// prompt fields that held a match was rewritten with the guard's mask.
+    pub redacted: bool,
+    /// `user` and `safety_identifier` were replaced by a salted hash of their value (feature
+    /// `guards`).
+    pub end_user_hashed: bool,
+}
+
+/// Rewrites a prompt string: given where it is (its top-level field and the `role` of the
+/// message around it), its new text, or `None` to keep it.
+pub(crate) type Redactor =
+    Arc<dyn Fn(PromptSource, Option<Role>, &str) -> Option<String> + Send + Sync>;
+
+/// The rewrites of string values queued with the [`Edits`]: kept apart because they are
+/// functions of the text, applied once and then dropped (see `LlmRequest::reparse`).
+#[derive(Clone, Default)]
+pub(crate) struct TextEdits {
+    /// Rewrites the strings of the prompt fields.
+    pub(crate) redact: Option<Redactor>,
+    /// The value `user` and `safety_identifier` strings are replaced with.
+    pub(crate) end_user: Option<EndUserHash>,
+}
+
+/// What an end-user id (`user`, `safety_identifier`) is replaced with.
+pub(crate) type EndUserHash = Arc<dyn Fn(&str) -> String + Send + Sync>;
+
+impl TextEdits {
+    #[cfg(feature = "guards")]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.redact.is_none() && self.end_user.is_none()
+    }
+}
+
+impl fmt::Debug for TextEdits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TextEdits")
+            .field("redact", &self.redact.is_some())
+            .field("end_user", &self.end_user.is_some())
+            .finish()
+    }
+}
+
+/// The prompt source of a top-level field, for the fields whose strings a [`Redactor`] may
+/// rewrite (as the request parse reads them).
+fn prompt_field(key: &str) -> Option<PromptSource> {
+    Some(match key {
+        "messages" | "additional_messages" => PromptSource::Message,
+        "prompt" => PromptSource::Prompt,
+        "input" => PromptSource::Input,
+        "instructions" | "additional_instructions" => PromptSource::Instructions,
+        "tools" | "functions" => PromptSource::Tools,
+        "response_format" | "text" => PromptSource::Schema,
+        "suffix" => PromptSource::Suffix,
+        "prediction" => PromptSource::Prediction,
+        _ => return None,
+    })
+}
+
+/// Members inside prompt fields whose strings are identifiers or enumerations, never text.
+const NOT_TEXT: [&str; 8] = [
+    "role",
+    "type",
+    "id",
+    "call_id",
+    "tool_call_id",
+    "model",
+    "status",
+    "detail",
+];
+
+/// Writes `value` with every string inside it passed through `redact` (objects and arrays
+/// are followed; an object's `role` applies to what is inside it).
+fn redact_value(
+    out: &mut Vec<u8>,
+    value: &RawValue,
+    source: PromptSource,
+    role: Option<Role>,
+    redact: &Redactor,
+) -> Result<(), PolicyError> {
+    let text = value.get().trim_start();
+    match text.as_bytes().first() {
+        Some(b'"') => {
+            let s: Cow<'_, str> = serde_json::from_str(text).map_err(unwritable)?;
+            match redact(source, role, &s) {
+                Some(new) => serde_json::to_writer(&mut *out, &new).map_err(unwritable)?,
+                None => out.extend_from_slice(value.get().as_bytes()),
+            }
+        }
+        Some(b'{') => {
+            let members: Members<'_> = serde_json::from_str(text).map_err(unwritable)?;
+            let own_role = members
+                .0
+                .iter()
+                .find(|(k, _)| k == "role")
+                .and_then(|(_, v)| serde_json::from_str::<Cow<'_, str>>(v.get()).ok())
+                .map(|name| Role::from_name(&name));
+            let role = own_role.or(role);
+            out.push(b'{');
+            for (i, (key, value)) in members.0.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_key(out, key)?;
+                if NOT_TEXT.contains(&key.as_ref()) {
+                    out.extend_from_slice(value.get().as_bytes());
+                } else {
+                    redact_value(out, value, source, role, redact)?;
+                }
+            }
+            out.push(b'}');
+        }
+        Some(b'[') => {
+            let items: Vec<&RawValue> = serde_json::from_str(text).map_err(unwritable)?;
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                redact_value(out, item, source, role, redact)?;
+            }
+            out.push(b']');
+        }
+        _ => out.extend_from_slice(value.get().as_bytes()),
+    }
+    Ok(())
 }
 
 const OUTPUT_FIELDS: [&str; 4] = [
@@ -88,7 +215,17 @@ fn write_key(out: &mut Vec<u8>, key: &str) -> Result<(), PolicyError> {
 }
 
 /// `body` (a JSON object) with `edits` applied. See the [module docs](self).
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn apply(body: &[u8], edits: &Edits) -> Result<Bytes, PolicyError> {
+    apply_with(body, edits, &TextEdits::default())
+}
+
+/// [`apply`], with the text rewrites of `text` as well.
+pub(crate) fn apply_with(
+    body: &[u8],
+    edits: &Edits,
+    text: &TextEdits,
+) -> Result<Bytes, PolicyError> {
     let members: Members<'_> = serde_json::from_slice(body).map_err(unwritable)?;
     let mut out = Vec::with_capacity(body.len() + 48);
     out.push(b'{');
@@ -109,6 +246,18 @@ pub(crate) fn apply(body: &[u8], edits: &Edits) -> Result<Bytes, PolicyError> {
         if edits.include_usage && key == "stream_options" {
             with_include_usage(&mut out, value)?;
             usage_written = true;
+            continue;
+        }
+        if let Some(hash) = &text.end_user {
+            if key == "user" || key == "safety_identifier" {
+                if let Ok(id) = serde_json::from_str::<Cow<'_, str>>(value.get()) {
+                    serde_json::to_writer(&mut out, &hash(&id)).map_err(unwritable)?;
+                    continue;
+                }
+            }
+        }
+        if let (Some(redact), Some(source)) = (&text.redact, prompt_field(key)) {
+            redact_value(&mut out, value, source, None, redact)?;
             continue;
         }
         out.extend_from_slice(value.get().as_bytes());
@@ -243,6 +392,7 @@ mod tests {
         let both = Edits {
             clamp_output: Some(10),
             include_usage: true,
+            ..Edits::default()
         };
         assert_eq!(
             run(r#"{"max_tokens":20,"stream":true}"#, both),

@@ -120,7 +120,12 @@ impl Check for AuditCheck {
         Ok(self.reads_itself)
     }
 
-    fn decide(&self, _: &mut LlmRequest, _: Option<&ApiKey>) -> Result<(), PolicyError> {
+    fn decide(
+        &self,
+        _: &mut LlmRequest,
+        _: Option<&ApiKey>,
+        _: Option<&crate::audit::AuditHandle>,
+    ) -> Result<(), PolicyError> {
         Ok(())
     }
 

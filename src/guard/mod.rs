@@ -14,10 +14,73 @@
 //! ([`sources`](Guard::sources)) and message [`roles`](Guard::roles) it is given (all by
 //! default), always at decoded text: a JSON escape such as `\u0069gnore` is read as
 //! `ignore`.
+//!
+//! # The layer
+//!
+//! [`GuardLayer`] holds the guards. Those added with [`GuardLayer::guard`] apply to every
+//! request (the workspace's); those added with [`GuardLayer::optional_guard`] apply to the
+//! requests of keys that list them in [`ApiKey::guards`](crate::ApiKey::guards), and to
+//! requests that ask for them in the [`GUARDS_HEADER`]. A key or a header can add guards,
+//! never remove or weaken one; a key bound to a name the layer does not know is refused with
+//! 503 `policy_unavailable` (a configuration error fails closed). Put it after
+//! `PromptLimit` and before `Quota`: a request any guard refuses reserves nothing.
+//!
+//! On a request, in the order they were added:
+//!
+//! - detector guards ([`Guard::new`]) read the prompt's text parts (see
+//!   [`LlmRequest::prompt_parts`](crate::LlmRequest::prompt_parts)); tool and schema
+//!   definitions are read for their strings, decoded. A redaction rewrites each string of
+//!   the prompt fields that holds a match (nothing else in the body changes: other members are
+//!   copied byte for byte), the request is read again from the new body, and the same guards
+//!   check it once more: a match the rewrite could not reach refuses the request instead of
+//!   passing it. Every later layer, the price and the audit record see the redacted text.
+//!   A multipart body (an image edit's `prompt`) is not rewritten: `redact` refuses it.
+//! - firewall guards ([`Guard::firewall`]) check the tools a request offers;
+//! - then, once every other layer decided, external guards ([`Guard::external`]) ask their
+//!   [`Moderator`] about the text, in turn; a moderator that gives no verdict refuses the
+//!   request with 503 `policy_unavailable`, or lets it through flagged
+//!   `guard:<name>:unavailable` when the guard [fails open](Guard::fail_open).
+//!
+//! With [`GuardLayer::hash_end_users`], `user` and `safety_identifier` go upstream (and into the
+//! record) as a salted SHA-256 of their value.
+//!
+//! Every guard that matched flags the audit record `guard:<name>`; a block leaves a
+//! [`Rejection`](crate::Rejection) from [`LayerName::Guard`](crate::LayerName::Guard) and is
+//! announced to the layer's [`AlertSink`](crate::alert::AlertSink).
+//!
+//! ```
+//! use tower_llm_policy::guard::{Detector, Found, Guard, GuardLayer, Mode};
+//!
+//! /// Card-like runs of 16 digits (the built-in `Pii` detector validates them properly).
+//! struct Digits16;
+//!
+//! impl Detector for Digits16 {
+//!     fn find(&self, text: &str, found: &mut Vec<Found>) {
+//!         let bytes = text.as_bytes();
+//!         let mut run = 0;
+//!         for (i, b) in bytes.iter().enumerate() {
+//!             run = if b.is_ascii_digit() { run + 1 } else { 0 };
+//!             if run == 16 && bytes.get(i + 1).is_none_or(|b| !b.is_ascii_digit()) {
+//!                 found.push(Found::new(i + 1 - 16..i + 1, "card"));
+//!             }
+//!         }
+//!     }
+//!
+//!     fn max_match_len(&self) -> usize {
+//!         16
+//!     }
+//! }
+//!
+//! let layer = GuardLayer::new()
+//!     .guard(Guard::new("cards", Digits16).mode(Mode::Redact))
+//!     .hash_end_users(b"a salt of your own");
+//! # let _ = layer;
+//! ```
 
 pub mod detect;
 pub mod external;
 mod firewall;
+mod layer;
 pub(crate) mod response;
 
 use std::borrow::Cow;
@@ -28,6 +91,8 @@ use std::sync::Arc;
 pub use detect::{Detector, Found};
 pub use external::{ModerationError, ModerationInput, Moderator, Verdict};
 pub use firewall::ToolFirewall;
+pub use layer::{GuardLayer, Guarded, ResponseFuture, GUARDS_HEADER};
+pub use response::GuardBody;
 
 use crate::request::{PromptPart, PromptSource, Role};
 

@@ -29,3 +29,27 @@ pub(crate) struct ResponsePlan {
     /// Where blocks are announced.
     pub(crate) alerts: Option<Arc<dyn AlertSink>>,
 }
+
+// ---------------------------------------------------------------------------------------
+// TEMPORARY pass-through, replaced by the response-guard work when it is merged.
+
+use std::future::{ready, Ready};
+
+use bytes::Bytes;
+use http_body_util::Full;
+
+/// The response body of [`Guarded`](super::Guarded).
+pub type GuardBody<B> = http_body_util::Either<B, Full<Bytes>>;
+
+pub(crate) type GuardResponse<B> = Ready<http::Response<GuardBody<B>>>;
+
+pub(crate) fn guard_response<B>(
+    _plan: Option<ResponsePlan>,
+    response: http::Response<B>,
+) -> GuardResponse<B> {
+    ready(response.map(http_body_util::Either::Left))
+}
+
+pub(crate) fn rejection_body<B>(full: Full<Bytes>) -> GuardBody<B> {
+    http_body_util::Either::Right(full)
+}

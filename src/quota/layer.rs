@@ -400,7 +400,12 @@ impl Check for QuotaCheck {
         Ok(true)
     }
 
-    fn decide(&self, view: &mut LlmRequest, key: Option<&ApiKey>) -> Result<(), PolicyError> {
+    fn decide(
+        &self,
+        view: &mut LlmRequest,
+        key: Option<&ApiKey>,
+        _audit: Option<&AuditHandle>,
+    ) -> Result<(), PolicyError> {
         if key.is_some_and(|k| self.config.needs_cost(k)) && view.has_body() {
             if view.model_unseen() {
                 return Err(PolicyError::Unverifiable(UNSEEN_REFUSED.into()));
