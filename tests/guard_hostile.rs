@@ -668,6 +668,23 @@ async fn an_mcp_server_is_not_identified_by_a_label_the_client_chooses() {
     );
 }
 
+/// FINDING 18 (low). A body on a `GET` to a model route is never read (only POST, PUT and
+/// PATCH bodies are), yet it is forwarded: behind a gateway that honours
+/// `X-HTTP-Method-Override` (or reads GET bodies), its prompt reaches a model unguarded.
+#[tokio::test]
+async fn a_get_with_a_prompt_body_is_not_forwarded_unread() {
+    let req = Request::get("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("x-http-method-override", "POST")
+        .body(
+            json!({"model": "gpt-4o", "messages": [{"role": "user", "content": SECRET}]})
+                .to_string(),
+        )
+        .unwrap();
+    let (status, bodies) = send(&block(), req).await;
+    assert!(!leaked(&bodies, SECRET), "forwarded ({status})");
+}
+
 // =============================================================================================
 // Attacks that are stopped (pass on 98bf2af): properties to keep.
 
