@@ -121,6 +121,13 @@ pub(crate) trait Check: Clone + Send + 'static {
         self.clone()
     }
 
+    /// Whether this layer, when it asks for the body, reads it on routes whose body carries
+    /// no model too (a thread's messages, a conversation's items).
+    #[cfg(feature = "guards")]
+    fn reads_any_body(&self) -> bool {
+        false
+    }
+
     /// Whether this layer reads a pending body for the audit record when no decision needs it,
     /// once its own head checks passed (the body-reading policy layers do; the audit layer
     /// does not).
@@ -210,6 +217,10 @@ where
             Ok(needs) => needs,
             Err(error) => return Self::rejected(error, check.layer()),
         };
+        #[cfg(feature = "guards")]
+        if needs_body && check.reads_any_body() {
+            view.want_body();
+        }
         if !(view.body_pending() && (needs_body || for_audit)) {
             return match decide_and_forward(&check, parts, PolicyBody::new(body), key.as_deref()) {
                 Ok(req) => {

@@ -267,6 +267,11 @@ pub struct LlmRequest {
     /// A GET, HEAD or DELETE that selects no model: it reads or deletes a stored object.
     runs_no_model: bool,
     has_model_body: bool,
+    /// A layer asked for a body that carries no model (the content guards read the text a
+    /// thread or a conversation stores).
+    body_wanted: bool,
+    /// A POST, PUT or PATCH: a method whose body the API reads.
+    body_method: bool,
     multipart: bool,
     body: Bytes,
     model: Option<String>,
@@ -377,6 +382,8 @@ impl LlmRequest {
             runs_no_model: matches!(*method, Method::GET | Method::HEAD | Method::DELETE)
                 && runs == BodyModel::None,
             has_model_body: body_method && !matches!(runs, BodyModel::None | BodyModel::Batch),
+            body_wanted: false,
+            body_method,
             runs,
             refusal,
             multipart: is_multipart(headers),
@@ -527,7 +534,21 @@ impl LlmRequest {
     /// Whether the request may carry a body with a model and a prompt
     /// ([`Route::body_model`], for this method) that has not been read yet.
     pub(crate) fn body_pending(&self) -> bool {
-        self.has_model_body && !self.parsed_body
+        (self.has_model_body || self.body_wanted) && !self.parsed_body
+    }
+
+    /// Asks for the body of a request that carries no model, when its method is one whose
+    /// body the API reads and it is JSON (file uploads, multipart, are left alone). Returns
+    /// whether it will be read.
+    #[cfg(feature = "guards")]
+    pub(crate) fn want_body(&mut self) -> bool {
+        if self.body_method && !self.multipart && !self.parsed_body && !self.has_model_body {
+            self.body_wanted = !matches!(
+                self.route.endpoint,
+                Endpoint::Files | Endpoint::Batches | Endpoint::FineTuning
+            );
+        }
+        self.body_pending()
     }
 
     /// Whether the request may carry a body with a model and a prompt
@@ -860,8 +881,9 @@ impl LlmRequest {
 
     /// Queues a rewrite of the prompt's strings (a guard's redaction).
     #[cfg(feature = "guards")]
-    pub(crate) fn queue_redaction(&mut self, redact: rewrite::Redactor) {
+    pub(crate) fn queue_redaction(&mut self, redact: rewrite::Redactor, everywhere: bool) {
         self.text_edits.redact = Some(redact);
+        self.text_edits.everywhere = everywhere;
         self.edits.redacted = true;
         self.dirty = true;
     }
@@ -1077,6 +1099,20 @@ const FIELDS: &[&str] = &[
 const READ_KEYS: &[&str] = &[
     "content",
     "role",
+    "code",
+    "logs",
+    "outputs",
+    "queries",
+    "query",
+    "results",
+    "action",
+    "command",
+    "commands",
+    "stdout",
+    "stderr",
+    "operation",
+    "diff",
+    "error",
     "text",
     "refusal",
     "output",
@@ -1917,17 +1953,33 @@ impl<'de, 'c> Visitor<'de> for ItemSeed<'c, 'de> {
         // take its `role`, wherever in the object that is written.
         let first_part = c.parts.len();
         let mut role = None;
+        let mut role_seen = false;
         while let Some(key) = map.next_key::<Key<'de>>()? {
             match key.0.as_ref() {
                 "role" => {
+                    // Read once: a second `role` is one an upstream may read instead.
+                    if role_seen {
+                        return Err(de::Error::custom("`role` is given twice in one item"));
+                    }
+                    role_seen = true;
                     if let Some(name) = map.next_value::<Option<Text<'de>>>()? {
                         role = Some(Role::from_name(&name.0));
                     }
                 }
+                // Tools offered inside an item (Responses `additional_tools`, a tool search's
+                // output, an MCP server's tool list): definitions, as at the top level.
+                "tools" if depth < MAX_DEPTH => {
+                    let raw = map.next_value::<&'de RawValue>()?;
+                    c.raw(PromptSource::Tools, raw).map_err(|e| {
+                        de::Error::custom(format_args!("`tools`: {}", without_position(&e)))
+                    })?;
+                }
                 // Text-bearing fields: strings or arrays of parts, followed recursively. A
                 // custom tool call's `input` is text the model reads as well.
                 "content" | "text" | "refusal" | "output" | "arguments" | "summary" | "input"
-                | "instructions"
+                | "instructions" | "code" | "logs" | "outputs" | "queries" | "query"
+                | "results" | "action" | "command" | "commands" | "stdout" | "stderr"
+                | "operation" | "diff" | "error"
                     if depth < MAX_DEPTH =>
                 {
                     map.next_value_seed(InputSeed {
@@ -1965,9 +2017,10 @@ impl<'de, 'c> Visitor<'de> for ItemSeed<'c, 'de> {
                 k => scan_member(k, &mut map, &mut *c, depth + 1)?,
             }
         }
+        // The outermost item's role wins: a part cannot name itself another speaker.
         if role.is_some() {
             for part in &mut c.parts[first_part..] {
-                part.1 = part.1.or(role);
+                part.1 = role;
             }
         }
         Ok(())

@@ -52,6 +52,9 @@ pub(crate) type Redactor =
 pub(crate) struct TextEdits {
     /// Rewrites the strings of the prompt fields.
     pub(crate) redact: Option<Redactor>,
+    /// The redaction rewrites the strings of every top-level member but `model`, `user`,
+    /// `safety_identifier` and `metadata` (bodies whose text the guards read whole).
+    pub(crate) everywhere: bool,
     /// The value `user` and `safety_identifier` strings are replaced with.
     pub(crate) end_user: Option<EndUserHash>,
 }
@@ -103,16 +106,27 @@ const NOT_TEXT: [&str; 8] = [
     "detail",
 ];
 
+/// Deepest nesting a [`Redactor`] follows: a value nested deeper is copied as it is (the
+/// guards' check of the rewritten request then finds what it still holds). The request parse
+/// follows prompt items 8 levels deep.
+const MAX_REDACT_DEPTH: u8 = 32;
+
 /// Writes `value` with every string inside it passed through `redact` (objects and arrays
-/// are followed; an object's `role` applies to what is inside it).
+/// are followed; the `role` of the outermost object that has one applies to what is inside
+/// it, as the request parse reads it).
 fn redact_value(
     out: &mut Vec<u8>,
     value: &RawValue,
     source: PromptSource,
     role: Option<Role>,
     redact: &Redactor,
+    depth: u8,
 ) -> Result<(), PolicyError> {
     let text = value.get().trim_start();
+    if depth >= MAX_REDACT_DEPTH {
+        out.extend_from_slice(value.get().as_bytes());
+        return Ok(());
+    }
     match text.as_bytes().first() {
         Some(b'"') => {
             let s: Cow<'_, str> = serde_json::from_str(text).map_err(unwritable)?;
@@ -129,7 +143,7 @@ fn redact_value(
                 .find(|(k, _)| k == "role")
                 .and_then(|(_, v)| serde_json::from_str::<Cow<'_, str>>(v.get()).ok())
                 .map(|name| Role::from_name(&name));
-            let role = own_role.or(role);
+            let role = role.or(own_role);
             out.push(b'{');
             for (i, (key, value)) in members.0.iter().enumerate() {
                 if i > 0 {
@@ -139,7 +153,7 @@ fn redact_value(
                 if NOT_TEXT.contains(&key.as_ref()) {
                     out.extend_from_slice(value.get().as_bytes());
                 } else {
-                    redact_value(out, value, source, role, redact)?;
+                    redact_value(out, value, source, role, redact, depth + 1)?;
                 }
             }
             out.push(b'}');
@@ -151,7 +165,7 @@ fn redact_value(
                 if i > 0 {
                     out.push(b',');
                 }
-                redact_value(out, item, source, role, redact)?;
+                redact_value(out, item, source, role, redact, depth + 1)?;
             }
             out.push(b']');
         }
@@ -256,9 +270,16 @@ pub(crate) fn apply_with(
                 }
             }
         }
-        if let (Some(redact), Some(source)) = (&text.redact, prompt_field(key)) {
-            redact_value(&mut out, value, source, None, redact)?;
-            continue;
+        if let Some(redact) = &text.redact {
+            let source = prompt_field(key).or_else(|| {
+                (text.everywhere
+                    && !matches!(key, "model" | "user" | "safety_identifier" | "metadata"))
+                .then_some(PromptSource::Input)
+            });
+            if let Some(source) = source {
+                redact_value(&mut out, value, source, None, redact, 0)?;
+                continue;
+            }
         }
         out.extend_from_slice(value.get().as_bytes());
     }

@@ -600,9 +600,10 @@ async fn a_redacting_webhook_verdict_is_applied_or_the_request_refused() {
 
 /// FINDING 13. With `hash_end_users`, a multipart request with a `user` field (images edits)
 /// is refused with 400 "could not be rewritten": the hash is queued on a body the JSON
-/// rewriter cannot write. It should be forwarded with the id hashed.
+/// rewriter cannot write. Fixed: refused with a message that says why (the multipart `user`
+/// is not rewritten), and the raw id never goes upstream.
 #[tokio::test]
-async fn end_user_hashing_works_on_multipart_bodies() {
+async fn end_user_hashing_never_forwards_a_multipart_user_raw() {
     let layer = GuardLayer::new().hash_end_users("pepper");
     let boundary = "XyZ";
     let body = format!(
@@ -622,11 +623,11 @@ async fn end_user_hashing_works_on_multipart_bodies() {
         !leaked(&bodies, "alice@example.com"),
         "the raw end-user id went upstream"
     );
-    assert_eq!(
-        response.status(),
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(response.body())
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let text = String::from_utf8_lossy(response.body());
+    assert!(
+        text.contains("multipart") && text.contains("`user`"),
+        "{text}"
     );
 }
 

@@ -24,6 +24,7 @@ use crate::alert::{Alert, AlertSink};
 use crate::audit::AuditHandle;
 use crate::body::{BoxError, PolicyBody, ResponseBody};
 use crate::check::{Check, CheckFuture};
+use crate::endpoint::Endpoint;
 use crate::error::{LayerName, PolicyError};
 use crate::keys::{ApiKey, BoxFuture};
 use crate::policy::Policy;
@@ -189,6 +190,7 @@ impl<S> Layer<S> for GuardLayer {
             check: GuardCheck {
                 config: self.config.clone(),
                 extra: Arc::from([]),
+                body_unread: false,
             },
         }
     }
@@ -328,56 +330,110 @@ struct GuardCheck {
     config: Arc<Config>,
     /// The guards the request's header asked for.
     extra: Arc<[usize]>,
+    /// A method whose body is never read (GET, HEAD, DELETE, OPTIONS) came with one.
+    body_unread: bool,
 }
 
 /// The texts of a request the guards read, decoded once: the prompt parts, with the JSON
-/// text of tool and schema definitions read for its strings.
+/// text of tool and schema definitions read for its strings; on endpoints whose bodies hold
+/// text outside the fields the request parse reads ([`reads_whole_body`]), every string of
+/// the body as well, read by the guards that filter no field or role.
 struct Texts<'v> {
     parts: Vec<(PromptSource, Option<Role>, Cow<'v, str>)>,
+    /// Strings of the body outside the prompt parts.
+    whole: Vec<String>,
 }
 
+/// Why definitions or a body could not be read for its text: refused, never passed unread.
+fn unreadable() -> PolicyError {
+    PolicyError::ContentBlocked(
+        "This request could not be read by the content guards (definitions or values nested too deeply to be parsed)."
+            .into(),
+    )
+}
+
+/// Endpoints whose bodies the request parse reads completely for text: every other body a
+/// guard reads is read for all its strings.
+fn reads_whole_body(view: &LlmRequest) -> bool {
+    !matches!(
+        view.endpoint(),
+        Endpoint::ChatCompletions
+            | Endpoint::Completions
+            | Endpoint::Embeddings
+            | Endpoint::Moderations
+            | Endpoint::AudioSpeech
+            | Endpoint::ImageGeneration
+            | Endpoint::ImageEdit
+            | Endpoint::ImageVariation
+            | Endpoint::AudioTranscription
+            | Endpoint::AudioTranslation
+    ) && !view.is_multipart()
+}
+
+/// Top-level members that are no text a model reads.
+const NOT_PROMPT: [&str; 4] = ["model", "user", "safety_identifier", "metadata"];
+
 impl<'v> Texts<'v> {
-    fn of(view: &'v LlmRequest) -> Self {
+    fn of(view: &'v LlmRequest) -> Result<Self, PolicyError> {
         let mut parts = Vec::new();
         for part in view.prompt_parts() {
             match part.source {
                 // Definitions are held as their JSON text: their strings (descriptions, enum
                 // values, names) are what the model reads, decoded.
                 PromptSource::Tools | PromptSource::Schema => {
-                    match serde_json::from_str::<serde_json::Value>(part.text) {
-                        Ok(value) => {
-                            let mut strings = Vec::new();
-                            collect_strings(&value, &mut strings);
-                            parts.extend(
-                                strings
-                                    .into_iter()
-                                    .map(|s| (part.source, part.role, Cow::Owned(s))),
-                            );
-                        }
-                        Err(_) => parts.push((part.source, part.role, Cow::Borrowed(part.text))),
-                    }
+                    let value = serde_json::from_str::<serde_json::Value>(part.text)
+                        .map_err(|_| unreadable())?;
+                    let mut strings = Vec::new();
+                    collect_strings(&value, &mut strings);
+                    parts.extend(
+                        strings
+                            .into_iter()
+                            .map(|s| (part.source, part.role, Cow::Owned(s))),
+                    );
                 }
                 _ => parts.push((part.source, part.role, Cow::Borrowed(part.text))),
             }
         }
-        Texts { parts }
+        let mut whole = Vec::new();
+        if view.has_body() && reads_whole_body(view) && !view.body().is_empty() {
+            let body = serde_json::from_slice::<serde_json::Value>(view.body())
+                .map_err(|_| unreadable())?;
+            if let serde_json::Value::Object(members) = body {
+                for (key, value) in &members {
+                    if !NOT_PROMPT.contains(&key.as_str()) {
+                        collect_strings(value, &mut whole);
+                    }
+                }
+            }
+        }
+        Ok(Texts { parts, whole })
     }
 
-    /// The parts `guard` reads.
+    /// The texts `guard` reads.
     fn read_by<'a>(&'a self, guard: &'a Guard) -> impl Iterator<Item = &'a str> + 'a {
-        self.parts.iter().filter_map(move |(source, role, text)| {
-            guard
-                .reads(&PromptPart {
-                    source: *source,
-                    role: *role,
-                    text,
-                })
-                .then_some(&**text)
-        })
+        let unfiltered = guard.sources.is_none() && guard.roles.is_none();
+        self.parts
+            .iter()
+            .filter_map(move |(source, role, text)| {
+                guard
+                    .reads(&PromptPart {
+                        source: *source,
+                        role: *role,
+                        text,
+                    })
+                    .then_some(&**text)
+            })
+            .chain(
+                self.whole
+                    .iter()
+                    .filter(move |_| unfiltered)
+                    .map(String::as_str),
+            )
     }
 }
 
-/// Every string in `value` (object keys too: a schema's property names are read).
+/// Every string in `value` (object keys too: a schema's property names are read; and the
+/// strings a redaction does not rewrite, so that a match there refuses the request).
 fn collect_strings(value: &serde_json::Value, out: &mut Vec<String>) {
     match value {
         serde_json::Value::String(s) => out.push(s.clone()),
@@ -392,37 +448,160 @@ fn collect_strings(value: &serde_json::Value, out: &mut Vec<String>) {
     }
 }
 
-/// The names of the tools a request offers (`tools`, `functions`): a function's name, a
-/// custom tool's name, a built-in tool's type, `mcp:<server_label>` for an MCP server.
-pub(crate) fn offered_tools(view: &LlmRequest) -> Vec<String> {
+/// The names of the tools a request offers (`tools`, `functions`, wherever the request
+/// parse found them): every name a tool gives itself (a function's `name` at either level, a
+/// custom tool's), a built-in tool's type, `mcp:<host>` for an MCP server (`mcp:<connector
+/// id>` for a connector: never the label the client chooses), and the tools inside a
+/// namespace.
+pub(crate) fn offered_tools(view: &LlmRequest) -> Result<Vec<String>, PolicyError> {
     let mut names = Vec::new();
     for part in view.prompt_parts() {
         if part.source != PromptSource::Tools {
             continue;
         }
-        let Ok(serde_json::Value::Array(tools)) = serde_json::from_str(part.text) else {
+        let tools =
+            serde_json::from_str::<serde_json::Value>(part.text).map_err(|_| unreadable())?;
+        tool_names(&tools, &mut names);
+    }
+    Ok(names)
+}
+
+fn tool_names(tools: &serde_json::Value, names: &mut Vec<String>) {
+    fn str_of(v: Option<&serde_json::Value>) -> Option<&str> {
+        v.and_then(|v| v.as_str())
+    }
+    let list = match tools {
+        serde_json::Value::Array(list) => list.as_slice(),
+        one @ serde_json::Value::Object(_) => std::slice::from_ref(one),
+        _ => return,
+    };
+    for tool in list {
+        let ty = str_of(tool.get("type"));
+        if ty == Some("mcp") {
+            let server = str_of(tool.get("server_url"))
+                .map(url_host)
+                .or(str_of(tool.get("connector_id")))
+                .unwrap_or("");
+            names.push(format!("mcp:{server}"));
             continue;
-        };
-        for tool in &tools {
-            fn str_of(v: Option<&serde_json::Value>) -> Option<&str> {
-                v.and_then(|v| v.as_str())
-            }
-            let ty = str_of(tool.get("type"));
-            let name = str_of(tool.get("function").and_then(|f| f.get("name")))
-                .or(str_of(tool.get("custom").and_then(|f| f.get("name"))))
-                .or(str_of(tool.get("name")));
-            match (ty, name) {
-                (Some("mcp"), _) => {
-                    let label = str_of(tool.get("server_label")).unwrap_or("");
-                    names.push(format!("mcp:{label}"));
-                }
-                (_, Some(name)) => names.push(name.to_owned()),
-                (Some(ty), None) => names.push(ty.to_owned()),
-                (None, None) => {}
+        }
+        let before = names.len();
+        for name in [
+            str_of(tool.get("function").and_then(|f| f.get("name"))),
+            str_of(tool.get("custom").and_then(|f| f.get("name"))),
+            str_of(tool.get("name")),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            names.push(name.to_owned());
+        }
+        if names.len() == before {
+            if let Some(ty) = ty {
+                names.push(ty.to_owned());
             }
         }
+        if let Some(inner) = tool.get("tools") {
+            tool_names(inner, names);
+        }
     }
-    names
+}
+
+/// The host of a URL (`https://host:443/path` → `host`), lower-cased by the caller's
+/// patterns' own spelling; the whole text when it is not a URL.
+fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    }
+}
+
+impl GuardCheck {
+    /// Whether a guard that applies to this request can refuse or rewrite it (audit guards
+    /// only flag).
+    fn strict(&self, applicable: &[usize]) -> bool {
+        applicable.iter().any(|&i| {
+            let g = &self.config.guards[i];
+            g.on.request && g.mode != Mode::Audit && !matches!(g.kind, Kind::Reflection(_))
+        })
+    }
+
+    /// Runs the request-side guards on `texts`: flags, refuses with the first block, and
+    /// gives the guards that want their matches redacted (none when `redact` is false: a
+    /// redaction's match found again is refused).
+    fn scan(
+        &self,
+        view: &LlmRequest,
+        texts: &Texts<'_>,
+        applicable: &[usize],
+        key: Option<&ApiKey>,
+        audit: Option<&AuditHandle>,
+        redact: bool,
+    ) -> Result<Vec<usize>, PolicyError> {
+        let config = &*self.config;
+        let mut redacting = Vec::new();
+        let mut found = Vec::new();
+        for &i in applicable {
+            let guard = &config.guards[i];
+            if !guard.on.request {
+                continue;
+            }
+            match &guard.kind {
+                Kind::Detect(detector) => {
+                    found.clear();
+                    for text in texts.read_by(guard) {
+                        detector.find(text, &mut found);
+                        if !found.is_empty() && guard.mode != Mode::Audit {
+                            break;
+                        }
+                    }
+                    let Some(first) = found.first() else {
+                        continue;
+                    };
+                    match guard.mode {
+                        Mode::Audit => flag(audit, guard),
+                        Mode::Redact if redact && !view.is_multipart() => {
+                            flag(audit, guard);
+                            redacting.push(i);
+                        }
+                        // Block; Redact on a multipart body (its text is not rewritten), or
+                        // of what a redaction left: refused.
+                        _ => {
+                            return Err(config.blocked(
+                                guard,
+                                Some(&first.label),
+                                key,
+                                "request",
+                                audit,
+                            ))
+                        }
+                    }
+                }
+                Kind::Firewall(firewall) => {
+                    let refused = offered_tools(view)?
+                        .into_iter()
+                        .find(|name| !firewall.permits(name));
+                    if let Some(name) = refused {
+                        if guard.mode == Mode::Audit {
+                            flag(audit, guard);
+                        } else {
+                            let label = format!(
+                                "tool {}",
+                                crate::error::quote(&name.escape_debug().to_string())
+                            );
+                            return Err(config.blocked(guard, Some(&label), key, "request", audit));
+                        }
+                    }
+                }
+                // Asked after the decision (`Screen`), or on the response.
+                Kind::External(_) | Kind::Reflection(_) => {}
+            }
+        }
+        Ok(redacting)
+    }
 }
 
 impl Check for GuardCheck {
@@ -434,9 +613,27 @@ impl Check for GuardCheck {
         &self.config.policy
     }
 
-    fn on_head(&self, _view: &LlmRequest, key: Option<&ApiKey>) -> Result<bool, PolicyError> {
+    fn on_head(&self, view: &LlmRequest, key: Option<&ApiKey>) -> Result<bool, PolicyError> {
         let applicable = self.config.applicable(key, &self.extra)?;
+        if self.strict(&applicable) {
+            if self.body_unread {
+                return Err(PolicyError::AmbiguousRequest(
+                    "A GET, HEAD, DELETE or OPTIONS request with a body is refused here: content guards apply, and its body is not read."
+                        .into(),
+                ));
+            }
+            if view.body_model() == crate::endpoint::BodyModel::Batch {
+                return Err(PolicyError::Unverifiable(
+                    "Batches are not available here: content guards apply, and the requests of a batch input file are stored upstream, where they cannot be read."
+                        .into(),
+                ));
+            }
+        }
         Ok(!applicable.is_empty() || self.config.end_user_salt.is_some())
+    }
+
+    fn reads_any_body(&self) -> bool {
+        true
     }
 
     fn decide(
@@ -447,75 +644,28 @@ impl Check for GuardCheck {
     ) -> Result<(), PolicyError> {
         let config = &*self.config;
         let applicable = config.applicable(key, &self.extra)?;
-        let mut redacting: Vec<usize> = Vec::new();
-        if view.has_body() && !applicable.is_empty() {
-            let texts = Texts::of(view);
-            let mut found = Vec::new();
-            for &i in applicable.iter() {
-                let guard = &config.guards[i];
-                if !guard.on.request {
-                    continue;
-                }
-                match &guard.kind {
-                    Kind::Detect(detector) => {
-                        found.clear();
-                        for text in texts.read_by(guard) {
-                            detector.find(text, &mut found);
-                            if !found.is_empty() && guard.mode == Mode::Block {
-                                break;
-                            }
-                        }
-                        let Some(first) = found.first() else {
-                            continue;
-                        };
-                        match guard.mode {
-                            Mode::Audit => flag(audit, guard),
-                            Mode::Redact if !view.is_multipart() => {
-                                flag(audit, guard);
-                                redacting.push(i);
-                            }
-                            // Block, and Redact on a multipart body (its text is not
-                            // rewritten): refused.
-                            _ => {
-                                return Err(config.blocked(
-                                    guard,
-                                    Some(&first.label),
-                                    key,
-                                    "request",
-                                    audit,
-                                ))
-                            }
-                        }
-                    }
-                    Kind::Firewall(firewall) => {
-                        let refused = offered_tools(view)
-                            .into_iter()
-                            .find(|name| !firewall.permits(name));
-                        if let Some(name) = refused {
-                            if guard.mode == Mode::Audit {
-                                flag(audit, guard);
-                            } else {
-                                let label = format!("tool {}", crate::error::quote(&name));
-                                return Err(config.blocked(
-                                    guard,
-                                    Some(&label),
-                                    key,
-                                    "request",
-                                    audit,
-                                ));
-                            }
-                        }
-                    }
-                    // Asked after the decision (`Screen`), or on the response.
-                    Kind::External(_) | Kind::Reflection(_) => {}
-                }
-            }
-        }
         let hash = if view.user().is_some() || view.safety_identifier().is_some() {
             config.end_user_hash()
         } else {
             None
         };
+        if hash.is_some() && view.is_multipart() {
+            return Err(PolicyError::InvalidBody {
+                message: "End-user ids are hashed here, and a multipart body's `user` is not rewritten: send the request without `user`.".into(),
+                param: Some("user"),
+            });
+        }
+        let mut redacting = Vec::new();
+        if view.has_body() && !applicable.is_empty() {
+            if view.prompt_token_ids() > 0 && self.strict(&applicable) {
+                return Err(PolicyError::Unverifiable(
+                    "A prompt sent as token ids cannot be read by the content guards that apply here: send it as text."
+                        .into(),
+                ));
+            }
+            let texts = Texts::of(view)?;
+            redacting = self.scan(view, &texts, &applicable, key, audit, true)?;
+        }
         if redacting.is_empty() && hash.is_none() {
             return Ok(());
         }
@@ -525,27 +675,19 @@ impl Check for GuardCheck {
         if !redacting.is_empty() {
             let guards = self.config.clone();
             let chosen = redacting.clone();
-            view.queue_redaction(Arc::new(move |source, role, text| {
-                redact_text(&guards.guards, &chosen, source, role, text)
-            }));
+            view.queue_redaction(
+                Arc::new(move |source, role, text| {
+                    redact_text(&guards.guards, &chosen, source, role, text)
+                }),
+                reads_whole_body(view),
+            );
         }
         view.reparse()?;
-        // What the redaction left must pass the same guards: a match it could not reach
-        // (a string the rewrite does not walk) refuses the request instead.
+        // The rewritten request passes every guard again: a match the rewrite could not reach,
+        // or one that the masks made (text spliced around a deletion), refuses it.
         if !redacting.is_empty() {
-            let texts = Texts::of(view);
-            let mut found = Vec::new();
-            for &i in &redacting {
-                let guard = &config.guards[i];
-                if let Some(detector) = guard.detector() {
-                    for text in texts.read_by(guard) {
-                        detector.find(text, &mut found);
-                    }
-                }
-                if let Some(first) = found.first() {
-                    return Err(config.blocked(guard, Some(&first.label), key, "request", audit));
-                }
-            }
+            let texts = Texts::of(view)?;
+            self.scan(view, &texts, &applicable, key, audit, false)?;
         }
         if let Some(audit) = audit {
             audit.observe(view);
@@ -720,7 +862,7 @@ async fn ask(
         let Some(view) = req.extensions().get::<LlmRequest>() else {
             break;
         };
-        let texts: Vec<String> = Texts::of(view).read_by(guard).map(str::to_owned).collect();
+        let texts: Vec<String> = Texts::of(view)?.read_by(guard).map(str::to_owned).collect();
         if texts.is_empty() {
             continue;
         }
@@ -759,7 +901,7 @@ async fn ask(
                 if map.is_empty() {
                     continue;
                 }
-                req = rewrite_request(req, map, audit.as_ref())?;
+                req = rewrite_request(req, map, guard.name(), audit.as_ref())?;
                 continue;
             }
             super::Verdict::Redact { .. } => Vec::new(),
@@ -784,6 +926,7 @@ async fn ask(
 fn rewrite_request(
     req: Request<PolicyBody>,
     map: HashMap<String, String>,
+    guard_name: &str,
     audit: Option<&AuditHandle>,
 ) -> Screened {
     let (mut parts, body) = req.into_parts();
@@ -791,10 +934,27 @@ fn rewrite_request(
         return Ok(Request::from_parts(parts, body));
     };
     if view.is_multipart() {
-        return Err(blocked_error("webhook", None));
+        return Err(blocked_error(guard_name, None));
     }
-    view.queue_redaction(Arc::new(move |_, _, text| map.get(text).cloned()));
+    let everywhere = reads_whole_body(view);
+    let replaced: Vec<String> = map.keys().cloned().collect();
+    view.queue_redaction(
+        Arc::new(move |_, _, text| map.get(text).cloned()),
+        everywhere,
+    );
     view.reparse()?;
+    // Every text the verdict rewrote is gone, or the request is refused: a text the rewrite
+    // could not reach (an object key, an identifier) is never forwarded as it was.
+    let texts = Texts::of(view)?;
+    let left = texts
+        .parts
+        .iter()
+        .map(|(_, _, t)| &**t)
+        .chain(texts.whole.iter().map(String::as_str))
+        .any(|t| replaced.iter().any(|r| r == t));
+    if left {
+        return Err(blocked_error(guard_name, None));
+    }
     let rendered = match view.take_rendered() {
         Some(rendered) => rendered?,
         None => return Ok(Request::from_parts(parts, body)),
@@ -920,6 +1080,10 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let mut check = self.check.clone();
+        check.body_unread = !matches!(
+            *req.method(),
+            http::Method::POST | http::Method::PUT | http::Method::PATCH
+        ) && (has_body(req.headers()) || !req.body().is_end_stream());
         if let Some(extra) = header_guards(&self.check.config, &mut req) {
             check.extra = extra.clone();
             req.extensions_mut().insert(HeaderGuards(extra));
@@ -928,6 +1092,16 @@ where
             inner: CheckFuture::new(check, &mut self.inner, req),
         }
     }
+}
+
+/// Whether the head announces a body: a `Content-Length` other than 0, or a
+/// `Transfer-Encoding`.
+fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.as_bytes().iter().any(|&b| b != b'0'))
 }
 
 /// The known guards named by the request's [`GUARDS_HEADER`] (removed from the request).

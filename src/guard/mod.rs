@@ -373,11 +373,13 @@ impl Guard {
             .sources
             .as_deref()
             .is_none_or(|s| s.contains(&part.source));
+        // A role the API does not define (`User`, `user `) is read by every role filter: a
+        // lenient upstream may take it for any of them.
         source_ok
-            && self
-                .roles
-                .as_deref()
-                .is_none_or(|roles| roles.contains(&role_of(part)))
+            && self.roles.as_deref().is_none_or(|roles| {
+                let role = role_of(part);
+                role == Role::Other || roles.contains(&role)
+            })
     }
 
     /// Whether this guard reads a request field from `source` in a message of `role`.
