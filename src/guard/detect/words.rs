@@ -258,6 +258,7 @@ const PROFANITY: &[&str] = &[
     "motherfucker",
     "motherfuckers",
     "motherfucking",
+    "motherf*cker",
     "clusterfuck",
     "fck",
     "fcking",
