@@ -401,7 +401,7 @@ fn valid_cards_of_each_brand_are_found() {
                 group(&number, sizes, '-'),
             ] {
                 let text = format!("Card: {form}, exp 12/29.");
-                assert_eq!(texts(&pii, &text), [form.clone()], "{prefix} {len}: {text}");
+                assert_eq!(texts(&pii, &text), [form.as_str()], "{prefix} {len}: {text}");
             }
         }
     }
@@ -467,7 +467,7 @@ fn valid_ibans_of_several_countries_are_found() {
         let compact = iban(country, &bban);
         for form in [compact.clone(), spaced(&compact)] {
             let text = format!("Please pay to {form}. Thanks");
-            assert_eq!(texts(&pii, &text), [form.clone()], "{text}");
+            assert_eq!(texts(&pii, &text), [form.as_str()], "{text}");
         }
         // Wrong check digits.
         let check: u32 = compact[2..4].parse().unwrap();
