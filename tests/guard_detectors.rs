@@ -401,7 +401,11 @@ fn valid_cards_of_each_brand_are_found() {
                 group(&number, sizes, '-'),
             ] {
                 let text = format!("Card: {form}, exp 12/29.");
-                assert_eq!(texts(&pii, &text), [form.as_str()], "{prefix} {len}: {text}");
+                assert_eq!(
+                    texts(&pii, &text),
+                    [form.as_str()],
+                    "{prefix} {len}: {text}"
+                );
             }
         }
     }
@@ -865,6 +869,34 @@ fn pieces() -> Vec<String> {
     for (_, secret) in sample_secrets(5) {
         p.push(secret);
     }
+    // Whole matches, several times each, so that every detector finds things.
+    for _ in 0..4 {
+        for s in [
+            "f u c k",
+            "sh1t",
+            "fu\u{200B}ck",
+            "\u{0430}sshole",
+            "ＦＵＣＫ",
+            "a55hole",
+            "f.u.c.k",
+            "$h!t",
+            "bullshit",
+            "son of a bitch",
+            "Secret  Project",
+            "jane.doe+x@mail.example.com",
+            "+44 20 7946 0958",
+            "(415) 555-2671",
+            "415-555-2671",
+            "030 12345678",
+            "4111 1111 1111 1111",
+            "378282246310005",
+            "DE89 3704 0044 0532 0130 00",
+            "GB82WEST12345698765432",
+            "078-05-1120",
+        ] {
+            p.push(s.to_string());
+        }
+    }
     p
 }
 
@@ -888,6 +920,12 @@ fn random_text(seed: u64, len: usize, pieces: &[String]) -> String {
             }
             3 => text.push(char::from_u32(rng.below(0x3000) as u32).unwrap_or('x')),
             _ => text.push_str(&pieces[rng.below(pieces.len())]),
+        }
+        // Most pieces stand alone, as words do.
+        match rng.below(8) {
+            0..=4 => text.push(' '),
+            5 => text.push_str(". "),
+            _ => {}
         }
     }
     text
