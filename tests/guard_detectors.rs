@@ -704,6 +704,17 @@ fn custom_lists() {
 }
 
 #[test]
+fn case_insensitive_on_any_text() {
+    let list = WordList::new(["damn", "kelvin"]).unwrap();
+    // Non-ASCII that lowercasing leaves alone (searched as it is), and not (normalized).
+    assert_eq!(texts(&list, "café DAMN naïve"), ["DAMN"]);
+    assert_eq!(
+        texts(&list, "ÇA DAMN \u{212A}ELVIN"),
+        ["DAMN", "\u{212A}ELVIN"]
+    );
+}
+
+#[test]
 fn non_ascii_text_gives_original_ranges() {
     let list = WordList::new(["größe", "ǅemal"]).unwrap();
     let text = "Die GRÖSSE? Nein: die GRÖẞE, ǄEMAL und ǆemal.";
