@@ -475,6 +475,12 @@ mod tests {
         assert!(!iban_check(b"GB82WEST12345698765433"));
         assert!(!iban_check(b"GB28WEST12345698765432"));
         assert!(!iban_check(b"GB82"));
+        // The check alone (lengths are checked by country): a BBAN of one character passes,
+        // none does not (`GB18` would: too short to be an IBAN), and nothing panics.
+        assert!(iban_check(b"GB237"));
+        assert!(!iban_check(b"GB18"));
+        assert!(!iban_check(b"GB1"));
+        assert!(!iban_check(b""));
         assert!(!iban_check(b"GB82west12345698765432"));
     }
 
