@@ -5,8 +5,12 @@
 //! linear in the text (aho-corasick automata and the `regex` crate, which has no
 //! backtracking), downloads nothing and allocates only for what it finds.
 
+pub mod injection;
+
 use std::borrow::Cow;
 use std::ops::Range;
+
+pub use injection::{Injection, InjectionFamily, InjectionLanguage};
 
 /// One match of a [`Detector`] in a text.
 #[derive(Clone, Debug, PartialEq, Eq)]
