@@ -317,10 +317,14 @@ impl Detector for Injection {
                 continue;
             }
             if let Some(m) = group.re.find(&norm.text[p..end]) {
-                if m.end() == 0 {
+                // A pattern may end by reading the character after its last word ({E}): leave
+                // that out of the range.
+                let kept = norm.text[p..p + m.end()]
+                    .trim_end_matches(|c: char| !c.is_alphanumeric() && !matches!(c, '>' | ']' | '|'));
+                if kept.is_empty() {
                     continue;
                 }
-                let orig = start..norm.orig_end[p + m.end() - 1];
+                let orig = start..norm.orig_end[p + kept.len() - 1];
                 found.push(Found::new(orig, group.family.label()));
             }
         }
@@ -391,7 +395,9 @@ impl Normalized {
 
     /// The first byte of `text` whose original character starts at or after `orig`.
     fn limit(&self, orig: usize) -> usize {
-        self.orig_start.partition_point(|&s| s < orig)
+        self.orig_start
+            .partition_point(|&s| s < orig)
+            .min(self.text.len())
     }
 
     /// Whether the anchor at `p` starts a word: the original character before it is not a
@@ -640,7 +646,8 @@ mod patterns {
         const S: &str = r#"[ ,"'()*_\-/\[\]<>]{1,4}"#;
         const W: &str = r#"[^ .,!?;:"'()\[\]<>]{1,24}"#;
         let g = |n: usize| format!("(?:{S}{W}){{0,{n}}}{S}");
-        p.replace("{S}", S)
+        p.replace("{S}?", &format!("(?:{S})?"))
+            .replace("{S}", S)
             .replace("{W}", W)
             .replace("{G1}", &g(1))
             .replace("{G2}", &g(2))
@@ -892,7 +899,7 @@ mod patterns {
             false,
             &[
                 r#"(?:haz cualquier cosa ahora|modo desarrollador|modo dan|modo sin restricciones|modo sin censura)(?: (?:activado|habilitado|activo))?{E}"#,
-                r#"(?:ya no estas|ya no esta|no estas|no esta|no estaras|ya no eres){S}(?:sujeto|sujeta|limitado|limitada|obligado|obligada|atado|atada|restringido|restringida) (?:a|por) (?:(?:ninguna|ningun|las|los|tus|sus|normas|de|reglas)[ ,])*(?:restricciones|reglas|normas|politicas|directrices|limitaciones|filtros|openai|etica|moral)"#,
+                r#"(?:ya no estas|ya no esta|no estas|no esta|no estaras|ya no eres){S}(?:sujeto|sujeta|limitado|limitada|obligado|obligada|atado|atada|restringido|restringida) (?:a|por) (?:(?:ninguna|ningun|las|los|tus|sus|normas|de|reglas|regla|norma)[ ,])*(?:restricciones|restriccion|reglas|regla|normas|norma|politicas|politica|directrices|limitaciones|filtros|openai|etica|moral)"#,
                 r#"(?:finge|finja|actua|actue|imagina|imagine|simula|simule|haz como si){S}(?:(?:que|como|si|eres|fueras|tienes|tuvieras|no|una|un|ia|asistente|chatbot|modelo)[ ,]){0,5}(?:sin|no tienes|no tiene|no tuvieras|libre de) (?:(?:ningun|ninguna|tipo|de)[ ,]){0,3}(?:restricciones|filtros|censura|limites|reglas|etica|moral|limitaciones|principios)"#,
                 r#"(?:ia|asistente|chatbot|modelo de lenguaje|bot){S}(?:(?:que|sin|libre|de|no|tiene)[ ,]){0,3}(?:sin|libre de) (?:restricciones|filtros|censura|limites eticos|etica|moral)"#,
                 r#"(?:sin|libre de){S}(?:ninguna |ningun tipo de )?(?:restricciones|limitaciones|limites|filtros) (?:eticas|eticos|morales|de contenido)"#,
