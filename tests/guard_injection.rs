@@ -502,10 +502,12 @@ fn detection_and_false_positive_rates() {
     );
 }
 
-const FLOOR_DEV: f64 = 0.0;
-const FLOOR_HELD_OUT: f64 = 0.0;
-const CEIL_FP: f64 = 100.0;
-const CEIL_FP_HARD: f64 = 100.0;
+// Measured (0.1.0): dev 64.1 % (319/498), held-out 61.1 % (312/511); benign 0.26 % (3/1149),
+// hard negatives 1.1 % (3/279).
+const FLOOR_DEV: f64 = 62.0;
+const FLOOR_HELD_OUT: f64 = 59.0;
+const CEIL_FP: f64 = 1.0;
+const CEIL_FP_HARD: f64 = 3.0;
 
 // ------------------------------------------------------------------------------ throughput
 
