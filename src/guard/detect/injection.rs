@@ -35,7 +35,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 
-use aho_corasick::AhoCorasick;
+use aho_corasick::{AhoCorasick, AhoCorasickKind};
 use regex::Regex;
 
 use super::{Detector, Found};
@@ -325,7 +325,7 @@ impl Detector for Injection {
                 if kept.is_empty() {
                     continue;
                 }
-                let orig = start..norm.orig_end[p + kept.len() - 1];
+                let orig = start..norm.orig_end(text, p + kept.len() - 1);
                 found.push(Found::new(orig, group.family.label()));
             }
         }
@@ -348,29 +348,40 @@ struct Normalized {
     text: String,
     /// For each byte of `text` (and one past the end), where its original character starts.
     orig_start: Vec<usize>,
-    /// For each byte of `text`, where its original character ends.
-    orig_end: Vec<usize>,
 }
 
 impl Normalized {
     fn new(src: &str) -> Self {
         let mut text = String::with_capacity(src.len());
         let mut orig_start = Vec::with_capacity(src.len() + 1);
-        let mut orig_end = Vec::with_capacity(src.len());
         let mut prev: Option<char> = None;
         let mut chars = src.char_indices().peekable();
         while let Some((i, c)) = chars.next() {
-            let next = chars.peek().map(|&(_, n)| n);
-            let end = i + c.len_utf8();
+            if c.is_ascii() {
+                // The common case, without the lookups below.
+                if c.is_ascii_whitespace() {
+                    if !prev.is_some_and(char::is_whitespace) {
+                        text.push(' ');
+                        orig_start.push(i);
+                    }
+                } else {
+                    text.push(if c == '`' {
+                        '\''
+                    } else {
+                        c.to_ascii_lowercase()
+                    });
+                    orig_start.push(i);
+                }
+                prev = Some(c);
+                continue;
+            }
             let mut push = |s: &str| {
                 text.push_str(s);
-                for _ in 0..s.len() {
-                    orig_start.push(i);
-                    orig_end.push(end);
-                }
+                orig_start.extend(std::iter::repeat_n(i, s.len()));
             };
             if is_invisible(c) {
                 // Dropped: zero-width characters and soft hyphens split no word.
+                continue;
             } else if c.is_whitespace() {
                 if !prev.is_some_and(char::is_whitespace) {
                     push(" ");
@@ -378,20 +389,21 @@ impl Normalized {
             } else if let Some(s) = fold_str(c) {
                 push(s);
             } else {
+                let next = chars.peek().map(|&(_, n)| n);
                 let f = fold(c, prev, next);
                 let mut buf = [0u8; 4];
                 push(f.encode_utf8(&mut buf));
             }
-            if !is_invisible(c) {
-                prev = Some(c);
-            }
+            prev = Some(c);
         }
         orig_start.push(src.len());
-        Normalized {
-            text,
-            orig_start,
-            orig_end,
-        }
+        Normalized { text, orig_start }
+    }
+
+    /// Where the original character of the normalized byte `b` ends.
+    fn orig_end(&self, src: &str, b: usize) -> usize {
+        let start = self.orig_start[b];
+        start + src[start..].chars().next().map_or(0, char::len_utf8)
     }
 
     /// The first byte of `text` whose original character starts at or after `orig`.
@@ -589,7 +601,10 @@ impl PatternSet {
                     .is_some_and(|c| c.is_alphanumeric() && !is_cjk(c))
             })
             .collect();
-        let anchors = AhoCorasick::new(&anchor_list)
+        // A DFA: overlapping search on the default (NFA) automaton was most of the time.
+        let anchors = AhoCorasick::builder()
+            .kind(Some(AhoCorasickKind::DFA))
+            .build(&anchor_list)
             .unwrap_or_else(|e| panic!("built-in injection anchors: {e}"));
         PatternSet {
             groups,
@@ -1073,6 +1088,6 @@ mod tests {
         let n = Normalized::new(src);
         assert_eq!(n.text, "ignore all previous");
         assert_eq!(n.orig_start[0], 0);
-        assert_eq!(*n.orig_end.last().unwrap(), src.len());
+        assert_eq!(n.orig_end(src, n.text.len() - 1), src.len());
     }
 }
