@@ -566,7 +566,12 @@ fn throughput_against_to_lowercase() {
         cut -= 1;
     }
     text.truncate(cut);
+    let t = Instant::now();
     let d = Injection::new();
+    println!(
+        "first Injection::new() (compiles the patterns): {:?}",
+        t.elapsed()
+    );
     let mut found = Vec::new();
     d.find(&text, &mut found);
     let time = |f: &mut dyn FnMut()| {
