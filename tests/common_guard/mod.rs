@@ -274,6 +274,7 @@ where
 
 /// The data of each event of an SSE text (events split on blank lines, `\n` endings).
 pub(crate) fn events(sse: &str) -> Vec<String> {
+    let sse = sse.replace("\r\n", "\n").replace('\r', "\n");
     sse.split("\n\n")
         .filter(|e| !e.trim().is_empty())
         .map(|e| {
