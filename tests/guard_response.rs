@@ -748,3 +748,72 @@ async fn without_guards_everything_passes() {
     assert_eq!(r.text(), sse);
     assert!(r.flags().is_empty());
 }
+
+#[test]
+fn sse_last_content_and_finish_reason_in_one_chunk_carry_all_the_held_text() {
+    let sse = concat!(
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"top se\"},\"finish_reason\":null}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"cret se\"},\"finish_reason\":\"stop\"}]}\n\n",
+    );
+    let out = run_sse(
+        vec![words(Mode::Redact)],
+        Endpoint::ChatCompletions,
+        vec![Bytes::from(sse)],
+    );
+    assert_eq!(Api::Chat.client_text(&out), "top [X] se");
+    // No event was made: the finishing chunk took the held text.
+    assert_eq!(events(&out).len(), 2);
+    assert!(out.contains("\"finish_reason\":\"stop\""));
+}
+
+#[test]
+fn sse_responses_function_arguments_and_refusals_are_redacted() {
+    let ev = |kind: &str, extra: &str| {
+        format!("event: {kind}\ndata: {{\"type\":\"{kind}\",\"output_index\":1,\"content_index\":0{extra}}}\n\n")
+    };
+    let sse = [
+        ev(
+            "response.output_item.added",
+            ",\"item\":{\"type\":\"function_call\",\"name\":\"lookup\",\"arguments\":\"\"}",
+        ),
+        ev(
+            "response.function_call_arguments.delta",
+            ",\"delta\":\"{\\\"q\\\":\\\"sec\"",
+        ),
+        ev(
+            "response.function_call_arguments.delta",
+            ",\"delta\":\"ret\\\"}\"",
+        ),
+        ev(
+            "response.function_call_arguments.done",
+            ",\"arguments\":\"{\\\"q\\\":\\\"secret\\\"}\"",
+        ),
+        ev("response.refusal.delta", ",\"delta\":\"no secr\""),
+        ev("response.refusal.delta", ",\"delta\":\"et\""),
+        ev("response.refusal.done", ",\"refusal\":\"no secret\""),
+    ]
+    .concat();
+    let out = run_sse(
+        vec![words(Mode::Redact)],
+        Endpoint::Responses,
+        vec![Bytes::from(sse)],
+    );
+    assert!(!out.contains("secret") && !out.contains("secr"), "{out}");
+    let (mut args, mut refusal) = (String::new(), String::new());
+    for d in events(&out) {
+        let v: serde_json::Value = serde_json::from_str(&d).unwrap();
+        match v["type"].as_str().unwrap() {
+            "response.function_call_arguments.delta" => args.push_str(v["delta"].as_str().unwrap()),
+            "response.refusal.delta" => refusal.push_str(v["delta"].as_str().unwrap()),
+            "response.function_call_arguments.done" => {
+                assert_eq!(v["arguments"], "{\"q\":\"[X]\"}")
+            }
+            "response.refusal.done" => assert_eq!(v["refusal"], "no [X]"),
+            _ => {}
+        }
+    }
+    assert_eq!(args, "{\"q\":\"[X]\"}");
+    assert_eq!(refusal, "no [X]");
+    // Each event keeps its `event:` line.
+    assert_eq!(out.matches("event: ").count(), events(&out).len());
+}

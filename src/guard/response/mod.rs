@@ -1054,6 +1054,81 @@ where
 mod tests {
     use super::*;
 
+    use crate::guard::detect::{Detector, Found};
+
+    struct Secret;
+
+    impl Detector for Secret {
+        fn find(&self, text: &str, found: &mut Vec<Found>) {
+            let mut from = 0;
+            while let Some(at) = text[from..].find("secret") {
+                found.push(Found::new(from + at..from + at + 6, "word"));
+                from += at + 1;
+            }
+        }
+        fn max_match_len(&self) -> usize {
+            6
+        }
+    }
+
+    fn sse_guard(mode: Mode) -> SseGuard {
+        let plan = ResponsePlan {
+            guards: vec![Guard::new("s", Secret).mode(mode)],
+            system_prompt: Arc::from(""),
+            endpoint: Endpoint::ChatCompletions,
+            key: None,
+            audit: None,
+            alerts: None,
+        };
+        let guarding = Guarding::new(plan);
+        let acting = guarding.checks.any_acting();
+        SseGuard::new(guarding, acting)
+    }
+
+    fn delta(text: &str) -> Bytes {
+        Bytes::from(format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n"
+        ))
+    }
+
+    #[test]
+    fn memory_stays_bounded_on_a_long_stream() {
+        let mut guard = sse_guard(Mode::Redact);
+        let mut sent = 0;
+        for i in 0..20_000 {
+            let (out, stop) = guard.feed(&delta(if i % 7 == 0 { "a se" } else { "cret lorem " }));
+            assert!(!stop);
+            sent += out.len();
+            let stream = &guard.streams[&StreamKey::Content(0)];
+            // What is held is bounded by the guards (L + 2C before what is undecided, and
+            // at most L + C undecided), not by the stream.
+            assert!(
+                stream.scan.held() <= 6 + 8 + 6 + 4 + 11,
+                "{}",
+                stream.scan.held()
+            );
+            assert_eq!(guard.splitter.held(), 0);
+        }
+        assert!(sent > 1_000_000);
+    }
+
+    #[test]
+    fn an_event_over_the_limit_stops_a_guarded_stream_and_passes_an_audited_one() {
+        let mut big =
+            BytesMut::from(&b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\""[..]);
+        big.resize(MAX_BODY + 10, b'a');
+        let big = big.freeze();
+        let mut guard = sse_guard(Mode::Block);
+        let (out, stop) = guard.feed(&big);
+        assert!(stop);
+        let out = String::from_utf8(out.to_vec()).unwrap();
+        assert!(out.contains("upstream_invalid_response"), "{out}");
+        let mut guard = sse_guard(Mode::Audit);
+        let (_, stop) = guard.feed(&big);
+        assert!(!stop);
+        assert_eq!(guard.splitter.held(), 0);
+    }
+
     #[test]
     fn the_body_is_send_and_unpin_over_a_policy_body() {
         fn is_body<T: Body<Data = Bytes, Error = BoxError> + Send + Unpin>() {}
