@@ -424,8 +424,8 @@ impl Tee {
 #[derive(Default)]
 struct Stream {
     scan: TextScan,
-    /// The last event's other lines, data and line ending.
-    template: Option<(Vec<u8>, String, &'static [u8])>,
+    /// The stream's last event (a slice of the body's bytes, not a copy).
+    template: Option<Bytes>,
 }
 
 /// The guard of an SSE body.
@@ -541,9 +541,15 @@ impl SseGuard {
             );
             self.guarding.note(findings, true)?;
             if self.acting && !text.is_empty() {
-                if let Some((other, data, term)) = &stream.template {
-                    if let Some(data) = flush_data(key, data, &text) {
-                        out.extend_from_slice(&sse::make_event(other, &data, term));
+                if let Some(last) = &stream.template {
+                    let last = Event::read(last);
+                    if let Some(data) = last.data.as_deref().and_then(|d| flush_data(key, d, &text))
+                    {
+                        out.extend_from_slice(&sse::make_event(
+                            &last.other_lines(),
+                            &data,
+                            last.term(),
+                        ));
                     }
                 }
             }
@@ -584,7 +590,7 @@ impl SseGuard {
                 let stream = self.streams.entry(key).or_default();
                 stream.scan.push(&field.text);
                 if self.acting {
-                    stream.template = Some((event.other_lines(), data.to_owned(), event.term()));
+                    stream.template = Some(raw.clone());
                 }
                 if !touched.contains(&key) {
                     touched.push(key);
