@@ -817,3 +817,87 @@ fn sse_responses_function_arguments_and_refusals_are_redacted() {
     // Each event keeps its `event:` line.
     assert_eq!(out.matches("event: ").count(), events(&out).len());
 }
+
+fn json_body(api: Api, text: &str) -> String {
+    let t = serde_json::to_string(text).unwrap();
+    match api {
+        Api::Chat => format!(
+            r#"{{"choices":[{{"index":0,"message":{{"role":"assistant","content":{t}}},"finish_reason":"stop"}}]}}"#
+        ),
+        Api::Completions => {
+            format!(r#"{{"choices":[{{"index":0,"text":{t},"finish_reason":"stop"}}]}}"#)
+        }
+        Api::Responses => format!(
+            r#"{{"output":[{{"type":"message","role":"assistant","content":[{{"type":"output_text","text":{t}}}]}}]}}"#
+        ),
+    }
+}
+
+fn json_text(api: Api, v: &serde_json::Value) -> String {
+    match api {
+        Api::Chat => v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        Api::Completions => v["choices"][0]["text"].as_str().unwrap().to_owned(),
+        Api::Responses => v["output"][0]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn every_mode_on_json_and_sse_of_every_api() {
+    let text = "keep the secret safe";
+    for api in [Api::Chat, Api::Completions, Api::Responses] {
+        for mode in [Mode::Audit, Mode::Block, Mode::Redact] {
+            let json = run(
+                vec![words(mode)],
+                api.endpoint(),
+                json_response(&json_body(api, text)),
+            )
+            .await;
+            let pieces: Vec<String> = ["keep the se", "cret safe"].map(String::from).to_vec();
+            let sse = api.stream(&pieces, false);
+            let stream = run(vec![words(mode)], api.endpoint(), sse_of(&[&sse])).await;
+            assert_eq!(json.flags(), ["guard:words"], "{api:?} {mode:?}");
+            assert_eq!(stream.flags(), ["guard:words"], "{api:?} {mode:?}");
+            match mode {
+                Mode::Audit => {
+                    assert_eq!(json.text(), json_body(api, text));
+                    assert_eq!(stream.text(), sse);
+                }
+                Mode::Block => {
+                    assert_eq!(json.status, StatusCode::BAD_REQUEST);
+                    assert_eq!(json.json()["error"]["code"], "content_blocked");
+                    let last = events(&stream.text()).pop().unwrap();
+                    assert!(last.contains("\"code\":\"content_blocked\""), "{api:?}");
+                    assert!(!stream.text().contains("safe"));
+                    assert_eq!((json.alerts.len(), stream.alerts.len()), (1, 1));
+                }
+                _ => {
+                    assert_eq!(json_text(api, &json.json()), "keep the [X] safe");
+                    assert_eq!(api.client_text(&stream.text()), "keep the [X] safe");
+                    assert!(!stream.text().contains("secret"));
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_audit_guard_beside_a_redacting_one_flags_without_holding_its_own_matches() {
+    let audit = Guard::new("names", Words::new(&["Bob"]))
+        .mode(Mode::Audit)
+        .on(Sides::RESPONSE);
+    let sse = chat_stream(&["hi B", "ob, the sec", "ret"]);
+    let r = run(
+        vec![audit, words(Mode::Redact)],
+        Endpoint::ChatCompletions,
+        sse_of(&[&sse]),
+    )
+    .await;
+    assert_eq!(Api::Chat.client_text(&r.text()), "hi Bob, the [X]");
+    assert_eq!(r.flags(), ["guard:names", "guard:words"]);
+}
