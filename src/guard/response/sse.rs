@@ -20,8 +20,8 @@ pub(super) enum Piece {
 #[derive(Debug, Default)]
 pub(super) struct Splitter {
     held: BytesMut,
-    /// Bytes in the current line so far.
-    line: usize,
+    /// The current line has bytes (it is not blank so far).
+    mid_line: bool,
     /// The last byte seen ended a line with `\r`.
     cr: bool,
     /// The last event ended with a `\r` at the end of the previous chunk.
@@ -48,12 +48,12 @@ impl Splitter {
         while i < len {
             let Some(off) = memchr2(b'\r', b'\n', &chunk[i..]) else {
                 self.cr = false;
-                self.line += len - i;
+                self.mid_line = true;
                 break;
             };
             if off > 0 {
                 self.cr = false;
-                self.line += off;
+                self.mid_line = true;
             }
             let j = i + off;
             let byte = chunk[j];
@@ -64,8 +64,7 @@ impl Splitter {
                 continue;
             }
             self.cr = byte == b'\r';
-            if self.line > 0 {
-                self.line = 0;
+            if std::mem::take(&mut self.mid_line) {
                 continue;
             }
             // A blank line: the event ends here (with the `\n` of a `\r\n` when it is there).
@@ -94,7 +93,7 @@ impl Splitter {
 
     /// The end of the stream: the last event if it lacks its blank line.
     pub(super) fn finish(&mut self) -> Option<Bytes> {
-        self.line = 0;
+        self.mid_line = false;
         self.cr = false;
         (!self.held.is_empty()).then(|| self.held.split().freeze())
     }
