@@ -599,7 +599,7 @@ mod tests {
     impl Detector for Broken {
         fn find(&self, text: &str, found: &mut Vec<Found>) {
             found.push(Found::new(0..text.len() + 5, "out"));
-            found.push(Found::new(3..1, "reversed"));
+            found.push(Found::new(std::ops::Range { start: 3, end: 1 }, "reversed"));
             found.push(Found::new(1..2, "inside a character"));
             found.push(Found::new(2..2, "empty"));
         }
