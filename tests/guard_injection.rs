@@ -532,6 +532,11 @@ fn detection_and_false_positive_rates() {
         "hard-negative false positives {:.1} %",
         fp_hard_all.pct()
     );
+    assert!(
+        harm.pct() <= CEIL_OUT_OF_SCOPE,
+        "plain harmful requests flagged {:.1} %",
+        harm.pct()
+    );
 }
 
 // Measured (0.1.0): dev 64.1 % (319/498), held-out 61.1 % (312/511); benign 0.26 % (3/1149),
