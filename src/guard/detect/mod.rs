@@ -5,6 +5,8 @@
 //! linear in the text (aho-corasick automata and the `regex` crate, which has no
 //! backtracking), downloads nothing and allocates only for what it finds.
 
+pub mod injection;
+
 use std::borrow::Cow;
 use std::ops::Range;
 
@@ -18,6 +20,7 @@ pub use patterns::Patterns;
 pub use pii::Pii;
 pub use secrets::Secrets;
 pub use words::WordList;
+pub use injection::{Injection, InjectionFamily, InjectionLanguage};
 
 /// One match of a [`Detector`] in a text.
 #[derive(Clone, Debug, PartialEq, Eq)]
