@@ -11,3 +11,7 @@ use crate::rewrite::Edits;
 pub fn rewrite_apply(body: &[u8], edits: &Edits) -> Result<Bytes, PolicyError> {
     crate::rewrite::apply(body, edits)
 }
+
+/// Response guards: `guard_response` with a plan made of these parts.
+#[cfg(feature = "guards")]
+pub use crate::guard::response::{guard_response_with, GuardBody};
