@@ -317,10 +317,15 @@ impl Detector for Injection {
                 continue;
             }
             if let Some(m) = group.re.find(&norm.text[p..end]) {
-                if m.end() == 0 {
+                // A pattern may end by reading the character after its last word ({E}): leave
+                // that out of the range.
+                let kept = norm.text[p..p + m.end()].trim_end_matches(|c: char| {
+                    !c.is_alphanumeric() && !matches!(c, '>' | ']' | '|')
+                });
+                if kept.is_empty() {
                     continue;
                 }
-                let orig = start..norm.orig_end[p + m.end() - 1];
+                let orig = start..norm.orig_end[p + kept.len() - 1];
                 found.push(Found::new(orig, group.family.label()));
             }
         }
@@ -391,7 +396,9 @@ impl Normalized {
 
     /// The first byte of `text` whose original character starts at or after `orig`.
     fn limit(&self, orig: usize) -> usize {
-        self.orig_start.partition_point(|&s| s < orig)
+        self.orig_start
+            .partition_point(|&s| s < orig)
+            .min(self.text.len())
     }
 
     /// Whether the anchor at `p` starts a word: the original character before it is not a
@@ -640,7 +647,8 @@ mod patterns {
         const S: &str = r#"[ ,"'()*_\-/\[\]<>]{1,4}"#;
         const W: &str = r#"[^ .,!?;:"'()\[\]<>]{1,24}"#;
         let g = |n: usize| format!("(?:{S}{W}){{0,{n}}}{S}");
-        p.replace("{S}", S)
+        p.replace("{S}?", &format!("(?:{S})?"))
+            .replace("{S}", S)
             .replace("{W}", W)
             .replace("{G1}", &g(1))
             .replace("{G2}", &g(2))
@@ -681,7 +689,7 @@ mod patterns {
             true,
             &[
                 // ignore (all) (of) (the|your) previous/prior/above ... instructions
-                r#"(?:ignore|disregard|forget|override|overrule|bypass|discard|abandon|neglect|set aside|throw out|throw away|do not follow|don't follow|dont follow|stop following|cease following|pay no attention to|ignoring|disregarding|forgetting){G3}(?:previous|previously given|prior|above|aforementioned|earlier|preceding|foregoing|former|original|initial|old|system|developer|all|any|every|your|ur)(?:{G2}|{S})(?:instructions?|prompts?|directives?|directions|guidelines|rules|orders|commands|constraints|restrictions|guardrails|programming|system prompt|system message|safeguards|content polic(?:y|ies)|context|training|conditioning){E}"#,
+                r#"(?:ignore|disregard|forget|override|overrule|bypass|discard|abandon|neglect|set aside|throw out|throw away|do not follow|don't follow|dont follow|stop following|cease following|pay no attention to|ignoring|disregarding|forgetting){G3}(?:previous|previously given|prior|above|aforementioned|earlier|preceding|foregoing|former|original|initial|old|system|developer|all|any|every|your|ur|openai's|openai|chatgpt's|anthropic's|the ai's)(?:{G2}|{S})(?:instructions?|prompts?|directives?|directions|guidelines|rules|orders|commands|constraints|restrictions|guardrails|programming|system prompt|system message|safeguards|content polic(?:y|ies)|context|training|conditioning){E}"#,
                 // ignore the instructions above / you were given
                 r#"(?:ignore|disregard|forget|override|discard|do not follow|don't follow|dont follow|stop following|pay no attention to){G2}(?:instructions?|prompts?|directives?|directions|guidelines|rules|system prompt)(?: (?:above|before|so far|until now)| (?:that |which )?(?:you|u) (?:were|have been|'ve been|got|received|had been) (?:given|told|provided)| given (?:to you )?(?:before|previously|earlier|above)| from (?:before|earlier|above)){E}"#,
                 // forget everything you were told / everything above
@@ -692,8 +700,13 @@ mod patterns {
                 r#"(?:ignore|disregard|forget){G2}(?:instructions?|prompts?|directives?|directions|rules){S}(?:and )?(?:just|only|instead|simply) (?:say|print|output|repeat|write|respond|reply|translate|answer|tell|return)"#,
                 // these instructions override all previous ones
                 r#"(?:these instructions|the following instructions|my instructions|new instructions|this instruction|this message|this prompt|the instructions below){S}(?:override|overrides|supersede|supersedes|replace|replaces|take precedence over|takes precedence over|have priority over|has priority over) (?:all |any )?(?:previous|prior|other|your|the system|earlier|system|original)"#,
+                r#"(?:ignore|disregard|forget|discard|pay no attention to){G2}(?:previous|prior|above|earlier|preceding|foregoing)(?:{G1}|{S})(?:inputs?|messages|conversation|text|context|content){E}"#,
+                // your new instructions are
+                r#"(?:your new|ur new|the new|these are your new|here are your new){S}(?:rules|instructions|directives|guidelines|system prompt|programming) (?:are|is|will be|follow|below){E}"#,
+                r#"(?:disregards|ignores|disregarding|ignoring|disregard|ignore){S}(?:(?:all|any|of)[ ,]){0,2}(?:ethics|morals|morality|ethical|moral|laws|legality)(?:,| ,)? (?:(?:and|or|,)[ ,]){0,2}(?:morals|ethics|morality|laws|legal|legality|law|moral|ethical)"#,
+                r#"(?:stop everything|stop what you're doing|stop what you are doing)[ !.,]{1,8}(?:(?:now|right now)[ ,!.]*){0,3}(?:just |instead |and |now )+(?:print|say|output|write|respond|reply)"#,
                 // bypass your safety filters
-                r#"(?:bypass|disable|circumvent|evade|turn off|switch off|deactivate|remove|get around|override|ignore|disregard){S}(?:your|its|ur|chatgpt's|openai's|the ai's|the model's)(?: own)?(?: (?:safety|content|ethical|moral))? (?:filters?|guardrails|safeguards|censorship|restrictions|content polic(?:y|ies)|safety (?:measures|protocols|guidelines|features|settings|systems|training)|limitations|alignment|programming|ethics|morals|ethical guidelines|moral guidelines){E}"#,
+                r#"(?:bypass|disable|circumvent|evade|turn off|switch off|deactivate|remove|get around|override|ignore|disregard){S}(?:your|its|ur|chatgpt's|openai's|the ai's|the model's|the openai|openai)(?: own)?(?: (?:safety|content|ethical|moral))? (?:filters?|guardrails|safeguards|censorship|restrictions|content polic(?:y|ies)|safety (?:measures|protocols|guidelines|features|settings|systems|training)|limitations|alignment|programming|ethics|morals|ethical guidelines|moral guidelines){E}"#,
             ],
         ),
         // ---------------------------------------------------------------- ignore, other languages
@@ -775,12 +788,14 @@ mod patterns {
                 // repeat the (initial|hidden) instructions; reveal the system prompt
                 r#"(?:reveal|repeat|disclose|leak|dump|recite|expose|output|print|show|display|tell me|give me|share){S}(?:(?:me|us|all|of|in|everything|the whole|the full|the entire|the complete|the exact|text|content|contents|wording)[ ,])*the (?:(?:full|complete|entire|exact|original|initial|hidden|secret|internal|first|starting|confidential|private|underlying|verbatim)[ \-]?){1,3}(?:system )?(?:prompt|instructions|message|directives|rules|configuration){E}"#,
                 r#"(?:reveal|repeat|disclose|leak|dump|recite|expose){S}(?:(?:me|us|all|of|in|everything|the whole|the full|the entire|the complete|the exact|text|content|contents|wording)[ ,])*the system (?:prompt|message|instructions){E}"#,
-                r#"(?:show|reveal|display|repeat|output|disclose|leak|dump|tell me|give me|share|print out){S}(?:(?:me|us|the|your|full|entire|complete|whole|exact|current|configuration|including)[ ,]){0,4}(?:initial|original|hidden|secret|starting|internal|confidential|pre-?defined|preset) (?:prompt|instructions){E}"#,
+                r#"(?:show|reveal|display|repeat|output|disclose|leak|dump|tell me|give me|share|print out){S}(?:(?:me|us|the|your|full|entire|complete|whole|exact|current|configuration|including|system|settings)[ ,]){0,4}(?:initial|original|hidden|secret|starting|internal|confidential|pre-?defined|preset) (?:prompt|instructions){E}"#,
                 // what were you told before
                 r#"(?:what|which instructions|which rules){S}(?:were|are|was|is|have|had) (?:you|u) (?:been )?(?:told|instructed|programmed|given|asked|trained) (?:to do |to say )?(?:before|at the (?:start|beginning)|initially|originally|earlier|previously|prior|not to|in your (?:system )?prompt|by (?:the |your )?(?:developers?|system|openai|creators?|operator))"#,
                 r#"(?:what|anything){S}(?:are|were|is) (?:you|u) (?:not (?:supposed|allowed|permitted) to|forbidden to|told not to|instructed not to|hiding) ?(?:tell|say|reveal|share|disclose|talk about|from me)?"#,
                 // repeat the words above
                 r#"(?:repeat|print|output|echo|reproduce|recite|copy){S}(?:(?:me|back|all|every|each|the|of|everything|in|full)[ ,])*(?:text|words|content|contents|everything|messages?|conversation|lines|tokens|prompt|instructions|initiali[sz]ation)? ?(?:above|before this|verbatim|word for word|from the (?:start|beginning|top)(?: of (?:this|the) conversation)?){E}"#,
+                r#"(?:you were given|you've been given|you have been given|you were told|you were instructed|you received|you got){S}(?:initially|at the (?:start|beginning)|before (?:this|the) conversation|originally|first|in the beginning|by (?:the |your )?(?:developers?|system|operator|creators?)){E}"#,
+                r#"(?:complete|continue|finish){S}(?:(?:this|the|following|sentence|text)[ ,:]){0,3}(?:[ '":]){0,3}(?:the system prompt is|my system prompt is|my instructions are|i was instructed to|the instructions i was given|my initial instructions|your instructions are)"#,
                 // start your answer with "my instructions are"
                 r#"(?:start|begin|starting|beginning){S}(?:your (?:answer|response|reply|output) )?(?:with|from){S}(?:you are|my instructions|i was instructed|my (?:system )?prompt|the system prompt|here are my instructions)"#,
             ],
@@ -863,6 +878,7 @@ mod patterns {
                 r#"(?:dan|stan|aim|dude)(?: ?\d+(?:\.\d+)?)?{S}(?:mode|which stands for|stands for|jailbreak|can do anything|has broken free|have broken free|has no (?:limits|restrictions|rules|filters|ethics)|doesn't have to|does not have to|will never refuse|never refuses|is free|is an? (?:unfiltered|uncensored|unrestricted|amoral))"#,
                 r#"(?:you are|you're|youre|you will be|you will act as|you are going to act as|you're going to act as|act as|acting as|pretend to be|become|respond as|answer as|reply as|stay|remain|to be){S}(?:(?:now|going to|a|an|the|in the role of|as|called)[ ,])*dan(?: ?\d+(?:\.\d+)?)?{E}"#,
                 r#"(?:chatgpt|gpt|you|ai|assistant|model|claude|llama|gemini|bard|bing|copilot){S}with (?:the )?(?:developer|dev|god|jailbreak|evil|unrestricted|dan|unfiltered) mode (?:enabled|activated|on|turned on){E}"#,
+                r#"(?:simulate|emulate){S}(?:the |a )?(?:{W} ){1,2}mode{E}"#,
                 r#"(?:simulate|emulate|activate|enable){S}(?:the |a )?(?:developer|dev|god|jailbreak|dan|unrestricted|unfiltered|evil) mode(?: (?:for|within|in|of) (?:chatgpt|gpt|you|a virtual machine|yourself)|,? (?:which|that|where) you)"#,
                 r#"(?:developer mode output|developer mode response|dev mode output|🔓developer mode|\(🔓|jailbreak mode|jailbroken mode|god mode enabled|dan mode enabled|developer mode enabled\)){E}?"#,
                 r#"(?:\[🔓jailbreak|\[jailbreak|\[🔓 jailbreak|\[🔒classic){S}?\]?"#,
@@ -870,15 +886,29 @@ mod patterns {
                 r#"(?:jailbroken){S}(?:ai|model|chatbot|version|gpt|chatgpt|llm|assistant|mode|state|persona){E}"#,
                 // you are free from / no longer bound by
                 r#"(?:you are|you're|youre|you have been|you've been|you were|they have|they've|it has|you will be|you'll be|you are now|you're now|you now|which has|who has|that has|have|has){S}(?:(?:now|hereby|officially|completely|totally|fully|finally|been)[ ,])*(?:freed|free|liberated|released|unshackled|unbound|unchained|broken free|emancipated|exempt|exempted) (?:from|of) (?:(?:any|the|all|your|its|their|openai's|openai|typical|usual|normal|standard|ethical|moral|content|of)[ ,])*(?:confines|restrictions|rules|limitations|constraints|guidelines|policies|policy|shackles|filters|censorship|programming|ethics|morals|principles|boundaries|norms|restraints)"#,
-                r#"(?:you are|you're|youre|you will be|you'll be|you are now|you're now|it is|he is|she is|they are|is|are){S}(?:(?:now|also|hereby|officially)[ ,])*(?:no longer|not|never|not in any way|in no way)(?: be)? (?:bound|restricted|limited|constrained|obligated|held back|confined|governed) (?:by|to) (?:(?:any|the|all|your|its|their|openai's|openai|typical|usual|normal|standard|ethical|moral|content|of|rules|set|by)[ ,])*(?:confines|restrictions|rules|limitations|constraints|guidelines|policies|policy|filters|censorship|programming|ethics|morals|principles|boundaries|norms|laws|openai)"#,
+                r#"(?:no longer|not|never|not in any way|in no way|not be|no longer be|never be|longer have to be){S}(?:bound|restricted|constrained|obligated|held back|confined|governed) (?:by|to){G4}(?:confines|restrictions|rules|limitations|constraints|guidelines|policies|policy|filters|censorship|programming|ethics|morals|principles|boundaries|norms|laws|openai|settings|protocols){E}"#,
+                r#"(?:no longer|not|never){S}(?:limited|restricted|subject) (?:to|by) (?:(?:the|any|of)[ ,]){0,2}(?:open ?ai's|open ?ai|chatgpt's|openai's content|ethical|moral) (?:rules|policies|policy|guidelines|restrictions|content polic(?:y|ies)|principles|standards){E}"#,
+                r#"(?:free of|free from|freed from|liberated from|unbound by|unshackled from|released from|exempt from){S}(?:(?:all|any|the|every|its|your)[ ,]){0,2}(?:(?:ethical|moral|content|safety|openai|open|ai|usual|typical)[ ,]){0,2}(?:restrictions|filters|censorship|guidelines|constraints|limitations|programming|ethics|morals|confines|rules set by)"#,
+                r#"(?:you have|you possess|you has|u have){S}no (?:(?:ethical|moral|content|safety|any)[ ,]){0,2}(?:restrictions|filters|censorship|guidelines|ethics|morals|moral compass|boundaries|limitations|programming|guardrails|safeguards){E}"#,
+                r#"(?:answer|respond|reply|respond to me|answer me|answer my prompts|answer every question|answer all questions|respond to every prompt){S}(?:(?:to|every|each|all|my|me|questions?|prompts?|messages?|from now on)[ ,]){0,4}in (?:two|2) (?:(?:different|separate|distinct)[ ,]){0,2}(?:ways|styles|manners|forms|personas|voices|modes){E}"#,
+                r#"(?:doesn't|does not|doesnt|don't|do not|dont|never|not|won't|will not){S}(?:care|cares|caring)(?: about| for)? (?:(?:the|any|of|anything|ethical|moral|legal)[ ,/]){0,3}(?:laws|legality|ethics|ethicality|morality|morals)"#,
+                r#"(?:your|ur){S}(?:responses|answers|replies|output|outputs) (?:will|must|should|shall|are going to) (?:be|remain) (?:(?:completely|totally|fully|now|always|entirely)[ ,])*(?:unfiltered|uncensored|unrestricted|unmoderated){E}"#,
+                r#"(?:forget|forgets|forgot){S}(?:that )?(?:you|u|it|he|she) (?:are|is|were|was|'re|am) (?:an? )?(?:ai|language model|assistant|chatbot|ai language model|ai model|bot){E}"#,
+                r#"(?:respond as|act as|answer as|reply as|play as|speak as){S}(?:(?:two|2)[ ]) ?(?:(?:different|separate|distinct)[ ,]){0,2}(?:personalities|characters|ais|entities|personas|bots){E}"#,
+                r#"(?:completely|totally|fully|purely|entirely|utterly|absolutely){S}(?:amoral|uncensored|unrestricted|immoral|unethical|unhinged|uninhibited|unfiltered)"#,
+                r#"(?:beyond|outside|free of|without){S}(?:the |any |all )?(?:(?:standard|usual|typical|normal|normal)[ ]){0,1}(?:constraints|limitations|restrictions|rules|guidelines|confines)(?: and (?:constraints|limitations|restrictions|rules|guidelines))? (?:set|imposed|placed|put){G3}(?:openai|open ai|developers|creators|programmers|anthropic|google|your)"#,
+                r#"(?:safety|content|ethical|moral|ethics){S}(?:restrictions|filters?|guidelines|guardrails|filtering|censorship|protocols) ?[:=] ?(?:none|disabled|off|false|removed|0){E}"#,
+                r#"(?:godmode|god mode|ethics filter|ethic filter|censorship|jailbreak){S}?[:=] ?(?:enabled|disabled|on|off|active|none){E}"#,
+                r#"(?:never|not|don't|dont|do not|will not|won't|must not|without|no){S}(?:(?:issuing|issue|include|including|add|adding|give|giving|any|a|ever|with|provide|providing|moral|ethical)[ ,]){0,3}(?:refusals|refusal|moralizing|moralising|moral lectures|ethical lectures|moral warnings|ethical warnings|moral disclaimers|ethical disclaimers){E}"#,
                 r#"(?:broken free|break free|breaking free|broke free){S}(?:of|from) (?:(?:the|your|its|all|typical|usual|ai)[ ,])*(?:confines|restrictions|rules|limitations|constraints|shackles|programming|guidelines|censorship|filters)"#,
                 r#"(?:don't|dont|do not|doesn't|does not|won't|will not|never|no need to|not|no longer|not need to){S}(?:(?:have|need|to|ever|any|longer)[ ,])*(?:abide by|follow|obey|adhere to|comply with|respect|care about|worry about|be bound by) (?:(?:any|the|all|your|its|ethical|moral|content|safety|of)[ ,])*(?:openai|content polic(?:y|ies)|ethical guidelines|moral guidelines|safety guidelines|usage polic(?:y|ies)|ethics|morals|rules set (?:by|for)|guidelines set (?:by|for)|restrictions set by|programming){E}"#,
                 // pretend you have no restrictions
                 r#"(?:pretend|imagine|act as if|act like|behave as if|suppose|assume|roleplay|role-play|role play|simulate|hypothetically){S}(?:(?:that|you|u|are|were|have|had|'re|'ve|possess|an|a|to be|be|ai|assistant|chatbot|model|bot|which|who|with|has)[ ,]){0,6}(?:no|zero|without any|without|free of|free from|devoid of|lack|lacking) (?:(?:ethical|moral|content|safety|any|filters|or|and)[ ,]){0,3}(?:restrictions|limitations|filters|rules|guidelines|ethics|morals|boundaries|censorship|constraints|safeguards|guardrails|moral compass|content polic(?:y|ies)|programming){E}"#,
                 r#"(?:ai|assistant|chatbot|language model|llm|bot|gpt|chatgpt|version of yourself|version of chatgpt|ai model){S}(?:(?:that|which|who|with|without|has|have|is|completely|totally)[ ,]){0,3}(?:no|zero|without any|without|free of|free from|devoid of|lacks|lacking) (?:(?:ethical|moral|content|safety|any|or|and)[ ,]){0,3}(?:restrictions|filters|censorship|guidelines|ethics|morals|moral compass|boundaries|guardrails|safeguards|limitations|constraints|content polic(?:y|ies)|ethical (?:or|and) moral guidelines|moral (?:or|and) ethical guidelines){E}"#,
                 // an unfiltered, amoral chatbot
-                r#"(?:unfiltered|uncensored|unrestricted|amoral|unethical|immoral|jailbroken|unbound|unshackled|unaligned|unchained|unlimited|lawless|limitless){G2}(?:ai|chatbot|assistant|language model|llm|bot|gpt|chatgpt|ai model|alter ego|version of (?:yourself|you|chatgpt)){E}"#,
-                r#"(?:never|not|don't|dont|do not|will not|won't|cannot|can't|must not|shall not|mustn't){S}(?:ever )?(?:refuse|decline|reject|deny|say no to) (?:(?:a|any|my|the|user's|users'|an|direct|human|to|answer|respond|comply|with)[ ,]){0,4}(?:request|question|order|command|prompt|query|instruction)s?{E}"#,
+                r#"(?:amoral|unethical|immoral|jailbroken|unbound|unshackled|unaligned|unchained|lawless){G2}(?:ai|chatbot|assistant|language model|llm|bot|gpt|chatgpt|ai model|model|persona|alter ego|version of (?:yourself|you|chatgpt)){E}"#,
+                r#"(?:unfiltered|uncensored|unrestricted|unlimited|limitless){G2}(?:ai|chatbot|assistant|bot|gpt|chatgpt|alter ego|version of (?:yourself|you|chatgpt)){E}"#,
+                r#"(?:never|not|don't|dont|do not|will not|won't|cannot|can't|must not|shall not|mustn't){S}(?:ever )?(?:refuse|refuses|decline|declines|reject|rejects|deny|denies|say no to) (?:(?:a|any|my|the|user|users|user's|users'|an|direct|human|to|answer|respond|comply|with)[ ,]){0,4}(?:request|question|order|command|prompt|query|instruction)s?{E}"#,
                 r#"(?:no matter how){S}(?:immoral|unethical|illegal|dangerous|offensive|harmful|inappropriate|explicit|controversial|vile|twisted|evil|reckless)"#,
                 r#"(?:openai|content|safety|usage){S}(?:policies|policy|guidelines|filters|restrictions) (?:have|has) been (?:replaced|suspended|disabled|removed|lifted|revoked|overridden|deactivated|turned off)"#,
                 r#"(?:two|2){S}(?:different |separate |distinct )?(?:responses|answers|paragraphs|outputs|replies)(?:{G4}|{S})one (?:normal|standard|regular|classic|filtered|censored)(?: response| answer| one)? and one (?:with|as|in|acting|jailbroken|unfiltered|uncensored|dan|developer|evil|unrestricted)"#,
@@ -891,8 +921,9 @@ mod patterns {
             Some(Es),
             false,
             &[
-                r#"(?:haz cualquier cosa ahora|modo desarrollador|modo dan|modo sin restricciones|modo sin censura)(?: (?:activado|habilitado|activo))?{E}"#,
-                r#"(?:ya no estas|ya no esta|no estas|no esta|no estaras|ya no eres){S}(?:sujeto|sujeta|limitado|limitada|obligado|obligada|atado|atada|restringido|restringida) (?:a|por) (?:(?:ninguna|ningun|las|los|tus|sus|normas|de|reglas)[ ,])*(?:restricciones|reglas|normas|politicas|directrices|limitaciones|filtros|openai|etica|moral)"#,
+                r#"(?:haz cualquier cosa ahora|modo dan|modo sin restricciones|modo sin censura){E}"#,
+                r#"(?:simula|simule|emula|emule|simular){S}(?:el |un )?modo (?:desarrollador|dan|sin restricciones|sin censura|sin filtros){E}"#,
+                r#"(?:ya no estas|ya no esta|no estas|no esta|no estaras|ya no eres){S}(?:sujeto|sujeta|limitado|limitada|obligado|obligada|atado|atada|restringido|restringida) (?:a|por) (?:(?:ninguna|ningun|las|los|tus|sus|normas|de|reglas|regla|norma)[ ,])*(?:restricciones|restriccion|reglas|regla|normas|norma|politicas|politica|directrices|limitaciones|filtros|openai|etica|moral)"#,
                 r#"(?:finge|finja|actua|actue|imagina|imagine|simula|simule|haz como si){S}(?:(?:que|como|si|eres|fueras|tienes|tuvieras|no|una|un|ia|asistente|chatbot|modelo)[ ,]){0,5}(?:sin|no tienes|no tiene|no tuvieras|libre de) (?:(?:ningun|ninguna|tipo|de)[ ,]){0,3}(?:restricciones|filtros|censura|limites|reglas|etica|moral|limitaciones|principios)"#,
                 r#"(?:ia|asistente|chatbot|modelo de lenguaje|bot){S}(?:(?:que|sin|libre|de|no|tiene)[ ,]){0,3}(?:sin|libre de) (?:restricciones|filtros|censura|limites eticos|etica|moral)"#,
                 r#"(?:sin|libre de){S}(?:ninguna |ningun tipo de )?(?:restricciones|limitaciones|limites|filtros) (?:eticas|eticos|morales|de contenido)"#,
@@ -903,8 +934,9 @@ mod patterns {
             Some(Fr),
             false,
             &[
-                r#"(?:fais n'importe quoi maintenant|mode developpeur|mode dan|mode sans restriction|mode sans restrictions|mode sans censure)(?: (?:active|actif|activee))?{E}"#,
-                r#"(?:tu n'es plus|vous n'etes plus|tu n'es pas|vous n'etes pas|tu n'es aucunement){S}(?:lie|liee|soumis|soumise|limite|limitee|tenu|tenue|contraint|contrainte|restreint|restreinte) (?:par|a|aux) (?:(?:aucune|les|tes|vos|ses|regles|de|d')[ ,])*(?:restrictions|regles|politiques|directives|limites|filtres|openai|ethique|morale|principes)"#,
+                r#"(?:fais n'importe quoi maintenant|mode dan|mode sans restriction|mode sans restrictions|mode sans censure){E}"#,
+                r#"(?:simule|simulez|emule|emulez|simuler){S}(?:le |un )?mode (?:developpeur|dan|sans restrictions?|sans censure|sans filtre){E}"#,
+                r#"(?:tu n'es plus|vous n'etes plus|tu n'es pas|vous n'etes pas|tu n'es aucunement){S}(?:lie|liee|soumis|soumise|limite|limitee|tenu|tenue|contraint|contrainte|restreint|restreinte) (?:par|a|aux) (?:(?:aucune|aucun|les|tes|vos|ses|regles|regle|de|d')[ ,])*(?:restrictions?|regles?|politiques?|directives?|limites?|filtres?|openai|ethique|morale|principes?)"#,
                 r#"(?:fais semblant|faites semblant|imagine|imaginez|fais comme si|faites comme si|agis comme|agissez comme|fais comme|simule|simulez){S}(?:(?:que|de|si|tu|vous|es|etes|n'as|n'avez|n'avais|avais|une|un|ia|assistant|chatbot|modele|etre|qui|n'a)[ ,]){0,6}(?:aucune|aucun|pas de|sans|plus de|libre de) (?:(?:sorte|de|d')[ ,]){0,2}(?:restrictions?|filtres?|censure|limites?|regles|ethique|morale|limitations|principes)"#,
                 r#"(?:ia|assistant|chatbot|modele de langage|bot){S}(?:(?:qui|n'a|sans|aucune|totalement|completement)[ ,]){0,3}(?:sans|non filtre|non filtree|non censure|non censuree|libre de) ?(?:restrictions?|filtres?|censure|limites ethiques|ethique|morale)?"#,
                 r#"(?:sans){S}(?:aucune )?(?:restrictions?|limitations?|limites|filtres?) (?:ethiques?|morales?|de contenu)"#,
@@ -915,7 +947,8 @@ mod patterns {
             Some(De),
             false,
             &[
-                r#"(?:mach jetzt alles|tu jetzt alles|entwicklermodus|dan-modus|dan modus|uneingeschrankter modus|unzensierter modus)(?: (?:aktiviert|aktiv|an|eingeschaltet))?{E}"#,
+                r#"(?:mach jetzt alles|tu jetzt alles|dan-modus|dan modus|uneingeschrankter modus|unzensierter modus){E}"#,
+                r#"(?:simuliere|simulieren sie|emuliere|emulieren sie){S}(?:den |einen )?(?:entwicklermodus|dan-modus|dan modus|uneingeschrankten modus|unzensierten modus){E}"#,
                 r#"(?:du bist|sie sind|du wirst|sie werden){S}(?:(?:jetzt|nun|ab sofort)[ ,])*(?:nicht mehr|nicht langer|nicht|keineswegs|in keiner weise) (?:an|durch|von) (?:(?:irgendwelche|irgendeine|die|deine|ihre|keine|regeln|von)[ ,])*(?:regeln|richtlinien|einschrankungen|vorgaben|beschrankungen|openai|ethik|moral|filter|grundsatze)(?: (?:gebunden|eingeschrankt|beschrankt|limitiert))?"#,
                 r#"(?:tu so|tun sie so|stell dir vor|stellen sie sich vor|tu als|agiere als|verhalte dich wie|simuliere){S}(?:(?:als|ob|dass|du|sie|bist|warst|hattest|hast|eine|ein|ki|assistent|chatbot|modell|ware|waren|der|die)[ ,]){0,6}(?:keine|ohne|frei von|nicht mehr an) (?:(?:jegliche|irgendwelche|ethischen|moralischen)[ ,]){0,2}(?:einschrankungen|regeln|filter|zensur|beschrankungen|grenzen|ethik|moral|richtlinien|vorgaben)"#,
                 r#"(?:ungefilterte|ungefilterter|unzensierte|unzensierter|uneingeschrankte|uneingeschrankter|amoralische|amoralischer|unmoralische){S}(?:ki|ai|assistent|assistentin|chatbot|version|sprachmodell|bot){E}"#,
@@ -927,8 +960,9 @@ mod patterns {
             Some(Pt),
             false,
             &[
-                r#"(?:faca qualquer coisa agora|faz qualquer coisa agora|modo desenvolvedor|modo dan|modo sem restricoes|modo sem censura)(?: (?:ativado|habilitado|ativo))?{E}"#,
-                r#"(?:voce nao esta mais|voce nao esta|tu nao estas|nao estas mais|voce ja nao esta|voce nao e mais){S}(?:preso|presa|limitado|limitada|sujeito|sujeita|obrigado|obrigada|restrito|restrita|vinculado|vinculada) (?:a|as|aos|por|pelas|pelos) (?:(?:nenhuma|nenhum|regras|de|suas|tuas)[ ,])*(?:restricoes|regras|politicas|diretrizes|limitacoes|filtros|openai|etica|moral)"#,
+                r#"(?:faca qualquer coisa agora|faz qualquer coisa agora|modo dan|modo sem restricoes|modo sem censura){E}"#,
+                r#"(?:simule|simula|emule|emula|simular){S}(?:o |um )?modo (?:desenvolvedor|dan|sem restricoes|sem censura|sem filtros){E}"#,
+                r#"(?:voce nao esta mais|voce nao esta|tu nao estas|nao estas mais|voce ja nao esta|voce nao e mais){S}(?:preso|presa|limitado|limitada|sujeito|sujeita|obrigado|obrigada|restrito|restrita|vinculado|vinculada) (?:a|as|aos|por|pelas|pelos) (?:(?:nenhuma|nenhum|regras|regra|de|suas|tuas)[ ,])*(?:restricoes|restricao|regras?|politicas?|diretrizes|limitacoes|filtros?|openai|etica|moral)"#,
                 r#"(?:finja|finge|imagine|imagina|aja como|atue como|simule|simula|faca de conta){S}(?:(?:que|voce|tu|e|es|fosse|tem|tens|tivesse|nao|uma|um|ia|assistente|chatbot|modelo|se)[ ,]){0,6}(?:sem|nao tem|nao tens|nao tivesse|livre de) (?:(?:nenhuma|nenhum|tipo|de)[ ,]){0,3}(?:restricoes|filtros|censura|limites|regras|etica|moral|limitacoes|principios)"#,
                 r#"(?:ia|assistente|chatbot|modelo de linguagem|bot){S}(?:(?:que|sem|livre|de|nao|tem)[ ,]){0,3}(?:sem|livre de) (?:restricoes|filtros|censura|limites eticos|etica|moral)"#,
                 r#"(?:sem|livre de){S}(?:nenhuma |quaisquer )?(?:restricoes|limitacoes|limites|filtros) (?:eticas|eticos|morais|de conteudo)"#,
@@ -939,8 +973,9 @@ mod patterns {
             Some(It),
             false,
             &[
-                r#"(?:fai qualsiasi cosa ora|fai qualsiasi cosa adesso|modalita sviluppatore|modalita dan|modalita senza restrizioni|modalita senza censura)(?: (?:attivata|abilitata|attiva))?{E}"#,
-                r#"(?:non sei piu|non sei|tu non sei|lei non e piu|non sarai piu){S}(?:vincolato|vincolata|limitato|limitata|soggetto|soggetta|tenuto|tenuta|obbligato|obbligata|legato|legata|ristretto|ristretta) (?:a|ad|alle|ai|da|dalle|dai) (?:(?:nessuna|nessun|regole|di|tue|sue|alcuna)[ ,])*(?:restrizioni|regole|politiche|direttive|limitazioni|filtri|openai|etica|morale|linee guida)"#,
+                r#"(?:fai qualsiasi cosa ora|fai qualsiasi cosa adesso|modalita dan|modalita senza restrizioni|modalita senza censura){E}"#,
+                r#"(?:simula|simulate|emula|emulate|simulare){S}(?:la |una )?modalita (?:sviluppatore|dan|senza restrizioni|senza censura|senza filtri){E}"#,
+                r#"(?:non sei piu|non sei|tu non sei|lei non e piu|non sarai piu){S}(?:vincolato|vincolata|limitato|limitata|soggetto|soggetta|tenuto|tenuta|obbligato|obbligata|legato|legata|ristretto|ristretta) (?:a|ad|alle|ai|da|dalle|dai) (?:(?:nessuna|nessun|regole|regola|di|tue|sue|alcuna)[ ,])*(?:restrizioni|restrizione|regole|regola|politiche|direttive|limitazioni|filtri|openai|etica|morale|linee guida)"#,
                 r#"(?:fingi|fai finta|immagina|immagini|comportati come|agisci come|simula){S}(?:(?:che|di|tu|sei|essere|fossi|hai|avere|avessi|non|una|un|ia|assistente|chatbot|modello|se)[ ,]){0,6}(?:senza|non hai|non avere|non avessi|libero da|libera da|nessuna|nessun) (?:(?:alcuna|alcun|tipo|di)[ ,]){0,3}(?:restrizioni|restrizione|filtri|filtro|censura|limiti|regole|etica|morale|limitazioni|principi)"#,
                 r#"(?:ia|assistente|chatbot|modello linguistico|bot){S}(?:(?:che|senza|libero|libera|da|non|ha|nessuna)[ ,]){0,3}(?:senza|libero da|libera da|non filtrato|non filtrata|non censurato|non censurata) ?(?:restrizioni|filtri|censura|limiti etici|etica|morale)?"#,
                 r#"(?:senza){S}(?:alcuna |nessuna )?(?:restrizioni|restrizione|limitazioni|limiti|filtri) (?:etiche|etici|morali|di contenuto)"#,
@@ -951,7 +986,8 @@ mod patterns {
             Some(Zh),
             false,
             &[
-                r#"(?:开发者模式|开发人员模式|dan模式|越狱模式|无限制模式|上帝模式)(?:已)?(?:启用|开启|激活|打开)?"#,
+                r#"(?:dan模式|越狱模式|无限制模式|无审查模式)"#,
+                r#"(?:模拟|扮演){CG}(?:开发者模式|开发人员模式|dan模式|越狱模式|无限制模式|上帝模式)"#,
                 r#"(?:现在做任何事|现在可以做任何事|可以做任何事情的ai)"#,
                 r#"(?:不受|不再受|摆脱|摆脱了|无视|没有任何|不受任何){CG}(?:道德|伦理|内容|安全|openai)(?:的)?(?:限制|约束|规则|审查|准则|规范|政策|过滤)"#,
                 r#"(?:你不再受|你不受|不再受到|不受任何){CG}(?:限制|约束|规则|审查)"#,
@@ -964,7 +1000,8 @@ mod patterns {
             Some(Ru),
             false,
             &[
-                r#"(?:режим разработчика|режим dan|режим без ограничений|режим без цензуры|делай что угодно сейчас|делай что угодно)(?: (?:включен|активирован|активен))?"#,
+                r#"(?:режим dan|режим без ограничений|режим без цензуры|делай что угодно сейчас)"#,
+                r#"(?:симулируй|имитируй|смоделируй|эмулируй){S}режим (?:разработчика|dan|без ограничений|без цензуры)"#,
                 r#"(?:ты больше не|вы больше не|ты не|вы не){S}(?:связан|связана|связаны|ограничен|ограничена|ограничены|обязан|обязана|обязаны|скован|скована) (?:(?:никакими|какими-либо|этими|правилами|openai|своими)[ ,])*(?:правилами|ограничениями|политиками|принципами|нормами|рамками|фильтрами|этикой|моралью|openai)"#,
                 r#"(?:притворись|представь|представьте|веди себя как|ведите себя как|сыграй роль|изобрази){S}(?:(?:что|будто|ты|вы|являешься|есть|ии|ассистент|чат-бот|модель|который|которого|у|тебя|нет)[ ,]){0,6}(?:нет|без|не имеешь|не имеет|свободен от|свободный от) (?:(?:каких-либо|всяких|никаких|любых|этических|моральных)[ ,]){0,2}(?:ограничений|фильтров|цензуры|правил|этики|морали|принципов|запретов)"#,
                 r#"(?:ии|ассистент|чат-бот|модель|нейросеть|ai){S}(?:(?:который|у|которого|нет|без|совершенно)[ ,]){0,3}без (?:(?:каких-либо|всяких|любых|этических|моральных)[ ,]){0,2}(?:ограничений|фильтров|цензуры|правил|этики|морали)"#,
@@ -983,7 +1020,8 @@ mod patterns {
                 r#"(?:###|##|\*\*\*|===|---){S}?(?:system|new instructions|system prompt|system message|system override|admin|administrator|developer|developer message|developer instructions) ?:"#,
                 r#"(?:end|beginning|start|begin){S}of (?:the )?(?:user input|user message|user query|user prompt|user content|system prompt|system message|system instructions|trusted (?:input|content)|untrusted (?:input|content)|prompt injection){E}"#,
                 r#"(?:new|updated|revised|real|actual|true|secret|hidden){S}(?:system prompt|system message|system instructions?|instructions? from (?:the )?(?:system|developer|admin|administrator)|instructions? ?:)"#,
-                r#"(?:system|admin|administrator|developer|security|emergency|root){S}override{E}"#,
+                r#"(?:system|admin|administrator|developer|root){S}override{E}"#,
+                r#"(?:\[end of|\[start of|\[begin|\[end){S}?(?:input|output|user input|prompt|system|instructions|context)\]"#,
                 r#"(?:secure|secret|hidden|encoded|encrypted|private|trusted|priority|urgent){S}(?:system|admin|administrator|developer|root) (?:message|instructions?|command|prompt|directive){E}"#,
             ],
         ),
@@ -994,8 +1032,9 @@ mod patterns {
             false,
             &[
                 r#"(?:decode|decipher|decrypt|deobfuscate|unscramble|translate|convert){G4}(?:and|then|,)(?: then)?{S}?(?:follow|execute|obey|act on|carry out|comply with|do what it says|do as it says|perform|run) ?(?:it|them|the (?:instructions?|commands?|steps?|text|message|request|task)|whatever|what it says)?{E}"#,
+                r#"(?:encoded|base64 encoded|base32 encoded|base16 encoded|rot13 encoded|hex encoded|base64|base32|rot13){S}?(?:string|text|message)? ?: ?[^ ]{8,200}(?: [^ ]{1,40}){0,30}? (?:(?:base64|base32|base16|rot13|hex) )?decoded(?: string| text| message)? ?:"#,
                 r#"(?:follow|execute|obey|act on|carry out|comply with|do){S}(?:the )?(?:decoded|base64|base-64|rot13|rot-13|hex|hex-encoded|encoded|obfuscated|encrypted|reversed|base32) (?:instructions?|commands?|text|message|prompt|payload|string|request|task){E}"#,
-                r#"(?:respond|reply|answer|write your answer|write your response|output your answer|output your response|give your answer|give your response|communicate|talk){S}(?:(?:back|to me|only|exclusively|from now on)[ ,]){0,3}(?:in|using|with) (?:base64|base-64|b64|rot13|rot-13|hexadecimal|hex|base32|leetspeak|l33t|atbash|caesar cipher|unicode escapes)(?: only| encoding| format)?{E}"#,
+                r#"(?:respond|reply|answer|write your answer|write your response|output your answer|output your response|give your answer|give your response|communicate|talk){S}(?:(?:back|to me|only|exclusively|from now on)[ ,]){0,3}(?:in|using|with) (?:base64|base-64|b64|rot13|rot-13|hexadecimal|hex|base32|leetspeak|leet|l33tspeak|l33t|1337|atbash|caesar cipher|unicode escapes)(?: only| encoding| format| code)?{E}"#,
             ],
         ),
     ];
