@@ -124,7 +124,7 @@ pub(crate) fn normalize(text: &str, fold: Fold) -> Normalized {
 }
 
 /// The first lowercase character of `c`.
-fn lower(c: char) -> char {
+pub(crate) fn lower(c: char) -> char {
     if c.is_ascii() {
         c.to_ascii_lowercase()
     } else {

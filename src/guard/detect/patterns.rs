@@ -45,40 +45,33 @@ impl Rule {
             .map_err(|e| invalid(e.to_string()))?;
         let props = hir.properties();
         let looks = props.look_set();
-        match (props.minimum_len(), props.maximum_len()) {
-            (None, _) => {
-                return Err(ConfigError::NeverMatches {
-                    label: label.into(),
-                })
-            }
-            (Some(0), _) => {
-                return Err(ConfigError::EmptyMatch {
-                    label: label.into(),
-                })
-            }
-            (_, None) => {
-                return Err(ConfigError::Unbounded {
-                    label: label.into(),
-                })
-            }
+        let max_len = match (props.minimum_len(), props.maximum_len()) {
+            (None, _) => Err(ConfigError::NeverMatches {
+                label: label.to_string(),
+            }),
+            (Some(0), _) => Err(ConfigError::EmptyMatch {
+                label: label.to_string(),
+            }),
+            (_, None) => Err(ConfigError::Unbounded {
+                label: label.to_string(),
+            }),
             _ if looks.contains(Look::Start) || looks.contains(Look::End) => {
-                return Err(ConfigError::Anchored {
-                    label: label.into(),
+                Err(ConfigError::Anchored {
+                    label: label.to_string(),
                 })
             }
-            (Some(_), Some(max_len)) => {
-                let regex = RegexBuilder::new(pattern)
-                    .case_insensitive(case_insensitive)
-                    .build()
-                    .map_err(|e| invalid(e.to_string()))?;
-                Ok(Rule {
-                    label,
-                    regex,
-                    check,
-                    max_len,
-                })
-            }
-        }
+            (Some(_), Some(max_len)) => Ok(max_len),
+        }?;
+        let regex = RegexBuilder::new(pattern)
+            .case_insensitive(case_insensitive)
+            .build()
+            .map_err(|e| invalid(e.to_string()))?;
+        Ok(Rule {
+            label,
+            regex,
+            check,
+            max_len,
+        })
     }
 
     /// Appends the matches of this rule in `text`.

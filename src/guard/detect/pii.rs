@@ -191,10 +191,9 @@ fn number_alone(text: &str, range: &Range<usize>, separators: &[char]) -> bool {
     let glued = |c: char| c.is_alphanumeric() || c == '_';
     let b = before(text, range);
     let a = after(text, range);
-    !is(b, glued)
-        && !is(a, glued)
-        && !(is(b, |c| separators.contains(&c)) && is(before2(text, range), digit))
-        && !(is(a, |c| separators.contains(&c)) && is(after2(text, range), digit))
+    let grouped_before = is(b, |c| separators.contains(&c)) && is(before2(text, range), digit);
+    let grouped_after = is(a, |c| separators.contains(&c)) && is(after2(text, range), digit);
+    !(is(b, glued) || is(a, glued) || grouped_before || grouped_after)
 }
 
 fn email(text: &str, range: Range<usize>) -> bool {

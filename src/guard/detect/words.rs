@@ -187,7 +187,12 @@ impl Detector for WordList {
         if self.obfuscations {
             let n = normalize::normalize(text, Fold::Obfuscations);
             self.scan(&self.obfuscated, &n.text, Some(&n), found);
-        } else if text.is_ascii() {
+        } else if text
+            .chars()
+            .all(|c| c.is_ascii() || normalize::lower(c) == c)
+        {
+            // Lowercasing would change ASCII letters only, which the automaton ignores the
+            // case of: search the text as it is.
             self.scan(&self.plain, text, None, found);
         } else {
             let n = normalize::normalize(text, Fold::Case);
@@ -258,6 +263,7 @@ const PROFANITY: &[&str] = &[
     "motherfucker",
     "motherfuckers",
     "motherfucking",
+    "motherf*cker",
     "clusterfuck",
     "fck",
     "fcking",
