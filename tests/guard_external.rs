@@ -577,3 +577,193 @@ async fn an_invalid_secret_fails_every_call_without_showing_it() {
     assert_clean_message(&error.0);
     assert!(mock.seen().is_empty());
 }
+
+// The moderators behind a `GuardLayer`: flagged, clean, an outage failing closed or open, a
+// webhook's redaction.
+
+mod layer {
+    use std::convert::Infallible;
+
+    use http::{Request, Response, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::{service_fn, ServiceBuilder, ServiceExt};
+    use tower_llm_policy::audit::{AuditLayer, MemorySink};
+    use tower_llm_policy::guard::{Guard, GuardLayer, Mode};
+    use tower_llm_policy::PolicyBody;
+
+    use super::*;
+
+    /// What a request through `Audit → guards → upstream` came to: its status, its body, what
+    /// the upstream got (if it was called) and the audit record's flags.
+    struct Outcome {
+        status: StatusCode,
+        body: Value,
+        forwarded: Option<Value>,
+        flags: Vec<String>,
+    }
+
+    async fn through(guard: Guard, user_text: &str) -> Outcome {
+        let forwarded = Arc::new(Mutex::new(None));
+        let seen = forwarded.clone();
+        let sink = MemorySink::new();
+        let svc = ServiceBuilder::new()
+            .layer(AuditLayer::new(sink.clone()))
+            .layer(GuardLayer::new().guard(guard))
+            .service(service_fn(move |req: Request<PolicyBody>| {
+                let seen = seen.clone();
+                async move {
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    *seen.lock().unwrap() = Some(serde_json::from_slice::<Value>(&body).unwrap());
+                    let mut response = Response::new(Full::new(Bytes::from_static(
+                        br#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
+                    )));
+                    response
+                        .headers_mut()
+                        .insert("content-type", "application/json".parse().unwrap());
+                    Ok::<_, Infallible>(response)
+                }
+            }));
+        let req = Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(
+                json!({"model": "gpt-4o", "messages": [{"role": "user", "content": user_text}]})
+                    .to_string(),
+            )
+            .unwrap();
+        let response = svc.oneshot(req).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let records = sink.records();
+        assert_eq!(records.len(), 1);
+        let forwarded = forwarded.lock().unwrap().take();
+        Outcome {
+            status,
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            forwarded,
+            flags: records[0].flags.clone(),
+        }
+    }
+
+    /// Flags a text that says "hate" (violence, harassment), allows the rest.
+    fn moderation(body: &Value) -> (u16, String) {
+        let flags: Vec<(bool, &[&str])> = body["input"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                if t.as_str().unwrap().contains("hate") {
+                    (true, &["harassment", "violence"][..])
+                } else {
+                    (false, &[][..])
+                }
+            })
+            .collect();
+        (200, results(&flags))
+    }
+
+    fn down() -> http::Uri {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        format!("http://{addr}/v1/moderations").parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn flagged_text_is_blocked_and_clean_text_forwarded() {
+        let mock = Mock::start(moderation).await;
+        let out = through(Guard::external("moderation", openai(&mock)), "I hate you").await;
+        assert_eq!(out.status, StatusCode::BAD_REQUEST);
+        assert_eq!(out.body["error"]["code"], "content_blocked");
+        let message = out.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("harassment, violence"), "{message}");
+        assert!(out.forwarded.is_none());
+
+        let out = through(Guard::external("moderation", openai(&mock)), "hello").await;
+        assert_eq!(out.status, StatusCode::OK);
+        assert_eq!(out.forwarded.unwrap()["messages"][0]["content"], "hello");
+        assert_eq!(mock.seen().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn flagged_text_in_audit_mode_is_forwarded_and_flagged() {
+        let mock = Mock::start(moderation).await;
+        let guard = Guard::external("moderation", openai(&mock)).mode(Mode::Audit);
+        let out = through(guard, "I hate you").await;
+        assert_eq!(out.status, StatusCode::OK);
+        assert!(out.forwarded.is_some());
+        assert!(
+            out.flags.contains(&"guard:moderation".to_owned()),
+            "{:?}",
+            out.flags
+        );
+    }
+
+    #[tokio::test]
+    async fn an_outage_fails_closed_by_default_and_open_when_told() {
+        for fail_open in [false, true] {
+            let moderator = OpenAiModerator::new(client()).uri(down()).api_key(SECRET);
+            let guard = Guard::external("moderation", moderator).fail_open(fail_open);
+            let out = through(guard, "hello").await;
+            if fail_open {
+                assert_eq!(out.status, StatusCode::OK);
+                assert!(out.forwarded.is_some());
+                assert!(
+                    out.flags
+                        .contains(&"guard:moderation:unavailable".to_owned()),
+                    "{:?}",
+                    out.flags
+                );
+            } else {
+                assert_eq!(out.status, StatusCode::SERVICE_UNAVAILABLE);
+                assert_eq!(out.body["error"]["code"], "policy_unavailable");
+                assert!(out.forwarded.is_none());
+                let message = out.body.to_string();
+                assert!(!message.contains(SECRET), "{message}");
+            }
+        }
+        // An error status and an unreadable answer are outages too.
+        for mock in [
+            Mock::fixed(500, "{}").await,
+            Mock::fixed(200, "not json").await,
+        ] {
+            let out = through(Guard::external("moderation", openai(&mock)), "hello").await;
+            assert_eq!(out.status, StatusCode::SERVICE_UNAVAILABLE);
+            let guard = Guard::external("moderation", openai(&mock)).fail_open(true);
+            assert_eq!(through(guard, "hello").await.status, StatusCode::OK);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_webhook_blocks_or_redacts_what_is_forwarded() {
+        let mock = Mock::start(|body| {
+            let texts: Vec<String> = body["texts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().replace("4111 1111", "[card]"))
+                .collect();
+            if texts.iter().any(|t| t.contains("block me")) {
+                return (
+                    200,
+                    json!({"action": "block", "categories": ["dlp"]}).to_string(),
+                );
+            }
+            (200, json!({"action": "redact", "texts": texts}).to_string())
+        })
+        .await;
+        let guard = Guard::external("dlp", webhook(&mock)).mode(Mode::Redact);
+        let out = through(guard, "my card is 4111 1111").await;
+        assert_eq!(out.status, StatusCode::OK);
+        assert_eq!(
+            out.forwarded.unwrap()["messages"][0]["content"],
+            "my card is [card]"
+        );
+
+        let guard = Guard::external("dlp", webhook(&mock)).mode(Mode::Redact);
+        let out = through(guard, "block me").await;
+        assert_eq!(out.status, StatusCode::BAD_REQUEST);
+        assert_eq!(out.body["error"]["code"], "content_blocked");
+        assert!(out.forwarded.is_none());
+    }
+}

@@ -433,8 +433,8 @@ impl<S> OpenAiModerator<S> {
     }
 
     /// Only these categories count (`violence`, `self-harm/intent`, ...): a text is flagged
-    /// when one of them is `true`, and only they are named. Default: the answer's `flagged`,
-    /// and every category that is `true`.
+    /// when one of them is `true`, and only they are named (an empty list flags nothing).
+    /// Default: the answer's `flagged`, and every category that is `true`.
     #[must_use]
     pub fn categories(mut self, categories: impl IntoIterator<Item = impl Into<String>>) -> Self {
         self.categories = Some(categories.into_iter().map(Into::into).collect());
