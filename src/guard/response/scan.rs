@@ -232,7 +232,8 @@ impl TextScan {
             return;
         }
         if !checks.acting {
-            // Nothing is held back: the text goes as it came (the caller passes it on).
+            // Nothing is held back: the text goes as it came.
+            out.push_str(self.text(self.pos, end));
             self.pos = end;
             self.group_end = None;
         } else {

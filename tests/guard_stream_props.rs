@@ -1,0 +1,86 @@
+//! Property: a guarded stream never leaks a split match. For random texts (rich in pieces of
+//! the patterns, plus random Unicode), split into random deltas, framed as SSE and cut into
+//! random frames, the text the client assembles from the deltas is exactly the redaction of
+//! the whole text with the same guards, and every event it gets is valid SSE + JSON.
+#![cfg(feature = "guards")]
+
+mod common_guard;
+
+use common_guard::*;
+use proptest::prelude::*;
+use tower_llm_policy::guard::{Guard, Mode};
+
+const PIECES: &[&str] = &[
+    "sk-", "abcd", "se", "cret", "secret", "ab", "abab", "cretse", " ", "x", "é", "🎉", "\n", "\"",
+    "\\", "sk-abcd", "-", "k",
+];
+
+fn text() -> impl Strategy<Value = String> {
+    prop::collection::vec(
+        prop_oneof![
+            8 => prop::sample::select(PIECES).prop_map(str::to_owned),
+            1 => any::<char>().prop_map(String::from),
+        ],
+        0..40,
+    )
+    .prop_map(|v| v.concat())
+}
+
+/// Cut points (fractions) for the deltas and for the frames.
+fn cuts() -> impl Strategy<Value = Vec<f64>> {
+    prop::collection::vec(0.0..1.0f64, 0..12)
+}
+
+fn words() -> Guard {
+    Guard::new("words", Words::new(&["secret", "abab", "cretse"]))
+        .mode(Mode::Redact)
+        .on(tower_llm_policy::guard::Sides::RESPONSE)
+        .mask("[W]")
+}
+
+fn keys() -> Guard {
+    Guard::new("keys", KeyRegex::new())
+        .mode(Mode::Redact)
+        .on(tower_llm_policy::guard::Sides::RESPONSE)
+        .mask("[K:{label}]")
+}
+
+fn check(api: Api, guards: &[Guard], text: &str, deltas: &[f64], frames: &[f64], escape: bool) {
+    let expected = redact_all(guards, text);
+    let pieces = split_text(text, deltas);
+    let sse = api.stream(&pieces, escape);
+    let chunks = split_bytes(sse.as_bytes(), frames);
+    let out = run_sse(guards.to_vec(), api.endpoint(), chunks);
+    let got = api.client_text(&out);
+    assert_eq!(got, expected, "text {text:?} pieces {pieces:?}\nout {out}");
+    if let Some(done) = api.done_text(&out) {
+        assert_eq!(done, expected, "the done event's text");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn chat_one_guard(text in text(), deltas in cuts(), frames in cuts(), escape in any::<bool>()) {
+        let guards = [words()];
+        // The reference is the public single-guard redaction.
+        prop_assert_eq!(redact_all(&guards, &text), guards[0].redact(&text));
+        check(Api::Chat, &guards, &text, &deltas, &frames, escape);
+    }
+
+    #[test]
+    fn chat_two_guards(text in text(), deltas in cuts(), frames in cuts(), escape in any::<bool>()) {
+        check(Api::Chat, &[words(), keys()], &text, &deltas, &frames, escape);
+    }
+
+    #[test]
+    fn completions_two_guards(text in text(), deltas in cuts(), frames in cuts()) {
+        check(Api::Completions, &[keys(), words()], &text, &deltas, &frames, false);
+    }
+
+    #[test]
+    fn responses_two_guards(text in text(), deltas in cuts(), frames in cuts(), escape in any::<bool>()) {
+        check(Api::Responses, &[words(), keys()], &text, &deltas, &frames, escape);
+    }
+}
