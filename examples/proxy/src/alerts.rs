@@ -142,11 +142,11 @@ impl WebhookAlerts {
             .map_err(|_| "`alerts.webhook_url` is not a valid URL".to_owned())?;
         let secret = match &config.secret_env {
             Some(var) => {
-                let token = env(var).filter(|t| !t.trim().is_empty()).ok_or_else(|| {
-                    format!("`alerts.secret_env`: the variable {var} is not set")
-                })?;
-                let mut value = HeaderValue::try_from(format!("Bearer {}", token.trim()))
-                    .map_err(|_| {
+                let token = env(var)
+                    .filter(|t| !t.trim().is_empty())
+                    .ok_or_else(|| format!("`alerts.secret_env`: the variable {var} is not set"))?;
+                let mut value =
+                    HeaderValue::try_from(format!("Bearer {}", token.trim())).map_err(|_| {
                         format!("`alerts.secret_env`: the variable {var} is not a valid token")
                     })?;
                 value.set_sensitive(true);
@@ -154,7 +154,12 @@ impl WebhookAlerts {
             }
             None => None,
         };
-        Ok(Some(WebhookAlerts::start(uri, secret, config.queue, client)))
+        Ok(Some(WebhookAlerts::start(
+            uri,
+            secret,
+            config.queue,
+            client,
+        )))
     }
 
     fn start(

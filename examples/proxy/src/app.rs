@@ -18,9 +18,9 @@ use tower_llm_policy::{ApiKey, FeatureSet};
 
 use crate::admin::{self, Admin};
 use crate::alerts::WebhookAlerts;
-use crate::guards::{self, KnownGuards};
 use crate::audit_line::{self, LineWriter};
 use crate::config::{Config, ConfigError};
+use crate::guards::{self, KnownGuards};
 use crate::mock;
 use crate::server::{self, ServerOptions};
 use crate::stack::{build_stack, Policy, ProxyService};
@@ -322,9 +322,9 @@ impl Proxy {
                     .map_err(|e| StartError::State(e.to_string()))?
                     .with_guards(
                         layer,
-                        alerts
-                            .clone()
-                            .map(|a| (a as Arc<dyn tower_llm_policy::alert::AlertSink>, thresholds)),
+                        alerts.clone().map(|a| {
+                            (a as Arc<dyn tower_llm_policy::alert::AlertSink>, thresholds)
+                        }),
                     ),
             ),
         };

@@ -338,7 +338,10 @@ impl GuardConfig {
             ("deny", self.deny.is_some()),
             ("min_chars", self.min_chars.is_some()),
         ];
-        set.into_iter().filter(|(_, s)| *s).map(|(n, _)| n).collect()
+        set.into_iter()
+            .filter(|(_, s)| *s)
+            .map(|(n, _)| n)
+            .collect()
     }
 
     fn sides(&self) -> Sides {
@@ -420,7 +423,8 @@ pub fn check_config(guards: &[GuardConfig], end_users: &EndUsersConfig) -> Resul
         }
         check_guard(g).map_err(|e| format!("guard `{name}` (kind `{}`): {e}", g.kind.as_str()))?;
         // The detectors' own checks (patterns compile and are bounded, labels exist).
-        detector_guard(g).map_err(|e| format!("guard `{name}` (kind `{}`): {e}", g.kind.as_str()))?;
+        detector_guard(g)
+            .map_err(|e| format!("guard `{name}` (kind `{}`): {e}", g.kind.as_str()))?;
     }
     if let Some(env) = &end_users.hash_salt_env {
         if !env_name_ok(env) {
@@ -469,7 +473,10 @@ fn check_guard(g: &GuardConfig) -> Result<(), String> {
                     return Err("`url` must not contain credentials (use `secret_env`)".into());
                 }
             }
-            for (field, env) in [("api_key_env", &g.api_key_env), ("secret_env", &g.secret_env)] {
+            for (field, env) in [
+                ("api_key_env", &g.api_key_env),
+                ("secret_env", &g.secret_env),
+            ] {
                 if env.as_deref().is_some_and(|e| !env_name_ok(e)) {
                     return Err(format!(
                         "`{field}` must be the name of an environment variable"
@@ -535,9 +542,7 @@ fn detector_guard(g: &GuardConfig) -> Result<Option<Guard>, String> {
     let guard = match g.kind {
         GuardKind::Words => {
             let mut list = match (&g.words, g.builtin.as_deref()) {
-                (Some(words), None) => {
-                    WordList::new(words).map_err(|e| format!("`words`: {e}"))?
-                }
+                (Some(words), None) => WordList::new(words).map_err(|e| format!("`words`: {e}"))?,
                 (None, Some("profanity")) => WordList::profanity(),
                 (None, Some(other)) => {
                     return Err(format!(
@@ -747,8 +752,7 @@ fn external_guard(
             let uri: Uri = url
                 .parse()
                 .map_err(|_| "`url` is not a valid URL".to_owned())?;
-            let mut webhook =
-                WebhookModerator::new(external.client.clone(), uri).timeout(timeout);
+            let mut webhook = WebhookModerator::new(external.client.clone(), uri).timeout(timeout);
             if let Some(var) = &g.secret_env {
                 let value = secret("secret_env", var)?;
                 webhook = match &g.secret_header {

@@ -579,7 +579,13 @@ fn chat_stream(
         None => answer_words(n)
             .into_iter()
             .enumerate()
-            .map(|(i, w)| if i == 0 { w.to_owned() } else { format!(" {w}") })
+            .map(|(i, w)| {
+                if i == 0 {
+                    w.to_owned()
+                } else {
+                    format!(" {w}")
+                }
+            })
             .collect(),
     };
     let n = pieces.len();

@@ -33,6 +33,8 @@ const ALERTS_SECRET_ENV: &str = "TEST_GUARDS_ALERTS_SECRET";
 const ALERTS_SECRET: &str = "alerts-token-guards-test-5678";
 const SALT_ENV: &str = "TEST_GUARDS_SALT";
 const SALT: &str = "a-salt-of-at-least-sixteen-bytes";
+const SHORT_SALT_ENV: &str = "TEST_GUARDS_SHORT_SALT";
+const SHORT_SALT: &str = "shortsalt-9";
 const PLAIN_KEY: &str = "sk-guards-plain-test-key";
 const BOUND_KEY: &str = "sk-guards-bound-test-key";
 /// A secret the `secrets` detector finds (an OpenAI-style key).
@@ -44,6 +46,7 @@ fn env(name: &str) -> Option<String> {
         WEBHOOK_SECRET_ENV => Some(WEBHOOK_SECRET.to_owned()),
         ALERTS_SECRET_ENV => Some(ALERTS_SECRET.to_owned()),
         SALT_ENV => Some(SALT.to_owned()),
+        SHORT_SALT_ENV => Some(SHORT_SALT.to_owned()),
         _ => None,
     }
 }
@@ -147,11 +150,8 @@ async fn try_start(guards: &str, keys: &str) -> Result<Harness, app::StartError>
     let audit_path = dir.path().join("audit.jsonl");
     let base = format!("http://{mock_addr}/v1");
     let guards = guards.replace("{mock}", &mock_addr.to_string());
-    std::fs::write(
-        &config_path,
-        config_text(&base, &audit_path, &guards, keys),
-    )
-    .expect("config written");
+    std::fs::write(&config_path, config_text(&base, &audit_path, &guards, keys))
+        .expect("config written");
     let args = app::Args {
         config: Some(config_path.clone()),
         listen: None,
@@ -247,7 +247,11 @@ impl Harness {
 /// Asserts a 400 `content_blocked` naming `guard`.
 fn assert_blocked(answer: &Answer, guard: &str) {
     assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.text);
-    assert_eq!(answer.body["error"]["code"], "content_blocked", "{}", answer.text);
+    assert_eq!(
+        answer.body["error"]["code"], "content_blocked",
+        "{}",
+        answer.text
+    );
     let message = answer.body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains(&format!("`{guard}`")), "{message}");
 }
@@ -402,7 +406,12 @@ async fn a_reloaded_key_naming_an_unknown_guard_has_its_requests_refused() -> Te
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{}", answer.text);
+    assert_eq!(
+        answer.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        answer.text
+    );
     assert_eq!(answer.body["error"]["code"], "policy_unavailable");
     assert!(h.log.is_empty(), "the key's request reached the upstream");
     Ok(())
@@ -414,11 +423,7 @@ async fn the_prompt_token_header_only_tightens_and_no_policy_header_reaches_the_
     let mut h = start(GUARDS, "").await;
     let long = "one two three four five six seven eight nine ten eleven twelve";
     let tight = h
-        .chat_with(
-            PLAIN_KEY,
-            &[("x-llm-policy-max-prompt-tokens", "5")],
-            long,
-        )
+        .chat_with(PLAIN_KEY, &[("x-llm-policy-max-prompt-tokens", "5")], long)
         .await;
     assert_eq!(tight.status, StatusCode::BAD_REQUEST, "{}", tight.text);
     assert_eq!(tight.body["error"]["code"], "prompt_too_long");
@@ -449,7 +454,10 @@ async fn the_prompt_token_header_only_tightens_and_no_policy_header_reaches_the_
         flags.contains("header_ignored:x-llm-policy-max-prompt-tokens"),
         "{flags}"
     );
-    assert!(flags.contains("header_ignored:x-llm-policy-guards"), "{flags}");
+    assert!(
+        flags.contains("header_ignored:x-llm-policy-guards"),
+        "{flags}"
+    );
     Ok(())
 }
 
@@ -468,7 +476,9 @@ async fn a_moderation_guard_blocks_flagged_prompts_and_passes_clean_ones() -> Te
     let h = start(MODERATION, "").await;
     let flagged = h.chat(PLAIN_KEY, "please FLAGME now").await;
     assert_blocked(&flagged, "moderation");
-    let message = flagged.body["error"]["message"].as_str().unwrap_or_default();
+    let message = flagged.body["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
     assert!(message.contains("violence"), "{message}");
     let clean = h.chat(PLAIN_KEY, "a clean prompt").await;
     assert_eq!(clean.status, StatusCode::OK, "{}", clean.text);
@@ -515,7 +525,12 @@ timeout = "2s"
     // Fail closed: 503, nothing forwarded.
     let h = start(&guards, "").await;
     let answer = h.chat(PLAIN_KEY, "hello").await;
-    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{}", answer.text);
+    assert_eq!(
+        answer.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        answer.text
+    );
     assert_eq!(answer.body["error"]["code"], "policy_unavailable");
     assert!(h.log.is_empty());
 
@@ -546,16 +561,27 @@ type Seen = (String, http::HeaderMap, Value);
 /// answers 200 (the alerts webhook). Every request is sent to the channel.
 async fn side_server() -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
     let (tx, rx) = mpsc::unbounded_channel::<Seen>();
-    async fn handle(State(tx): State<mpsc::UnboundedSender<Seen>>, req: AxumRequest) -> AxumResponse {
+    async fn handle(
+        State(tx): State<mpsc::UnboundedSender<Seen>>,
+        req: AxumRequest,
+    ) -> AxumResponse {
         let (parts, body) = req.into_parts();
-        let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let bytes = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
         let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         let path = parts.uri.path().to_owned();
         let _ = tx.send((path.clone(), parts.headers, value.clone()));
         let answer = if path == "/moderate" {
             let texts: Vec<String> = value["texts"]
                 .as_array()
-                .map(|t| t.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
+                .map(|t| {
+                    t.iter()
+                        .filter_map(|s| s.as_str().map(str::to_owned))
+                        .collect()
+                })
                 .unwrap_or_default();
             if texts.iter().any(|t| t.contains("BLOCKME")) {
                 json!({"action": "block", "categories": ["pci"]})
@@ -679,7 +705,10 @@ budget_period = "monthly"
     assert_eq!(body["percent"], 50);
     assert_eq!(body["cap_usd"], 12.0);
     assert_eq!(body["period"], "monthly");
-    assert!((body["spent_usd"].as_f64().unwrap_or(0.0) - 8.0).abs() < 1e-9, "{body}");
+    assert!(
+        (body["spent_usd"].as_f64().unwrap_or(0.0) - 8.0).abs() < 1e-9,
+        "{body}"
+    );
     let alerts = h.proxy_alerts.as_ref().expect("alerts on");
     assert_eq!(alerts.dropped(), 0);
     Ok(())
@@ -766,15 +795,24 @@ secret_env = "TEST_GUARDS_UNSET_VARIABLE"
 [end_users]
 hash_salt_env = "TEST_GUARDS_SALT"
 "#;
-    let error = try_start(guards, "").await.err().expect("refused").to_string();
-    assert!(error.contains("guard `dlp`") && error.contains("secret_env"), "{error}");
+    let error = try_start(guards, "")
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        error.contains("guard `dlp`") && error.contains("secret_env"),
+        "{error}"
+    );
     // A salt too short is refused without being shown.
-    let short = r#"
-[end_users]
-hash_salt_env = "TEST_GUARDS_PROVIDER_KEY_SHORT"
-"#;
-    let error = try_start(short, "").await.err().expect("refused").to_string();
+    let short = format!("[end_users]\nhash_salt_env = \"{SHORT_SALT_ENV}\"\n");
+    let error = try_start(&short, "")
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(error.contains("hash_salt_env"), "{error}");
+    assert!(!error.contains(SHORT_SALT), "{error}");
     Ok(())
 }
 
