@@ -85,24 +85,18 @@ impl Admin {
         self
     }
 
-    /// A 400 naming the first guard of `guards` that is not configured.
+    /// A 400 naming the first guard of `guards` that is not configured, if one is not.
     fn check_guards<'a>(
         &self,
         guards: impl IntoIterator<Item = &'a str>,
-    ) -> Result<(), Response<ProxyBody>> {
-        let Some(known) = &self.guards else {
-            return Ok(());
-        };
-        for name in guards {
-            if !known.contains(name) {
-                return Err(error(
-                    StatusCode::BAD_REQUEST,
-                    "unknown_guard",
-                    format!("`guards`: `{name}` is not a `[[guards]]` name of this proxy."),
-                ));
-            }
-        }
-        Ok(())
+    ) -> Option<Response<ProxyBody>> {
+        let known = self.guards.as_ref()?;
+        let name = guards.into_iter().find(|name| !known.contains(*name))?;
+        Some(error(
+            StatusCode::BAD_REQUEST,
+            "unknown_guard",
+            format!("`guards`: `{name}` is not a `[[guards]]` name of this proxy."),
+        ))
     }
 }
 
@@ -315,7 +309,7 @@ async fn handle(admin: &Admin, req: Request<PolicyBody>) -> Response<ProxyBody> 
                     )
                 }
             };
-            if let Err(response) = admin.check_guards(key.guards.iter().map(String::as_str)) {
+            if let Some(response) = admin.check_guards(key.guards.iter().map(String::as_str)) {
                 return response;
             }
             match admin.keys.create(key).await {
@@ -377,7 +371,7 @@ async fn handle(admin: &Admin, req: Request<PolicyBody>) -> Response<ProxyBody> 
                     };
                     if let Some(guards) = patch.get("guards").and_then(Value::as_array) {
                         let names = guards.iter().filter_map(Value::as_str);
-                        if let Err(response) = admin.check_guards(names) {
+                        if let Some(response) = admin.check_guards(names) {
                             return response;
                         }
                     }

@@ -506,10 +506,8 @@ fn check_guard(g: &GuardConfig) -> Result<(), String> {
                 return Err("`min_chars` must be above zero".into());
             }
         }
-        GuardKind::Firewall => {
-            if g.allow.is_none() && g.deny.is_none() {
-                return Err("`allow` or `deny` (or both) is required".into());
-            }
+        GuardKind::Firewall if g.allow.is_none() && g.deny.is_none() => {
+            return Err("`allow` or `deny` (or both) is required".into());
         }
         _ => {}
     }
