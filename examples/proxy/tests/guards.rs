@@ -5,6 +5,9 @@
 //! Every blocked request is also checked not to have reached the upstream; every redacted one
 //! is checked as the upstream received it.
 
+#[path = "common/admin.rs"]
+mod admin_common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -47,6 +50,7 @@ fn env(name: &str) -> Option<String> {
         ALERTS_SECRET_ENV => Some(ALERTS_SECRET.to_owned()),
         SALT_ENV => Some(SALT.to_owned()),
         SHORT_SALT_ENV => Some(SHORT_SALT.to_owned()),
+        admin_common::TOKEN_ENV => Some(admin_common::TOKEN.to_owned()),
         _ => None,
     }
 }
@@ -458,6 +462,47 @@ async fn the_prompt_token_header_only_tightens_and_no_policy_header_reaches_the_
         flags.contains("header_ignored:x-llm-policy-guards"),
         "{flags}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_admin_api_refuses_keys_naming_unknown_guards() -> TestResult {
+    use admin_common::{call, TOKEN, TOKEN_ENV};
+    use http::Method;
+    let guards = format!("{GUARDS}\n[admin]\ntoken_env = \"{TOKEN_ENV}\"\n");
+    let h = start(&guards, "").await;
+    let (status, body) = call(
+        h.addr,
+        Method::POST,
+        "/admin/v1/keys",
+        TOKEN,
+        Some(json!({"name": "typo", "guards": ["strcit"]})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_guard");
+    assert!(body.to_string().contains("strcit"), "{body}");
+    let (status, created) = call(
+        h.addr,
+        Method::POST,
+        "/admin/v1/keys",
+        TOKEN,
+        Some(json!({"name": "careful", "guards": ["strict"]})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let secret = created["secret"].as_str().expect("a secret").to_owned();
+    assert_blocked(&h.chat(&secret, "about project falcon").await, "strict");
+    let (status, body) = call(
+        h.addr,
+        Method::PATCH,
+        "/admin/v1/keys/careful",
+        TOKEN,
+        Some(json!({"guards": ["strict", "nope"]})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_guard");
     Ok(())
 }
 
