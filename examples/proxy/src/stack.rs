@@ -289,13 +289,34 @@ pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService 
                 .layer(policed);
             BoxCloneService::new(ServiceExt::<Request<PolicyBody>>::map_response(
                 drain.layer(audited),
-                box_body,
+                box_policy_body,
             ))
         }
         None => BoxCloneService::new(ServiceExt::<Request<PolicyBody>>::map_response(
-            policed, box_body,
+            policed,
+            box_policy_body,
         )),
     }
+}
+
+/// [`box_body`], for the policy stack: an event stream goes out without `Content-Length`.
+/// A response guard may rewrite a stream as it passes (masks, held-back text re-sent, an error
+/// event at a block), so an upstream's length no longer holds; the library's response guard
+/// keeps the header, and hyper would cut the stream at it. Chunked instead.
+fn box_policy_body<B>(mut response: Response<B>) -> Response<ProxyBody>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let event_stream = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+    if event_stream {
+        response.headers_mut().remove(http::header::CONTENT_LENGTH);
+    }
+    box_body(response)
 }
 
 /// Boxes any response body of the stack into [`ProxyBody`].

@@ -797,6 +797,12 @@ on = ["response"]
     assert!(!answer.text.contains(LEAKED), "{}", answer.text);
     assert!(!answer.text.contains("sk-proj-"), "{}", answer.text);
     assert_eq!(content, "here it is: [REDACTED:openai_key] bye");
+    // The whole stream, to its end (a rewritten stream is not cut at the upstream's length).
+    assert!(
+        answer.text.trim_end().ends_with("data: [DONE]"),
+        "{}",
+        answer.text
+    );
     // The upstream got the prompt as sent (the guard is on responses only).
     assert!(last_prompt(&h.log).contains(LEAKED));
     Ok(())
