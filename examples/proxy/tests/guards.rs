@@ -424,8 +424,20 @@ async fn a_reloaded_key_naming_an_unknown_guard_has_its_requests_refused() -> Te
 #[tokio::test]
 async fn the_prompt_token_header_only_tightens_and_no_policy_header_reaches_the_upstream(
 ) -> TestResult {
-    let mut h = start(GUARDS, "").await;
+    let keys =
+        "[[keys]]\nname = \"ten\"\nsecret = \"sk-guards-ten-test-key\"\nmax_prompt_tokens = 10\n";
+    let mut h = start(GUARDS, keys).await;
     let long = "one two three four five six seven eight nine ten eleven twelve";
+    // A key's limit cannot be loosened by the header: ignored (and flagged), the limit holds.
+    let looser = h
+        .chat_with(
+            "sk-guards-ten-test-key",
+            &[("x-llm-policy-max-prompt-tokens", "100000")],
+            long,
+        )
+        .await;
+    assert_eq!(looser.status, StatusCode::BAD_REQUEST, "{}", looser.text);
+    assert_eq!(looser.body["error"]["code"], "prompt_too_long");
     let tight = h
         .chat_with(PLAIN_KEY, &[("x-llm-policy-max-prompt-tokens", "5")], long)
         .await;
@@ -453,6 +465,12 @@ async fn the_prompt_token_header_only_tightens_and_no_policy_header_reaches_the_
         .collect();
     assert!(leaked.is_empty(), "forwarded: {leaked:?}");
     let records = h.stop_and_audit().await;
+    assert_eq!(records.len(), 3, "{records:?}");
+    let first = records[0]["flags"].to_string();
+    assert!(
+        first.contains("header_ignored:x-llm-policy-max-prompt-tokens"),
+        "{first}"
+    );
     let flags = records.last().expect("a record")["flags"].to_string();
     assert!(
         flags.contains("header_ignored:x-llm-policy-max-prompt-tokens"),
