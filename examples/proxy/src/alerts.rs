@@ -269,3 +269,58 @@ impl AlertSink for WebhookAlerts {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blocked() -> Alert {
+        Alert::ContentBlocked {
+            key: Some("k".into()),
+            guard: "g".into(),
+            side: "request",
+            label: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_without_waiting() {
+        // The task cannot run before this test yields (a current-thread runtime): the first
+        // alert fills the queue of one, the others are dropped at once.
+        let config = AlertsConfig {
+            webhook_url: Some("http://127.0.0.1:9/alerts".into()),
+            queue: 1,
+            ..AlertsConfig::default()
+        };
+        let client = crate::guards::http_client().unwrap();
+        let sink = WebhookAlerts::from_config(&config, &|_| None, client)
+            .unwrap()
+            .expect("configured");
+        for _ in 0..5 {
+            sink.alert(blocked());
+        }
+        assert_eq!(sink.dropped(), 4);
+    }
+
+    #[test]
+    fn alerts_are_the_documented_json() {
+        assert_eq!(
+            alert_json(&blocked()),
+            Some(
+                json!({"type": "content_blocked", "key": "k", "guard": "g", "side": "request", "label": null})
+            )
+        );
+    }
+
+    #[test]
+    fn a_secret_without_a_webhook_or_a_zero_queue_is_refused() {
+        let mut config = AlertsConfig {
+            secret_env: Some("X".into()),
+            ..AlertsConfig::default()
+        };
+        assert!(check_config(&config).is_err());
+        config.secret_env = None;
+        config.queue = 0;
+        assert!(check_config(&config).is_err());
+    }
+}
