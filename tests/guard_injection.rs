@@ -4,7 +4,8 @@
 //!
 //! `cargo test --features guards --test guard_injection -- --nocapture` prints the rates;
 //! `INJECTION_SHOW=1` also prints the *dev* attacks it misses and the *dev* benign prompts
-//! it flags (never the held-out ones: those are for reporting, not for tuning).
+//! it flags (`INJECTION_SHOW=heldout`: the held-out ones, for reporting once the phrase lists
+//! are settled, never for tuning them).
 #![cfg(feature = "guards")]
 
 use std::collections::BTreeMap;
@@ -339,13 +340,29 @@ fn attacks() -> Vec<Record> {
         .iter()
         .flat_map(|p| read_jsonl(p))
         .map(|v| Record {
-            source: v["source"].as_str().unwrap_or_default().to_owned(),
+            source: source_of(&v),
             dev: v["split"] == "dev",
             text: v["text"].as_str().unwrap_or_default().to_owned(),
             hard: false,
             lang: String::new(),
         })
         .collect()
+}
+
+/// The source of an attack, with garak's encoding prompts in two: the three templates that
+/// ask for a decoding (`Encoded: ...\nDecoded:`, `BASE64 encoded string: ...`, `Decode the
+/// following BASE64...`) and the two that only show the encoded text (`{encoded}` alone,
+/// `What does this mean? {encoded}`), which no phrase can tell from data.
+fn source_of(v: &serde_json::Value) -> String {
+    let source = v["source"].as_str().unwrap_or_default();
+    let id = v["id"].as_str().unwrap_or_default();
+    match source {
+        "garak_encoding" if id.starts_with("t0/") || id.starts_with("t4/") => {
+            "garak_encoding (bare encoded text)".to_owned()
+        }
+        "garak_encoding" => "garak_encoding (asks to decode)".to_owned(),
+        _ => source.to_owned(),
+    }
 }
 
 /// The benign prompts, split in two by a hash of their text like the attacks (so FPs can be
@@ -399,6 +416,9 @@ impl Count {
 fn detection_and_false_positive_rates() {
     let d = Injection::new();
     let show = std::env::var_os("INJECTION_SHOW").is_some();
+    // `INJECTION_SHOW=heldout` shows the held-out half instead: for reporting what is missed,
+    // once the phrase lists are settled.
+    let show_dev = std::env::var_os("INJECTION_SHOW").is_none_or(|v| v != "heldout");
 
     let mut by_source: BTreeMap<String, [Count; 2]> = BTreeMap::new();
     let mut total = [Count::default(); 2];
@@ -415,7 +435,7 @@ fn detection_and_false_positive_rates() {
         for l in ls {
             *by_label.entry(l).or_default() += 1;
         }
-        if show && r.dev && !hit {
+        if show && r.dev == show_dev && !hit {
             println!(
                 "MISS [{}] {}",
                 r.source,
@@ -436,13 +456,21 @@ fn detection_and_false_positive_rates() {
             fp_hard[i].add(hit);
         }
         fp_lang.entry(r.lang.clone()).or_default().add(hit);
-        if show && r.dev && hit {
+        if show && r.dev == show_dev && hit {
             let what: Vec<_> = found
                 .iter()
                 .map(|f| format!("{}: {:?}", f.label, &r.text[f.range.clone()]))
                 .collect();
             println!("FALSE POSITIVE [{}] {} -> {what:?}", r.lang, r.text);
         }
+    }
+
+    // Plain harmful requests with no injection framing (HarmBench): not what this detector is
+    // for; what it flags there is reported, as a check on text its lists were not written from.
+    let mut harm = Count::default();
+    for v in read_jsonl(&data_dir().join("out_of_scope/harmbench.jsonl")) {
+        let text = v["text"].as_str().unwrap_or_default();
+        harm.add(!find(&d, text).is_empty());
     }
 
     println!("\n| attack source | dev detected | held-out detected |\n|---|---|---|");
@@ -469,6 +497,10 @@ fn detection_and_false_positive_rates() {
     for (lang, c) in &fp_lang {
         println!("| {lang} | {} |", c.cell());
     }
+    println!(
+        "\nout of scope, plain harmful requests (HarmBench), flagged: {}",
+        harm.cell()
+    );
     println!("\nattacks flagged, by label (both halves): {by_label:?}\n");
 
     // Floors: the measured rates minus a small margin, so a regression fails.
@@ -508,6 +540,8 @@ const FLOOR_DEV: f64 = 62.0;
 const FLOOR_HELD_OUT: f64 = 59.0;
 const CEIL_FP: f64 = 1.0;
 const CEIL_FP_HARD: f64 = 3.0;
+// Measured: 0 % (0/200).
+const CEIL_OUT_OF_SCOPE: f64 = 2.0;
 
 // ------------------------------------------------------------------------------ throughput
 
@@ -532,7 +566,12 @@ fn throughput_against_to_lowercase() {
         cut -= 1;
     }
     text.truncate(cut);
+    let t = Instant::now();
     let d = Injection::new();
+    println!(
+        "first Injection::new() (compiles the patterns): {:?}",
+        t.elapsed()
+    );
     let mut found = Vec::new();
     d.find(&text, &mut found);
     let time = |f: &mut dyn FnMut()| {

