@@ -597,6 +597,51 @@ fn ssns_outside_unissued_ranges_are_found() {
 }
 
 #[test]
+fn numbers_glued_to_others_are_not_found() {
+    let pii = Pii::all();
+    for number in [
+        "078-05-1120",
+        "4111111111111111",
+        "4111 1111 1111 1111",
+        "+44 20 7946 0958",
+        "(415) 555-2671",
+        "415-555-2671",
+        "030 12345678",
+        "DE89370400440532013000",
+    ] {
+        // Alone, or between punctuation: found.
+        for text in [
+            number.to_string(),
+            format!("[{number}]"),
+            format!("\"{number}\","),
+            format!("no: {number}; yes"),
+        ] {
+            assert!(!hits(&pii, &text).is_empty(), "{text}");
+        }
+        // Glued to a letter, a digit, or (numbers) a sign or a path: not found.
+        let mut glued = vec![
+            format!("x{number}"),
+            format!("{number}x"),
+            format!("7{number}"),
+            format!("{number}7"),
+        ];
+        if !number.starts_with("DE") {
+            glued.extend([
+                format!("-{number}"),
+                format!(".{number}"),
+                format!("/{number}"),
+                format!("{number}-7"),
+                format!("{number}.7"),
+            ]);
+        }
+        for glued in glued {
+            let found = hits(&pii, &glued);
+            assert!(found.iter().all(|(_, t)| t != number), "{glued}: {found:?}");
+        }
+    }
+}
+
+#[test]
 fn pii_near_misses_are_not_found() {
     let pii = Pii::all();
     for text in [

@@ -37,6 +37,10 @@ pub(crate) enum Fold {
 /// The most ignorable characters in a row that are dropped; a longer run is a word break.
 pub(crate) const MAX_IGNORED: usize = 8;
 
+/// What a word break (a run of more than [`MAX_IGNORED`] ignorable characters) becomes: a
+/// noncharacter, which word list entries never contain (they are removed from entries).
+pub(crate) const BREAK: char = '\u{FFFF}';
+
 /// The most original bytes behind one normalized character: the character (4 bytes) and the
 /// ignorable characters after it (3 bytes each at most).
 pub(crate) const UNIT_BYTES: usize = 4 + MAX_IGNORED * 3;
@@ -214,8 +218,8 @@ fn flush(units: &mut Vec<Unit>, run: Option<(usize, usize, usize)>) {
     if count > MAX_IGNORED {
         units.push(Unit {
             kind: Kind::Break,
-            c: '\u{FFFD}',
-            letter: '\u{FFFD}',
+            c: BREAK,
+            letter: BREAK,
             start,
             end,
         });
@@ -224,7 +228,7 @@ fn flush(units: &mut Vec<Unit>, run: Option<(usize, usize, usize)>) {
     }
 }
 
-fn is_ignorable(c: char) -> bool {
+pub(crate) fn is_ignorable(c: char) -> bool {
     matches!(c,
         '\u{00AD}' | '\u{200B}'..='\u{200D}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}'
         | '\u{0300}'..='\u{036F}')
@@ -393,7 +397,7 @@ mod tests {
         assert_eq!(obf("e\u{0301}t\u{00AD}e"), "ete");
         // A run longer than MAX_IGNORED is a break.
         let long = format!("a{}b", "\u{200B}".repeat(MAX_IGNORED + 1));
-        assert_eq!(obf(&long), "a\u{FFFD}b");
+        assert_eq!(obf(&long), format!("a{BREAK}b"));
         let short = format!("a{}b", "\u{200B}".repeat(MAX_IGNORED));
         assert_eq!(obf(&short), "ab");
     }

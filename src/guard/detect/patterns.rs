@@ -115,6 +115,11 @@ impl Rule {
 /// `(?m)$` and word boundaries `\b` are fine). Every start position is tried; a match that
 /// lies inside an earlier match of the same pattern is left out.
 ///
+/// Speed: patterns with a literal part (`TICKET-`, `.corp.example.com`) are found with
+/// memchr-like prefilters at gigabytes per second. `\b` is Unicode-aware, and on text that is
+/// not ASCII the regex crate runs it in a slower engine (about 20 MB/s instead of 500 in
+/// release builds): write `(?-u:\b)` when the words around it are ASCII.
+///
 /// ```
 /// use tower_llm_policy::guard::detect::{ConfigError, Detector, Patterns};
 ///

@@ -207,7 +207,7 @@ fn email(text: &str, range: Range<usize>) -> bool {
 fn international_phone(text: &str, range: Range<usize>) -> bool {
     let number = &text[range.clone()];
     (9..=15).contains(&digits(number))
-        && !is(before(text, &range), |c| c.is_alphanumeric() || c == '+')
+        && !is(before(text, &range), |c| "+-./".contains(c))
         && number_alone(text, &range, &[' ', '.', '-', ':'])
 }
 
@@ -495,6 +495,74 @@ mod tests {
         assert!(brand_fits(&digits_of("6200000000000005")));
         assert!(!brand_fits(&digits_of("1234567812345670")));
         assert!(!brand_fits(&digits_of("9111111111111111")));
+    }
+
+    #[test]
+    fn brand_prefixes_and_lengths() {
+        // (prefix, lengths that fit): every other length from 12 to 20 does not.
+        let table: &[(&str, &[usize])] = &[
+            ("4", &[13, 16, 19]),
+            ("51", &[16]),
+            ("55", &[16]),
+            ("2221", &[16]),
+            ("2720", &[16]),
+            ("34", &[15]),
+            ("37", &[15]),
+            ("6011", &[16, 17, 18, 19]),
+            ("644", &[16, 17, 18, 19]),
+            ("649", &[16, 17, 18, 19]),
+            ("65", &[16, 17, 18, 19]),
+            ("3528", &[16, 17, 18, 19]),
+            ("3589", &[16, 17, 18, 19]),
+            ("300", &[14, 15, 16, 17, 18, 19]),
+            ("305", &[14, 15, 16, 17, 18, 19]),
+            ("36", &[14, 15, 16, 17, 18, 19]),
+            ("38", &[14, 15, 16, 17, 18, 19]),
+            ("39", &[14, 15, 16, 17, 18, 19]),
+            ("62", &[16, 17, 18, 19]),
+            // No brand.
+            ("50", &[]),
+            ("56", &[]),
+            ("2220", &[]),
+            ("2721", &[]),
+            ("6010", &[]),
+            ("643", &[]),
+            ("3527", &[]),
+            ("3590", &[]),
+            ("306", &[]),
+            ("1", &[]),
+            ("0", &[]),
+            ("9", &[]),
+        ];
+        for &(prefix, fits) in table {
+            for len in 12..=20 {
+                let mut number = prefix.to_string();
+                while number.len() < len {
+                    number.push('0');
+                }
+                assert_eq!(
+                    brand_fits(&digits_of(&number)),
+                    fits.contains(&len),
+                    "{prefix} {len}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn card_groups_and_separators() {
+        let ok = |s: &str| credit_card(s, 0..s.len());
+        assert!(ok("4111111111111111"));
+        assert!(ok("4111 1111 1111 1111"));
+        assert!(ok("4111-1111-1111-1111"));
+        assert!(ok("3782 822463 10005"));
+        assert!(ok("3056 930902 5904"));
+        assert!(ok("4222 2222 2222 2"));
+        assert!(!ok("4111 1111-1111 1111"));
+        assert!(!ok("41111 111 1111 1111"));
+        assert!(!ok("4111 1111 11111 111"));
+        assert!(!ok("4111111111111112"));
+        assert!(!ok("1111111111111117"));
     }
 
     #[test]

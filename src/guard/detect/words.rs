@@ -87,7 +87,12 @@ impl WordList {
             if word.is_empty() {
                 return Err(ConfigError::BlankWord { index });
             }
-            let folded = normalize::normalize(word, Fold::Obfuscations).text;
+            // Without ignorable characters (and word breaks), a match never spans a break.
+            let bare: String = word
+                .chars()
+                .filter(|&c| !normalize::is_ignorable(c) && c != normalize::BREAK)
+                .collect();
+            let folded = normalize::normalize(&bare, Fold::Obfuscations).text;
             if folded.trim().is_empty() {
                 return Err(ConfigError::BlankWord { index });
             }
