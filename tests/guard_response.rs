@@ -748,3 +748,156 @@ async fn without_guards_everything_passes() {
     assert_eq!(r.text(), sse);
     assert!(r.flags().is_empty());
 }
+
+#[test]
+fn sse_last_content_and_finish_reason_in_one_chunk_carry_all_the_held_text() {
+    let sse = concat!(
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"top se\"},\"finish_reason\":null}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"cret se\"},\"finish_reason\":\"stop\"}]}\n\n",
+    );
+    let out = run_sse(
+        vec![words(Mode::Redact)],
+        Endpoint::ChatCompletions,
+        vec![Bytes::from(sse)],
+    );
+    assert_eq!(Api::Chat.client_text(&out), "top [X] se");
+    // No event was made: the finishing chunk took the held text.
+    assert_eq!(events(&out).len(), 2);
+    assert!(out.contains("\"finish_reason\":\"stop\""));
+}
+
+#[test]
+fn sse_responses_function_arguments_and_refusals_are_redacted() {
+    let ev = |kind: &str, extra: &str| {
+        format!("event: {kind}\ndata: {{\"type\":\"{kind}\",\"output_index\":1,\"content_index\":0{extra}}}\n\n")
+    };
+    let sse = [
+        ev(
+            "response.output_item.added",
+            ",\"item\":{\"type\":\"function_call\",\"name\":\"lookup\",\"arguments\":\"\"}",
+        ),
+        ev(
+            "response.function_call_arguments.delta",
+            ",\"delta\":\"{\\\"q\\\":\\\"sec\"",
+        ),
+        ev(
+            "response.function_call_arguments.delta",
+            ",\"delta\":\"ret\\\"}\"",
+        ),
+        ev(
+            "response.function_call_arguments.done",
+            ",\"arguments\":\"{\\\"q\\\":\\\"secret\\\"}\"",
+        ),
+        ev("response.refusal.delta", ",\"delta\":\"no secr\""),
+        ev("response.refusal.delta", ",\"delta\":\"et\""),
+        ev("response.refusal.done", ",\"refusal\":\"no secret\""),
+    ]
+    .concat();
+    let out = run_sse(
+        vec![words(Mode::Redact)],
+        Endpoint::Responses,
+        vec![Bytes::from(sse)],
+    );
+    assert!(!out.contains("secret") && !out.contains("secr"), "{out}");
+    let (mut args, mut refusal) = (String::new(), String::new());
+    for d in events(&out) {
+        let v: serde_json::Value = serde_json::from_str(&d).unwrap();
+        match v["type"].as_str().unwrap() {
+            "response.function_call_arguments.delta" => args.push_str(v["delta"].as_str().unwrap()),
+            "response.refusal.delta" => refusal.push_str(v["delta"].as_str().unwrap()),
+            "response.function_call_arguments.done" => {
+                assert_eq!(v["arguments"], "{\"q\":\"[X]\"}")
+            }
+            "response.refusal.done" => assert_eq!(v["refusal"], "no [X]"),
+            _ => {}
+        }
+    }
+    assert_eq!(args, "{\"q\":\"[X]\"}");
+    assert_eq!(refusal, "no [X]");
+    // Each event keeps its `event:` line.
+    assert_eq!(out.matches("event: ").count(), events(&out).len());
+}
+
+fn json_body(api: Api, text: &str) -> String {
+    let t = serde_json::to_string(text).unwrap();
+    match api {
+        Api::Chat => format!(
+            r#"{{"choices":[{{"index":0,"message":{{"role":"assistant","content":{t}}},"finish_reason":"stop"}}]}}"#
+        ),
+        Api::Completions => {
+            format!(r#"{{"choices":[{{"index":0,"text":{t},"finish_reason":"stop"}}]}}"#)
+        }
+        Api::Responses => format!(
+            r#"{{"output":[{{"type":"message","role":"assistant","content":[{{"type":"output_text","text":{t}}}]}}]}}"#
+        ),
+    }
+}
+
+fn json_text(api: Api, v: &serde_json::Value) -> String {
+    match api {
+        Api::Chat => v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        Api::Completions => v["choices"][0]["text"].as_str().unwrap().to_owned(),
+        Api::Responses => v["output"][0]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn every_mode_on_json_and_sse_of_every_api() {
+    let text = "keep the secret safe";
+    for api in [Api::Chat, Api::Completions, Api::Responses] {
+        for mode in [Mode::Audit, Mode::Block, Mode::Redact] {
+            let json = run(
+                vec![words(mode)],
+                api.endpoint(),
+                json_response(&json_body(api, text)),
+            )
+            .await;
+            let pieces: Vec<String> = ["keep the se", "cret safe"].map(String::from).to_vec();
+            let sse = api.stream(&pieces, false);
+            let stream = run(vec![words(mode)], api.endpoint(), sse_of(&[&sse])).await;
+            assert_eq!(json.flags(), ["guard:words"], "{api:?} {mode:?}");
+            assert_eq!(stream.flags(), ["guard:words"], "{api:?} {mode:?}");
+            match mode {
+                Mode::Audit => {
+                    assert_eq!(json.text(), json_body(api, text));
+                    assert_eq!(stream.text(), sse);
+                }
+                Mode::Block => {
+                    assert_eq!(json.status, StatusCode::BAD_REQUEST);
+                    assert_eq!(json.json()["error"]["code"], "content_blocked");
+                    let last = events(&stream.text()).pop().unwrap();
+                    assert!(last.contains("\"code\":\"content_blocked\""), "{api:?}");
+                    assert!(!stream.text().contains("safe"));
+                    assert_eq!((json.alerts.len(), stream.alerts.len()), (1, 1));
+                }
+                _ => {
+                    assert_eq!(json_text(api, &json.json()), "keep the [X] safe");
+                    assert_eq!(api.client_text(&stream.text()), "keep the [X] safe");
+                    assert!(!stream.text().contains("secret"));
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_audit_guard_beside_a_redacting_one_flags_without_holding_its_own_matches() {
+    let audit = Guard::new("names", Words::new(&["Bob"]))
+        .mode(Mode::Audit)
+        .on(Sides::RESPONSE);
+    let sse = chat_stream(&["hi B", "ob, the sec", "ret"]);
+    let r = run(
+        vec![audit, words(Mode::Redact)],
+        Endpoint::ChatCompletions,
+        sse_of(&[&sse]),
+    )
+    .await;
+    assert_eq!(Api::Chat.client_text(&r.text()), "hi Bob, the [X]");
+    assert_eq!(r.flags(), ["guard:names", "guard:words"]);
+}

@@ -84,3 +84,40 @@ proptest! {
         check(Api::Responses, &[words(), keys()], &text, &deltas, &frames, escape);
     }
 }
+
+/// Where the first match of these guards starts in `text`, if any.
+fn first_match(guards: &[Guard], text: &str) -> Option<usize> {
+    guards
+        .iter()
+        .filter_map(|g| {
+            let mut found = Vec::new();
+            g.detector()?.find(text, &mut found);
+            found.iter().map(|f| f.range.start).min()
+        })
+        .min()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// Block: the client gets a prefix of the text that stops before the first match, then
+    /// the error event (or the whole text when nothing matches).
+    #[test]
+    fn block_never_leaks_a_byte_of_the_first_match(text in text(), deltas in cuts(), frames in cuts()) {
+        let guards = [words().mode(Mode::Block), keys().mode(Mode::Block)];
+        let pieces = split_text(&text, &deltas);
+        let sse = Api::Chat.stream(&pieces, false);
+        let out = run_sse(guards.to_vec(), Api::Chat.endpoint(), split_bytes(sse.as_bytes(), &frames));
+        let mut evs = events(&out);
+        match first_match(&guards, &text) {
+            None => prop_assert_eq!(Api::Chat.client_text(&out), text),
+            Some(start) => {
+                let last = evs.pop().unwrap();
+                prop_assert!(last.contains("\"code\":\"content_blocked\""), "{}", out);
+                let before: String = evs.iter().map(|e| format!("data: {e}\n\n")).collect();
+                let got = Api::Chat.client_text(&before);
+                prop_assert!(text[..start].starts_with(&got), "{:?} not a prefix of {:?}", got, &text[..start]);
+            }
+        }
+    }
+}

@@ -429,8 +429,8 @@ impl Tee {
 #[derive(Default)]
 struct Stream {
     scan: TextScan,
-    /// The last event's other lines, data and line ending.
-    template: Option<(Vec<u8>, String, &'static [u8])>,
+    /// The stream's last event (a slice of the body's bytes, not a copy).
+    template: Option<Bytes>,
 }
 
 /// The guard of an SSE body.
@@ -546,9 +546,15 @@ impl SseGuard {
             );
             self.guarding.note(findings, true)?;
             if self.acting && !text.is_empty() {
-                if let Some((other, data, term)) = &stream.template {
-                    if let Some(data) = flush_data(key, data, &text) {
-                        out.extend_from_slice(&sse::make_event(other, &data, term));
+                if let Some(last) = &stream.template {
+                    let last = Event::read(last);
+                    if let Some(data) = last.data.as_deref().and_then(|d| flush_data(key, d, &text))
+                    {
+                        out.extend_from_slice(&sse::make_event(
+                            &last.other_lines(),
+                            &data,
+                            last.term(),
+                        ));
                     }
                 }
             }
@@ -589,7 +595,7 @@ impl SseGuard {
                 let stream = self.streams.entry(key).or_default();
                 stream.scan.push(&field.text);
                 if self.acting {
-                    stream.template = Some((event.other_lines(), data.to_owned(), event.term()));
+                    stream.template = Some(raw.clone());
                 }
                 if !touched.contains(&key) {
                     touched.push(key);
@@ -1058,6 +1064,81 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::guard::detect::{Detector, Found};
+
+    struct Secret;
+
+    impl Detector for Secret {
+        fn find(&self, text: &str, found: &mut Vec<Found>) {
+            let mut from = 0;
+            while let Some(at) = text[from..].find("secret") {
+                found.push(Found::new(from + at..from + at + 6, "word"));
+                from += at + 1;
+            }
+        }
+        fn max_match_len(&self) -> usize {
+            6
+        }
+    }
+
+    fn sse_guard(mode: Mode) -> SseGuard {
+        let plan = ResponsePlan {
+            guards: vec![Guard::new("s", Secret).mode(mode)],
+            system_prompt: Arc::from(""),
+            endpoint: Endpoint::ChatCompletions,
+            key: None,
+            audit: None,
+            alerts: None,
+        };
+        let guarding = Guarding::new(plan);
+        let acting = guarding.checks.any_acting();
+        SseGuard::new(guarding, acting)
+    }
+
+    fn delta(text: &str) -> Bytes {
+        Bytes::from(format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n"
+        ))
+    }
+
+    #[test]
+    fn memory_stays_bounded_on_a_long_stream() {
+        let mut guard = sse_guard(Mode::Redact);
+        let mut sent = 0;
+        for i in 0..20_000 {
+            let (out, stop) = guard.feed(&delta(if i % 7 == 0 { "a se" } else { "cret lorem " }));
+            assert!(!stop);
+            sent += out.len();
+            let stream = &guard.streams[&StreamKey::Content(0)];
+            // What is held is bounded by the guards (L + 2C before what is undecided, and
+            // at most L + C undecided), not by the stream.
+            assert!(
+                stream.scan.held() <= 6 + 8 + 6 + 4 + 11,
+                "{}",
+                stream.scan.held()
+            );
+            assert_eq!(guard.splitter.held(), 0);
+        }
+        assert!(sent > 1_000_000);
+    }
+
+    #[test]
+    fn an_event_over_the_limit_stops_a_guarded_stream_and_passes_an_audited_one() {
+        let mut big =
+            BytesMut::from(&b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\""[..]);
+        big.resize(MAX_BODY + 10, b'a');
+        let big = big.freeze();
+        let mut guard = sse_guard(Mode::Block);
+        let (out, stop) = guard.feed(&big);
+        assert!(stop);
+        let out = String::from_utf8(out.to_vec()).unwrap();
+        assert!(out.contains("upstream_invalid_response"), "{out}");
+        let mut guard = sse_guard(Mode::Audit);
+        let (_, stop) = guard.feed(&big);
+        assert!(!stop);
+        assert_eq!(guard.splitter.held(), 0);
+    }
 
     #[test]
     fn the_body_is_send_and_unpin_over_a_policy_body() {

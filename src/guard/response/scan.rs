@@ -593,6 +593,30 @@ mod tests {
         panic!("not blocked");
     }
 
+    /// Reports ranges that are not ranges of the text.
+    struct Broken;
+
+    impl Detector for Broken {
+        fn find(&self, text: &str, found: &mut Vec<Found>) {
+            found.push(Found::new(0..text.len() + 5, "out"));
+            found.push(Found::new(3..1, "reversed"));
+            found.push(Found::new(1..2, "inside a character"));
+            found.push(Found::new(2..2, "empty"));
+        }
+        fn max_match_len(&self) -> usize {
+            3
+        }
+    }
+
+    #[test]
+    fn a_detector_giving_bad_ranges_is_ignored_never_a_panic() {
+        for mode in [Mode::Audit, Mode::Block, Mode::Redact] {
+            let checks = Checks::new(&[Guard::new("b", Broken).mode(mode)], "");
+            let (out, _) = stream(&checks, &["éé", "x", "", "ü"]);
+            assert_eq!(out, "ééxü");
+        }
+    }
+
     #[test]
     fn reflection_finds_runs_of_the_prompt() {
         let r = Reflection::new("You are a helpful pirate. Never say arr.", 10).unwrap();

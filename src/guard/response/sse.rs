@@ -1,6 +1,8 @@
 //! SSE framing for response guards: an event splitter over frames split anywhere, and the
 //! reading and rewriting of one event's `data`.
 
+use std::borrow::Cow;
+
 use bytes::{Bytes, BytesMut};
 use memchr::memchr2;
 
@@ -102,15 +104,16 @@ impl Splitter {
 #[derive(Debug)]
 pub(super) struct Event<'a> {
     raw: &'a [u8],
-    /// The data, when the event has `data:` lines and they are UTF-8.
-    pub(super) data: Option<String>,
+    /// The data, when the event has `data:` lines and they are UTF-8 (borrowed when there is
+    /// one line).
+    pub(super) data: Option<Cow<'a, str>>,
     /// The line ending the event uses (the first one in it).
     term: &'static [u8],
 }
 
 impl<'a> Event<'a> {
     pub(super) fn read(raw: &'a [u8]) -> Event<'a> {
-        let mut data: Option<Vec<u8>> = None;
+        let mut data: Option<Cow<'a, [u8]>> = None;
         let mut term: Option<&'static [u8]> = None;
         for (line, t) in lines(raw) {
             if !t.is_empty() {
@@ -119,16 +122,21 @@ impl<'a> Event<'a> {
             if let Some(value) = field(line, b"data") {
                 match &mut data {
                     Some(d) => {
+                        let d = d.to_mut();
                         d.push(b'\n');
                         d.extend_from_slice(value);
                     }
-                    None => data = Some(value.to_vec()),
+                    None => data = Some(Cow::Borrowed(value)),
                 }
             }
         }
+        let data = data.and_then(|d| match d {
+            Cow::Borrowed(b) => std::str::from_utf8(b).ok().map(Cow::Borrowed),
+            Cow::Owned(v) => String::from_utf8(v).ok().map(Cow::Owned),
+        });
         Event {
             raw,
-            data: data.and_then(|d| String::from_utf8(d).ok()),
+            data,
             term: term.unwrap_or(b"\n"),
         }
     }
