@@ -422,9 +422,14 @@ pub fn check_config(guards: &[GuardConfig], end_users: &EndUsersConfig) -> Resul
             return Err(format!("guard `{name}`: two `[[guards]]` have this `name`"));
         }
         check_guard(g).map_err(|e| format!("guard `{name}` (kind `{}`): {e}", g.kind.as_str()))?;
-        // The detectors' own checks (patterns compile and are bounded, labels exist).
-        detector_guard(g)
-            .map_err(|e| format!("guard `{name}` (kind `{}`): {e}", g.kind.as_str()))?;
+        // The detectors' own checks (patterns compile and are bounded, labels exist). The
+        // injection detector's patterns are the library's: only its filters are read here
+        // (compiling them takes a while, and is done once, by `build`).
+        let checked = match g.kind {
+            GuardKind::Injection => injection_filters(g).map(drop),
+            _ => detector_guard(g).map(drop),
+        };
+        checked.map_err(|e| format!("guard `{name}` (kind `{}`): {e}", g.kind.as_str()))?;
     }
     if let Some(env) = &end_users.hash_salt_env {
         if !env_name_ok(env) {
@@ -597,22 +602,13 @@ fn detector_guard(g: &GuardConfig) -> Result<Option<Guard>, String> {
             },
         ),
         GuardKind::Injection => {
+            let (families, languages) = injection_filters(g)?;
             let mut injection = Injection::new();
-            if let Some(families) = &g.families {
-                let parsed = families
-                    .iter()
-                    .map(|f| f.parse::<InjectionFamily>())
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| format!("`families`: {e}"))?;
-                injection = injection.families(parsed);
+            if let Some(families) = families {
+                injection = injection.families(families);
             }
-            if let Some(languages) = &g.languages {
-                let parsed = languages
-                    .iter()
-                    .map(|l| l.parse::<InjectionLanguage>())
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| format!("`languages`: {e}"))?;
-                injection = injection.languages(parsed);
+            if let Some(languages) = languages {
+                injection = injection.languages(languages);
             }
             Guard::new(name, injection)
         }
@@ -628,6 +624,41 @@ fn detector_guard(g: &GuardConfig) -> Result<Option<Guard>, String> {
         GuardKind::Moderation | GuardKind::Webhook => return Ok(None),
     };
     Ok(Some(guard))
+}
+
+/// An injection guard's `families` and `languages`, parsed.
+type InjectionFilters = (Option<Vec<InjectionFamily>>, Option<Vec<InjectionLanguage>>);
+
+fn injection_filters(g: &GuardConfig) -> Result<InjectionFilters, String> {
+    let families = g
+        .families
+        .as_ref()
+        .map(|families| {
+            families
+                .iter()
+                .map(|f| f.parse::<InjectionFamily>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("`families`: {e}"))
+        })
+        .transpose()?;
+    let languages = g
+        .languages
+        .as_ref()
+        .map(|languages| {
+            languages
+                .iter()
+                .map(|l| l.parse::<InjectionLanguage>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("`languages`: {e}"))
+        })
+        .transpose()?;
+    if families.as_ref().is_some_and(Vec::is_empty) || languages.as_ref().is_some_and(Vec::is_empty)
+    {
+        return Err(
+            "`families` and `languages` must not be empty lists (leave them out for all)".into(),
+        );
+    }
+    Ok((families, languages))
 }
 
 /// The first name of `bound` that is not one of `guards`.

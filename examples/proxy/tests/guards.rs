@@ -842,6 +842,12 @@ fn guard_configuration_errors_name_the_guard_and_the_field() {
     assert!(e.contains("guard `r`") && e.contains("`patterns`"), "{e}");
     let e = parse("[[guards]]\nname = \"s\"\nkind = \"secrets\"\nonly = [\"nope\"]\n");
     assert!(e.contains("guard `s`") && e.contains("`only`"), "{e}");
+    let e = parse("[[guards]]\nname = \"i\"\nkind = \"injection\"\nfamilies = [\"nope\"]\n");
+    assert!(e.contains("guard `i`") && e.contains("`families`"), "{e}");
+    let e = parse("[[guards]]\nname = \"f\"\nkind = \"firewall\"\nmode = \"block\"\n");
+    assert!(e.contains("guard `f`") && e.contains("`allow`"), "{e}");
+    let e = parse("[[guards]]\nname = \"m\"\nkind = \"moderation\"\non = [\"response\"]\n");
+    assert!(e.contains("guard `m`") && e.contains("`on`"), "{e}");
     let e = parse("[[guards]]\nname = \"w\"\nkind = \"webhook\"\n");
     assert!(e.contains("guard `w`") && e.contains("`url`"), "{e}");
     let e = parse("[[guards]]\nname = \"d\"\nkind = \"words\"\nwords = [\"a\"]\n\n[[guards]]\nname = \"d\"\nkind = \"pii\"\n");
