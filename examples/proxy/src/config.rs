@@ -623,7 +623,7 @@ pub struct ProxyConfig {
     /// `trusted_proxies = ["10.0.0.0/8", "fd00::/8"]`: connections from these ranges may say
     /// who the client is, in `X-Forwarded-For` or `Forwarded`; the client is then the
     /// right-most address in the header that is not itself in these ranges (see
-    /// [`TrustedProxies`](tower_llm_policy::TrustedProxies) for the whole rule). It is what
+    /// [`TrustedProxies`] for the whole rule). It is what
     /// the keys' `allow_ips` are checked against and what the audit record's `client_ip`
     /// says. Empty (the default): the headers are ignored, the connection's address is the
     /// client.

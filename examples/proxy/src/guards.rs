@@ -1,5 +1,5 @@
 //! `[[guards]]`: the proxy's content guards, built into one
-//! [`GuardLayer`](tower_llm_policy::guard::GuardLayer).
+//! [`GuardLayer`].
 //!
 //! Each `[[guards]]` table is one named guard (its name is what keys list in `guards`, what
 //! the `x-llm-policy-guards` header names, and what audit records flag as `guard:<name>`):
