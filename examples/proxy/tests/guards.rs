@@ -823,6 +823,14 @@ on = ["response"]
     );
     // The upstream got the prompt as sent (the guard is on responses only).
     assert!(last_prompt(&h.log).contains(LEAKED));
+    // A whole (not streamed) answer is redacted too.
+    let whole = h.chat(PLAIN_KEY, &format!("ECHO again: {LEAKED}")).await;
+    assert_eq!(whole.status, StatusCode::OK, "{}", whole.text);
+    assert!(!whole.text.contains(LEAKED), "{}", whole.text);
+    assert_eq!(
+        whole.body["choices"][0]["message"]["content"],
+        "again: [REDACTED:openai_key]"
+    );
     Ok(())
 }
 
