@@ -724,9 +724,14 @@ fn error_event(error: &PolicyError) -> Vec<u8> {
 }
 
 pin_project! {
-    /// The response body of a guarded response: the upstream's body passed through, watched
-    /// (audit), or rewritten as it streams (redact, block), or a body made whole (a checked
-    /// JSON body, a rejection). See the [module docs](self).
+    /// The response body of a response checked by content guards on the response side.
+    ///
+    /// One of: the upstream's body passed through untouched (nothing to check); passed
+    /// through frame by frame while it is read on the side (guards that only audit); an SSE
+    /// stream passed on event by event, with the model's text redacted or the stream ended
+    /// by an error event when a guard blocks; or a body made whole (a JSON body that was
+    /// checked, and maybe rewritten, or the error that replaced it). Its errors are the
+    /// upstream body's own.
     pub struct GuardBody<B> {
         #[pin]
         kind: BodyKind<B>,
