@@ -16,11 +16,11 @@ mod patterns;
 mod pii;
 mod secrets;
 mod words;
+pub use injection::{Injection, InjectionFamily, InjectionLanguage};
 pub use patterns::Patterns;
 pub use pii::Pii;
 pub use secrets::Secrets;
 pub use words::WordList;
-pub use injection::{Injection, InjectionFamily, InjectionLanguage};
 
 /// One match of a [`Detector`] in a text.
 #[derive(Clone, Debug, PartialEq, Eq)]
