@@ -55,6 +55,8 @@ pub struct Admin {
     keys: Arc<dyn KeyAdmin>,
     token: KeyDigest,
     spend: Option<SpendSource>,
+    /// The `[[guards]]` names a key may list in `guards`.
+    guards: Option<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -72,7 +74,29 @@ impl Admin {
             keys,
             token: KeyDigest::of(token),
             spend,
+            guards: None,
         }
+    }
+
+    /// Refuses keys (created or changed) whose `guards` name anything else than `names`.
+    #[must_use]
+    pub fn guards(mut self, names: impl IntoIterator<Item = String>) -> Self {
+        self.guards = Some(names.into_iter().collect());
+        self
+    }
+
+    /// A 400 naming the first guard of `guards` that is not configured, if one is not.
+    fn check_guards<'a>(
+        &self,
+        guards: impl IntoIterator<Item = &'a str>,
+    ) -> Option<Response<ProxyBody>> {
+        let known = self.guards.as_ref()?;
+        let name = guards.into_iter().find(|name| !known.contains(*name))?;
+        Some(error(
+            StatusCode::BAD_REQUEST,
+            "unknown_guard",
+            format!("`guards`: `{name}` is not a `[[guards]]` name of this proxy."),
+        ))
     }
 }
 
@@ -285,6 +309,9 @@ async fn handle(admin: &Admin, req: Request<PolicyBody>) -> Response<ProxyBody> 
                     )
                 }
             };
+            if let Some(response) = admin.check_guards(key.guards.iter().map(String::as_str)) {
+                return response;
+            }
             match admin.keys.create(key).await {
                 Ok(created) => {
                     tracing::info!(target: "example_proxy::admin", key = %created.record.key.name, "admin: key created");
@@ -342,6 +369,12 @@ async fn handle(admin: &Admin, req: Request<PolicyBody>) -> Response<ProxyBody> 
                         Ok(body) => body,
                         Err(response) => return response,
                     };
+                    if let Some(guards) = patch.get("guards").and_then(Value::as_array) {
+                        let names = guards.iter().filter_map(Value::as_str);
+                        if let Some(response) = admin.check_guards(names) {
+                            return response;
+                        }
+                    }
                     match admin.keys.update(&name, &patch).await {
                         Ok(record) => {
                             tracing::info!(target: "example_proxy::admin", key = %name, "admin: key changed");

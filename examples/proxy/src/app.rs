@@ -17,8 +17,10 @@ use tower_llm_policy::quota::RedisStore;
 use tower_llm_policy::{ApiKey, FeatureSet};
 
 use crate::admin::{self, Admin};
+use crate::alerts::WebhookAlerts;
 use crate::audit_line::{self, LineWriter};
 use crate::config::{Config, ConfigError};
+use crate::guards::{self, KnownGuards};
 use crate::mock;
 use crate::server::{self, ServerOptions};
 use crate::stack::{build_stack, Policy, ProxyService};
@@ -65,6 +67,9 @@ pub enum StartError {
     Store(String),
     /// `[metrics]` is unusable.
     Metrics(String),
+    /// `[[guards]]`, `[end_users]` or `[alerts]` is unusable (a variable not set, ...): the
+    /// message names the guard and the field.
+    Guards(String),
 }
 
 impl std::fmt::Display for StartError {
@@ -76,6 +81,7 @@ impl std::fmt::Display for StartError {
             StartError::State(e) => write!(f, "invalid [state]: {e}"),
             StartError::Store(e) => write!(f, "{e}"),
             StartError::Metrics(e) => write!(f, "invalid [metrics]: {e}"),
+            StartError::Guards(e) => write!(f, "{e}"),
         }
     }
 }
@@ -111,6 +117,8 @@ pub struct Proxy {
     _listener: Option<Listener>,
     /// `[metrics]`, when on.
     metrics: Option<crate::metrics::Metrics>,
+    /// `[alerts]`, when on.
+    alerts: Option<Arc<WebhookAlerts>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -205,7 +213,7 @@ impl Proxy {
             None => None,
         };
         let upstream = Upstream::builder(config.upstream.base_url.clone())
-            .provider_key(provider_key)
+            .provider_key(provider_key.clone())
             .connect_timeout(config.upstream.connect_timeout)
             .first_byte_timeout(config.upstream.first_byte_timeout)
             .idle_timeout(config.upstream.idle_timeout)
@@ -280,10 +288,45 @@ impl Proxy {
         if let Some(metrics) = &metrics {
             audit = audit.with(metrics.sink());
         }
-        let policy = if args.no_policy {
+        // `[[guards]]`, `[end_users]`, `[alerts]`: secrets from the environment, the guards'
+        // and alerts' own HTTP client.
+        let guard_names: Vec<String> = config.guards.iter().map(|g| g.name.clone()).collect();
+        let mut alerts = None;
+        let guarded = if args.no_policy {
             None
         } else {
-            Some(Policy::new(config, store, audit).map_err(|e| StartError::State(e.to_string()))?)
+            let client = guards::http_client().map_err(StartError::Guards)?;
+            let layer = guards::build(
+                &config.guards,
+                &config.end_users,
+                &env,
+                &guards::External {
+                    upstream_base_url: upstream.base_url(),
+                    provider_key: provider_key.as_deref(),
+                    client: client.clone(),
+                },
+            )
+            .map_err(StartError::Guards)?;
+            alerts = WebhookAlerts::from_config(&config.alerts, &env, client)
+                .map_err(StartError::Guards)?
+                .map(Arc::new);
+            Some((layer, config.alerts.thresholds.clone()))
+        };
+        // Keys reloaded from the file (or read from a database) are checked against the
+        // guards: one bound to an unknown guard is reported (and refused by the guard layer).
+        let store: Arc<dyn KeyStore> = Arc::new(KnownGuards::new(store, guard_names.clone()));
+        let policy = match guarded {
+            None => None,
+            Some((layer, thresholds)) => Some(
+                Policy::new(config, store, audit)
+                    .map_err(|e| StartError::State(e.to_string()))?
+                    .with_guards(
+                        layer,
+                        alerts.clone().map(|a| {
+                            (a as Arc<dyn tower_llm_policy::alert::AlertSink>, thresholds)
+                        }),
+                    ),
+            ),
         };
         let mut service = build_stack(policy.as_ref(), upstream);
         if let Some(token_env) = &admin_token_env {
@@ -304,7 +347,10 @@ impl Proxy {
             let spend = audit_db
                 .as_ref()
                 .map(|(_, pool)| spend_source(pool.clone()));
-            service = admin::route(service, Arc::new(Admin::new(admin_keys, token, spend)));
+            service = admin::route(
+                service,
+                Arc::new(Admin::new(admin_keys, token, spend).guards(guard_names)),
+            );
         }
         let redis = policy.as_ref().and_then(|policy| policy.redis.clone());
         let drains = policy.map(|policy| policy.drain);
@@ -353,7 +399,13 @@ impl Proxy {
             redis,
             _listener: key_listener,
             metrics,
+            alerts,
         })
+    }
+
+    /// The `[alerts]` webhook sink, when configured (its counters: sent, failed, dropped).
+    pub fn alerts(&self) -> Option<Arc<WebhookAlerts>> {
+        self.alerts.clone()
     }
 
     /// Where the `[metrics]` page listens when it has a listener of its own.

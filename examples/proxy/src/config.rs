@@ -23,6 +23,8 @@ use tower_llm_policy::quota::BudgetPeriod;
 use tower_llm_policy::request::{BodyOptions, DEFAULT_BODY_LIMIT, DEFAULT_MULTIPART_LIMIT};
 use tower_llm_policy::{ApiKey, FeatureSet, ForwardedHeader, TrustedProxies};
 
+pub use crate::alerts::AlertsConfig;
+pub use crate::guards::{EndUsersConfig, GuardConfig};
 use crate::upstream::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_FIRST_BYTE_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
 
 /// Where the proxy listens when neither the config nor `--listen` says.
@@ -98,6 +100,16 @@ pub struct Config {
     /// `[[teams]]`: spend caps shared by the keys whose `team` names them.
     #[serde(default)]
     pub teams: Vec<TeamConfig>,
+    /// `[[guards]]`: content guards (word lists, patterns, secrets, PII, prompt injection,
+    /// moderation, webhooks, a tool firewall, prompt reflection). See [`crate::guards`].
+    #[serde(default)]
+    pub guards: Vec<GuardConfig>,
+    /// `[end_users]`: what happens to the end-user ids (`user`, `safety_identifier`).
+    #[serde(default)]
+    pub end_users: EndUsersConfig,
+    /// `[alerts]`: where spend-threshold and content-blocked alerts are posted.
+    #[serde(default)]
+    pub alerts: AlertsConfig,
     /// `[[keys]]`: the virtual keys, with every field of [`ApiKey`].
     #[serde(default)]
     pub keys: Vec<ApiKey>,
@@ -611,7 +623,7 @@ pub struct ProxyConfig {
     /// `trusted_proxies = ["10.0.0.0/8", "fd00::/8"]`: connections from these ranges may say
     /// who the client is, in `X-Forwarded-For` or `Forwarded`; the client is then the
     /// right-most address in the header that is not itself in these ranges (see
-    /// [`TrustedProxies`](tower_llm_policy::TrustedProxies) for the whole rule). It is what
+    /// [`TrustedProxies`] for the whole rule). It is what
     /// the keys' `allow_ips` are checked against and what the audit record's `client_ip`
     /// says. Empty (the default): the headers are ignored, the connection's address is the
     /// client.
@@ -652,7 +664,7 @@ impl ProxyConfig {
 }
 
 /// `"30s"`, `"1m 30s"`, `"500ms"` (humantime), or a number of seconds.
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
@@ -839,6 +851,19 @@ impl Config {
                 key.name
             )));
         }
+        crate::guards::check_config(&config.guards, &config.end_users).map_err(&invalid)?;
+        crate::alerts::check_config(&config.alerts).map_err(&invalid)?;
+        // A key bound to a guard that does not exist would have its requests refused: the
+        // file is refused instead, naming both (the file store's reloads are checked by
+        // `guards::KnownGuards`).
+        for key in &config.keys {
+            if let Some(name) = crate::guards::unknown_guard(&config.guards, &key.guards) {
+                return Err(invalid(format!(
+                    "key `{}`: `guards` names `{name}`, which is not a `[[guards]]` name",
+                    key.name
+                )));
+            }
+        }
         Ok(config)
     }
 
@@ -871,6 +896,9 @@ impl Config {
             admin: AdminConfig::default(),
             metrics: MetricsConfig::default(),
             teams: Vec::new(),
+            guards: Vec::new(),
+            end_users: EndUsersConfig::default(),
+            alerts: AlertsConfig::default(),
             keys: Vec::new(),
         }
     }

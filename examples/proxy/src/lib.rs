@@ -5,6 +5,8 @@
 //! - [`app`]: command line, configuration or embedded default, start-up;
 //! - [`audit_line`]: the embedded default's audit records, one line each on stdout;
 //! - [`config`]: the TOML configuration (see `proxy.toml` in this package);
+//! - [`guards`]: `[[guards]]`, the content guards, and `[end_users]`;
+//! - [`alerts`]: `[alerts]`, spend and content-blocked alerts posted to a webhook;
 //! - [`metrics`]: `[metrics]`, the Prometheus page;
 //! - [`stack`]: the policy layers in front of the forwarding client;
 //! - [`server`]: the HTTP server, `/healthz`, timeouts and the connection limit, graceful
@@ -16,9 +18,11 @@
 //! - [`mock`]: a deterministic mock of the OpenAI API (the embedded default's upstream).
 
 pub mod admin;
+pub mod alerts;
 pub mod app;
 pub mod audit_line;
 pub mod config;
+pub mod guards;
 pub mod metrics;
 pub mod mock;
 pub mod server;

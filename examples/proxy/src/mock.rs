@@ -7,6 +7,10 @@
 //! (streaming included), and records every request it receives in a [`MockLog`] so a test
 //! can check what reached the upstream.
 //!
+//! Two deterministic triggers for content-guard tests: a chat completion whose last message
+//! is `ECHO <text>` answers `<text>` (streamed in deltas of [`ECHO_DELTA_CHARS`] characters),
+//! and a moderation input containing `FLAGME` is flagged (`violence`).
+//!
 //! Token counts are predictable: the prompt tokens are the whitespace-separated words of the
 //! request's texts ([`count_words`]), the completion tokens are the number of words the mock
 //! answers, which is [`MockOptions::stream_chunks`].
@@ -407,10 +411,13 @@ async fn handle(State(opts): State<Arc<MockOptions>>, req: Request) -> Response 
                     let bytes = header_number(STREAM_BYTES_HEADER).unwrap_or(0);
                     sized_chat_stream(&opts, &model, prompt, bytes, include_usage)
                 }
-                "/v1/chat/completions" if stream => {
-                    sse(&opts, chat_stream(&model, prompt, n, include_usage))
+                "/v1/chat/completions" if stream => sse(
+                    &opts,
+                    chat_stream(&model, prompt, n, include_usage, echo(&request).as_deref()),
+                ),
+                "/v1/chat/completions" => {
+                    Json(chat(&model, prompt, n, echo(&request).as_deref())).into_response()
                 }
-                "/v1/chat/completions" => Json(chat(&model, prompt, n)).into_response(),
                 "/v1/completions" if stream => {
                     sse(&opts, completion_stream(&model, prompt, n, include_usage))
                 }
@@ -505,7 +512,38 @@ fn chat_usage(prompt: u64, completion: u64) -> Value {
     })
 }
 
-fn chat(model: &str, prompt: u64, n: usize) -> Value {
+/// How many characters each delta of a streamed `ECHO` answer has.
+pub const ECHO_DELTA_CHARS: usize = 4;
+
+/// The text after `ECHO ` in a chat request's last message, when it starts so.
+fn echo(request: &Value) -> Option<String> {
+    let last = request.get("messages")?.as_array()?.last()?;
+    let text = match last.get("content")? {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => return None,
+    };
+    text.strip_prefix("ECHO ").map(str::to_owned)
+}
+
+/// `text` in pieces of [`ECHO_DELTA_CHARS`] characters.
+fn echo_pieces(text: &str) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    chars
+        .chunks(ECHO_DELTA_CHARS)
+        .map(|c| c.iter().collect())
+        .collect()
+}
+
+fn chat(model: &str, prompt: u64, n: usize, echo: Option<&str>) -> Value {
+    let (content, n) = match echo {
+        Some(text) => (text.to_owned(), echo_pieces(text).len()),
+        None => (answer_words(n).join(" "), n),
+    };
     json!({
         "id": next_id("chatcmpl-mock"),
         "object": "chat.completion",
@@ -516,7 +554,7 @@ fn chat(model: &str, prompt: u64, n: usize) -> Value {
             "index": 0,
             "message": {
                 "role": "assistant",
-                "content": answer_words(n).join(" "),
+                "content": content,
                 "refusal": null,
                 "annotations": []
             },
@@ -529,7 +567,28 @@ fn chat(model: &str, prompt: u64, n: usize) -> Value {
 }
 
 /// The `data:` payloads of a streamed chat completion, `[DONE]` included.
-fn chat_stream(model: &str, prompt: u64, n: usize, include_usage: bool) -> Vec<Event> {
+fn chat_stream(
+    model: &str,
+    prompt: u64,
+    n: usize,
+    include_usage: bool,
+    echo: Option<&str>,
+) -> Vec<Event> {
+    let pieces: Vec<String> = match echo {
+        Some(text) => echo_pieces(text),
+        None => answer_words(n)
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| {
+                if i == 0 {
+                    w.to_owned()
+                } else {
+                    format!(" {w}")
+                }
+            })
+            .collect(),
+    };
+    let n = pieces.len();
     let id = next_id("chatcmpl-mock");
     let created = now();
     let chunk = |delta: Value, finish: Value| {
@@ -550,12 +609,7 @@ fn chat_stream(model: &str, prompt: u64, n: usize, include_usage: bool) -> Vec<E
         json!({ "role": "assistant", "content": "", "refusal": null }),
         Value::Null,
     ))];
-    for (i, word) in answer_words(n).into_iter().enumerate() {
-        let text = if i == 0 {
-            word.to_owned()
-        } else {
-            format!(" {word}")
-        };
+    for text in pieces {
         events.push(Event::content(chunk(
             json!({ "content": text }),
             Value::Null,
@@ -803,9 +857,12 @@ fn images(request: &Value) -> Value {
 }
 
 fn moderations(model: &str, request: &Value) -> Value {
-    let inputs = match request.get("input") {
-        Some(Value::Array(items)) => items.len().max(1),
-        _ => 1,
+    let inputs: Vec<String> = match request.get("input") {
+        Some(Value::Array(items)) if !items.is_empty() => {
+            items.iter().map(|i| i.to_string()).collect()
+        }
+        Some(other) => vec![other.to_string()],
+        None => vec![String::new()],
     };
     const CATEGORIES: &[&str] = &[
         "harassment",
@@ -830,15 +887,25 @@ fn moderations(model: &str, request: &Value) -> Value {
         .iter()
         .map(|c| ((*c).to_owned(), json!(0.0001)))
         .collect();
-    let result = json!({
-        "flagged": false,
-        "categories": categories,
-        "category_scores": scores
-    });
+    let results: Vec<Value> = inputs
+        .iter()
+        .map(|input| {
+            let flagged = input.contains("FLAGME");
+            let mut categories = categories.clone();
+            if flagged {
+                categories.insert("violence".into(), Value::Bool(true));
+            }
+            json!({
+                "flagged": flagged,
+                "categories": categories,
+                "category_scores": scores
+            })
+        })
+        .collect();
     json!({
         "id": next_id("modr-mock"),
         "model": model,
-        "results": vec![result; inputs]
+        "results": results
     })
 }
 

@@ -1,8 +1,17 @@
 //! The proxy's tower stack: the crate's policy layers in front of the forwarding client.
 //!
 //! ```text
-//! client ──► DrainOnCancel ──► Audit ──► BodyTimeout ──► BodyLimit ──► KeyAuth ──► FeatureBlock ──► ModelAllowList ──► PromptLimit ──► Quota ──► Upstream
+//! client ──► DrainOnCancel ──► Audit ──► BodyTimeout ──► BodyLimit ──► KeyAuth ──► FeatureBlock ──► ModelAllowList ──► PromptLimit ──► Guards ──► Quota ──► (x-llm-policy-* removed) ──► Upstream
 //! ```
+//!
+//! [`Guards`](tower_llm_policy::guard) (`[[guards]]`, see [`crate::guards`]) is always there,
+//! guards or none: it handles the `x-llm-policy-guards` header (a request adds guards to
+//! itself, never removes one), and costs a look at the key when no guard applies. It sits
+//! after PromptLimit (a prompt too long is refused before a guard reads it or a moderation
+//! service is asked) and before Quota (a blocked request reserves nothing). Redacted
+//! requests go upstream rewritten; guarded responses (`on = ["response"]`) are checked as
+//! they stream. Every other request header starting with `x-llm-policy-` is removed before
+//! the request is forwarded, in both variants: policy headers never reach the upstream.
 //!
 //! [`Quota`](tower_llm_policy::quota) (each key's `credit_limit_usd`, `budget_period`, `rpm`,
 //! `tpm`) is last: a request any other layer refuses reserves nothing and takes nothing
@@ -35,8 +44,10 @@ use http_body_util::BodyExt;
 use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_layer::Layer;
+use tower_llm_policy::alert::AlertSink;
 use tower_llm_policy::audit::pricing::PricingTable;
 use tower_llm_policy::audit::{DrainOnCancelLayer, FanOut};
+use tower_llm_policy::guard::GuardLayer;
 use tower_llm_policy::keys::StoreError;
 use tower_llm_policy::model::{ModelAliases, ModelList};
 use tower_llm_policy::quota::{QuotaLayer, RedisOptions, RedisStore};
@@ -92,6 +103,8 @@ pub struct Policy {
     pub quota: QuotaLayer,
     /// The Redis store of `[state] redis_url`, flushed at shutdown (queued settlements).
     pub redis: Option<RedisStore>,
+    /// `[[guards]]` and `[end_users]` (see [`Policy::with_guards`]); no guard by default.
+    pub guards: GuardLayer,
 }
 
 impl std::fmt::Debug for Policy {
@@ -151,15 +164,51 @@ impl Policy {
             pricing,
             audit,
             drain: DrainOnCancelLayer::new().drain_timeout(config.audit.drain_after_cancel),
+            guards: GuardLayer::new(),
         })
     }
+
+    /// The policy with `guards` (built by [`crate::guards::build`], not yet cloned), and
+    /// with alerts of blocks and of spend thresholds (`thresholds`, in percent of a cap) sent
+    /// to `alerts`.
+    pub fn with_guards(
+        mut self,
+        guards: GuardLayer,
+        alerts: Option<(Arc<dyn AlertSink>, Vec<u8>)>,
+    ) -> Policy {
+        let resolve = tower_llm_policy::Policy::new()
+            .model_aliases(self.names.clone())
+            .body_options(self.body);
+        let mut guards = guards.policy(resolve);
+        if let Some((sink, thresholds)) = alerts {
+            guards = guards.alerts(sink.clone());
+            self.quota = self.quota.alerts(sink).alert_thresholds(thresholds);
+        }
+        self.guards = guards;
+        self
+    }
+}
+
+/// Removes every request header starting with `x-llm-policy-` (what the layers read, they
+/// removed already; anything else is not for the upstream either).
+pub fn strip_policy_headers<B>(mut req: Request<B>) -> Request<B> {
+    let names: Vec<http::HeaderName> = req
+        .headers()
+        .keys()
+        .filter(|name| name.as_str().starts_with("x-llm-policy-"))
+        .cloned()
+        .collect();
+    for name in names {
+        req.headers_mut().remove(&name);
+    }
+    req
 }
 
 /// The stack: the policy layers (when `policy` is some) in front of `upstream`.
 pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService {
     let Some(policy) = policy else {
         // `--no-policy`: the same forwarding, server and boxing; no layer at all.
-        let timed = BodyTimeoutLayer.layer(upstream);
+        let timed = BodyTimeoutLayer.layer(upstream.map_request(strip_policy_headers));
         return BoxCloneService::new(ServiceExt::<Request<PolicyBody>>::map_response(
             timed, box_body,
         ));
@@ -221,7 +270,9 @@ pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService 
         .layer(feature_block)
         .layer(allow_list)
         .layer(prompt_limit)
+        .layer(policy.guards.clone())
         .layer(policy.quota.clone().policy(resolve.clone()))
+        .map_request(strip_policy_headers)
         .service(upstream);
     match (!policy.audit.is_empty()).then_some(&policy.audit) {
         // Outermost, so that it sees every request, rejected ones included, and every
@@ -238,13 +289,34 @@ pub fn build_stack(policy: Option<&Policy>, upstream: Upstream) -> ProxyService 
                 .layer(policed);
             BoxCloneService::new(ServiceExt::<Request<PolicyBody>>::map_response(
                 drain.layer(audited),
-                box_body,
+                box_policy_body,
             ))
         }
         None => BoxCloneService::new(ServiceExt::<Request<PolicyBody>>::map_response(
-            policed, box_body,
+            policed,
+            box_policy_body,
         )),
     }
+}
+
+/// [`box_body`], for the policy stack: an event stream goes out without `Content-Length`.
+/// A response guard may rewrite a stream as it passes (masks, held-back text re-sent, an error
+/// event at a block), so an upstream's length no longer holds; the library's response guard
+/// keeps the header, and hyper would cut the stream at it. Chunked instead.
+fn box_policy_body<B>(mut response: Response<B>) -> Response<ProxyBody>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let event_stream = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+    if event_stream {
+        response.headers_mut().remove(http::header::CONTENT_LENGTH);
+    }
+    box_body(response)
 }
 
 /// Boxes any response body of the stack into [`ProxyBody`].

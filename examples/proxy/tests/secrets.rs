@@ -24,7 +24,21 @@ const PROVIDER_ENV: &str = "TEST_SECRETS_PROVIDER_KEY";
 const CHAT_KEY: &str = "sk-secret-proxy-chat-5f6e7d8c9b";
 const OPEN_KEY: &str = "sk-secret-proxy-open-1a2b3c4d5e";
 const UNKNOWN_KEY: &str = "sk-secret-proxy-unknown-6f7e8d9c0b";
-const SECRETS: &[&str] = &[PROVIDER_KEY, CHAT_KEY, OPEN_KEY, UNKNOWN_KEY];
+const WEBHOOK_SECRET: &str = "whsec-secret-proxy-guard-3c4d5e6f7a";
+const WEBHOOK_ENV: &str = "TEST_SECRETS_WEBHOOK_SECRET";
+const ALERTS_SECRET: &str = "alerts-secret-proxy-token-8b9c0d1e2f";
+const ALERTS_ENV: &str = "TEST_SECRETS_ALERTS_SECRET";
+const SALT: &str = "salt-secret-proxy-end-users-4a5b6c";
+const SALT_ENV: &str = "TEST_SECRETS_SALT";
+const SECRETS: &[&str] = &[
+    PROVIDER_KEY,
+    CHAT_KEY,
+    OPEN_KEY,
+    UNKNOWN_KEY,
+    WEBHOOK_SECRET,
+    ALERTS_SECRET,
+    SALT,
+];
 
 /// A `Write` into a shared buffer, for the tracing output.
 #[derive(Clone, Default)]
@@ -41,7 +55,9 @@ impl Write for Buffer {
     }
 }
 
-fn config_text(upstream: &str, audit: &std::path::Path) -> String {
+/// `closed`: a port nothing listens on (the webhook guard's and the alerts' endpoint: every
+/// call fails, and the failures are logged).
+fn config_text(upstream: &str, audit: &std::path::Path, closed: u16) -> String {
     format!(
         r#"listen = "127.0.0.1:0"
 
@@ -59,6 +75,26 @@ jsonl = "{audit}"
 
 [body]
 limit = 4096
+
+[[guards]]
+name = "banned"
+kind = "words"
+words = ["xyzzy"]
+
+[[guards]]
+name = "dlp"
+kind = "webhook"
+workspace = false
+url = "http://127.0.0.1:{closed}/moderate"
+secret_env = "{WEBHOOK_ENV}"
+timeout = "2s"
+
+[end_users]
+hash_salt_env = "{SALT_ENV}"
+
+[alerts]
+webhook_url = "http://127.0.0.1:{closed}/alerts"
+secret_env = "{ALERTS_ENV}"
 
 [[keys]]
 name = "chat-app"
@@ -142,9 +178,13 @@ async fn no_secret_leaves_the_proxy_but_the_provider_key_to_the_upstream() {
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("proxy.toml");
     let audit_path = dir.path().join("audit.jsonl");
+    let closed = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap().port()
+    };
     std::fs::write(
         &config_path,
-        config_text(&format!("http://{mock_addr}/v1"), &audit_path),
+        config_text(&format!("http://{mock_addr}/v1"), &audit_path, closed),
     )
     .unwrap();
     let args = app::Args {
@@ -153,7 +193,17 @@ async fn no_secret_leaves_the_proxy_but_the_provider_key_to_the_upstream() {
         no_policy: false,
         migrate: false,
     };
-    let env = |name: &str| (name == PROVIDER_ENV).then(|| PROVIDER_KEY.to_owned());
+    let env = |name: &str| {
+        [
+            (PROVIDER_ENV, PROVIDER_KEY),
+            (WEBHOOK_ENV, WEBHOOK_SECRET),
+            (ALERTS_ENV, ALERTS_SECRET),
+            (SALT_ENV, SALT),
+        ]
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| (*v).to_owned())
+    };
     let proxy = app::Proxy::prepare(&args, env).await.expect("proxy starts");
     let mut seen: Vec<(String, String)> = Vec::new();
     seen.push(("Proxy (Debug)".into(), format!("{proxy:?}")));
@@ -282,6 +332,26 @@ async fn no_secret_leaves_the_proxy_but_the_provider_key_to_the_upstream() {
             chat("gpt-4o-mini", &"x".repeat(8192), false),
             413,
         ),
+        (
+            "content blocked",
+            Method::POST,
+            "/v1/chat/completions",
+            bearer(CHAT_KEY),
+            chat("gpt-4o-mini", "xyzzy", false),
+            400,
+        ),
+        (
+            "webhook guard unreachable",
+            Method::POST,
+            "/v1/chat/completions",
+            {
+                let mut headers = bearer(CHAT_KEY);
+                headers.push(("x-llm-policy-guards", "dlp".into()));
+                headers
+            },
+            chat("gpt-4o-mini", "hi", false),
+            503,
+        ),
         // Refused somewhere (a layer or the forwarder): any 4xx.
         (
             "outside /v1",
@@ -323,7 +393,7 @@ async fn no_secret_leaves_the_proxy_but_the_provider_key_to_the_upstream() {
     }
 
     let audit = std::fs::read_to_string(&audit_path).unwrap();
-    assert_eq!(audit.lines().count(), 14, "one record per request: {audit}");
+    assert_eq!(audit.lines().count(), 16, "one record per request: {audit}");
     seen.push(("audit log".into(), audit));
     let tracing_text = String::from_utf8_lossy(&tracing_out.0.lock().unwrap()).into_owned();
     assert!(tracing_text.contains("request"), "tracing was captured");

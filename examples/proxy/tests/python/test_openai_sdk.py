@@ -69,6 +69,10 @@ KEY_NAMES = {
 ANSWER = "This is a mock response from the upstream"
 CHAT_MODELS = ["gpt-4o", "gpt-4o-mini"]
 BODY_LIMIT = 64 * 1024
+# A word the `banned-words` guard blocks in prompts, and one the `answer-stop` guard blocks in
+# answers (the mock answers `ECHO <text>` with <text>, streamed 4 characters at a time).
+BANNED_WORD = "xyzzy"
+STREAM_STOP_WORD = "plugh"
 
 
 def config_text(upstream: str, audit: Path) -> str:
@@ -89,6 +93,18 @@ jsonl = {json.dumps(str(audit))}
 
 [body]
 limit = {BODY_LIMIT}
+
+# Content guards: a word blocked in prompts, and one that stops an answer mid-stream.
+[[guards]]
+name = "banned-words"
+kind = "words"
+words = ["{BANNED_WORD}"]
+
+[[guards]]
+name = "answer-stop"
+kind = "words"
+on = ["response"]
+words = ["{STREAM_STOP_WORD}"]
 
 [[keys]]
 name = "chat-app"
@@ -563,6 +579,56 @@ class OpenAISdkThroughProxy(unittest.TestCase):
             self.rejected_chat(SHORT_KEY, "gpt-4o-mini", "x" * 500)
         self.assert_error(ctx, openai.BadRequestError, 400, "prompt_too_long")
 
+    # --- rejected: content guards ---
+
+    def test_blocked_prompt_is_bad_request_content_blocked(self):
+        with self.assertRaises(openai.BadRequestError) as ctx:
+            self.rejected_chat(CHAT_KEY, "gpt-4o-mini", f"tell me about {BANNED_WORD}")
+        e = self.assert_error(ctx, openai.BadRequestError, 400, "content_blocked")
+        self.assertIn("`banned-words`", e.response.json()["error"]["message"])
+
+    def test_stream_blocked_midway_raises_api_error(self):
+        # The answer's first words reach the client; the guard then ends the stream with an
+        # error event, which the SDK raises as APIError.
+        received = []
+
+        def run():
+            stream = Harness.client(CHAT_KEY).chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[
+                    {
+                        "role": "user",
+                        "content": f"ECHO a perfectly harmless beginning, then {STREAM_STOP_WORD} and more",
+                    }
+                ],
+                stream=True,
+            )
+            with stream:
+                for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        received.append(chunk.choices[0].delta.content)
+
+        entry = {
+            "body_read": True,
+            "key": CHAT_KEY,
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "model": "gpt-4o-mini",
+            "stream": True,
+            # The response started (200); the guard's block is in the record.
+            "status": 200,
+            "rejected": False,
+            "audited": True,
+        }
+        Harness.sent.append(entry)
+        with self.assertRaises(openai.APIError) as ctx:
+            run()
+        self.assertNotIsInstance(ctx.exception, openai.APIStatusError)
+        self.assertIn("answer-stop", str(ctx.exception))
+        text = "".join(received)
+        self.assertTrue(text.startswith("a perfectly"), text)
+        self.assertNotIn(STREAM_STOP_WORD, text)
+
     # --- rejected: the body limit, refused before the body or the key is read (so the
     # --- audit record has neither a key name nor a model, but it is there) ---
 
@@ -634,6 +700,13 @@ class OpenAISdkThroughProxy(unittest.TestCase):
                 self.assertTrue(record["blocked_by"], record)
                 self.assertTrue(record["code"], record)
                 self.assertEqual(record["outcome"], "rejected", record)
+            elif "guard:answer-stop" in record["flags"]:
+                # A stream a response guard stopped mid-way: it started as a 200, and the
+                # record is flagged with the guard. (The audit layer reads the guard's error
+                # event as the upstream's: outcome `upstream_error`.)
+                self.assertIsNone(record["blocked_by"], record)
+                self.assertTrue(record["stream"], record)
+                self.assertIn(record["outcome"], ("completed", "upstream_error"), record)
             else:
                 self.assertIsNone(record["blocked_by"], record)
                 self.assertEqual(record["outcome"], "completed", record)
