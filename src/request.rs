@@ -271,6 +271,7 @@ pub struct LlmRequest {
     /// thread or a conversation stores).
     body_wanted: bool,
     /// A POST, PUT or PATCH: a method whose body the API reads.
+    #[cfg_attr(not(feature = "guards"), allow(dead_code))]
     body_method: bool,
     multipart: bool,
     body: Bytes,

@@ -206,9 +206,11 @@ async fn leaks(
     out
 }
 
+type Answer = dyn Fn(&ModerationInput) -> Result<Verdict, ModerationError> + Send + Sync;
+
 #[derive(Clone)]
 struct Scripted {
-    answer: Arc<dyn Fn(&ModerationInput) -> Result<Verdict, ModerationError> + Send + Sync>,
+    answer: Arc<Answer>,
     asked: Arc<Mutex<Vec<Vec<String>>>>,
 }
 
@@ -809,9 +811,9 @@ async fn hostile_json_is_refused_with_a_client_error() {
         r#"{"role":"user","messages":["#.repeat(200),
         "]}".repeat(200)
     );
+    let nested = format!("{}1{}", "[".repeat(100), "]".repeat(100));
     let deep = format!(
-        r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"{SECRET}","x":{}}}]}}"#,
-        format!("{}1{}", "[".repeat(100), "]".repeat(100))
+        r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"{SECRET}","x":{nested}}}]}}"#
     );
     let bodies = [
         r#"{"model":"gpt-4o","messages":[{"role":"user","content":"\ud800"}]}"#.to_owned(),

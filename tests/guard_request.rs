@@ -577,10 +577,12 @@ async fn a_required_user_must_not_be_blank() {
     );
 }
 
+type Answer = dyn Fn(&ModerationInput) -> Result<Verdict, ModerationError> + Send + Sync;
+
 /// A moderator answering from a script, recording what it was asked.
 #[derive(Clone)]
 struct Scripted {
-    answer: Arc<dyn Fn(&ModerationInput) -> Result<Verdict, ModerationError> + Send + Sync>,
+    answer: Arc<Answer>,
     asked: Arc<Mutex<Vec<Vec<String>>>>,
 }
 

@@ -174,7 +174,7 @@ async fn json_chat_block_answers_content_blocked_without_the_match() {
     assert!(message.contains("`words`"), "{message}");
     assert!(!run.text().contains("secret"));
     let rejection = run.rejection.clone().unwrap();
-    assert_eq!(rejection.layer, LayerName::Other("guard"));
+    assert_eq!(rejection.layer, LayerName::Guard);
     assert_eq!(rejection.code, "content_blocked");
     assert!(run.flags().contains(&"guard:words".to_owned()));
     assert_eq!(
@@ -354,7 +354,7 @@ async fn compressed_responses_fail_closed_unless_only_audited() {
     assert_eq!(r.json()["error"]["code"], "upstream_invalid_response");
     assert_eq!(
         r.rejection.clone().unwrap().layer,
-        LayerName::Other("guard")
+        LayerName::Guard
     );
     let r = run(vec![words(Mode::Audit)], Endpoint::ChatCompletions, gz()).await;
     assert_eq!(r.status, StatusCode::OK);
