@@ -352,10 +352,7 @@ async fn compressed_responses_fail_closed_unless_only_audited() {
     let r = run(vec![words(Mode::Redact)], Endpoint::ChatCompletions, gz()).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert_eq!(r.json()["error"]["code"], "upstream_invalid_response");
-    assert_eq!(
-        r.rejection.clone().unwrap().layer,
-        LayerName::Guard
-    );
+    assert_eq!(r.rejection.clone().unwrap().layer, LayerName::Guard);
     let r = run(vec![words(Mode::Audit)], Endpoint::ChatCompletions, gz()).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.frames.concat(), b"\x1f\x8b...");
