@@ -5,55 +5,20 @@
 //! correct behaviour. The others pass and document attacks that are stopped today.
 #![cfg(feature = "guards")]
 
-use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+mod common_guard;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use common_guard::stack::{secret, stack, Log, Re, Scripted};
+use http::{Request, StatusCode};
 use serde_json::{json, Value};
-use tower::{service_fn, ServiceBuilder, ServiceExt};
-use tower_llm_policy::audit::{AuditLayer, AuditRecord, MemorySink};
-use tower_llm_policy::guard::detect::Found;
-use tower_llm_policy::guard::{
-    Detector, Guard, GuardLayer, Mode, ModerationError, ModerationInput, Moderator, ToolFirewall,
-    Verdict,
-};
-use tower_llm_policy::keys::BoxFuture;
-use tower_llm_policy::prompt_limit::PromptLimitLayer;
+use tower_llm_policy::audit::{AuditRecord, MemorySink};
+use tower_llm_policy::guard::{Guard, GuardLayer, Mode, ToolFirewall, Verdict};
 use tower_llm_policy::request::Role;
-use tower_llm_policy::{ApiKey, PolicyBody};
+use tower_llm_policy::ApiKey;
 
 // ---------------------------------------------------------------------------------------------
 // Harness (as tests/guard_request.rs)
 
-struct Re(regex::Regex, &'static str);
-
-impl Re {
-    fn new(pattern: &str, label: &'static str) -> Self {
-        Re(regex::Regex::new(pattern).unwrap(), label)
-    }
-}
-
-impl Detector for Re {
-    fn find(&self, text: &str, found: &mut Vec<Found>) {
-        found.extend(
-            self.0
-                .find_iter(text)
-                .map(|m| Found::new(m.range(), self.1)),
-        );
-    }
-
-    fn max_match_len(&self) -> usize {
-        64
-    }
-}
-
 const SECRET: &str = "sk-abcdefgh12345";
-
-fn secret() -> Re {
-    Re::new(r"sk-[A-Za-z0-9]{8,40}", "api_key")
-}
 
 fn block() -> GuardLayer {
     GuardLayer::new().guard(Guard::new("secrets", secret()))
@@ -61,69 +26,6 @@ fn block() -> GuardLayer {
 
 fn redact() -> GuardLayer {
     GuardLayer::new().guard(Guard::new("secrets", secret()).mode(Mode::Redact))
-}
-
-#[derive(Clone, Debug)]
-struct Seen {
-    body: Bytes,
-    headers: http::HeaderMap,
-}
-
-type Log = Arc<Mutex<Vec<Seen>>>;
-
-fn stack(layer: GuardLayer, key: Option<ApiKey>) -> (Stack, Log, MemorySink) {
-    let log: Log = Arc::default();
-    let seen = log.clone();
-    let sink = MemorySink::new();
-    let key = key.map(Arc::new);
-    let svc = ServiceBuilder::new()
-        .map_request(move |mut req: Request<String>| {
-            if let Some(key) = &key {
-                req.extensions_mut().insert(key.clone());
-            }
-            req
-        })
-        .layer(AuditLayer::new(sink.clone()).log_content(true))
-        .layer(PromptLimitLayer::new())
-        .layer(layer)
-        .service(service_fn(move |req: Request<PolicyBody>| {
-            let seen = seen.clone();
-            async move {
-                let (parts, body) = req.into_parts();
-                let body = body.collect().await.unwrap().to_bytes();
-                seen.lock().unwrap().push(Seen {
-                    body,
-                    headers: parts.headers,
-                });
-                let mut response = Response::new(http_body_util::Full::new(Bytes::from_static(
-                    br#"{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
-                )));
-                response
-                    .headers_mut()
-                    .insert("content-type", "application/json".parse().unwrap());
-                Ok::<_, Infallible>(response)
-            }
-        }));
-    let svc = svc.map_response(|r| r.map(|b| b.map_err(|e| e.to_string()).boxed_unsync()));
-    (Stack(tower::util::BoxCloneService::new(svc)), log, sink)
-}
-
-type Boxed = http_body_util::combinators::UnsyncBoxBody<Bytes, String>;
-
-#[derive(Clone)]
-struct Stack(tower::util::BoxCloneService<Request<String>, Response<Boxed>, Infallible>);
-
-impl Stack {
-    async fn oneshot(self, req: Request<String>) -> Response<Bytes> {
-        let response = self.0.oneshot(req).await.unwrap();
-        let (parts, body) = response.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
-        Response::from_parts(parts, body)
-    }
 }
 
 fn raw(path: &str, body: &str) -> Request<String> {
@@ -161,7 +63,7 @@ fn record(sink: &MemorySink) -> AuditRecord {
 /// Sends `req` through `layer`; returns the status and what the upstream received.
 async fn send(layer: &GuardLayer, req: Request<String>) -> (StatusCode, Vec<String>) {
     let (svc, log, _) = stack(layer.clone(), None);
-    let response = svc.oneshot(req).await;
+    let response = svc.oneshot(req).await.unwrap();
     (response.status(), forwarded(&log))
 }
 
@@ -204,49 +106,6 @@ async fn leaks(
         }
     }
     out
-}
-
-type Answer = dyn Fn(&ModerationInput) -> Result<Verdict, ModerationError> + Send + Sync;
-
-#[derive(Clone)]
-struct Scripted {
-    answer: Arc<Answer>,
-    asked: Arc<Mutex<Vec<Vec<String>>>>,
-}
-
-impl Scripted {
-    fn new(
-        answer: impl Fn(&ModerationInput) -> Result<Verdict, ModerationError> + Send + Sync + 'static,
-    ) -> Self {
-        Scripted {
-            answer: Arc::new(answer),
-            asked: Arc::default(),
-        }
-    }
-
-    /// A webhook that redacts `word` wherever it sees it.
-    fn redacting(word: &'static str) -> Self {
-        Scripted::new(move |input| {
-            Ok(Verdict::Redact {
-                texts: input
-                    .texts
-                    .iter()
-                    .map(|t| t.replace(word, "[NAME]"))
-                    .collect(),
-            })
-        })
-    }
-}
-
-impl Moderator for Scripted {
-    fn moderate(
-        &self,
-        input: ModerationInput,
-    ) -> BoxFuture<'static, Result<Verdict, ModerationError>> {
-        self.asked.lock().unwrap().push(input.texts.clone());
-        let answer = (self.answer)(&input);
-        Box::pin(async move { answer })
-    }
 }
 
 // =============================================================================================
@@ -619,7 +478,7 @@ async fn end_user_hashing_never_forwards_a_multipart_user_raw() {
         .body(body)
         .unwrap();
     let (svc, log, _) = stack(layer, None);
-    let response = svc.oneshot(req).await;
+    let response = svc.oneshot(req).await.unwrap();
     let bodies = forwarded(&log);
     assert!(
         !leaked(&bodies, "alice@example.com"),
@@ -869,7 +728,10 @@ async fn the_guards_header_cannot_remove_a_guard_and_never_goes_upstream() {
                     http::HeaderValue::from_bytes(v).unwrap(),
                 );
             }
-            assert_eq!(svc.oneshot(req).await.status(), StatusCode::BAD_REQUEST);
+            assert_eq!(
+                svc.oneshot(req).await.unwrap().status(),
+                StatusCode::BAD_REQUEST
+            );
             assert!(log.lock().unwrap().is_empty());
         }
         // Clean text: forwarded without the header.
@@ -881,7 +743,7 @@ async fn the_guards_header_cannot_remove_a_guard_and_never_goes_upstream() {
                 http::HeaderValue::from_bytes(v).unwrap(),
             );
         }
-        assert_eq!(svc.oneshot(req).await.status(), StatusCode::OK);
+        assert_eq!(svc.oneshot(req).await.unwrap().status(), StatusCode::OK);
         assert!(!log.lock().unwrap()[0]
             .headers
             .contains_key("x-llm-policy-guards"));
@@ -893,7 +755,10 @@ async fn the_guards_header_cannot_remove_a_guard_and_never_goes_upstream() {
         "x-llm-policy-guards",
         "digits,".repeat(10_000).parse().unwrap(),
     );
-    assert_eq!(svc.oneshot(req).await.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        svc.oneshot(req).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
 }
 
 /// The prompt-token header never loosens a limit, whatever its spelling, and never goes
@@ -920,7 +785,7 @@ async fn the_prompt_token_header_never_loosens_and_never_goes_upstream() {
             req.headers_mut()
                 .append("x-llm-policy-max-prompt-tokens", v.parse().unwrap());
         }
-        let status = svc.oneshot(req).await.status();
+        let status = svc.oneshot(req).await.unwrap().status();
         assert_eq!(status, StatusCode::BAD_REQUEST, "{values:?}");
         assert!(log.lock().unwrap().is_empty());
     }
@@ -930,7 +795,7 @@ async fn the_prompt_token_header_never_loosens_and_never_goes_upstream() {
         .append("x-llm-policy-max-prompt-tokens", "5000".parse().unwrap());
     req.headers_mut()
         .append("X-LLM-Policy-Max-Prompt-Tokens", "junk".parse().unwrap());
-    assert_eq!(svc.oneshot(req).await.status(), StatusCode::OK);
+    assert_eq!(svc.oneshot(req).await.unwrap().status(), StatusCode::OK);
     assert!(!log.lock().unwrap()[0]
         .headers
         .contains_key("x-llm-policy-max-prompt-tokens"));
@@ -946,6 +811,7 @@ async fn end_user_ids_never_go_upstream_raw() {
     assert_eq!(
         svc.oneshot(raw("/v1/chat/completions", body))
             .await
+            .unwrap()
             .status(),
         StatusCode::OK
     );

@@ -3,121 +3,24 @@
 //! clean, redacting, and an outage under both fail modes).
 #![cfg(feature = "guards")]
 
-use std::convert::Infallible;
+mod common_guard;
+
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use common_guard::stack::{secret, stack, Log, Re, Scripted};
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_llm_policy::alert::{Alert, AlertSink};
-use tower_llm_policy::audit::{AuditLayer, AuditRecord, MemorySink};
-use tower_llm_policy::guard::detect::Found;
+use tower_llm_policy::audit::{AuditRecord, MemorySink};
 use tower_llm_policy::guard::{
-    Detector, Guard, GuardLayer, Mode, ModerationError, ModerationInput, Moderator, Sides,
-    ToolFirewall, Verdict,
+    Guard, GuardLayer, Mode, ModerationError, Sides, ToolFirewall, Verdict,
 };
-use tower_llm_policy::keys::BoxFuture;
-use tower_llm_policy::prompt_limit::PromptLimitLayer;
 use tower_llm_policy::request::{PromptSource, Role};
-use tower_llm_policy::{ApiKey, LayerName, PolicyBody, Rejection};
-
-/// A test detector: every match of a regex, labelled.
-struct Re(regex::Regex, &'static str);
-
-impl Re {
-    fn new(pattern: &str, label: &'static str) -> Self {
-        Re(regex::Regex::new(pattern).unwrap(), label)
-    }
-}
-
-impl Detector for Re {
-    fn find(&self, text: &str, found: &mut Vec<Found>) {
-        found.extend(
-            self.0
-                .find_iter(text)
-                .map(|m| Found::new(m.range(), self.1)),
-        );
-    }
-
-    fn max_match_len(&self) -> usize {
-        64
-    }
-}
-
-fn secret() -> Re {
-    Re::new(r"sk-[A-Za-z0-9]{8,40}", "api_key")
-}
+use tower_llm_policy::{ApiKey, LayerName, Rejection};
 
 fn email() -> Re {
     Re::new(r"[a-z0-9.+]{1,32}@[a-z0-9.]{1,32}\.[a-z]{2,6}", "email")
-}
-
-#[derive(Clone, Debug)]
-struct Seen {
-    body: Bytes,
-    headers: http::HeaderMap,
-}
-
-type Log = Arc<Mutex<Vec<Seen>>>;
-
-/// The key (as KeyAuth would insert it) → Audit → PromptLimit → guards → a recording
-/// upstream.
-fn stack(layer: GuardLayer, key: Option<ApiKey>) -> (Stack, Log, MemorySink) {
-    let log: Log = Arc::default();
-    let seen = log.clone();
-    let sink = MemorySink::new();
-    let key = key.map(Arc::new);
-    let svc = ServiceBuilder::new()
-        .map_request(move |mut req: Request<String>| {
-            if let Some(key) = &key {
-                req.extensions_mut().insert(key.clone());
-            }
-            req
-        })
-        .layer(AuditLayer::new(sink.clone()).log_content(true))
-        .layer(PromptLimitLayer::new())
-        .layer(layer)
-        .service(service_fn(move |req: Request<PolicyBody>| {
-            let seen = seen.clone();
-            async move {
-                let (parts, body) = req.into_parts();
-                let body = body.collect().await.unwrap().to_bytes();
-                seen.lock().unwrap().push(Seen {
-                    body,
-                    headers: parts.headers,
-                });
-                let mut response = Response::new(http_body_util::Full::new(Bytes::from_static(
-                    br#"{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
-                )));
-                response
-                    .headers_mut()
-                    .insert("content-type", "application/json".parse().unwrap());
-                Ok::<_, Infallible>(response)
-            }
-        }));
-    let svc = svc.map_response(|r| r.map(|b| b.map_err(|e| e.to_string()).boxed_unsync()));
-    (Stack(tower::util::BoxCloneService::new(svc)), log, sink)
-}
-
-type Boxed = http_body_util::combinators::UnsyncBoxBody<Bytes, String>;
-
-/// The stack under test; its answers are read in full.
-#[derive(Clone)]
-struct Stack(tower::util::BoxCloneService<Request<String>, Response<Boxed>, Infallible>);
-
-impl Stack {
-    async fn oneshot(self, req: Request<String>) -> Result<Response<Bytes>, Infallible> {
-        let response = self.0.oneshot(req).await?;
-        let (parts, body) = response.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
-        Ok(Response::from_parts(parts, body))
-    }
 }
 
 fn chat(messages: Value) -> Request<String> {
@@ -575,40 +478,6 @@ async fn a_required_user_must_not_be_blank() {
         svc.oneshot(post(body)).await.unwrap().status(),
         StatusCode::OK
     );
-}
-
-type Answer = dyn Fn(&ModerationInput) -> Result<Verdict, ModerationError> + Send + Sync;
-
-/// A moderator answering from a script, recording what it was asked.
-#[derive(Clone)]
-struct Scripted {
-    answer: Arc<Answer>,
-    asked: Arc<Mutex<Vec<Vec<String>>>>,
-}
-
-impl Scripted {
-    fn new(
-        answer: impl Fn(&ModerationInput) -> Result<Verdict, ModerationError> + Send + Sync + 'static,
-    ) -> Self {
-        Scripted {
-            answer: Arc::new(answer),
-            asked: Arc::default(),
-        }
-    }
-}
-
-impl Moderator for Scripted {
-    fn moderate(
-        &self,
-        input: ModerationInput,
-    ) -> BoxFuture<'static, Result<Verdict, ModerationError>> {
-        self.asked.lock().unwrap().push(input.texts.clone());
-        let answer = (self.answer)(&input);
-        Box::pin(async move {
-            tokio::task::yield_now().await;
-            answer
-        })
-    }
 }
 
 #[derive(Default)]

@@ -3,6 +3,8 @@
 //! `guard_response`, SSE streams of the three APIs and their client-side reading.
 #![allow(dead_code)]
 
+pub(crate) mod stack;
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
