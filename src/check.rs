@@ -289,15 +289,17 @@ fn decide_and_forward<C: Check>(
     check.decide(view, key, audit.as_ref())?;
     if let Some(rendered) = view.take_rendered() {
         let rendered = rendered?;
-        // The new body is in memory and of known length: it is sent with that length, never
-        // chunked, whatever the client did.
-        parts.headers.remove(header::TRANSFER_ENCODING);
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(rendered.len()));
+        set_length(&mut parts.headers, rendered.len());
         body = PolicyBody::full(rendered);
     }
     Ok(Request::from_parts(parts, body))
+}
+
+/// Marks a rewritten body, in memory and of known length: it is sent with that length, never
+/// chunked, whatever the client did.
+pub(crate) fn set_length(headers: &mut http::HeaderMap, len: usize) {
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
 }
 
 /// Turns the outcome of reading a body into its bytes or the error to answer with. A body that

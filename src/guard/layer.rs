@@ -299,16 +299,11 @@ impl Config {
     fn end_user_hash(&self) -> Option<crate::rewrite::EndUserHash> {
         let salt = self.end_user_salt.clone()?;
         Some(Arc::new(move |id: &str| {
-            let mut h = Sha256::new();
-            h.update(&salt);
-            h.update(id.as_bytes());
-            let digest = h.finalize();
-            let mut out = String::with_capacity(64);
-            for b in digest {
-                out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
-                out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
-            }
-            out
+            let digest = Sha256::new()
+                .chain_update(&salt)
+                .chain_update(id)
+                .finalize();
+            crate::keys::KeyDigest::from_bytes(digest.into()).to_hex()
         }))
     }
 }
@@ -762,15 +757,11 @@ where
     fn call(&mut self, req: Request<PolicyBody>) -> Self::Future {
         let config = &self.config;
         let key = req.extensions().get::<Arc<ApiKey>>().cloned();
-        let extra = req
-            .extensions()
-            .get::<HeaderGuards>()
-            .map_or(Arc::from([]), |h| h.0.clone());
+        let extra: &[usize] = req.extensions().get::<HeaderGuards>().map_or(&[], |h| &h.0);
         // The head check passed: the key's guards are known.
         let applicable = config
-            .applicable(key.as_deref(), &extra)
-            .map(Cow::into_owned)
-            .unwrap_or_default();
+            .applicable(key.as_deref(), extra)
+            .unwrap_or(Cow::Borrowed(&[]));
         let audit = req.extensions().get::<AuditHandle>().cloned();
         let plan = response_plan(config, &applicable, &req, key.as_deref(), audit.clone());
         let external: Vec<usize> = applicable
@@ -962,13 +953,8 @@ fn rewrite_request(
     if let Some(audit) = audit {
         audit.observe(view);
     }
-    set_body_headers(&mut parts.headers, rendered.len());
+    crate::check::set_length(&mut parts.headers, rendered.len());
     Ok(Request::from_parts(parts, PolicyBody::full(rendered)))
-}
-
-fn set_body_headers(headers: &mut HeaderMap, len: usize) {
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
 }
 
 pin_project! {
