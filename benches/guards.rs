@@ -18,7 +18,13 @@
 //! end through the layer):
 //! - `stream_pass`: no response guard;
 //! - `stream_full_set_redact`: the same detectors on the response, secrets and PII redacting
-//!   and the rest blocking (nothing blocks in this text).
+//!   and the rest blocking (nothing blocks in this text);
+//! - `stream_one`: each detector alone on the response, in the mode of the full set (alone,
+//!   a guard is the widest: it reads its window every quarter of its hold-back).
+//!
+//! Detectors alone (`find_32k`): one `Detector::find` over the clean 32 KB text, with no layer
+//! around it; prints each detector's longest match `L` and context `C` (a stream that a
+//! detector acts on holds back about `L + C` bytes).
 //!
 //! Quote the medians as ratios within one run.
 
@@ -196,6 +202,45 @@ async fn one_stream(layer: &GuardLayer) -> usize {
 #[divan::bench(sample_count = 10)]
 fn stream_pass(bencher: Bencher<'_, '_>) {
     let layer = GuardLayer::new();
+    bencher.bench_local(|| RT.block_on(one_stream(&layer)));
+}
+
+#[divan::bench(args = ["profanity", "secrets", "pii", "injection", "tickets"])]
+fn find_32k(bencher: Bencher<'_, '_>, which: &str) {
+    use tower_llm_policy::guard::detect::Detector;
+    let d: Box<dyn Detector> = match which {
+        "profanity" => Box::new(WordList::profanity()),
+        "secrets" => Box::new(Secrets::all()),
+        "pii" => Box::new(Pii::all()),
+        "injection" => Box::new(Injection::new()),
+        _ => Box::new(Patterns::new([("ticket", r"(?-u:\b)TICKET-[0-9]{1,8}(?-u:\b)")]).unwrap()),
+    };
+    let text = prose(32 * 1024);
+    eprintln!("{which}: L {} C {}", d.max_match_len(), d.context());
+    bencher.bench_local(|| {
+        let mut found = Vec::new();
+        d.find(black_box(&text), &mut found);
+        found.len()
+    });
+}
+
+#[divan::bench(sample_count = 5, args = ["profanity", "secrets", "pii", "injection", "tickets"])]
+fn stream_one(bencher: Bencher<'_, '_>, which: &str) {
+    let on = Sides::RESPONSE;
+    let g = match which {
+        "profanity" => Guard::new("profanity", WordList::profanity()).on(on),
+        "secrets" => Guard::new("secrets", Secrets::all())
+            .mode(Mode::Redact)
+            .on(on),
+        "pii" => Guard::new("pii", Pii::all()).mode(Mode::Redact).on(on),
+        "injection" => Guard::new("injection", Injection::new()).on(on),
+        _ => Guard::new(
+            "tickets",
+            Patterns::new([("ticket", r"(?-u:\b)TICKET-[0-9]{1,8}(?-u:\b)")]).unwrap(),
+        )
+        .on(on),
+    };
+    let layer = GuardLayer::new().guard(g);
     bencher.bench_local(|| RT.block_on(one_stream(&layer)));
 }
 

@@ -21,9 +21,25 @@
 //! - a block match stops the stream as soon as it is certain (its right context is in), which
 //!   is always before any byte of it is released.
 //!
-//! At the end of the text (`finish`), `F = end`. The window of original text kept is what is
-//! not yet released plus `L + 2C` bytes before it (left context), so memory is bounded by the
-//! guards, not by the length of the stream.
+//! At the end of the text (`finish`), `F = end`.
+//!
+//! # Reading each byte a few times, not once per event
+//!
+//! The rule holds per guard: with `L`, `C` a guard's own, every match of it covering a byte
+//! below `scanned - L - C` is known once it has read the text up to `scanned`, so the
+//! frontier is the least of those over the acting guards. A guard is therefore not run on
+//! every event: it reads again once `step` new bytes are in, over a window from
+//! `L + 2C` before its previous scan point (its left context; see [`TextScan::scan`]). With
+//! `H` the largest `L + C` of the acting guards:
+//!
+//! - an acting guard's step is `max(H - (L + C), H / 4)`: a guard narrower than the widest
+//!   waits until it would hold the frontier back, and the widest reads every quarter of its
+//!   hold. So the stream holds back at most `H + H / 4` bytes (plus the event that arrives);
+//! - an audit guard never holds text back: it reads once `L + 2C` new bytes are in, so each
+//!   byte about twice.
+//!
+//! The window of original text kept is what is not yet released and each guard's left
+//! context, so memory is bounded by the guards, not by the length of the stream.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -63,6 +79,16 @@ impl Ready {
         matches!(self.check, Check::Detect | Check::Reflect(Some(_)))
     }
 
+    /// `L + C`: what this guard alone holds back of a stream it acts on.
+    fn hold(&self) -> usize {
+        self.max_len.saturating_add(self.context)
+    }
+
+    /// `L + 2C`: how far before its previous scan point a scan of this guard starts.
+    fn reach(&self) -> usize {
+        self.max_len.saturating_add(self.context.saturating_mul(2))
+    }
+
     fn find(&self, text: &str, found: &mut Vec<Found>) {
         match &self.check {
             Check::Detect => {
@@ -79,10 +105,8 @@ impl Ready {
 /// The guards of a plan, ready for one response.
 pub(super) struct Checks {
     pub(super) guards: Vec<Ready>,
-    /// `L + C` of the guards that act on text (block or redact): what a stream holds back.
+    /// The largest `L + C` of the guards that act on text (block or redact): `H`.
     hold: usize,
-    /// `L + 2C` over every text guard: the left context kept.
-    keep: usize,
     /// Some text guard blocks or redacts (text is held back).
     pub(super) acting: bool,
     /// Some guard reads text at all.
@@ -118,22 +142,12 @@ impl Checks {
                 }
             })
             .collect();
-        let text: Vec<&Ready> = guards.iter().filter(|g| g.reads_text()).collect();
-        let acting: Vec<&&Ready> = text.iter().filter(|g| g.mode != Mode::Audit).collect();
-        let max = |it: &mut dyn Iterator<Item = usize>| it.max().unwrap_or(0);
-        let (l, c) = (
-            max(&mut acting.iter().map(|g| g.max_len)),
-            max(&mut acting.iter().map(|g| g.context)),
-        );
-        let (la, ca) = (
-            max(&mut text.iter().map(|g| g.max_len)),
-            max(&mut text.iter().map(|g| g.context)),
-        );
+        let text = guards.iter().filter(|g| g.reads_text());
+        let acting = text.clone().filter(|g| g.mode != Mode::Audit);
         Checks {
-            hold: l.saturating_add(c),
-            keep: la.saturating_add(ca.saturating_mul(2)),
-            acting: !acting.is_empty(),
-            reads_text: !text.is_empty(),
+            hold: acting.clone().map(Ready::hold).max().unwrap_or(0),
+            acting: acting.count() > 0,
+            reads_text: text.count() > 0,
             guards,
         }
     }
@@ -145,10 +159,20 @@ impl Checks {
             .any(|g| g.mode != Mode::Audit && !matches!(g.check, Check::Nothing))
     }
 
-    /// How many bytes a stream holds back at most beyond what could start a match.
+    /// `H`, the largest `L + C` of the guards that act on text.
     #[cfg(test)]
     pub(super) fn hold(&self) -> usize {
         self.hold
+    }
+
+    /// How much new text guard `g` waits for before it is scanned again (see the module
+    /// docs).
+    fn step(&self, g: &Ready) -> usize {
+        if g.mode == Mode::Audit {
+            g.reach().max(1)
+        } else {
+            (self.hold - g.hold()).max(self.hold / 4).max(1)
+        }
     }
 }
 
@@ -163,7 +187,8 @@ pub(super) struct Findings {
     pub(super) redacted: Vec<usize>,
 }
 
-/// One hit of an acting guard, in absolute offsets of the stream.
+/// One hit of a redact guard, in absolute offsets of the stream.
+#[derive(Debug)]
 struct AbsHit {
     start: usize,
     end: usize,
@@ -183,8 +208,12 @@ pub(super) struct TextScan {
     /// A merged group of matches is being masked: its mask is out, its text is swallowed up
     /// to here (absolute, may be past the text assembled yet).
     group_end: Option<usize>,
-    /// The text's length at the previous scan.
-    scanned: usize,
+    /// Per guard of the plan: the text's length at its previous scan (empty before the first
+    /// advance).
+    scanned: Vec<usize>,
+    /// Certain redact hits not yet decided, ordered as [`redact_hits`](crate::guard::redact_hits)
+    /// orders them.
+    hits: Vec<AbsHit>,
     /// Scratch for detectors.
     found: Vec<Found>,
 }
@@ -224,10 +253,8 @@ impl TextScan {
         findings: &mut Findings,
     ) {
         let end = self.end();
-        let mut hits: Vec<AbsHit> = Vec::new();
-        if end > self.scanned || finish {
-            self.scan(checks, flagged, finish, &mut hits, findings);
-        }
+        self.scanned.resize(checks.guards.len(), 0);
+        self.scan(checks, flagged, finish, findings);
         if findings.block.is_some() {
             return;
         }
@@ -237,12 +264,16 @@ impl TextScan {
             self.pos = end;
             self.group_end = None;
         } else {
-            self.release(checks, finish, &mut hits, out, findings);
+            self.release(checks, finish, out, findings);
         }
-        self.scanned = end;
-        // Keeps the left context of what is not decided yet, and of what the next scan sees
-        // first.
-        let from = self.pos.min(end).saturating_sub(checks.keep);
+        // Keeps what is not decided, and the left context of each guard's next scan.
+        let mut from = self.pos.min(end);
+        for (g, ready) in checks.guards.iter().enumerate() {
+            if Self::skips(ready, g, flagged) {
+                continue;
+            }
+            from = from.min(self.scanned[g].saturating_sub(ready.reach()));
+        }
         if from > self.start {
             let mut cut = from - self.start;
             while !self.window.is_char_boundary(cut) {
@@ -253,63 +284,96 @@ impl TextScan {
         }
     }
 
-    fn scan(
-        &mut self,
-        checks: &Checks,
-        flagged: &[bool],
-        finish: bool,
-        hits: &mut Vec<AbsHit>,
-        findings: &mut Findings,
-    ) {
+    /// Whether guard `g` reads no text of this stream (it reads none, or it only audits and
+    /// has flagged the response already).
+    fn skips(ready: &Ready, g: usize, flagged: &[bool]) -> bool {
+        !ready.reads_text()
+            || (ready.mode == Mode::Audit && flagged.get(g).copied().unwrap_or(false))
+    }
+
+    /// Runs each text guard whose turn it is ([`Checks::step`]) over the part of the window
+    /// where a match can have become certain since its previous scan, so a stream costs a
+    /// detector about `(L + 2C + step) / step` times its text, not the whole window per event.
+    ///
+    /// A match `[s, e)` of a guard becomes certain at the first scan of it whose text reaches
+    /// `e + C` (or the end of the text). Its previous scan reached `prev < e + C`, so
+    /// `s > e - L > prev - L - C`: a window from `prev - L - 2C` holds its left context. Each
+    /// match is therefore taken once, at that scan: redact hits are kept until they are
+    /// decided, audit and block ones are acted on at once.
+    fn scan(&mut self, checks: &Checks, flagged: &[bool], finish: bool, findings: &mut Findings) {
         let end = self.end();
+        let mut added = false;
         for (index, ready) in checks.guards.iter().enumerate() {
-            if !ready.reads_text()
-                || (ready.mode == Mode::Audit && flagged.get(index).copied().unwrap_or(false))
+            let prev = self.scanned[index];
+            if Self::skips(ready, index, flagged)
+                || !(finish || end.saturating_sub(prev) >= checks.step(ready))
             {
                 continue;
             }
+            self.scanned[index] = end;
+            let mut from = prev
+                .saturating_sub(ready.reach())
+                .saturating_sub(self.start);
+            while !self.window.is_char_boundary(from) {
+                from -= 1;
+            }
+            let slice = &self.window[from..];
             self.found.clear();
-            ready.find(&self.window, &mut self.found);
+            ready.find(slice, &mut self.found);
             for found in self.found.drain(..) {
                 let r = found.range;
                 // A detector's range that is not a range of the text is ignored, never a
                 // panic.
                 if r.start >= r.end
-                    || r.end > self.window.len()
-                    || !self.window.is_char_boundary(r.start)
-                    || !self.window.is_char_boundary(r.end)
+                    || r.end > slice.len()
+                    || !slice.is_char_boundary(r.start)
+                    || !slice.is_char_boundary(r.end)
                 {
                     continue;
                 }
-                let (s, e) = (self.start + r.start, self.start + r.end);
-                // Certain: its context either side is in the window (or the text ends).
-                let left = self.start == 0 || r.start >= ready.context;
+                let (s, e) = (self.start + from + r.start, self.start + from + r.end);
+                // Certain: its context either side is in the window (or the text ends
+                // there).
+                let left = self.start + from == 0 || r.start >= ready.context;
                 let right = finish || e.saturating_add(ready.context) <= end;
+                // Not certain at the previous scan already (then it was taken then).
+                let new = e.saturating_add(ready.context) > prev;
+                if !(left && right && new) {
+                    continue;
+                }
                 match ready.mode {
                     Mode::Audit => {
-                        if left && right {
-                            findings.audit.push((index, found.label));
-                            break;
-                        }
+                        findings.audit.push((index, found.label));
+                        break;
                     }
                     Mode::Block => {
-                        if left && right && findings.block.is_none() {
-                            findings.block = Some((index, found.label));
-                            return;
-                        }
+                        findings.block = Some((index, found.label));
+                        return;
                     }
                     Mode::Redact => {
-                        if left && e > self.pos {
-                            hits.push(AbsHit {
+                        if e > self.pos {
+                            self.hits.push(AbsHit {
                                 start: s,
                                 end: e,
                                 label: found.label,
                                 guard: index,
                             });
+                            added = true;
                         }
                     }
                 }
             }
+        }
+        if added {
+            // As `redact_hits` orders them: by start, the longest first, then in guard order
+            // (hits of one guard and range come from one scan, in the detector's order: the
+            // sort is stable).
+            self.hits.sort_by(|a, b| {
+                a.start
+                    .cmp(&b.start)
+                    .then(b.end.cmp(&a.end))
+                    .then(a.guard.cmp(&b.guard))
+            });
         }
     }
 
@@ -317,21 +381,28 @@ impl TextScan {
         &mut self,
         checks: &Checks,
         finish: bool,
-        hits: &mut [AbsHit],
         out: &mut String,
         findings: &mut Findings,
     ) {
+        let mut hits = std::mem::take(&mut self.hits);
         let end = self.end();
+        // Every match of an acting guard `g` that covers a byte below `scanned_g - (L + C)`
+        // is known.
         let mut frontier = if finish {
             end
         } else {
-            end.saturating_sub(checks.hold)
+            checks
+                .guards
+                .iter()
+                .zip(&self.scanned)
+                .filter(|(g, _)| g.reads_text() && g.mode != Mode::Audit)
+                .map(|(g, &scanned)| scanned.saturating_sub(g.hold()))
+                .min()
+                .unwrap_or(end)
         };
         while frontier > self.start && !self.window.is_char_boundary(frontier - self.start) {
             frontier -= 1;
         }
-        // As `redact_hits` orders them: by start, the longest first, then in guard order.
-        hits.sort_by(|a, b| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
         let mut i = 0;
         loop {
             if let Some(mut group_end) = self.group_end {
@@ -374,6 +445,9 @@ impl TextScan {
                 }
             }
         }
+        // What is not decided waits for the next scan.
+        hits.drain(..i);
+        self.hits = hits;
     }
 
     /// The original text between two absolute offsets (empty if not held).
@@ -480,6 +554,7 @@ fn windows(text: &str, k: usize, top: u64, mut each: impl FnMut(usize, usize, u6
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guard::detect::WordList;
     use crate::guard::Detector;
 
     /// Every occurrence of each word (overlapping ones too).
@@ -637,5 +712,72 @@ mod tests {
         r.find("xééé", &mut found);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].range, 1..7);
+    }
+
+    /// Counts what a detector is given to read.
+    struct Counted(WordList, Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Detector for Counted {
+        fn find(&self, text: &str, found: &mut Vec<Found>) {
+            self.1
+                .fetch_add(text.len(), std::sync::atomic::Ordering::Relaxed);
+            self.0.find(text, found)
+        }
+        fn max_match_len(&self) -> usize {
+            self.0.max_match_len()
+        }
+        fn context(&self) -> usize {
+            self.0.context()
+        }
+    }
+
+    #[test]
+    fn a_long_stream_is_read_a_few_times_over_not_once_per_event() {
+        let piece = "The team met on Tuesday to review the rollback plan. Customers asked for it. ";
+        for mode in [Mode::Audit, Mode::Block, Mode::Redact] {
+            let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let words = WordList::profanity();
+            let reach = words.max_match_len() + 2 * words.context();
+            let checks = Checks::new(
+                &[Guard::new("w", Counted(words, read.clone())).mode(mode)],
+                "",
+            );
+            let mut scan = TextScan::default();
+            let mut out = String::new();
+            let mut most_pending = 0;
+            for _ in 0..4000 {
+                scan.push(piece);
+                scan.advance(&checks, &[false], false, &mut out, &mut Findings::default());
+                most_pending = most_pending.max(scan.pending());
+                assert!(scan.held() <= 3 * reach, "{mode:?} holds {}", scan.held());
+            }
+            scan.advance(&checks, &[false], true, &mut out, &mut Findings::default());
+            let text = piece.len() * 4000;
+            assert_eq!(out.len(), text);
+            let read = read.load(std::sync::atomic::Ordering::Relaxed);
+            // Audit: each byte about twice (its scan and the next one's left context); an
+            // acting guard: its window (L + 2C) once per quarter of its hold.
+            let most = if mode == Mode::Audit {
+                2 * text + reach
+            } else {
+                7 * text
+            };
+            assert!(
+                read <= most,
+                "{mode:?} read {read} bytes of a {text}-byte stream"
+            );
+            assert!(read >= text, "{mode:?} read {read} < {text}");
+            // The hold-back: at most H and a quarter (nothing for audit).
+            let h = checks.hold();
+            if mode == Mode::Audit {
+                assert_eq!(most_pending, 0);
+            } else {
+                assert!(
+                    most_pending <= h + h / 4 + piece.len(),
+                    "{most_pending} > 1.25 * {h}"
+                );
+                assert!(most_pending >= h, "{most_pending} < {h}");
+            }
+        }
     }
 }
