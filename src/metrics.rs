@@ -14,7 +14,7 @@
 //! | `llm_policy_blocked_total` | counter | `layer`, `code` | requests a policy layer rejected |
 //! | `llm_policy_tokens_total` | counter | `key`, `model`, `direction` (`in`, `out`) | prompt and completion tokens the upstream reported |
 //! | `llm_policy_cost_microusd_total` | counter | `key`, `model` | cost in millionths of a USD (the sum of the records' `cost_usd`, rounded once, not per request) |
-//! | `llm_policy_streams_total` | counter | `model`, `outcome` (`completed`, `cancelled`, `cut`, `error`) | streamed requests that went upstream, by how they ended (`cut`: by a spend cap) |
+//! | `llm_policy_streams_total` | counter | `model`, `outcome` (`completed`, `cancelled`, `cut`, `blocked`, `error`) | streamed requests that went upstream, by how they ended (`cut`: by a spend cap; `blocked`: stopped by a content guard) |
 //! | `llm_policy_request_duration_seconds` | histogram | `endpoint`, `outcome` | arrival to the end of the response body |
 //! | `llm_policy_layers_duration_seconds` | histogram | `decision` (`forwarded`, `rejected`) | time spent in the policy layers, the upstream excluded ([`AuditRecord::policy_ms`]) |
 //! | `llm_policy_audit_queue_depth` | gauge | `sink` | records waiting in a watched [`JsonlSink`]'s queue |
@@ -374,6 +374,7 @@ fn stream_outcome(record: &AuditRecord) -> Option<&'static str> {
     Some(match record.outcome {
         Outcome::Completed => "completed",
         Outcome::Cancelled => "cancelled",
+        Outcome::Stopped => "blocked",
         _ => "error",
     })
 }

@@ -15,7 +15,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_llm_policy::alert::Alert;
-use tower_llm_policy::audit::{AuditHandle, AuditLayer, AuditRecord, MemorySink};
+use tower_llm_policy::audit::{flag, AuditHandle, AuditLayer, AuditRecord, MemorySink, Outcome};
 use tower_llm_policy::guard::{Guard, Mode, Sides, ToolFirewall};
 use tower_llm_policy::{Endpoint, LayerName, PolicyBody, Rejection};
 
@@ -177,6 +177,26 @@ async fn json_chat_block_answers_content_blocked_without_the_match() {
     assert_eq!(rejection.layer, LayerName::Guard);
     assert_eq!(rejection.code, "content_blocked");
     assert!(run.flags().contains(&"guard:words".to_owned()));
+    // Recorded as stopped after the upstream answered, with the withheld body's usage (the
+    // upstream billed it), not as a request that never went upstream.
+    let record = &run.record;
+    assert_eq!(record.outcome, Outcome::Stopped);
+    assert_eq!(record.blocked_by.as_deref(), Some("guard"));
+    assert_eq!(record.code.as_deref(), Some("content_blocked"));
+    assert_eq!(record.status, Some(400));
+    assert_eq!(
+        (
+            record.prompt_tokens,
+            record.completion_tokens,
+            record.total_tokens
+        ),
+        (Some(3), Some(4), Some(7))
+    );
+    assert!(
+        !record.flags.iter().any(|f| f == flag::USAGE_MISSING),
+        "{:?}",
+        record.flags
+    );
     assert_eq!(
         run.alerts,
         [Alert::ContentBlocked {
@@ -531,6 +551,27 @@ async fn sse_block_flags_alerts_and_is_recorded() {
     assert!(r.text().contains("content_blocked"));
     assert_eq!(r.flags(), ["guard:words"]);
     assert_eq!(r.alerts.len(), 1);
+    // The record says the guard stopped it, not that the upstream failed: the upstream
+    // generated (and billed) what it sent, and the usage it never reported is estimated.
+    let record = &r.record;
+    assert_eq!(record.outcome, Outcome::Stopped);
+    assert_eq!(record.blocked_by.as_deref(), Some("guard"));
+    assert_eq!(record.code.as_deref(), Some("content_blocked"));
+    assert!(
+        record.flags.iter().any(|f| f == flag::BLOCKED),
+        "{:?}",
+        record.flags
+    );
+    assert!(
+        !record.flags.iter().any(|f| f == flag::UPSTREAM_ERROR_BODY),
+        "{:?}",
+        record.flags
+    );
+    assert!(
+        record.flags.iter().any(|f| f == flag::USAGE_MISSING),
+        "{:?}",
+        record.flags
+    );
 }
 
 #[tokio::test]

@@ -396,7 +396,12 @@ fn stream_outcomes_are_counted_for_streams_that_went_upstream() {
         sink.record(&stream(json!({})));
         sink.record(&stream(json!({"outcome": "cancelled"})));
         sink.record(&stream(json!({"outcome": "upstream_error", "status": 502})));
-        sink.record(&stream(json!({"flags": [flag::BUDGET_CUT]})));
+        sink.record(&stream(
+            json!({"outcome": "stopped", "blocked_by": "quota", "flags": [flag::BUDGET_CUT]}),
+        ));
+        sink.record(&stream(
+            json!({"outcome": "stopped", "blocked_by": "guard"}),
+        ));
         // A rejected stream never started; a request that is not a stream is not one.
         sink.record(&stream(json!({"outcome": "rejected", "status": 429})));
         sink.record(&record(json!({})));
@@ -412,7 +417,8 @@ fn stream_outcomes_are_counted_for_streams_that_went_upstream() {
     assert_eq!(streams("cancelled"), 1);
     assert_eq!(streams("error"), 1);
     assert_eq!(streams("cut"), 1);
-    assert_eq!(counter(&snapshot, names::STREAMS, &[]), 5);
+    assert_eq!(streams("blocked"), 1);
+    assert_eq!(counter(&snapshot, names::STREAMS, &[]), 6);
 }
 
 #[test]

@@ -858,6 +858,12 @@ async fn a_stream_cut_at_the_cap_is_flagged_in_its_record_with_what_was_settled(
         "{:?}",
         record.flags
     );
+    // Stopped by the quota layer, not an upstream error: the cap's own error event is not
+    // the upstream's.
+    assert_eq!(record.outcome, tower_llm_policy::audit::Outcome::Stopped);
+    assert_eq!(record.blocked_by.as_deref(), Some("quota"));
+    assert_eq!(record.code.as_deref(), Some("insufficient_quota"));
+    assert!(!record.flags.iter().any(|f| f == flag::UPSTREAM_ERROR_BODY));
     let spend = spent(&ledger, "s", BudgetPeriod::Lifetime).await;
     assert_eq!(record.settled_usd, Some(spend.spent_usd));
     assert!(record.settled_usd > record.reserved_usd, "{record:?}");

@@ -63,6 +63,21 @@ pub(crate) struct State {
     /// What a quota layer held against the key's spend cap, and what it settled.
     pub(crate) reserved_usd: Option<f64>,
     pub(crate) settled_usd: Option<f64>,
+    /// A layer ended or withheld the response after the upstream answered (its name and the
+    /// error's code).
+    pub(crate) stopped: Option<(crate::error::LayerName, &'static str)>,
+    /// The usage of an upstream body a layer withheld (the body the audit layer sees is
+    /// the layer's error, not the upstream's answer).
+    pub(crate) withheld_usage: Option<super::usage::Reported>,
+}
+
+/// What the layers wrote into the handle while the body streamed.
+pub(crate) struct Late {
+    pub(crate) flags: Vec<String>,
+    pub(crate) reserved_usd: Option<f64>,
+    pub(crate) settled_usd: Option<f64>,
+    pub(crate) stopped: Option<(crate::error::LayerName, &'static str)>,
+    pub(crate) withheld_usage: Option<super::usage::Reported>,
 }
 
 struct Copy {
@@ -287,13 +302,35 @@ impl AuditHandle {
 
     /// What was written into the handle since [`take`](Self::take) (flags, the settled spend),
     /// taken out: the response body may still be streaming when the layers write them.
-    pub(crate) fn take_late(&self) -> (Vec<String>, Option<f64>, Option<f64>) {
+    pub(crate) fn take_late(&self) -> Late {
         let mut state = lock(&self.shared.state);
-        (
-            std::mem::take(&mut state.flags),
-            state.reserved_usd.take(),
-            state.settled_usd.take(),
-        )
+        Late {
+            flags: std::mem::take(&mut state.flags),
+            reserved_usd: state.reserved_usd.take(),
+            settled_usd: state.settled_usd.take(),
+            stopped: state.stopped.take(),
+            withheld_usage: state.withheld_usage.take(),
+        }
+    }
+
+    /// A layer ended the response mid-way, or withheld it whole, after the upstream had
+    /// answered: the record is [`Stopped`](super::Outcome::Stopped), `blocked_by` this layer.
+    /// The first layer to stop it is the one recorded.
+    pub(crate) fn stopped(&self, layer: crate::error::LayerName, code: &'static str) {
+        lock(&self.shared.state)
+            .stopped
+            .get_or_insert((layer, code));
+    }
+
+    /// The usage read from an upstream body that a layer withheld (it reports what the
+    /// upstream billed; the client got the layer's error instead).
+    pub(crate) fn withheld_usage(&self, body: &[u8]) {
+        let mut scanner = super::usage::UsageScanner::new(super::usage::ScanMode::Json);
+        scanner.feed(body);
+        scanner.finish();
+        if let Some(reported) = scanner.take_reported() {
+            lock(&self.shared.state).withheld_usage = Some(reported);
+        }
     }
 
     pub(crate) fn set_key(&self, key: Arc<ApiKey>) {

@@ -41,7 +41,9 @@
 //!   usage gives the flag `usage_missing` and an estimate of the prompt labelled as one.
 //!   Usage that cannot be right gives `cost_usd: null` and [`flag::USAGE_INVALID`]; a
 //!   success whose body reports an error is `upstream_error` with
-//!   [`flag::UPSTREAM_ERROR_BODY`] and no cost; repeated usage in a stream keeps the last
+//!   [`flag::UPSTREAM_ERROR_BODY`] and no cost (not the error a layer of this crate ends a
+//!   response with: that is [`Outcome::Stopped`], with the withheld body's usage when it was
+//!   read whole); repeated usage in a stream keeps the last
 //!   report ([`flag::USAGE_REPEATED`]); nothing after `[DONE]` is read. Client-controlled
 //!   fields are bounded ([`MAX_FIELD_BYTES`], [`MAX_PATH_BYTES`], [`MAX_ID_BYTES`];
 //!   [`flag::FIELD_TRUNCATED`]).

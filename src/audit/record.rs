@@ -65,10 +65,11 @@ pub struct AuditRecord {
     pub status: Option<u16>,
     /// How the request ended.
     pub outcome: Outcome,
-    /// The layer that rejected the request ([`LayerName::as_str`](crate::LayerName::as_str)),
-    /// `null` when it was allowed.
+    /// The layer that rejected the request, or that stopped its response
+    /// ([`Outcome::Stopped`]) ([`LayerName::as_str`](crate::LayerName::as_str)); `null` when
+    /// neither happened.
     pub blocked_by: Option<String>,
-    /// The rejection's OpenAI error code, `null` when the request was allowed.
+    /// The rejection's (or the stop's) OpenAI error code, `null` when neither happened.
     pub code: Option<String>,
     /// Flags: from layers that only audit ([`AuditHandle::flag`](crate::AuditHandle::flag)) and from the audit layer itself
     /// (see [`flag`]).
@@ -139,16 +140,22 @@ pub enum Outcome {
     /// The client went away before the response was complete (or before its request body
     /// was: see [`flag::REQUEST_BODY_UNREADABLE`]).
     Cancelled,
+    /// A policy layer ended the response after the upstream had answered (see `blocked_by`
+    /// and `code`): a content guard withheld a response or stopped a stream, a spend cap cut
+    /// a stream. The upstream generated, and billed, what it sent until then: the usage is
+    /// the upstream's when it was read, else flagged `usage_missing` and estimated.
+    Stopped,
 }
 
 impl Outcome {
-    /// The serialized name: `completed`, `rejected`, `upstream_error`, `cancelled`.
+    /// The serialized name: `completed`, `rejected`, `upstream_error`, `cancelled`, `stopped`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Outcome::Completed => "completed",
             Outcome::Rejected => "rejected",
             Outcome::UpstreamError => "upstream_error",
             Outcome::Cancelled => "cancelled",
+            Outcome::Stopped => "stopped",
         }
     }
 }
@@ -184,7 +191,8 @@ pub struct ContentLog {
 
 /// The flags the audit layer itself sets.
 pub mod flag {
-    /// The request was rejected by a policy layer.
+    /// The request was rejected by a policy layer, or its response stopped by one
+    /// ([`Outcome::Stopped`](super::Outcome::Stopped)).
     pub const BLOCKED: &str = "blocked";
     /// The upstream reported no usage where it should have (the stream ended without its
     /// usage chunk, failed mid-way, or the client went away first). See

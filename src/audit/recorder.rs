@@ -49,6 +49,10 @@ pub(crate) struct Recorder {
     pub(crate) info: RequestInfo,
     status: Option<StatusCode>,
     rejection: Option<(LayerName, &'static str)>,
+    /// A layer ended or withheld the response after the upstream answered.
+    stopped: Option<(LayerName, &'static str)>,
+    /// The usage of a body a layer withheld.
+    withheld_usage: Option<Reported>,
     /// The upstream's `x-request-id`, sanitised and bounded; whether it was cut.
     upstream_request_id: Option<(String, bool)>,
     /// What the layers wrote into the handle, taken when the response arrives.
@@ -94,6 +98,8 @@ impl Recorder {
             info,
             status: None,
             rejection: None,
+            stopped: None,
+            withheld_usage: None,
             upstream_request_id: None,
             key: None,
             flags: Vec::new(),
@@ -164,6 +170,11 @@ impl Recorder {
             .get::<Rejection>()
             .map(|r| (r.layer, r.code));
         self.take_handle();
+        // A response withheld after the upstream answered carries its layer's rejection, but
+        // the request was forwarded: it is recorded as stopped.
+        if self.stopped.is_some() {
+            self.rejection = None;
+        }
         // A rejection was decided in the stack alone; a forwarded request spent the time until
         // the innermost layer handed it on.
         self.policy = if self.rejection.is_some() {
@@ -214,16 +225,20 @@ impl Recorder {
             self.facts = Some(state.facts);
             self.reserved_usd = state.reserved_usd;
             self.settled_usd = state.settled_usd;
+            self.stopped = state.stopped;
+            self.withheld_usage = state.withheld_usage;
         }
     }
 
     /// Takes what the layers wrote into the handle while the body streamed (flags, the
     /// settled spend).
     fn take_late(&mut self) {
-        let (flags, reserved, settled) = self.handle.take_late();
-        self.flags.extend(flags);
-        self.reserved_usd = reserved.or(self.reserved_usd);
-        self.settled_usd = settled.or(self.settled_usd);
+        let late = self.handle.take_late();
+        self.flags.extend(late.flags);
+        self.reserved_usd = late.reserved_usd.or(self.reserved_usd);
+        self.settled_usd = late.settled_usd.or(self.settled_usd);
+        self.stopped = self.stopped.or(late.stopped);
+        self.withheld_usage = late.withheld_usage.or(self.withheld_usage.take());
     }
 
     /// Whether the request was rejected by a policy layer.
@@ -335,12 +350,15 @@ impl Recorder {
             if end == End::Completed {
                 scanner.finish();
             }
-            // An error status's error body is the usual one: only a success's is flagged.
-            error_body = scanner.saw_error() && started;
+            // An error status's error body is the usual one: only a success's is flagged, and
+            // not the error a layer ended the response with.
+            error_body = scanner.saw_error() && started && self.stopped.is_none();
             repeated = scanner.usage_reports() > 1;
             scanner.take_reported()
         });
-        let usage = reported.map(|r| checked_usage(r, endpoint));
+        let usage = reported
+            .or(self.withheld_usage.take())
+            .map(|r| checked_usage(r, endpoint));
 
         // A body that could not be read is the client's departure, not a policy decision.
         let unreadable = self
@@ -353,6 +371,8 @@ impl Recorder {
         let outcome = match (self.rejection, end) {
             (Some(_), _) if unreadable => Outcome::Cancelled,
             (Some(_), _) => Outcome::Rejected,
+            // A layer ended the response on purpose: whatever the body did after.
+            (None, _) if self.stopped.is_some() => Outcome::Stopped,
             (None, End::Cancelled) => Outcome::Cancelled,
             (None, End::Failed) => Outcome::UpstreamError,
             (None, End::Completed)
@@ -367,7 +387,7 @@ impl Recorder {
         // An extension method is client-chosen text too.
         let (method, method_truncated) = bounded(self.info.method.as_str(), MAX_FIELD_BYTES);
         let mut flags = Vec::new();
-        if self.rejection.is_some() && !unreadable {
+        if (self.rejection.is_some() && !unreadable) || self.stopped.is_some() {
             flags.push(flag::BLOCKED.to_owned());
         }
         if error_body {
@@ -404,6 +424,7 @@ impl Recorder {
             && endpoint.reports_usage()
             && (outcome == Outcome::Completed
                 || outcome == Outcome::Cancelled
+                || outcome == Outcome::Stopped
                 || (outcome == Outcome::UpstreamError && started));
         let mut usage_estimate = None;
         if usage.is_none() && usage_expected {
@@ -460,8 +481,14 @@ impl Recorder {
             usage_injected: facts.usage_injected,
             status: self.status.map(|s| s.as_u16()),
             outcome,
-            blocked_by: self.rejection.map(|(layer, _)| layer.as_str().to_owned()),
-            code: self.rejection.map(|(_, code)| code.to_owned()),
+            blocked_by: self
+                .rejection
+                .or(self.stopped)
+                .map(|(layer, _)| layer.as_str().to_owned()),
+            code: self
+                .rejection
+                .or(self.stopped)
+                .map(|(_, code)| code.to_owned()),
             flags,
             prompt_tokens: usage.as_ref().and_then(|u| u.prompt),
             completion_tokens: usage.as_ref().and_then(|u| u.completion),

@@ -501,6 +501,7 @@ fn cut<B: Body<Data = Bytes>>(
     *this.tail = Some(cut_events());
     if let Some(audit) = this.settle.as_ref().and_then(|s| s.audit.as_ref()) {
         audit.flag(flag::BUDGET_CUT);
+        audit.stopped(crate::error::LayerName::Quota, "insufficient_quota");
     }
     let mut inner = this.inner;
     inner.set(ResponseBody::full(Bytes::new()));

@@ -301,6 +301,9 @@ impl Guarding {
 
     fn block(&mut self, guard: usize, label: &str, stream: bool, tool: bool) -> Blocked {
         self.flag(guard);
+        if let Some(audit) = &self.audit {
+            audit.stopped(LAYER, "content_blocked");
+        }
         let ready = &self.checks.guards[guard];
         let name = ready.guard.name();
         let what = if tool {
@@ -1026,6 +1029,11 @@ where
                         ))
                     }
                     JsonOutcome::Blocked(Blocked(error)) => {
+                        // The upstream answered (and billed): the record is `stopped`, with
+                        // the withheld body's usage, not a rejection of the request.
+                        if let Some(audit) = &g.audit {
+                            audit.withheld_usage(&body);
+                        }
                         let mut response = error
                             .into_response(LAYER)
                             .map(|full| GuardBody::full(full_bytes(full)));
