@@ -197,3 +197,110 @@ fn an_invalid_edit_keeps_the_old_keys_until_the_file_changes_again() -> TestResu
     );
     Ok(())
 }
+
+/// The host's check: every guard a key lists must be one it configured.
+fn known_guards(key: &ApiKey) -> Result<(), String> {
+    match key
+        .guards
+        .iter()
+        .find(|g| !["pii", "injection"].contains(&g.as_str()))
+    {
+        Some(g) => Err(format!("no guard is named `{g}`")),
+        None => Ok(()),
+    }
+}
+
+const GUARDED: &str = "[[keys]]
+name = \"chat-app\"
+secret = \"sk-chat-app-5e1f9a\"
+model_limits_enabled = true
+model_limits = [\"gpt-4o-mini\"]
+guards = [\"pii\"]
+";
+
+#[test]
+fn a_key_failing_the_hosts_check_is_refused_at_open_and_at_reload() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    // At open: the error names the key and the reason, never the secret.
+    let bad = key_file(
+        &dir,
+        "bad.toml",
+        &GUARDED.replace("\"pii\"", "\"pii\", \"typo\""),
+    )?;
+    let err = FileKeyStore::open(&bad)?
+        .validate_keys(known_guards)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`chat-app`") && err.contains("`typo`"),
+        "{err}"
+    );
+    assert!(!err.contains("sk-chat-app"), "{err}");
+
+    // At reload: refused like an invalid file, the keys in force stay.
+    let path = key_file(&dir, "keys.toml", GUARDED)?;
+    let store = FileKeyStore::open(&path)?
+        .check_interval(std::time::Duration::ZERO)
+        .validate_keys(known_guards)?;
+    assert_still_restricted(&store);
+    overwrite(
+        &path,
+        GUARDED
+            .replace("gpt-4o-mini", "gpt-4o")
+            .replace("\"pii\"", "\"injection\", \"typo\"")
+            .as_bytes(),
+    )?;
+    assert!(!store.refresh());
+    assert_still_restricted(&store);
+    let key = find(&store, "sk-chat-app-5e1f9a").unwrap();
+    assert_eq!(key.guards, ["pii"]);
+    assert_eq!(store.failed_reloads(), 1);
+    let err = store.last_error().unwrap();
+    assert!(err.contains("`typo`"), "{err}");
+
+    // A fixed file loads.
+    overwrite(
+        &path,
+        GUARDED.replace("\"pii\"", "\"injection\"").as_bytes(),
+    )?;
+    assert!(store.refresh());
+    assert_eq!(
+        find(&store, "sk-chat-app-5e1f9a").unwrap().guards,
+        ["injection"]
+    );
+    assert_eq!(store.last_error(), None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_admin_change_failing_the_hosts_check_is_refused_and_not_written() -> TestResult {
+    use tower_llm_policy::keys::{AdminError, KeyAdmin};
+    let dir = tempfile::tempdir()?;
+    let path = key_file(&dir, "keys.toml", GUARDED)?;
+    let store = FileKeyStore::open(&path)?.validate_keys(known_guards)?;
+    let before = std::fs::read_to_string(&path)?;
+    let err = store
+        .update("chat-app", &serde_json::json!({"guards": ["typo"]}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, AdminError::Invalid(m) if m.contains("`typo`")),
+        "{err:?}"
+    );
+    let mut new = ApiKey::new("other");
+    new.guards = vec!["nope".into()];
+    assert!(matches!(
+        store.create(new).await,
+        Err(AdminError::Invalid(_))
+    ));
+    assert_eq!(std::fs::read_to_string(&path)?, before);
+    // A valid change goes through.
+    store
+        .update("chat-app", &serde_json::json!({"guards": ["injection"]}))
+        .await?;
+    assert_eq!(
+        find(&store, "sk-chat-app-5e1f9a").unwrap().guards,
+        ["injection"]
+    );
+    Ok(())
+}

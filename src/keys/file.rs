@@ -71,7 +71,12 @@ pub struct FileKeyStore {
     reload: Mutex<Option<Instant>>,
     /// One admin change at a time.
     admin: Mutex<()>,
+    /// The host's own check of each key, at every load ([`FileKeyStore::validate_keys`]).
+    validator: Option<KeyValidator>,
 }
+
+/// A host's check of one key: `Err(why)` refuses the file that holds it.
+type KeyValidator = Arc<dyn Fn(&ApiKey) -> Result<(), String> + Send + Sync>;
 
 struct State {
     keys: Arc<HashMap<KeyDigest, Arc<ApiKey>>>,
@@ -150,6 +155,16 @@ pub enum KeyFileError {
         len: u64,
         /// The limit ([`FileKeyStore::max_file_size`]).
         limit: u64,
+    },
+    /// A key failed the host's check ([`FileKeyStore::validate_keys`]).
+    #[error("invalid key file {path}: key `{key}`: {message}")]
+    Rejected {
+        /// The file.
+        path: PathBuf,
+        /// The key's name (never its secret).
+        key: String,
+        /// The host's reason.
+        message: String,
     },
     /// The file looks half-written (empty, cut off mid-line, or changing while read). Only
     /// reloads are refused this way; the keys in force stay.
@@ -302,6 +317,24 @@ pub(crate) fn build_index(
     Ok(index)
 }
 
+/// `check` over `keys`, in name order (the first failure is the same on every load).
+fn validate(
+    path: &Path,
+    keys: &HashMap<KeyDigest, Arc<ApiKey>>,
+    check: &KeyValidator,
+) -> Result<(), KeyFileError> {
+    let mut keys: Vec<&Arc<ApiKey>> = keys.values().collect();
+    keys.sort_by(|a, b| a.name.cmp(&b.name));
+    for key in keys {
+        check(key).map_err(|message| KeyFileError::Rejected {
+            path: path.to_owned(),
+            key: key.name.clone(),
+            message,
+        })?;
+    }
+    Ok(())
+}
+
 /// Reads and parses the file. `reload` adds the checks against half-written files that only
 /// make sense when there are keys in force to keep (see the type docs).
 fn load(
@@ -400,7 +433,58 @@ impl FileKeyStore {
             }),
             reload: Mutex::new(None),
             admin: Mutex::new(()),
+            validator: None,
         })
+    }
+
+    /// Checks every key with `check` now and at every later load: a reload with a key that
+    /// fails it is refused like an invalid file (the keys in force stay, see
+    /// [`last_error`](Self::last_error)), and so is an admin change
+    /// ([`KeyAdmin`](super::KeyAdmin)) that would write one. For the host's own rules about
+    /// keys, such as the example proxy's: every guard a key lists in
+    /// [`guards`](ApiKey::guards) must be configured.
+    ///
+    /// Returns the error for the first key loaded already that fails `check`.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = std::env::temp_dir().join(format!("tlp-doc-validate-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// # let path = dir.join("keys.toml");
+    /// # std::fs::write(&path, "[[keys]]\nname = \"app\"\nsecret = \"sk-app-0123456789abcdef0123\"\nguards = [\"pii\"]\n")?;
+    /// use tower_llm_policy::keys::FileKeyStore;
+    ///
+    /// let known = ["pii", "injection"];
+    /// let store = FileKeyStore::open(&path)?.validate_keys(move |key| {
+    ///     match key.guards.iter().find(|g| !known.contains(&g.as_str())) {
+    ///         Some(g) => Err(format!("no guard is named `{g}`")),
+    ///         None => Ok(()),
+    ///     }
+    /// })?;
+    /// assert_eq!(store.len(), 1);
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn validate_keys(
+        mut self,
+        check: impl Fn(&ApiKey) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Result<Self, KeyFileError> {
+        let check: KeyValidator = Arc::new(check);
+        validate(&self.path, &self.read().keys, &check)?;
+        self.validator = Some(check);
+        Ok(self)
+    }
+
+    /// The host's check of `keys`, if it set one.
+    pub(super) fn validated(
+        &self,
+        keys: &HashMap<KeyDigest, Arc<ApiKey>>,
+    ) -> Result<(), KeyFileError> {
+        match &self.validator {
+            Some(check) => validate(&self.path, keys, check),
+            None => Ok(()),
+        }
     }
 
     /// How often the file is checked for changes by default: once a second (a `stat` per
@@ -469,7 +553,8 @@ impl FileKeyStore {
         if current.is_some() && current == self.read().stamp {
             return false;
         }
-        let outcome = load(&self.path, self.section, self.max_file_size, true);
+        let outcome = load(&self.path, self.section, self.max_file_size, true)
+            .and_then(|(keys, stamp)| self.validated(&keys).map(|()| (keys, stamp)));
         let mut state = self.write();
         match outcome {
             Ok((keys, stamp)) => {
@@ -563,6 +648,7 @@ impl std::fmt::Debug for FileKeyStore {
             .field("keys", &self.len())
             .field("check_interval", &self.check_interval)
             .field("max_file_size", &self.max_file_size)
+            .field("validated", &self.validator.is_some())
             .finish()
     }
 }

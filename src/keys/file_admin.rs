@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde_json::Value;
 
 use super::admin::{apply_patch, check_new_key, generate_secret, page_of};
-use super::file::{parse_section, FileKeyStore};
+use super::file::{parse_section, FileKeyStore, KeyFileError};
 use super::{
     AdminError, ApiKey, BoxFuture, CreatedKey, KeyAdmin, KeyDigest, KeyPage, KeyRecord,
     PageRequest, StoreError,
@@ -293,6 +293,12 @@ impl FileKeyStore {
         // The new file must load: a change never leaves a file the store would refuse.
         let keys = parse_section(self.path(), &new, json, self.section())
             .map_err(|e| AdminError::Invalid(e.to_string()))?;
+        self.validated(&keys).map_err(|e| match e {
+            KeyFileError::Rejected { key, message, .. } => {
+                AdminError::Invalid(format!("key `{key}`: {message}"))
+            }
+            e => AdminError::Invalid(e.to_string()),
+        })?;
         write_atomically(self.path(), &new)?;
         // In force at once, whatever a reload running now does.
         self.install(keys);

@@ -163,12 +163,25 @@ impl Proxy {
                         }
                         None => {
                             // The keys come from the same file through a store that reloads
-                            // them on edit; opening it checks their credentials and that names
-                            // and secrets are unique.
-                            let store =
-                                Arc::new(FileKeyStore::open_keys_of(path).map_err(|e| {
-                                    ConfigError::Invalid(path.clone(), e.to_string())
-                                })?);
+                            // them on edit; opening it checks their credentials, that names
+                            // and secrets are unique, and that every guard a key lists is in
+                            // `[[guards]]` (a reload or an admin change that breaks one of
+                            // those is refused, the keys in force stay).
+                            let known: std::collections::HashSet<String> =
+                                config.guards.iter().map(|g| g.name.clone()).collect();
+                            let store = FileKeyStore::open_keys_of(path)
+                                .and_then(|s| {
+                                    s.validate_keys(move |key| {
+                                        match key.guards.iter().find(|g| !known.contains(*g)) {
+                                            Some(g) => Err(format!(
+                                                "no guard is named `{g}` in `[[guards]]`"
+                                            )),
+                                            None => Ok(()),
+                                        }
+                                    })
+                                })
+                                .map_err(|e| ConfigError::Invalid(path.clone(), e.to_string()))?;
+                            let store = Arc::new(store);
                             (store.clone(), store)
                         }
                     };

@@ -796,9 +796,9 @@ fn external_guard(
     Ok(guard.fail_open(g.fail_open.unwrap_or(false)))
 }
 
-/// A key store whose keys are checked against the configured guards: a key (reloaded from
-/// the file, or from a database) bound to a guard that does not exist is reported, once per
-/// key, as an error in the log. Its requests are refused by the guard layer (503
+/// A key store whose keys are checked against the configured guards: a key (from a database
+/// row edited by hand; the file store refuses such a reload whole) bound to a guard that does
+/// not exist is reported, once per key, as an error in the log. Its requests are refused by the guard layer (503
 /// `policy_unavailable`: a key's guards are never silently dropped).
 pub struct KnownGuards {
     inner: Arc<dyn KeyStore>,

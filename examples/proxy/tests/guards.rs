@@ -394,30 +394,31 @@ guards = ["strcit"]
 }
 
 #[tokio::test]
-async fn a_reloaded_key_naming_an_unknown_guard_has_its_requests_refused() -> TestResult {
+async fn a_reload_with_a_key_naming_an_unknown_guard_is_refused_whole() -> TestResult {
     let h = start(GUARDS, "").await;
     let text = std::fs::read_to_string(&h.config_path)?;
-    std::fs::write(
-        &h.config_path,
-        format!("{text}\n[[keys]]\nname = \"late\"\nsecret = \"sk-guards-late-test-key\"\nguards = [\"nope\"]\n"),
-    )?;
-    // The file store reloads within its check interval (1 s): until then the key is unknown.
+    let fine = "[[keys]]\nname = \"fine\"\nsecret = \"sk-guards-fine-test-key\"\n";
+    let late =
+        "[[keys]]\nname = \"late\"\nsecret = \"sk-guards-late-test-key\"\nguards = [\"nope\"]\n";
+    std::fs::write(&h.config_path, format!("{text}\n{fine}\n{late}"))?;
+    // The file store checks the file every second: well past that, neither key of the
+    // refused file is in force.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for secret in ["sk-guards-fine-test-key", "sk-guards-late-test-key"] {
+        let answer = h.chat(secret, "hello").await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{}", answer.text);
+    }
+    // Fixed, the file loads.
+    std::fs::write(&h.config_path, format!("{text}\n{fine}"))?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let answer = loop {
-        let answer = h.chat("sk-guards-late-test-key", "hello").await;
+        let answer = h.chat("sk-guards-fine-test-key", "hello").await;
         if answer.status != StatusCode::UNAUTHORIZED || tokio::time::Instant::now() > deadline {
             break answer;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(
-        answer.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        answer.text
-    );
-    assert_eq!(answer.body["error"]["code"], "policy_unavailable");
-    assert!(h.log.is_empty(), "the key's request reached the upstream");
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
     Ok(())
 }
 
