@@ -51,6 +51,8 @@ struct Config {
     guards: Vec<Guard>,
     by_name: HashMap<Arc<str>, usize>,
     workspace: Vec<usize>,
+    /// `workspace`, shared by the requests that add no guard to it.
+    workspace_shared: Arc<[usize]>,
     policy: Policy,
     end_user_salt: Option<Arc<[u8]>>,
     alerts: Option<Arc<dyn AlertSink>>,
@@ -88,6 +90,7 @@ impl GuardLayer {
                 guards: Vec::new(),
                 by_name: HashMap::new(),
                 workspace: Vec::new(),
+                workspace_shared: Arc::from([]),
                 policy: Policy::default(),
                 end_user_salt: None,
                 alerts: None,
@@ -117,6 +120,7 @@ impl GuardLayer {
         if workspace {
             config.workspace.push(index);
         }
+        config.workspace_shared = Arc::from(&config.workspace[..]);
     }
 
     /// Adds a guard that applies to every request (a guard of the same name is replaced).
@@ -189,7 +193,7 @@ impl<S> Layer<S> for GuardLayer {
             },
             check: GuardCheck {
                 config: self.config.clone(),
-                extra: Arc::from([]),
+                applicable: Ok(self.config.workspace_shared.clone()),
                 body_unread: false,
             },
         }
@@ -233,22 +237,29 @@ impl<S> Guarded<S> {
     }
 }
 
-/// The guards a request asked for in the [`GUARDS_HEADER`], by index (in the request's
-/// extensions, for the response side).
+/// The guards that apply to a request, by index: resolved once per request, in the
+/// request's extensions for the response side.
 #[derive(Clone, Debug)]
-struct HeaderGuards(Arc<[usize]>);
+struct Applicable(Arc<[usize]>);
+
+/// A key is bound to a guard the layer does not know: its requests are refused (503), its
+/// guards never silently dropped.
+#[derive(Clone, Copy, Debug)]
+struct Unbound;
+
+impl From<Unbound> for PolicyError {
+    fn from(_: Unbound) -> Self {
+        PolicyError::PolicyUnavailable
+    }
+}
 
 impl Config {
     /// The guards that apply to a request of `key`, with `extra` asked for by its header:
     /// the workspace's, then the key's, then the header's, each once.
-    fn applicable<'a>(
-        &'a self,
-        key: Option<&ApiKey>,
-        extra: &[usize],
-    ) -> Result<Cow<'a, [usize]>, PolicyError> {
+    fn applicable(&self, key: Option<&ApiKey>, extra: &[usize]) -> Result<Arc<[usize]>, Unbound> {
         let bound = key.map_or(&[][..], |k| &k.guards[..]);
         if bound.is_empty() && extra.is_empty() {
-            return Ok(Cow::Borrowed(&self.workspace));
+            return Ok(self.workspace_shared.clone());
         }
         let mut all = self.workspace.clone();
         for name in bound {
@@ -259,7 +270,7 @@ impl Config {
                     guard = name.as_str(),
                     "a key is bound to a guard this layer does not know: its requests are refused"
                 );
-                return Err(PolicyError::PolicyUnavailable);
+                return Err(Unbound);
             };
             if !all.contains(&i) {
                 all.push(i);
@@ -270,7 +281,7 @@ impl Config {
                 all.push(i);
             }
         }
-        Ok(Cow::Owned(all))
+        Ok(Arc::from(all))
     }
 
     fn blocked(
@@ -323,8 +334,9 @@ pub(crate) fn blocked_error(guard: &str, label: Option<&str>) -> PolicyError {
 #[derive(Clone)]
 struct GuardCheck {
     config: Arc<Config>,
-    /// The guards the request's header asked for.
-    extra: Arc<[usize]>,
+    /// The guards that apply to the request (its key's and its header's added to the
+    /// workspace's), resolved once.
+    applicable: Result<Arc<[usize]>, Unbound>,
     /// A method whose body is never read (GET, HEAD, DELETE, OPTIONS) came with one.
     body_unread: bool,
 }
@@ -515,6 +527,11 @@ fn url_host(url: &str) -> &str {
 }
 
 impl GuardCheck {
+    /// The guards that apply to the request.
+    fn applicable(&self) -> Result<&[usize], Unbound> {
+        self.applicable.as_deref().map_err(|&e| e)
+    }
+
     /// Whether a guard that applies to this request can refuse or rewrite it (audit guards
     /// only flag).
     fn strict(&self, applicable: &[usize]) -> bool {
@@ -608,9 +625,9 @@ impl Check for GuardCheck {
         &self.config.policy
     }
 
-    fn on_head(&self, view: &LlmRequest, key: Option<&ApiKey>) -> Result<bool, PolicyError> {
-        let applicable = self.config.applicable(key, &self.extra)?;
-        if self.strict(&applicable) {
+    fn on_head(&self, view: &LlmRequest, _key: Option<&ApiKey>) -> Result<bool, PolicyError> {
+        let applicable = self.applicable()?;
+        if self.strict(applicable) {
             if self.body_unread {
                 return Err(PolicyError::AmbiguousRequest(
                     "A GET, HEAD, DELETE or OPTIONS request with a body is refused here: content guards apply, and its body is not read."
@@ -638,7 +655,7 @@ impl Check for GuardCheck {
         audit: Option<&AuditHandle>,
     ) -> Result<(), PolicyError> {
         let config = &*self.config;
-        let applicable = config.applicable(key, &self.extra)?;
+        let applicable = self.applicable()?;
         let hash = if view.user().is_some() || view.safety_identifier().is_some() {
             config.end_user_hash()
         } else {
@@ -652,14 +669,14 @@ impl Check for GuardCheck {
         }
         let mut redacting = Vec::new();
         if view.has_body() && !applicable.is_empty() {
-            if view.prompt_token_ids() > 0 && self.strict(&applicable) {
+            if view.prompt_token_ids() > 0 && self.strict(applicable) {
                 return Err(PolicyError::Unverifiable(
                     "A prompt sent as token ids cannot be read by the content guards that apply here: send it as text."
                         .into(),
                 ));
             }
             let texts = Texts::of(view)?;
-            redacting = self.scan(view, &texts, &applicable, key, audit, true)?;
+            redacting = self.scan(view, &texts, applicable, key, audit, true)?;
         }
         if redacting.is_empty() && hash.is_none() {
             return Ok(());
@@ -682,7 +699,7 @@ impl Check for GuardCheck {
         // or one that the masks made (text spliced around a deletion), refuses it.
         if !redacting.is_empty() {
             let texts = Texts::of(view)?;
-            self.scan(view, &texts, &applicable, key, audit, false)?;
+            self.scan(view, &texts, applicable, key, audit, false)?;
         }
         if let Some(audit) = audit {
             audit.observe(view);
@@ -757,11 +774,12 @@ where
     fn call(&mut self, req: Request<PolicyBody>) -> Self::Future {
         let config = &self.config;
         let key = req.extensions().get::<Arc<ApiKey>>().cloned();
-        let extra: &[usize] = req.extensions().get::<HeaderGuards>().map_or(&[], |h| &h.0);
-        // The head check passed: the key's guards are known.
-        let applicable = config
-            .applicable(key.as_deref(), extra)
-            .unwrap_or(Cow::Borrowed(&[]));
+        // Resolved by the head check, which passed (a request reaches this service only
+        // through it); the workspace's guards at least, should it be called otherwise.
+        let applicable = req
+            .extensions()
+            .get::<Applicable>()
+            .map_or_else(|| config.workspace_shared.clone(), |a| a.0.clone());
         let audit = req.extensions().get::<AuditHandle>().cloned();
         let plan = response_plan(config, &applicable, &req, key.as_deref(), audit.clone());
         let external: Vec<usize> = applicable
@@ -1070,9 +1088,14 @@ where
             *req.method(),
             http::Method::POST | http::Method::PUT | http::Method::PATCH
         ) && (has_body(req.headers()) || !req.body().is_end_stream());
-        if let Some(extra) = header_guards(&self.check.config, &mut req) {
-            check.extra = extra.clone();
-            req.extensions_mut().insert(HeaderGuards(extra));
+        let extra = header_guards(&self.check.config, &mut req);
+        let key = req.extensions().get::<Arc<ApiKey>>().cloned();
+        check.applicable = self
+            .check
+            .config
+            .applicable(key.as_deref(), extra.as_deref().unwrap_or_default());
+        if let Ok(applicable) = &check.applicable {
+            req.extensions_mut().insert(Applicable(applicable.clone()));
         }
         ResponseFuture {
             inner: CheckFuture::new(check, &mut self.inner, req),
