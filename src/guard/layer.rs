@@ -724,22 +724,10 @@ fn redact_text(
     text: &str,
 ) -> Option<String> {
     let mut hits = Vec::new();
-    let mut found = Vec::new();
     for &i in chosen {
-        let guard = &guards[i];
-        let Some(detector) = guard.detector() else {
-            continue;
-        };
-        if !guard.reads_field(source, role) {
-            continue;
+        if guards[i].reads_field(source, role) {
+            guards[i].hits(i, text, &mut hits);
         }
-        found.clear();
-        detector.find(text, &mut found);
-        hits.extend(found.drain(..).map(|f| super::Hit {
-            range: f.range,
-            label: f.label,
-            guard: i,
-        }));
     }
     if hits.is_empty() {
         return None;

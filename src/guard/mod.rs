@@ -400,19 +400,23 @@ impl Guard {
     /// merged and masked once).
     /// Text is returned as it is by a guard without a detector.
     pub fn redact(&self, text: &str) -> String {
-        let mut found = Vec::new();
-        if let Some(detector) = self.detector() {
-            detector.find(text, &mut found);
-        }
-        let mut hits: Vec<Hit> = found
-            .into_iter()
-            .map(|f| Hit {
-                range: f.range,
-                label: f.label,
-                guard: 0,
-            })
-            .collect();
+        let mut hits = Vec::new();
+        self.hits(0, text, &mut hits);
         redact_hits(text, &mut hits, std::slice::from_ref(self))
+    }
+
+    /// Adds this guard's matches in `text` to `hits`, as the guard at `index` of a set.
+    pub(crate) fn hits(&self, index: usize, text: &str, hits: &mut Vec<Hit>) {
+        let Some(detector) = self.detector() else {
+            return;
+        };
+        let mut found = Vec::new();
+        detector.find(text, &mut found);
+        hits.extend(found.into_iter().map(|f| Hit {
+            range: f.range,
+            label: f.label,
+            guard: index,
+        }));
     }
 }
 
