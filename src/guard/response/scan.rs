@@ -780,4 +780,57 @@ mod tests {
             }
         }
     }
+
+    /// Finds nothing, with a long reach.
+    struct Wide;
+
+    impl Detector for Wide {
+        fn find(&self, _: &str, _: &mut Vec<Found>) {}
+        fn max_match_len(&self) -> usize {
+            8000
+        }
+    }
+
+    #[test]
+    fn a_narrow_guard_beside_a_wide_one_reads_its_text_about_once() {
+        let piece = "The team met on Tuesday to review the rollback plan. Customers asked for it. ";
+        let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let checks = Checks::new(
+            &[
+                Guard::new("narrow", Counted(WordList::profanity(), read.clone())),
+                Guard::new("wide", Wide),
+            ],
+            "",
+        );
+        let mut scan = TextScan::default();
+        let mut out = String::new();
+        for _ in 0..4000 {
+            scan.push(piece);
+            scan.advance(
+                &checks,
+                &[false, false],
+                false,
+                &mut out,
+                &mut Findings::default(),
+            );
+            // The wide guard sets the hold-back; the narrow one never adds to it.
+            assert!(scan.pending() <= checks.hold() + checks.hold() / 4 + piece.len());
+        }
+        scan.advance(
+            &checks,
+            &[false, false],
+            true,
+            &mut out,
+            &mut Findings::default(),
+        );
+        let text = piece.len() * 4000;
+        assert_eq!(out.len(), text);
+        // It waits until it would hold the frontier back (H - its own L + C), so each scan
+        // reads its window once per that many new bytes.
+        let read = read.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            read * 10 <= text * 14,
+            "read {read} bytes of a {text}-byte stream"
+        );
+    }
 }
