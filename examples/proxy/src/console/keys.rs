@@ -255,7 +255,8 @@ pub(super) async fn edit(
     }
     let _ = write!(
         main,
-        "<p class=\"hint\">{TAKES_EFFECT}</p><dl class=\"facts\"><dt>Digest</dt><dd><code>{}…</code></dd>{}{}</dl>",
+        "<p class=\"hint\">{}</p><dl class=\"facts\"><dt>Digest</dt><dd><code>{}…</code></dd>{}{}</dl>",
+        esc(TAKES_EFFECT),
         esc(&record.digest_prefix),
         time_fact("Created", record.created_at),
         time_fact("Updated", record.updated_at),
