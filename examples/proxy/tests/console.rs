@@ -737,25 +737,29 @@ async fn story(console: &Console, addr: std::net::SocketAddr) -> TestResult {
     assert_eq!(body["error"]["code"], "model_not_allowed");
     assert_eq!(chat(addr, &secret, "gpt-4o-mini").await?.0, StatusCode::OK);
     // The audit page marks the refused request.
-    eventually(Duration::from_secs(30), || async {
+    let waited = eventually(Duration::from_secs(30), || async {
         let page = console.get("/console/audit?key=story&blocked=1").await?;
-        Ok(page.body.contains("class=\"blocked\"") && page.body.contains("model_not_allowed"))
+        Ok(page.body.contains("<tr class=\"blocked") && page.body.contains("model_not_allowed"))
     })
-    .await?;
+    .await;
+    if waited.is_err() {
+        let page = console.get("/console/audit?key=story&blocked=1").await?;
+        panic!("no blocked row: {}", page.body);
+    }
     let page = console.get("/console/audit?key=story&status=200").await?;
-    assert!(!page.body.contains("class=\"blocked\""));
+    assert!(!page.body.contains("<tr class=\"blocked"));
     // Spend: a bar for the key, totals per model.
-    eventually(Duration::from_secs(30), || async {
-        let page = console.get("/console/spend").await?;
-        Ok(page.body.contains("data-key=\"story\""))
+    let waited = eventually(Duration::from_secs(30), || async {
+        let page = console.get("/console/spend?days=7").await?;
+        Ok(page.body.contains("data-key=\"story\"")
+            && page.body.contains("<th scope=\"row\">gpt-4o-mini</th>"))
     })
-    .await?;
-    let spend = console.get("/console/spend?days=7").await?;
-    assert!(
-        spend.body.contains("<th scope=\"row\">gpt-4o-mini</th>"),
-        "{}",
-        spend.body
-    );
+    .await;
+    if waited.is_err() {
+        let page = console.get("/console/spend").await?;
+        let audit = console.get("/console/audit?key=story").await?;
+        panic!("no bar: {}\n\n{}", page.body, audit.body);
+    }
     let list = console.get("/console/keys").await?;
     assert!(list.body.contains("of $5.00"), "{}", list.body);
     // Disable, enable, delete.

@@ -9,7 +9,7 @@ use http::{Response, StatusCode};
 use serde_json::{json, Map, Value};
 use tower_llm_policy::keys::{AdminError, KeyRecord, PageRequest};
 use tower_llm_policy::quota::BudgetPeriod;
-use tower_llm_policy::{ApiKey, Feature};
+use tower_llm_policy::{ApiKey, Feature, FeatureSet};
 
 use super::html::{self, esc, url_part, usd, Nav};
 use super::{Console, Form, Session};
@@ -429,12 +429,13 @@ fn policy_fields(console: &Console, form: &Form) -> Result<Map<String, Value>, S
         }
     }
     fields.insert("model_limits".into(), json!(models));
+    // Feature names, or group names (`images`, `audio`).
     let features = form.all("feature");
-    if let Some(unknown) = features
-        .iter()
-        .find(|f| !Feature::ALL.iter().any(|k| k.as_str() == **f))
-    {
-        return Err(format!("`{unknown}` is not a feature."));
+    let mut set = FeatureSet::empty();
+    for feature in &features {
+        if set.insert_name(feature).is_err() {
+            return Err(format!("`{feature}` is not a feature."));
+        }
     }
     fields.insert("blocked_features".into(), json!(features));
     for name in [
