@@ -134,7 +134,7 @@ pub(super) async fn list(
         main.push_str("<p>No records match.</p>");
     } else {
         main.push_str(
-            "<div class=\"table-wrap\"><table class=\"audit\"><caption>Audit records</caption><thead><tr>\
+            "<div class=\"table-wrap\"><table class=\"audit cards\"><caption>Audit records</caption><thead><tr>\
              <th scope=\"col\">Time</th><th scope=\"col\">Key</th><th scope=\"col\">Model</th>\
              <th scope=\"col\">Status</th><th scope=\"col\">Blocked by</th><th scope=\"col\">Flags</th>\
              <th scope=\"col\">Tokens</th><th scope=\"col\">Cost</th><th scope=\"col\">User</th></tr></thead><tbody>",
@@ -185,8 +185,10 @@ pub(super) async fn list(
                 .map_or_else(|| "-".to_owned(), |s| s.to_string());
             let _ = write!(
                 main,
-                "<tr class=\"{}\" data-href=\"{url}\"><td><a href=\"{url}\">{}</a>{marks}</td><td>{}</td><td>{}</td>\
-                 <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr class=\"{}\" data-href=\"{url}\"><td data-label=\"Time\"><a href=\"{url}\">{}</a>{marks}</td>\
+                 <td data-label=\"Key\">{}</td><td data-label=\"Model\">{}</td><td data-label=\"Status\">{}</td>\
+                 <td data-label=\"Blocked by\">{}</td><td data-label=\"Flags\">{}</td><td data-label=\"Tokens\">{}</td>\
+                 <td data-label=\"Cost\">{}</td><td data-label=\"User\">{}</td></tr>",
                 classes.join(" "),
                 esc(&time),
                 esc(text(record, "key").unwrap_or(NO_KEY)),
@@ -424,7 +426,7 @@ pub(super) async fn spend(
         }
     }
     main.push_str("</svg><figcaption><ul class=\"legend\">");
-    for (key, cost) in ranked.iter().take(COLOURS.len()) {
+    for (key, cost) in ranked.iter().take(COLOURS.len()).filter(|(_, c)| *c > 0.0) {
         let _ = write!(
             main,
             "<li><svg width=\"12\" height=\"12\" aria-hidden=\"true\"><rect width=\"12\" height=\"12\" fill=\"{}\"/></svg> {} <span class=\"hint\">{}</span></li>",
@@ -441,7 +443,7 @@ pub(super) async fn spend(
             esc(&usd(rest))
         );
     }
-    if ranked.is_empty() {
+    if total <= 0.0 {
         main.push_str("<li>No spend in these days.</li>");
     }
     main.push_str("</ul></figcaption></figure>");

@@ -67,6 +67,7 @@ pub(crate) fn layout(title: &str, nav: Nav, csrf: Option<&str>, main: &str) -> S
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>{} · LLM policy console</title>\
+         <link rel=\"icon\" href=\"/console/assets/icon.svg\" type=\"image/svg+xml\">\
          <link rel=\"stylesheet\" href=\"/console/assets/console.css\">\
          <script src=\"/console/assets/console.js\" defer></script></head><body>\
          <a class=\"skip\" href=\"#main\">Skip to content</a><header><span class=\"brand\">LLM policy console</span>",

@@ -108,7 +108,7 @@ pub(super) async fn list(
         main.push_str("<p>No keys yet.</p>");
     } else {
         main.push_str(
-            "<div class=\"table-wrap\"><table class=\"keys\"><caption>API keys</caption><thead><tr>\
+            "<div class=\"table-wrap\"><table class=\"keys cards\"><caption>API keys</caption><thead><tr>\
              <th scope=\"col\">Name</th><th scope=\"col\">Enabled</th><th scope=\"col\">Models</th>\
              <th scope=\"col\">Spend this period</th><th scope=\"col\">Last used</th>\
              <th scope=\"col\"><span class=\"sr-only\">Actions</span></th></tr></thead><tbody>",
@@ -147,9 +147,9 @@ pub(super) async fn list(
                 .map_or_else(|| "never".to_owned(), |t| esc(&short_time(&t)));
             let _ = write!(
                 main,
-                "<tr><th scope=\"row\"><a href=\"{url}\">{name}</a></th><td>{enabled}</td>\
-                 <td>{models}</td><td>{spent}{cap} <span class=\"hint\">{period}</span></td>\
-                 <td>{last}</td><td><a href=\"{url}\" aria-label=\"Settings of {name}\" class=\"gear\">⚙ Settings</a></td></tr>",
+                "<tr><th scope=\"row\" data-label=\"Name\"><a href=\"{url}\">{name}</a></th><td data-label=\"Enabled\">{enabled}</td>\
+                 <td data-label=\"Models\">{models}</td><td data-label=\"Spend\">{spent}{cap} <span class=\"hint\">{period}</span></td>\
+                 <td data-label=\"Last used\">{last}</td><td><a href=\"{url}\" aria-label=\"Settings of {name}\" class=\"gear\">⚙ Settings</a></td></tr>",
                 url = esc(&key_url(&key.name)),
                 name = esc(&key.name),
                 spent = esc(&usd(spent)),

@@ -17,7 +17,7 @@
 //! | `GET /console/audit?key=&model=&status=&user=&blocked=1&flagged=1&page=` | the records, newest first |
 //! | `GET /console/audit/<request_id>` | one whole record |
 //! | `GET /console/spend?days=30` | spend per key per day (a chart), totals per model |
-//! | `GET /console/assets/console.{css,js}` | embedded in the binary: no CDN |
+//! | `GET /console/assets/{console.css,console.js,icon.svg}` | embedded in the binary: no CDN |
 //!
 //! Security:
 //! - **Login** with the admin token, compared by digest (constant time); a failure is
@@ -68,6 +68,7 @@ pub const MAX_FORM_BYTES: usize = 64 * 1024;
 
 const CSS: &str = include_str!("assets/console.css");
 const JS: &str = include_str!("assets/console.js");
+const ICON: &str = include_str!("assets/icon.svg");
 
 /// The console's state: the admin API's [`Admin`] (keys and admin token), where the audit
 /// records and the model list come from, and the sessions.
@@ -322,14 +323,16 @@ async fn handle(console: &Console, req: Request<PolicyBody>) -> Response<ProxyBo
     let method = req.method().clone();
     // The static files: no secret in them, served to anyone (the login page needs them).
     match path.as_str() {
-        "/console/assets/console.css" | "/console/assets/console.js" => {
+        "/console/assets/console.css"
+        | "/console/assets/console.js"
+        | "/console/assets/icon.svg" => {
             if !matches!(method, Method::GET | Method::HEAD) {
                 return method_not_allowed();
             }
-            return if path.ends_with(".css") {
-                html::asset("text/css; charset=utf-8", CSS)
-            } else {
-                html::asset("text/javascript; charset=utf-8", JS)
+            return match path.rsplit('.').next() {
+                Some("css") => html::asset("text/css; charset=utf-8", CSS),
+                Some("js") => html::asset("text/javascript; charset=utf-8", JS),
+                _ => html::asset("image/svg+xml", ICON),
             };
         }
         "/console/login" => return login(console, req).await,
