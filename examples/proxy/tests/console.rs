@@ -762,6 +762,24 @@ async fn story(console: &Console, addr: std::net::SocketAddr) -> TestResult {
     }
     let list = console.get("/console/keys").await?;
     assert!(list.body.contains("of $5.00"), "{}", list.body);
+    // Served but flagged (no price for its model): marked flagged, not blocked.
+    let other = console.create_key("flagged", &[]).await?;
+    assert_eq!(
+        chat(addr, &other, "unpriced-model-x").await?.0,
+        StatusCode::OK
+    );
+    let waited = eventually(Duration::from_secs(30), || async {
+        let page = console.get("/console/audit?flagged=1&key=flagged").await?;
+        Ok(page.body.contains("<tr class=\"flagged\"") && page.body.contains("unknown_price"))
+    })
+    .await;
+    if waited.is_err() {
+        let page = console.get("/console/audit?key=flagged").await?;
+        panic!("no flagged row: {}", page.body);
+    }
+    // Refused requests are not "flagged" for their `blocked` flag alone.
+    let page = console.get("/console/audit?flagged=1&key=story").await?;
+    assert!(!page.body.contains("<tr class"), "{}", page.body);
     // Disable, enable, delete.
     assert_eq!(
         console

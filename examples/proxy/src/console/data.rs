@@ -54,7 +54,7 @@ pub(crate) struct AuditQuery {
     pub(crate) user: Option<String>,
     /// Only requests a layer refused.
     pub(crate) blocked: bool,
-    /// Only requests with flags.
+    /// Only requests with flags (besides `blocked`, see [`has_flags`]).
     pub(crate) flagged: bool,
     /// 0-based.
     pub(crate) page: usize,
@@ -94,12 +94,18 @@ impl AuditQuery {
     }
 }
 
-/// Whether the record has flags.
+/// Whether the record has flags besides `blocked` (which every refused request has, and
+/// which the pages show as "blocked" already): `unknown_price`, `usage_missing`, a guard's
+/// audit-mode finding, ...
 pub(crate) fn has_flags(record: &Value) -> bool {
     record
         .get("flags")
         .and_then(Value::as_array)
-        .is_some_and(|flags| !flags.is_empty())
+        .is_some_and(|flags| {
+            flags
+                .iter()
+                .any(|f| f.as_str() != Some(tower_llm_policy::audit::flag::BLOCKED))
+        })
 }
 
 /// A page of records, newest first.
@@ -213,7 +219,10 @@ WHERE ($1::text IS NULL OR key = $1)
   AND ($3::integer IS NULL OR status = $3)
   AND ($4::text IS NULL OR record->>'user' = $4)
   AND (NOT $5::boolean OR blocked_by IS NOT NULL)
-  AND (NOT $6::boolean OR jsonb_array_length(coalesce(record->'flags', '[]'::jsonb)) > 0)
+  AND (NOT $6::boolean OR EXISTS (
+      SELECT 1 FROM jsonb_array_elements_text(
+          CASE jsonb_typeof(record->'flags') WHEN 'array' THEN record->'flags' ELSE '[]'::jsonb END
+      ) AS f(flag) WHERE flag <> 'blocked'))
 ORDER BY ts DESC, id DESC
 LIMIT $7 OFFSET $8";
 
