@@ -99,9 +99,9 @@ pub(crate) fn layout(title: &str, nav: Nav, csrf: Option<&str>, main: &str) -> S
         }
         page.push_str("</nav>");
     }
-    let _ = write!(
+    let _ = writeln!(
         page,
-        "</header><main id=\"main\" tabindex=\"-1\"><h1>{}</h1>{main}</main></body></html>\n",
+        "</header><main id=\"main\" tabindex=\"-1\"><h1>{}</h1>{main}</main></body></html>",
         esc(title)
     );
     page

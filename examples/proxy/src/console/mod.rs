@@ -21,20 +21,20 @@
 //!
 //! Security:
 //! - **Login** with the admin token, compared by digest (constant time); a failure is
-//!   answered after [`session::FAILURE_DELAY`], and after [`session::MAX_FAILURES`] failures
-//!   from one address in [`session::THROTTLE_WINDOW`] logins from it are refused (429). The
-//!   login form itself is protected by a double-submit cookie.
+//!   answered after 1 second, and after 10 failures from one address in 5 minutes its
+//!   logins are refused (429) until those 5 minutes end. The login form itself is protected
+//!   by a double-submit cookie.
 //! - **Sessions**: 256 random bits in the cookie `tlp_console` (`HttpOnly`, `SameSite=Strict`,
 //!   `Path=/console`, `Secure` with `[admin] console_secure_cookie` or a request that came
 //!   over HTTPS according to `X-Forwarded-Proto`/`Forwarded`), kept on the server as a
-//!   digest; they end after [`session::IDLE_TIMEOUT`] idle, [`session::MAX_AGE`] in all, or
-//!   at logout. Nothing else opens the console: an `Authorization` header (a virtual key, the
-//!   admin token) is ignored, and a page without a live session redirects to the login.
+//!   digest; they end after 30 minutes idle, 12 hours in all, or at logout. Nothing else
+//!   opens the console: an `Authorization` header (a virtual key, the admin token) is
+//!   ignored, and a page without a live session redirects to the login.
 //! - **CSRF**: every `POST` carries the session's token in a hidden field (compared in
 //!   constant time), and its `Origin` or `Referer`, when present, must be this host.
-//! - **Output**: every value is HTML-escaped ([`html::esc`]); a key's secret appears only on
-//!   the page that answers its creation; the Content-Security-Policy allows no inline script
-//!   or style; `X-Frame-Options: DENY`; `Cache-Control: no-store`.
+//! - **Output**: every value is HTML-escaped (one escaping helper, `html::esc`); a key's
+//!   secret appears only on the page that answers its creation; the Content-Security-Policy
+//!   allows no inline script or style; `X-Frame-Options: DENY`; `Cache-Control: no-store`.
 //! - **Input**: forms are `application/x-www-form-urlencoded`, 64 KiB at most (413); a field
 //!   that cannot be read is a 400 page naming it.
 
