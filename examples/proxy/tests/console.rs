@@ -825,3 +825,57 @@ async fn the_console_works_on_postgres_keys_and_audit() -> TestResult {
     assert!(audit.body.contains("the audit database"), "{}", audit.body);
     Ok(())
 }
+
+/// A key's guard policies are toggles of the configured `[[guards]]`; a guard's finding in
+/// audit mode shows as a flagged (not blocked) row.
+#[tokio::test]
+async fn guard_policies_are_toggles_and_their_findings_are_flagged() -> TestResult {
+    let proxy = start(
+        true,
+        "[[guards]]\nname = \"pii\"\nkind = \"pii\"\nmode = \"audit\"\nworkspace = false\n",
+    )
+    .await?;
+    let console = Console::login(proxy.addr).await?;
+    let secret = console.create_key("guarded", &[]).await?;
+    let editor = console.get("/console/keys/guarded").await?;
+    assert!(
+        editor.body.contains("name=\"guard\" value=\"pii\">"),
+        "an unchecked toggle: {}",
+        editor.body
+    );
+    let page = console
+        .post("/console/keys/guarded", &[("guard", "pii")])
+        .await?;
+    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    let editor = console.get("/console/keys/guarded").await?;
+    assert!(editor
+        .body
+        .contains("name=\"guard\" value=\"pii\" checked>"));
+    // A guard that is not configured is refused.
+    let page = console
+        .post("/console/keys/guarded", &[("guard", "nope")])
+        .await?;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST);
+    // The key's next request is guarded: an e-mail address is flagged, and forwarded.
+    let body = serde_json::json!({"model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "write to alice@example.com"}]});
+    let answer = send(
+        proxy.addr,
+        Method::POST,
+        "/v1/chat/completions",
+        &[("authorization", &format!("Bearer {secret}"))],
+        Some(("application/json", body.to_string().into_bytes())),
+    )
+    .await?;
+    assert_eq!(answer.status, StatusCode::OK);
+    let waited = eventually(Duration::from_secs(30), || async {
+        let page = console.get("/console/audit?key=guarded&flagged=1").await?;
+        Ok(page.body.contains("<tr class=\"flagged\"") && page.body.contains("guard:pii"))
+    })
+    .await;
+    if waited.is_err() {
+        let page = console.get("/console/audit?key=guarded").await?;
+        panic!("no flagged row: {}", page.body);
+    }
+    Ok(())
+}
