@@ -739,6 +739,7 @@ async fn story(console: &Console, addr: std::net::SocketAddr) -> TestResult {
     }
     let list = console.get("/console/keys").await?;
     assert!(list.body.contains("of $5.00"), "{}", list.body);
+    assert!(!list.body.contains("unavailable"), "{}", list.body);
     // Served but flagged (no price for its model): marked flagged, not blocked.
     let other = console.create_key("flagged", &[]).await?;
     assert_eq!(

@@ -147,9 +147,16 @@ pub(crate) struct KeyUsage {
 /// The name the pages give requests refused before a key was found.
 pub(crate) const NO_KEY: &str = "(no key)";
 
+/// `at` in RFC 3339 (UTC, seconds); a time past 9999-12-31T23:59:59Z, which RFC 3339 cannot
+/// write (a database may hold one), is written as that.
+pub(crate) fn rfc3339(at: SystemTime) -> String {
+    let latest = std::time::UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+    humantime::format_rfc3339_seconds(at.min(latest)).to_string()
+}
+
 /// `YYYY-MM-DD` of `at`, in UTC.
 pub(crate) fn day_of(at: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(at).to_string()[..10].to_owned()
+    rfc3339(at)[..10].to_owned()
 }
 
 fn text_of(record: &Value, field: &str) -> Option<String> {
@@ -457,7 +464,7 @@ impl AuditSource {
                                 today: row.get(1),
                                 month: row.get(2),
                                 total: row.get(3),
-                                last: last.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                                last: last.map(rfc3339),
                             },
                         )
                     })
@@ -601,6 +608,13 @@ mod tests {
             flagged: true,
             ..AuditQuery::default()
         }));
+    }
+
+    #[test]
+    fn times_past_the_year_9999_are_written_as_its_end() {
+        let far = std::time::UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+        assert_eq!(rfc3339(far), "9999-12-31T23:59:59Z");
+        assert_eq!(day_of(std::time::UNIX_EPOCH), "1970-01-01");
     }
 
     #[test]

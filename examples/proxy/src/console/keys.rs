@@ -11,6 +11,7 @@ use tower_llm_policy::keys::{AdminError, KeyRecord, PageRequest};
 use tower_llm_policy::quota::BudgetPeriod;
 use tower_llm_policy::{ApiKey, Feature, FeatureSet};
 
+use super::data::rfc3339;
 use super::html::{self, esc, url_part, usd, Nav};
 use super::{Console, Form, Session};
 use crate::admin::param;
@@ -142,7 +143,7 @@ pub(super) async fn list(
                 .unwrap_or_default();
             let last = record
                 .last_used_at
-                .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                .map(rfc3339)
                 .or_else(|| used.and_then(|u| u.last.clone()))
                 .map_or_else(|| "never".to_owned(), |t| esc(&short_time(&t)));
             let _ = write!(
@@ -288,9 +289,7 @@ fn time_fact(label: &str, at: Option<SystemTime>) -> String {
     at.map(|at| {
         format!(
             "<dt>{label}</dt><dd>{}</dd>",
-            esc(&short_time(
-                &humantime::format_rfc3339_seconds(at).to_string()
-            ))
+            esc(&short_time(&rfc3339(at)))
         )
     })
     .unwrap_or_default()
