@@ -23,7 +23,7 @@ const PAGES: &[&str] = &[
     "/console",
     "/console/",
     "/console/keys",
-    "/console/keys/new",
+    "/console/new-key",
     "/console/keys/seed",
     "/console/keys/seed/delete",
     "/console/audit",
@@ -438,7 +438,7 @@ async fn pages_are_sent_with_strict_headers() -> TestResult {
         "/console/keys",
         "/console/audit",
         "/console/spend",
-        "/console/keys/new",
+        "/console/new-key",
     ] {
         let page = console.get(path).await?;
         let header = |name: &str| {
@@ -785,6 +785,10 @@ async fn story(console: &Console, addr: std::net::SocketAddr) -> TestResult {
     );
     let deleted = console.post("/console/keys/story/delete", &[]).await?;
     assert_eq!(deleted.location(), Some("/console/keys?deleted=story"));
+    // A key may be named like a page.
+    console.create_key("new", &[]).await?;
+    let editor = console.get("/console/keys/new").await?;
+    assert!(editor.body.contains("<h1>Key new</h1>"), "{}", editor.body);
     assert_eq!(
         chat(addr, &secret, "gpt-4o-mini").await?.0,
         StatusCode::UNAUTHORIZED

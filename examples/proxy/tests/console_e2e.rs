@@ -281,7 +281,7 @@ async fn drive(client: &Client, proxy: &common::Proxy, shots: &Path, python: &st
         .await?;
 
     // The keys page; a new key.
-    find(client, "a[href='/console/keys/new']")
+    find(client, "a[href='/console/new-key']")
         .await?
         .click()
         .await?;

@@ -96,7 +96,7 @@ pub(super) async fn list(
         main.push_str(&flash(&format!("Key {deleted} deleted.")));
     }
     main.push_str(
-        "<p class=\"actions\"><a class=\"button\" href=\"/console/keys/new\">New key</a></p>",
+        "<p class=\"actions\"><a class=\"button\" href=\"/console/new-key\">New key</a></p>",
     );
     if usage_problem.is_some() {
         main.push_str(
@@ -177,7 +177,7 @@ pub(super) fn short_time(rfc3339: &str) -> String {
     }
 }
 
-/// `GET /console/keys/new`.
+/// `GET /console/new-key`.
 pub(super) async fn new_key(console: &Console, session: &Session) -> Response<ProxyBody> {
     let form = key_form(console, session, None, &ApiKey::new("")).await;
     page(session, "New key", StatusCode::OK, &form)
@@ -189,7 +189,7 @@ pub(super) async fn create(
     session: &Session,
     form: &Form,
 ) -> Response<ProxyBody> {
-    let back = "/console/keys/new";
+    let back = "/console/new-key";
     let Some(name) = form.get("name") else {
         return problem(
             session,

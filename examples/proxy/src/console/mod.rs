@@ -10,7 +10,7 @@
 //! | `GET /console/login`, `POST /console/login` | the admin token in, a session cookie out |
 //! | `POST /console/logout` | ends the session |
 //! | `GET /console/keys` | name, enabled, models, spend this period, last used |
-//! | `GET /console/keys/new`, `POST /console/keys` | a new key; its secret shown this once |
+//! | `GET /console/new-key`, `POST /console/keys` | a new key; its secret shown this once |
 //! | `GET /console/keys/<name>`, `POST /console/keys/<name>` | every policy field |
 //! | `POST /console/keys/<name>/disable`, `.../enable` | |
 //! | `GET /console/keys/<name>/delete`, `POST` the same | asks, then deletes |
@@ -365,7 +365,8 @@ async fn handle(console: &Console, req: Request<PolicyBody>) -> Response<ProxyBo
         };
     };
     let segments: Vec<&str> = path
-        .trim_start_matches("/console")
+        .strip_prefix("/console")
+        .unwrap_or_default()
         .trim_start_matches('/')
         .split('/')
         .collect();
@@ -422,7 +423,8 @@ async fn handle(console: &Console, req: Request<PolicyBody>) -> Response<ProxyBo
     match segments.as_slice() {
         [""] => html::redirect("/console/keys"),
         ["keys"] => keys::list(console, &session, &params).await,
-        ["keys", "new"] => keys::new_key(console, &session).await,
+        // Not under `/console/keys/`, where a key may be named `new`.
+        ["new-key"] => keys::new_key(console, &session).await,
         ["keys", name] => match decode(name) {
             Some(name) => keys::edit(console, &session, &name, &params).await,
             None => not_found(&session),
