@@ -85,13 +85,38 @@ impl Admin {
         self
     }
 
+    /// The keys this admin manages (the web console, [`crate::console`], works on them too).
+    pub(crate) fn keys(&self) -> &Arc<dyn KeyAdmin> {
+        &self.keys
+    }
+
+    /// Whether `token` is the admin token (digests compared: the time says nothing of it).
+    pub(crate) fn is_token(&self, token: &str) -> bool {
+        KeyDigest::of(token.trim()) == self.token
+    }
+
+    /// The `[[guards]]` names a key may be bound to, sorted (`None`: not checked).
+    pub(crate) fn guard_names(&self) -> Option<Vec<String>> {
+        let mut names: Vec<String> = self.guards.as_ref()?.iter().cloned().collect();
+        names.sort();
+        Some(names)
+    }
+
+    /// The name of the first guard of `guards` that is not configured, if one is not.
+    pub(crate) fn unknown_guard<'a>(
+        &self,
+        guards: impl IntoIterator<Item = &'a str>,
+    ) -> Option<&'a str> {
+        let known = self.guards.as_ref()?;
+        guards.into_iter().find(|name| !known.contains(*name))
+    }
+
     /// A 400 naming the first guard of `guards` that is not configured, if one is not.
     fn check_guards<'a>(
         &self,
         guards: impl IntoIterator<Item = &'a str>,
     ) -> Option<Response<ProxyBody>> {
-        let known = self.guards.as_ref()?;
-        let name = guards.into_iter().find(|name| !known.contains(*name))?;
+        let name = self.unknown_guard(guards)?;
         Some(error(
             StatusCode::BAD_REQUEST,
             "unknown_guard",
@@ -218,7 +243,7 @@ async fn read_json(req: Request<PolicyBody>) -> Result<Value, Response<ProxyBody
 }
 
 /// Decodes `%XX` escapes (and `+` in a query) of a path segment or query value.
-fn percent_decode(text: &str, plus_is_space: bool) -> Option<String> {
+pub(crate) fn percent_decode(text: &str, plus_is_space: bool) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -244,7 +269,7 @@ fn percent_decode(text: &str, plus_is_space: bool) -> Option<String> {
 }
 
 /// The query's parameters, decoded.
-fn query(req: &Request<PolicyBody>) -> Option<Vec<(String, String)>> {
+pub(crate) fn query(req: &Request<PolicyBody>) -> Option<Vec<(String, String)>> {
     let Some(query) = req.uri().query() else {
         return Some(Vec::new());
     };
@@ -258,7 +283,7 @@ fn query(req: &Request<PolicyBody>) -> Option<Vec<(String, String)>> {
         .collect()
 }
 
-fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+pub(crate) fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
     params
         .iter()
         .find(|(k, _)| k == name)

@@ -20,6 +20,7 @@ use crate::admin::{self, Admin};
 use crate::alerts::WebhookAlerts;
 use crate::audit_line::{self, LineWriter};
 use crate::config::{Config, ConfigError};
+use crate::console::{self, AuditSource, Console, Models};
 use crate::guards::{self, KnownGuards};
 use crate::mock;
 use crate::server::{self, ServerOptions};
@@ -288,6 +289,16 @@ impl Proxy {
             audit = audit.with(audit_line::sink(audit_lines));
         }
         let admin_token_env = config.admin.token_env.clone();
+        // `/console`: what it reads besides the keys, taken before the policy takes `config`.
+        let console_config = (config.admin.console && !args.no_policy).then(|| {
+            (
+                config.admin.console_secure_cookie,
+                config.audit.jsonl.clone(),
+                config.workspace.models.clone(),
+                config.model_names.to_model_aliases(),
+                upstream.clone(),
+            )
+        });
         let admin_check_store = store.clone();
         let metrics = crate::metrics::Metrics::prepare(
             &config.metrics,
@@ -360,10 +371,19 @@ impl Proxy {
             let spend = audit_db
                 .as_ref()
                 .map(|(_, pool)| spend_source(pool.clone()));
-            service = admin::route(
-                service,
-                Arc::new(Admin::new(admin_keys, token, spend).guards(guard_names)),
-            );
+            let admin = Arc::new(Admin::new(admin_keys, token, spend).guards(guard_names));
+            service = admin::route(service, admin.clone());
+            if let Some((secure, jsonl, workspace, aliases, upstream)) = console_config {
+                // The audit database when there is one (indexed), else the JSON Lines file.
+                let audit = match (&audit_db, jsonl) {
+                    (Some((_, pool)), _) => AuditSource::Postgres(pool.clone()),
+                    (None, Some(path)) => AuditSource::Jsonl(path),
+                    (None, None) => AuditSource::None,
+                };
+                let models = Models::new(Some(upstream), workspace, aliases);
+                let console = Console::new(admin, models, audit).secure_cookie(secure);
+                service = console::route(service, Arc::new(console));
+            }
         }
         let redis = policy.as_ref().and_then(|policy| policy.redis.clone());
         let drains = policy.map(|policy| policy.drain);

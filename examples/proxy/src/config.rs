@@ -268,8 +268,8 @@ fn default_cache_entries() -> usize {
     10_000
 }
 
-/// `[admin]`: the admin API.
-#[derive(Debug, Default, Deserialize)]
+/// `[admin]`: the admin API, and the web console on top of it.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// `token_env = "TLP_ADMIN_TOKEN"`: the environment variable holding the admin token (at
@@ -277,6 +277,26 @@ pub struct AdminConfig {
     /// (the default): there is no admin API.
     #[serde(default)]
     pub token_env: Option<String>,
+    /// `console = true` (the default): with `token_env` set, the web console is served under
+    /// `/console` (login with the admin token; see [`crate::console`]). `false`: the admin
+    /// API alone.
+    #[serde(default = "yes")]
+    pub console: bool,
+    /// `console_secure_cookie = false`: `true` marks the console's cookies `Secure` always
+    /// (the console is reached over HTTPS through a proxy in front). They are `Secure`
+    /// anyway on requests that say they came over HTTPS (`X-Forwarded-Proto: https`).
+    #[serde(default)]
+    pub console_secure_cookie: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            token_env: None,
+            console: true,
+            console_secure_cookie: false,
+        }
+    }
 }
 
 /// `[[teams]]`: one team's spend cap.

@@ -4,6 +4,7 @@
 //!
 //! - [`app`]: command line, configuration or embedded default, start-up;
 //! - [`audit_line`]: the embedded default's audit records, one line each on stdout;
+//! - [`console`]: `/console`, the web console on top of [`admin`] (keys, audit log, spend);
 //! - [`config`]: the TOML configuration (see `proxy.toml` in this package);
 //! - [`guards`]: `[[guards]]`, the content guards, and `[end_users]`;
 //! - [`alerts`]: `[alerts]`, spend and content-blocked alerts posted to a webhook;
@@ -22,6 +23,7 @@ pub mod alerts;
 pub mod app;
 pub mod audit_line;
 pub mod config;
+pub mod console;
 pub mod guards;
 pub mod metrics;
 pub mod mock;
