@@ -615,9 +615,10 @@ class OpenAISdkThroughProxy(unittest.TestCase):
             "path": "/v1/chat/completions",
             "model": "gpt-4o-mini",
             "stream": True,
-            # The response started (200); the guard's block is in the record.
+            # The response started (200); the guard that stopped it is the record's
+            # `blocked_by`.
             "status": 200,
-            "rejected": False,
+            "rejected": True,
             "audited": True,
         }
         Harness.sent.append(entry)
@@ -702,11 +703,13 @@ class OpenAISdkThroughProxy(unittest.TestCase):
                 self.assertEqual(record["outcome"], "rejected", record)
             elif "guard:answer-stop" in record["flags"]:
                 # A stream a response guard stopped mid-way: it started as a 200, and the
-                # record is flagged with the guard. (The audit layer reads the guard's error
-                # event as the upstream's: outcome `upstream_error`.)
-                self.assertIsNone(record["blocked_by"], record)
+                # record says the guard stopped it (not an upstream error).
+                self.assertEqual(record["blocked_by"], "guard", record)
+                self.assertEqual(record["code"], "content_blocked", record)
                 self.assertTrue(record["stream"], record)
-                self.assertIn(record["outcome"], ("completed", "upstream_error"), record)
+                self.assertEqual(record["outcome"], "stopped", record)
+                self.assertIn("blocked", record["flags"], record)
+                self.assertNotIn("upstream_error_body", record["flags"], record)
             else:
                 self.assertIsNone(record["blocked_by"], record)
                 self.assertEqual(record["outcome"], "completed", record)
