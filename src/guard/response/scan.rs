@@ -833,4 +833,24 @@ mod tests {
             "read {read} bytes of a {text}-byte stream"
         );
     }
+
+    #[test]
+    fn an_audit_guard_that_has_flagged_reads_no_more() {
+        let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let checks = Checks::new(
+            &[Guard::new("w", Counted(WordList::profanity(), read.clone())).mode(Mode::Audit)],
+            "",
+        );
+        let mut scan = TextScan::default();
+        let mut out = String::new();
+        for _ in 0..200 {
+            scan.push("some text that goes on and on ");
+            scan.advance(&checks, &[true], false, &mut out, &mut Findings::default());
+        }
+        scan.advance(&checks, &[true], true, &mut out, &mut Findings::default());
+        assert_eq!(read.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(out.len(), 200 * 30);
+        // Nor does it keep text for a scan that will not come.
+        assert!(scan.held() <= 30, "{}", scan.held());
+    }
 }
