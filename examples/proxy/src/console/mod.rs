@@ -339,7 +339,9 @@ async fn handle(console: &Console, req: Request<PolicyBody>) -> Response<ProxyBo
         _ => {}
     }
     // Everything else needs a live session, from the cookie only.
-    let session = session::cookie(req.headers(), session::COOKIE).and_then(|id| {
+    // Every cookie of the name is tried: a tossed one (another host or port may set one)
+    // must not hide the session's.
+    let session = session::cookies(req.headers(), session::COOKIE).find_map(|id| {
         console.sessions.get(id).map(|csrf| Session {
             id: id.to_owned(),
             csrf,
@@ -484,13 +486,26 @@ fn no_randomness() -> Response<ProxyBody> {
     )
 }
 
+/// The login page for a client out of attempts: 429.
+fn throttled(secure: bool) -> Response<ProxyBody> {
+    let mut response = login_page(
+        secure,
+        StatusCode::TOO_MANY_REQUESTS,
+        Some("Too many failed logins from this address: wait a few minutes."),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("300"));
+    response
+}
+
 async fn login(console: &Console, req: Request<PolicyBody>) -> Response<ProxyBody> {
     let secure = console.secure_cookie || came_over_https(&req);
     match *req.method() {
         Method::GET | Method::HEAD => {
             // Already logged in: on to the keys.
-            if session::cookie(req.headers(), session::COOKIE)
-                .is_some_and(|id| console.sessions.get(id).is_some())
+            if session::cookies(req.headers(), session::COOKIE)
+                .any(|id| console.sessions.get(id).is_some())
             {
                 return html::redirect("/console/keys");
             }
@@ -501,15 +516,7 @@ async fn login(console: &Console, req: Request<PolicyBody>) -> Response<ProxyBod
     }
     let ip = client_ip(&req);
     if !console.throttle.allowed(ip) {
-        let mut response = login_page(
-            secure,
-            StatusCode::TOO_MANY_REQUESTS,
-            Some("Too many failed logins from this address: wait a few minutes."),
-        );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("300"));
-        return response;
+        return throttled(secure);
     }
     if !same_origin(&req) {
         return login_page(
@@ -538,9 +545,13 @@ async fn login(console: &Console, req: Request<PolicyBody>) -> Response<ProxyBod
             Some("The login form expired or came from elsewhere: try again."),
         );
     }
+    // The attempt is counted before the token is compared (and forgotten on success), so
+    // that logins sent at once cannot all be compared.
+    if !console.throttle.attempt(ip) {
+        return throttled(secure);
+    }
     let token = form.0.iter().find(|(k, _)| k == "token").map(|(_, v)| v);
     if !token.is_some_and(|t| console.admin.is_token(t)) {
-        console.throttle.failed(ip);
         tracing::warn!(target: "example_proxy::console", client = %ip, "console: failed login");
         tokio::time::sleep(session::FAILURE_DELAY).await;
         return login_page(

@@ -1,0 +1,149 @@
+//! The web console (`/console`) against a hostile client: each test is a weakness found by
+//! attacking the console (see the commit that fixed it), kept so that it stays fixed.
+
+#[path = "common/console.rs"]
+mod common;
+
+use std::time::Duration;
+
+use common::{send, start, Console, TestResult};
+use http::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The login page's double-submit pair: the cookie header and the form's token.
+async fn login_form(addr: std::net::SocketAddr) -> Result<(String, String), common::Error> {
+    let login = send(addr, Method::GET, "/console/login", &[], None).await?;
+    let csrf = login.csrf().ok_or("no login csrf")?;
+    let cookie = format!(
+        "tlp_console_login={}",
+        login.cookie_value("tlp_console_login").ok_or("no cookie")?
+    );
+    Ok((cookie, csrf))
+}
+
+/// A login attempt on its own connection whose body is held back until `go` fires: the
+/// request's status.
+async fn held_back_login(
+    addr: std::net::SocketAddr,
+    cookie: String,
+    body: String,
+    extra: String,
+    go: tokio::sync::watch::Receiver<bool>,
+) -> Result<u16, common::Error> {
+    let mut go = go;
+    let mut stream = TcpStream::connect(addr).await?;
+    let head = format!(
+        "POST /console/login HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\n{extra}\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(&body.as_bytes()[..1]).await?;
+    stream.flush().await?;
+    go.wait_for(|go| *go).await?;
+    stream.write_all(&body.as_bytes()[1..]).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer)).await??;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("no status")?;
+    Ok(status)
+}
+
+/// Finding: the login throttle was checked before the form was read and counted after the
+/// token was compared, so logins sent at once (their bodies held back until all had passed
+/// the check) were all compared: any number of guesses per throttle window.
+#[tokio::test]
+async fn concurrent_logins_cannot_outrun_the_throttle() -> TestResult {
+    let proxy = start(true, "").await?;
+    let (cookie, csrf) = login_form(proxy.addr).await?;
+    let body = common::form(&[("csrf", &csrf), ("token", "wrong-token-guess-0123456789")]);
+    let (go, wait) = tokio::sync::watch::channel(false);
+    let attempts: Vec<_> = (0..30)
+        .map(|_| {
+            tokio::spawn(held_back_login(
+                proxy.addr,
+                cookie.clone(),
+                body.clone(),
+                String::new(),
+                wait.clone(),
+            ))
+        })
+        .collect();
+    // Every request's head is in before any body.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    go.send(true)?;
+    let mut compared = 0;
+    for attempt in attempts {
+        match attempt.await?? {
+            401 => compared += 1,
+            429 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(
+        compared <= 10,
+        "{compared} wrong tokens were compared in one throttle window (at most 10)"
+    );
+    Ok(())
+}
+
+/// Finding: the throttle counted failures per address, IPv6 ones included, so one client
+/// with a /64 (any IPv6 host) had 2^64 addresses of 10 guesses each.
+#[tokio::test]
+async fn an_ipv6_prefix_is_throttled_as_one_client() -> TestResult {
+    let proxy = start(true, "[proxy]\ntrusted_proxies = [\"127.0.0.1/32\"]\n").await?;
+    let (cookie, csrf) = login_form(proxy.addr).await?;
+    let attempt = |ip: String, token: &'static str| {
+        let body = common::form(&[("csrf", &csrf), ("token", token)]).into_bytes();
+        let (addr, cookie) = (proxy.addr, cookie.clone());
+        async move {
+            send(
+                addr,
+                Method::POST,
+                "/console/login",
+                &[("cookie", cookie.as_str()), ("x-forwarded-for", &ip)],
+                Some(("application/x-www-form-urlencoded", body)),
+            )
+            .await
+        }
+    };
+    let failures: Vec<_> = (1..=10)
+        .map(|i| attempt(format!("2001:db8:1:2::{i:x}"), "wrong-token"))
+        .collect();
+    for result in futures_util::future::join_all(failures).await {
+        assert_eq!(result?.status, StatusCode::UNAUTHORIZED);
+    }
+    // Another address of the same /64: throttled too.
+    let page = attempt("2001:db8:1:2::ffff".into(), "wrong-token").await?;
+    assert_eq!(page.status, StatusCode::TOO_MANY_REQUESTS);
+    // Another /64, and IPv4 addresses, are their own clients.
+    let page = attempt("2001:db8:1:3::1".into(), "wrong-token").await?;
+    assert_eq!(page.status, StatusCode::UNAUTHORIZED);
+    Ok(())
+}
+
+/// Finding: a second `tlp_console` cookie put before the session's (cookie tossing from a
+/// sibling host or another port: `Path=/console/keys` sorts first) logged the admin out,
+/// since only the first cookie of that name was read.
+#[tokio::test]
+async fn a_tossed_cookie_does_not_hide_the_session() -> TestResult {
+    let proxy = start(true, "").await?;
+    let console = Console::login(proxy.addr).await?;
+    let cookie = format!("tlp_console=tossed; tlp_console={}", console.session);
+    let page = send(
+        proxy.addr,
+        Method::GET,
+        "/console/keys",
+        &[("cookie", &cookie)],
+        None,
+    )
+    .await?;
+    assert_eq!(page.status, StatusCode::OK, "{:?}", page.location());
+    Ok(())
+}
