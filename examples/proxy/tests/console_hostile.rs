@@ -147,3 +147,54 @@ async fn a_tossed_cookie_does_not_hide_the_session() -> TestResult {
     assert_eq!(page.status, StatusCode::OK, "{:?}", page.location());
     Ok(())
 }
+
+/// The process's peak resident memory, in KiB (Linux).
+fn peak_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Finding: every console page that reads a JSON Lines audit log (the keys list, the landing
+/// page, included) parsed its newest 64 MiB into JSON values all at once: about ten times
+/// that in memory per page view (clients fill the log, refused requests included), and a
+/// spend table of every model name a client ever sent.
+#[tokio::test]
+async fn a_full_audit_log_is_read_in_bounded_memory() -> TestResult {
+    use std::io::Write as _;
+    let proxy = start(true, "").await?;
+    let console = Console::login(proxy.addr).await?;
+    {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&proxy.audit)?);
+        let mut written = 0u64;
+        let mut i = 0u64;
+        while written < example_proxy::console::MAX_JSONL_SCAN {
+            let line = serde_json::json!({
+                "request_id": format!("req-{i}"), "timestamp": "2026-12-04T00:00:00Z",
+                "key": "seed", "model": format!("hostile-model-{i}"), "user": "u", "status": 200,
+                "flags": ["a", "b", "c", "d"], "cost_usd": 0.001, "prompt_tokens": 1,
+                "key_metadata": {"team": "x", "env": "y"},
+            })
+            .to_string();
+            writeln!(file, "{line}")?;
+            written += line.len() as u64 + 1;
+            i += 1;
+        }
+        file.flush()?;
+    }
+    let before = peak_kib();
+    for path in ["/console/keys", "/console/audit", "/console/spend"] {
+        let page = console.get(path).await?;
+        assert_eq!(page.status, StatusCode::OK, "{path}");
+        if path == "/console/spend" {
+            let rows = page.body.matches("hostile-model-").count();
+            assert!(rows <= 200, "{rows} model rows on the spend page");
+        }
+    }
+    let grown = peak_kib().saturating_sub(before) / 1024;
+    assert!(grown < 256, "reading the audit log took {grown} MiB more");
+    Ok(())
+}

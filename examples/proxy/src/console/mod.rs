@@ -247,9 +247,10 @@ async fn read_form(req: Request<PolicyBody>) -> Result<Form, Response<ProxyBody>
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .is_some_and(|t| t.trim() == "application/x-www-form-urlencoded")
+            v.split(';').next().is_some_and(|t| {
+                t.trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            })
         });
     if !urlencoded {
         return Err(html::message(
