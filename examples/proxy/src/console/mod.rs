@@ -144,8 +144,18 @@ pub(crate) struct Session {
 }
 
 /// A form's fields, decoded, in order.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Form(Vec<(String, String)>);
+
+/// The fields' names only: a form's values include the admin token (the login) and the
+/// CSRF token.
+impl std::fmt::Debug for Form {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| name))
+            .finish()
+    }
+}
 
 impl Form {
     /// The first value of `name`, trimmed; `None` when absent or blank.
@@ -640,6 +650,9 @@ mod tests {
         assert_eq!(form.all("model"), ["x", "y z"]);
         assert_eq!(form.get("empty"), None);
         assert_eq!(form.get("b"), Some("<s>"));
+        let login = Form::parse(b"csrf=c5rf-value&token=the-admin-token").unwrap();
+        let debug = format!("{login:?}");
+        assert!(!debug.contains("the-admin-token") && !debug.contains("c5rf-value"));
         assert!(Form::parse(b"a=%zz").is_none());
         assert!(Form::parse(b"a=\xff").is_none());
     }
