@@ -145,6 +145,22 @@ async fn a_tossed_cookie_does_not_hide_the_session() -> TestResult {
     )
     .await?;
     assert_eq!(page.status, StatusCode::OK, "{:?}", page.location());
+    // The same for the login form's double-submit cookie: a tossed one sent first does not
+    // keep the admin from logging in.
+    let (login_cookie, csrf) = login_form(proxy.addr).await?;
+    let cookie = format!("tlp_console_login=tossed; {login_cookie}");
+    let page = send(
+        proxy.addr,
+        Method::POST,
+        "/console/login",
+        &[("cookie", &cookie)],
+        Some((
+            "application/x-www-form-urlencoded",
+            common::form(&[("csrf", &csrf), ("token", common::TOKEN)]).into_bytes(),
+        )),
+    )
+    .await?;
+    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
     Ok(())
 }
 

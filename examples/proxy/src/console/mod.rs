@@ -541,14 +541,12 @@ async fn login(console: &Console, req: Request<PolicyBody>) -> Response<ProxyBod
         Ok(form) => form,
         Err(response) => return response,
     };
-    let double_submit = session::cookie(&parts_headers, session::LOGIN_COOKIE);
+    // Any of the double-submit cookies (a tossed one may come first) equal to the field.
     let field = form.0.iter().find(|(k, _)| k == "csrf").map(|(_, v)| v);
-    let csrf_ok = match (double_submit, field) {
-        (Some(cookie), Some(field)) => {
-            !cookie.is_empty() && session::ct_eq(cookie.as_bytes(), field.as_bytes())
-        }
-        _ => false,
-    };
+    let csrf_ok = field.is_some_and(|field| {
+        session::cookies(&parts_headers, session::LOGIN_COOKIE)
+            .any(|cookie| !cookie.is_empty() && session::ct_eq(cookie.as_bytes(), field.as_bytes()))
+    });
     if !csrf_ok {
         return login_page(
             secure,

@@ -46,11 +46,6 @@ pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The value of the cookie `name` of the request, if it has one (the first, if several).
-pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &'a str) -> Option<&'a str> {
-    cookies(headers, name).next()
-}
-
 /// Every value of the cookie `name` of the request, in order (a browser sends several of one
 /// name when several paths or hosts set it).
 pub(crate) fn cookies<'a>(
@@ -253,9 +248,11 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.append(header::COOKIE, "a=1; tlp_console=abc".parse().unwrap());
         headers.append(header::COOKIE, "b=2".parse().unwrap());
-        assert_eq!(cookie(&headers, COOKIE), Some("abc"));
-        assert_eq!(cookie(&headers, "b"), Some("2"));
-        assert_eq!(cookie(&headers, "c"), None);
+        headers.append(header::COOKIE, "tlp_console=def".parse().unwrap());
+        let all = |name| cookies(&headers, name).collect::<Vec<_>>();
+        assert_eq!(all(COOKIE), ["abc", "def"]);
+        assert_eq!(all("b"), ["2"]);
+        assert!(all("c").is_empty());
         let set = set_cookie(COOKIE, "v", true, None);
         assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"));
         assert!(set.contains("Path=/console") && set.ends_with("; Secure"));
