@@ -214,3 +214,154 @@ async fn a_full_audit_log_is_read_in_bounded_memory() -> TestResult {
     assert!(grown < 256, "reading the audit log took {grown} MiB more");
     Ok(())
 }
+
+/// What held when attacked (kept so that it keeps holding): path tricks reach neither the
+/// admin API nor a panic, state changes need POST with a form and the CSRF token from this
+/// site, neither a virtual key nor the admin token is a session, hostile audit records are
+/// escaped, paging and ranges are bounded.
+#[tokio::test]
+async fn attacks_that_held() -> TestResult {
+    let proxy = start(true, "").await?;
+    let console = Console::login(proxy.addr).await?;
+    let cookie = format!("tlp_console={}", console.session);
+    for (path, status) in [
+        ("/console/../admin/v1/keys", 404),
+        ("/console/keys/%2e%2e", 404),
+        ("/console/keys/%2e%2e/seed", 404),
+        ("/console/keys/seed%2Fdelete", 404),
+        ("/console/keys/%FF", 404),
+        ("/console/audit/%FF%FE", 404),
+        ("/console/assets/../keys", 404),
+        ("/console/./keys", 404),
+        ("/console/keys/seed/delete/x", 404),
+        ("/console/audit?page=99999999999999999999", 400),
+        ("/console/audit?page=-1", 400),
+        ("/console/audit?status=99999", 400),
+        ("/console/spend?days=1000000", 400),
+        ("/console/spend?days=0", 400),
+        ("/console/spend?days=-1", 400),
+        ("/console/keys?after=%00", 200),
+        ("/console/audit?key=%00&user=%0A", 200),
+    ] {
+        let page = send(proxy.addr, Method::GET, path, &[("cookie", &cookie)], None).await?;
+        assert_eq!(page.status.as_u16(), status, "{path}");
+    }
+    // Not the console: the proxy's routes, which want a key.
+    for path in ["/Console/keys", "//console/keys", "/console%2Fkeys"] {
+        let page = send(proxy.addr, Method::GET, path, &[("cookie", &cookie)], None).await?;
+        assert!(page.status.is_client_error(), "{path}: {}", page.status);
+        assert!(!page.body.contains("LLM policy console"), "{path}");
+    }
+    // Other methods and method overrides change nothing.
+    for method in [Method::PUT, Method::DELETE, Method::PATCH] {
+        let page = send(
+            proxy.addr,
+            method.clone(),
+            "/console/keys/seed/delete",
+            &[("cookie", &cookie)],
+            None,
+        )
+        .await?;
+        assert_eq!(page.status, StatusCode::METHOD_NOT_ALLOWED, "{method}");
+    }
+    let page = console
+        .post_raw(
+            "/console/keys/seed/delete",
+            "",
+            &[("x-http-method-override", "DELETE")],
+        )
+        .await?;
+    assert_eq!(page.status, StatusCode::FORBIDDEN);
+    // Forms a cross-site page can send without a preflight, with the right token even.
+    let token = format!("csrf={}", console.csrf);
+    for content_type in ["text/plain", "multipart/form-data; boundary=x"] {
+        let page = send(
+            proxy.addr,
+            Method::POST,
+            "/console/keys/seed/disable",
+            &[("cookie", &cookie)],
+            Some((content_type, token.clone().into_bytes())),
+        )
+        .await?;
+        assert_eq!(
+            page.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{content_type}"
+        );
+    }
+    for header in [
+        ("origin", "null"),
+        ("referer", "http://evil.example/console/keys"),
+        ("origin", "http://evil.example"),
+    ] {
+        let page = console
+            .post_raw("/console/keys/seed/disable", &token, &[header])
+            .await?;
+        assert_eq!(page.status, StatusCode::FORBIDDEN, "{header:?}");
+    }
+    // A virtual key or the admin token as the session cookie; a virtual key as the token.
+    for value in [common::SEED_KEY, common::TOKEN] {
+        let page = send(
+            proxy.addr,
+            Method::GET,
+            "/console/keys",
+            &[("cookie", &format!("tlp_console={value}"))],
+            None,
+        )
+        .await?;
+        assert_eq!(page.status, StatusCode::SEE_OTHER);
+    }
+    let (login_cookie, csrf) = login_form(proxy.addr).await?;
+    let page = send(
+        proxy.addr,
+        Method::POST,
+        "/console/login",
+        &[("cookie", &login_cookie)],
+        Some((
+            "application/x-www-form-urlencoded",
+            common::form(&[("csrf", &csrf), ("token", common::SEED_KEY)]).into_bytes(),
+        )),
+    )
+    .await?;
+    assert_eq!(page.status, StatusCode::UNAUTHORIZED);
+    // The seed key is still enabled: nothing above changed it.
+    let page = console.get("/console/keys").await?;
+    assert!(page.body.contains("badge on"), "{}", page.body);
+    // Hostile audit records (their fields come from clients), and a half-written last line.
+    let hostile = serde_json::json!({
+        "request_id": "\"><script>alert(1)</script>", "timestamp": "2026-12-04T00:00:00Z",
+        "key": "</title><script>alert(2)</script>", "model": "<svg onload=alert(3)>",
+        "user": "\u{202e}evil\n'onmouseover='alert(4)", "flags": ["<b>"], "status": 200,
+        "cost_usd": 1.5, "code": "x\" onclick=\"alert(5)",
+    });
+    std::fs::write(
+        &proxy.audit,
+        format!("{hostile}\n{{\"request_id\":\"partial"),
+    )?;
+    for path in [
+        "/console/audit",
+        "/console/audit?flagged=1",
+        "/console/spend?days=366",
+        "/console/keys",
+        "/console/audit/%22%3E%3Cscript%3Ealert(1)%3C%2Fscript%3E",
+    ] {
+        let page = console.get(path).await?;
+        assert_eq!(page.status, StatusCode::OK, "{path}");
+        for raw in [
+            "<script>alert",
+            "<svg onload",
+            "'onmouseover='",
+            "\" onclick=\"",
+            "<b>",
+        ] {
+            assert!(!page.body.contains(raw), "{path}: {raw} unescaped");
+        }
+        if path != "/console/keys" {
+            assert!(
+                page.body.contains("&lt;/title&gt;"),
+                "{path}: the record is shown"
+            );
+        }
+    }
+    Ok(())
+}
