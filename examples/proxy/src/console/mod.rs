@@ -27,7 +27,9 @@
 //! - **Sessions**: 256 random bits in the cookie `tlp_console` (`HttpOnly`, `SameSite=Strict`,
 //!   `Path=/console`, `Secure` with `[admin] console_secure_cookie` or a request that came
 //!   over HTTPS according to `X-Forwarded-Proto`/`Forwarded`), kept on the server as a
-//!   digest; they end after 30 minutes idle, 12 hours in all, or at logout. Nothing else
+//!   digest; they end after 30 minutes idle, 12 hours in all, or at logout. Every cookie of
+//!   that name a request carries is tried: one tossed in by another host or port, sent
+//!   first, does not hide the session. Nothing else
 //!   opens the console: an `Authorization` header (a virtual key, the admin token) is
 //!   ignored, and a page without a live session redirects to the login.
 //! - **CSRF**: every `POST` carries the session's token in a hidden field (compared in
