@@ -365,3 +365,67 @@ async fn attacks_that_held() -> TestResult {
     }
     Ok(())
 }
+
+/// An upstream that answers every request with `body` (JSON).
+async fn fake_upstream(body: String) -> Result<std::net::SocketAddr, common::Error> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let body = std::sync::Arc::new(body);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Finding: the model picker listed every model id the upstream's `GET /v1/models` gave
+/// (up to its 4 MiB): an upstream (or whatever answers as it) listing 200,000 models made
+/// every key's page tens of megabytes.
+#[tokio::test]
+async fn a_huge_model_list_is_capped() -> TestResult {
+    let ids: Vec<serde_json::Value> = (0..200_000)
+        .map(|i| serde_json::json!({"id": format!("m{i}")}))
+        .collect();
+    let upstream = fake_upstream(serde_json::json!({"data": ids}).to_string()).await?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, common::config(upstream, dir.path(), true, ""))?;
+    let args = example_proxy::app::Args {
+        config: Some(path),
+        listen: None,
+        no_policy: false,
+        migrate: false,
+    };
+    let env = |name: &str| match name {
+        common::TOKEN_ENV => Some(common::TOKEN.to_owned()),
+        "TEST_PROVIDER_KEY" => Some(common::PROVIDER_KEY.to_owned()),
+        _ => None,
+    };
+    let proxy = example_proxy::app::Proxy::prepare(&args, env).await?;
+    let addr = proxy.addr;
+    tokio::spawn(proxy.run(std::future::pending()));
+    let console = Console::login(addr).await?;
+    let page = console.get("/console/new-key").await?;
+    assert_eq!(page.status, StatusCode::OK);
+    let choices = page.body.matches("name=\"model\" value=").count();
+    assert!(choices > 0 && choices <= 2000, "{choices} model choices");
+    assert!(page.body.len() < 1024 * 1024, "{} bytes", page.body.len());
+    Ok(())
+}

@@ -517,6 +517,8 @@ const MODELS_TTL: Duration = Duration::from_secs(60);
 const MODELS_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest model list read: 4 MiB.
 const MODELS_LIMIT: usize = 4 * 1024 * 1024;
+/// The most models the picker lists (the upstream decides how many it gives).
+const MAX_MODEL_CHOICES: usize = 2000;
 
 /// The model picker's choices: the upstream's `GET /v1/models`, narrowed by `[workspace]
 /// models`, kept for a minute.
@@ -609,6 +611,8 @@ impl Models {
             .unwrap_or_default();
         models.sort();
         models.dedup();
+        // The picker's first choices only (a key's own models are listed whatever this cut).
+        models.truncate(MAX_MODEL_CHOICES);
         *self.cache.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((Instant::now(), models.clone()));
         Ok(models)
