@@ -54,7 +54,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower::Service;
 use tower_llm_policy::{ClientIp, PolicyBody};
 
@@ -295,7 +295,24 @@ async fn read_form(req: Request<PolicyBody>) -> Result<Form, Response<ProxyBody>
     let body = Limited::new(req.into_body(), MAX_FORM_BYTES)
         .collect()
         .await
-        .map_err(|_| too_large())?
+        .map_err(|e| {
+            if e.is::<LengthLimitError>() {
+                return too_large();
+            }
+            // The server cut the body off (it stalled, or took too long), or the client left.
+            let mut response = html::message(
+                StatusCode::REQUEST_TIMEOUT,
+                "Form not received",
+                "The form did not arrive whole: try again.",
+                ("/console/keys", "Back to the keys"),
+                Nav::None,
+                None,
+            );
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        })?
         .to_bytes();
     Form::parse(&body).ok_or_else(|| {
         html::message(
