@@ -326,6 +326,11 @@ async fn attacks_that_held() -> TestResult {
     )
     .await?;
     assert_eq!(page.status, StatusCode::UNAUTHORIZED);
+    // The page with a new key's secret is never stored, and sends no Referer elsewhere.
+    let created = console.post("/console/keys", &[("name", "fresh")]).await?;
+    assert_eq!(created.status, StatusCode::CREATED);
+    assert_eq!(created.headers["cache-control"], "no-store");
+    assert_eq!(created.headers["referrer-policy"], "same-origin");
     // The seed key is still enabled: nothing above changed it.
     let page = console.get("/console/keys").await?;
     assert!(page.body.contains("badge on"), "{}", page.body);
