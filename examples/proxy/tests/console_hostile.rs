@@ -455,3 +455,86 @@ async fn a_stalled_form_is_a_timeout_not_too_large() -> TestResult {
     assert_eq!(status, 408);
     Ok(())
 }
+
+/// A `Write` into a shared buffer, for the tracing output.
+#[derive(Clone, Default)]
+struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Buffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What held: with every event logged (TRACE), no secret is in the logs — the admin token
+/// (right and wrong logins), a new key's secret, the session id and CSRF token, the seed key
+/// and the provider key.
+#[tokio::test]
+async fn no_secret_in_the_logs() -> TestResult {
+    let out = Buffer::default();
+    let writer = out.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let proxy = start(true, "").await?;
+    let (cookie, csrf) = login_form(proxy.addr).await?;
+    let wrong = "wrong-admin-token-that-must-not-be-logged";
+    let page = send(
+        proxy.addr,
+        Method::POST,
+        "/console/login",
+        &[("cookie", &cookie)],
+        Some((
+            "application/x-www-form-urlencoded",
+            common::form(&[("csrf", &csrf), ("token", wrong)]).into_bytes(),
+        )),
+    )
+    .await?;
+    assert_eq!(page.status, StatusCode::UNAUTHORIZED);
+    let console = Console::login(proxy.addr).await?;
+    let secret = console.create_key("logged", &[]).await?;
+    assert_eq!(
+        common::chat(proxy.addr, &secret, "gpt-4o-mini").await?.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        common::chat(proxy.addr, common::SEED_KEY, "gpt-4o-mini")
+            .await?
+            .0,
+        StatusCode::OK
+    );
+    for path in ["/console/keys", "/console/audit", "/console/spend"] {
+        console.get(path).await?;
+    }
+    console.post("/console/keys/logged/disable", &[]).await?;
+    console.post("/console/logout", &[]).await?;
+    let logs =
+        String::from_utf8_lossy(&out.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    assert!(
+        logs.contains("console: failed login"),
+        "the logs were captured"
+    );
+    for hidden in [
+        common::TOKEN,
+        wrong,
+        &secret,
+        &console.session,
+        &console.csrf,
+        common::SEED_KEY,
+        common::PROVIDER_KEY,
+    ] {
+        assert!(!logs.contains(hidden), "a secret in the logs:\n{logs}");
+    }
+    Ok(())
+}
