@@ -21,24 +21,30 @@
 //!
 //! Security:
 //! - **Login** with the admin token, compared by digest (constant time); a failure is
-//!   answered after 1 second, and after 10 failures from one address in 5 minutes its
-//!   logins are refused (429) until those 5 minutes end. The login form itself is protected
-//!   by a double-submit cookie.
+//!   answered after 1 second, and after 10 failures from one address (an IPv6 address's
+//!   /64 counts as one) in 5 minutes its logins are refused (429) until those 5 minutes end.
+//!   An attempt is counted before its token is compared, so logins sent at once cannot
+//!   outrun the count; with 4096 addresses counted in their 5 minutes, new addresses are
+//!   refused until one's 5 minutes end. The login form itself is protected by a
+//!   double-submit cookie (any of the request's cookies of that name may match).
 //! - **Sessions**: 256 random bits in the cookie `tlp_console` (`HttpOnly`, `SameSite=Strict`,
 //!   `Path=/console`, `Secure` with `[admin] console_secure_cookie` or a request that came
 //!   over HTTPS according to `X-Forwarded-Proto`/`Forwarded`), kept on the server as a
 //!   digest; they end after 30 minutes idle, 12 hours in all, or at logout. Every cookie of
 //!   that name a request carries is tried: one tossed in by another host or port, sent
-//!   first, does not hide the session. Nothing else
-//!   opens the console: an `Authorization` header (a virtual key, the admin token) is
-//!   ignored, and a page without a live session redirects to the login.
+//!   first, does not hide the session. Nothing else opens the console: an `Authorization`
+//!   header (a virtual key, the admin token) is ignored, and a page without a live session
+//!   redirects to the login.
 //! - **CSRF**: every `POST` carries the session's token in a hidden field (compared in
 //!   constant time), and its `Origin` or `Referer`, when present, must be this host.
 //! - **Output**: every value is HTML-escaped (one escaping helper, `html::esc`); a key's
 //!   secret appears only on the page that answers its creation; the Content-Security-Policy
 //!   allows no inline script or style; `X-Frame-Options: DENY`; `Cache-Control: no-store`.
-//! - **Input**: forms are `application/x-www-form-urlencoded`, 64 KiB at most (413); a field
-//!   that cannot be read is a 400 page naming it.
+//! - **Input**: forms are `application/x-www-form-urlencoded`, 64 KiB at most (413), whole
+//!   (408 when the server cut the body off); a field that cannot be read is a 400 page
+//!   naming it.
+//! - **Reading**: a JSON Lines audit log is read one record at a time (two logs read at
+//!   once at most); the model picker lists 2000 models at most, the spend page 200.
 
 mod audit;
 mod data;

@@ -184,17 +184,16 @@ impl Throttle {
 
     /// Takes one of `ip`'s attempts before its token is compared, counted as a failure until
     /// [`Throttle::succeeded`]; `false` (not to be compared) when it has none left. When the
-    /// table is full of clients that are refused, a new client is refused too: forgetting
-    /// them would give their guesses back.
+    /// table is full of clients whose windows are still open, a new client is refused until
+    /// one ends: forgetting any of them would give its guesses back, so that at most
+    /// [`MAX_THROTTLED`] × [`MAX_FAILURES`] tokens are compared per window, however many
+    /// addresses the guesses come from.
     pub(crate) fn attempt(&self, ip: IpAddr) -> bool {
         let client = client_of(ip);
         let now = Instant::now();
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if !map.contains_key(&client) && map.len() >= MAX_THROTTLED {
             map.retain(|_, (start, _)| now.duration_since(*start) < THROTTLE_WINDOW);
-            if map.len() >= MAX_THROTTLED {
-                map.retain(|_, entry| blocked(entry, now));
-            }
             if map.len() >= MAX_THROTTLED {
                 return false;
             }
@@ -275,18 +274,24 @@ mod tests {
     }
 
     #[test]
-    fn a_full_table_does_not_forget_the_refused() {
+    fn a_full_table_forgets_no_client() {
         let throttle = Throttle::default();
         let ip = |i: usize| IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
         for i in 0..MAX_THROTTLED {
-            for _ in 0..MAX_FAILURES {
+            let failures = if i == 1 { 1 } else { MAX_FAILURES };
+            for _ in 0..failures {
                 assert!(throttle.attempt(ip(i)));
             }
         }
-        // A new client finds the table full of refused ones: refused, and nobody forgotten.
+        // A new client finds the table full: refused, and nobody forgotten (not even a client
+        // with attempts left, which would get its failures back).
         assert!(!throttle.attempt(ip(MAX_THROTTLED)));
         assert!(!throttle.allowed(ip(0)));
         assert!(!throttle.attempt(ip(0)));
+        for _ in 1..MAX_FAILURES {
+            assert!(throttle.attempt(ip(1)));
+        }
+        assert!(!throttle.attempt(ip(1)));
     }
 
     #[test]
