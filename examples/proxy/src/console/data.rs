@@ -178,9 +178,9 @@ fn cost_of(record: &Value) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The newest [`MAX_JSONL_SCAN`] bytes of the log, one parsed record a line, oldest first
-/// (lines that are not JSON objects are skipped). A missing file has no records.
-fn read_jsonl(path: &std::path::Path) -> std::io::Result<Vec<Value>> {
+/// The newest [`MAX_JSONL_SCAN`] bytes of the log, whole lines only (a cut first line is
+/// skipped). A missing file is empty.
+fn read_jsonl(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
     let mut file = match std::fs::File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -191,25 +191,43 @@ fn read_jsonl(path: &std::path::Path) -> std::io::Result<Vec<Value>> {
     file.seek(SeekFrom::Start(start))?;
     let mut bytes = Vec::with_capacity((len - start) as usize);
     file.take(MAX_JSONL_SCAN).read_to_end(&mut bytes)?;
-    let mut text = bytes.as_slice();
     if start > 0 {
         // The first line is cut: skip it.
-        match text.iter().position(|b| *b == b'\n') {
-            Some(i) => text = &text[i + 1..],
-            None => return Ok(Vec::new()),
+        match bytes.iter().position(|b| *b == b'\n') {
+            Some(i) => {
+                bytes.drain(..=i);
+            }
+            None => bytes.clear(),
         }
     }
-    Ok(text
+    Ok(bytes)
+}
+
+/// The records of `bytes` (JSON Lines), one parsed at a time, oldest first (or newest first,
+/// reversed): lines that are not JSON objects are skipped. Parsed one by one, never all at
+/// once: the log's records, in memory as JSON values, take ten times its bytes.
+fn records(bytes: &[u8]) -> impl DoubleEndedIterator<Item = Value> + '_ {
+    bytes
         .split(|b| *b == b'\n')
         .filter(|line| !line.is_empty())
         .filter_map(|line| serde_json::from_slice::<Value>(line).ok())
         .filter(Value::is_object)
-        .collect())
 }
 
-async fn jsonl(path: &std::path::Path) -> Result<Vec<Value>, String> {
+/// JSON Lines logs read at once: each holds up to [`MAX_JSONL_SCAN`] bytes in memory.
+static JSONL_SCANS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// `scan` of the log's newest [`MAX_JSONL_SCAN`] bytes, on a blocking thread.
+async fn jsonl<T: Send + 'static>(
+    path: &std::path::Path,
+    scan: impl FnOnce(&[u8]) -> T + Send + 'static,
+) -> Result<T, String> {
+    let _permit = JSONL_SCANS
+        .acquire()
+        .await
+        .map_err(|e| format!("the audit log reader failed: {e}"))?;
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || read_jsonl(&path))
+    tokio::task::spawn_blocking(move || read_jsonl(&path).map(|bytes| scan(&bytes)))
         .await
         .map_err(|e| format!("the audit log reader failed: {e}"))?
         .map_err(|e| format!("the audit log cannot be read: {e}"))
@@ -243,6 +261,9 @@ SELECT coalesce(model, '(none)'), count(*), coalesce(sum(prompt_tokens), 0)::big
 FROM tlp_audit WHERE ts >= $1 AND ts < $2
 GROUP BY 1 ORDER BY 5 DESC, 1 LIMIT 200";
 
+/// The most models the spend page lists (`LIMIT` of [`PG_MODELS`]).
+const MAX_MODEL_ROWS: usize = 200;
+
 const PG_KEY_USAGE: &str = "\
 SELECT key,
        coalesce(sum(cost_usd) FILTER (WHERE ts >= $2), 0)::double precision,
@@ -275,15 +296,18 @@ impl AuditSource {
         match self {
             AuditSource::None => Ok(AuditPage::default()),
             AuditSource::Jsonl(path) => {
-                let records = jsonl(path).await?;
-                let mut matching = records.into_iter().rev().filter(|r| query.matches(r));
-                let rows: Vec<Value> = matching
-                    .by_ref()
-                    .skip(query.page * PAGE_ROWS)
-                    .take(PAGE_ROWS)
-                    .collect();
-                let has_more = matching.next().is_some();
-                Ok(AuditPage { rows, has_more })
+                let query = query.clone();
+                jsonl(path, move |bytes| {
+                    let mut matching = records(bytes).rev().filter(|r| query.matches(r));
+                    let rows: Vec<Value> = matching
+                        .by_ref()
+                        .skip(query.page * PAGE_ROWS)
+                        .take(PAGE_ROWS)
+                        .collect();
+                    let has_more = matching.next().is_some();
+                    AuditPage { rows, has_more }
+                })
+                .await
             }
             AuditSource::Postgres(pool) => {
                 let client = pool.get().await.map_err(pg_error)?;
@@ -321,11 +345,15 @@ impl AuditSource {
     pub(crate) async fn record(&self, id: &str) -> Result<Option<Value>, String> {
         match self {
             AuditSource::None => Ok(None),
-            AuditSource::Jsonl(path) => Ok(jsonl(path)
-                .await?
-                .into_iter()
-                .rev()
-                .find(|r| r.get("request_id").and_then(Value::as_str) == Some(id))),
+            AuditSource::Jsonl(path) => {
+                let id = id.to_owned();
+                jsonl(path, move |bytes| {
+                    records(bytes)
+                        .rev()
+                        .find(|r| r.get("request_id").and_then(Value::as_str) == Some(&id))
+                })
+                .await
+            }
             AuditSource::Postgres(pool) => {
                 let client = pool.get().await.map_err(pg_error)?;
                 let row = client
@@ -343,37 +371,42 @@ impl AuditSource {
             AuditSource::None => Ok(Spend::default()),
             AuditSource::Jsonl(path) => {
                 let (first, last) = (day_of(from), day_of(to));
-                let mut spend = Spend::default();
-                let mut models: HashMap<String, ModelTotal> = HashMap::new();
-                for record in jsonl(path).await? {
-                    let Some(ts) = record.get("timestamp").and_then(Value::as_str) else {
-                        continue;
-                    };
-                    let day = ts.get(..10).unwrap_or_default();
-                    if day < first.as_str() || day >= last.as_str() {
-                        continue;
+                jsonl(path, move |bytes| {
+                    let mut spend = Spend::default();
+                    let mut models: HashMap<String, ModelTotal> = HashMap::new();
+                    for record in records(bytes) {
+                        let Some(ts) = record.get("timestamp").and_then(Value::as_str) else {
+                            continue;
+                        };
+                        let day = ts.get(..10).unwrap_or_default();
+                        if day < first.as_str() || day >= last.as_str() {
+                            continue;
+                        }
+                        let key = text_of(&record, "key").unwrap_or_else(|| NO_KEY.to_owned());
+                        let cost = cost_of(&record);
+                        *spend.per_day_key.entry((day.to_owned(), key)).or_default() += cost;
+                        let model = model_of(&record);
+                        let total = models.entry(model.clone()).or_insert_with(|| ModelTotal {
+                            model,
+                            ..ModelTotal::default()
+                        });
+                        total.requests += 1;
+                        let tokens = |f: &str| record.get(f).and_then(Value::as_u64).unwrap_or(0);
+                        total.prompt_tokens += tokens("prompt_tokens");
+                        total.completion_tokens += tokens("completion_tokens");
+                        total.cost_usd += cost;
                     }
-                    let key = text_of(&record, "key").unwrap_or_else(|| NO_KEY.to_owned());
-                    let cost = cost_of(&record);
-                    *spend.per_day_key.entry((day.to_owned(), key)).or_default() += cost;
-                    let model = model_of(&record);
-                    let total = models.entry(model.clone()).or_insert_with(|| ModelTotal {
-                        model,
-                        ..ModelTotal::default()
+                    spend.models = models.into_values().collect();
+                    spend.models.sort_by(|a, b| {
+                        b.cost_usd
+                            .total_cmp(&a.cost_usd)
+                            .then_with(|| a.model.cmp(&b.model))
                     });
-                    total.requests += 1;
-                    let tokens = |f: &str| record.get(f).and_then(Value::as_u64).unwrap_or(0);
-                    total.prompt_tokens += tokens("prompt_tokens");
-                    total.completion_tokens += tokens("completion_tokens");
-                    total.cost_usd += cost;
-                }
-                spend.models = models.into_values().collect();
-                spend.models.sort_by(|a, b| {
-                    b.cost_usd
-                        .total_cmp(&a.cost_usd)
-                        .then_with(|| a.model.cmp(&b.model))
-                });
-                Ok(spend)
+                    // As many as the database's query gives: the model names come from clients.
+                    spend.models.truncate(MAX_MODEL_ROWS);
+                    spend
+                })
+                .await
             }
             AuditSource::Postgres(pool) => {
                 let days = tower_llm_policy::postgres::spend_per_day(pool, from, to, None)
@@ -415,34 +448,38 @@ impl AuditSource {
         match self {
             AuditSource::None => Ok(HashMap::new()),
             AuditSource::Jsonl(path) => {
-                let wanted: BTreeSet<&str> = names.iter().map(String::as_str).collect();
-                let mut usage: HashMap<String, KeyUsage> = HashMap::new();
-                for record in jsonl(path).await? {
-                    let Some(key) = record.get("key").and_then(Value::as_str) else {
-                        continue;
-                    };
-                    if !wanted.contains(key) {
-                        continue;
+                let names = names.to_vec();
+                jsonl(path, move |bytes| {
+                    let wanted: BTreeSet<&str> = names.iter().map(String::as_str).collect();
+                    let mut usage: HashMap<String, KeyUsage> = HashMap::new();
+                    for record in records(bytes) {
+                        let Some(key) = record.get("key").and_then(Value::as_str) else {
+                            continue;
+                        };
+                        if !wanted.contains(key) {
+                            continue;
+                        }
+                        let ts = record
+                            .get("timestamp")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default();
+                        let cost = cost_of(&record);
+                        let entry = usage.entry(key.to_owned()).or_default();
+                        entry.total += cost;
+                        let day = ts.get(..10).unwrap_or_default();
+                        if day >= month.as_str() {
+                            entry.month += cost;
+                        }
+                        if day == today {
+                            entry.today += cost;
+                        }
+                        if entry.last.as_deref().is_none_or(|last| last < ts) {
+                            entry.last = Some(ts.to_owned());
+                        }
                     }
-                    let ts = record
-                        .get("timestamp")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default();
-                    let cost = cost_of(&record);
-                    let entry = usage.entry(key.to_owned()).or_default();
-                    entry.total += cost;
-                    let day = ts.get(..10).unwrap_or_default();
-                    if day >= month.as_str() {
-                        entry.month += cost;
-                    }
-                    if day == today {
-                        entry.today += cost;
-                    }
-                    if entry.last.as_deref().is_none_or(|last| last < ts) {
-                        entry.last = Some(ts.to_owned());
-                    }
-                }
-                Ok(usage)
+                    usage
+                })
+                .await
             }
             AuditSource::Postgres(pool) => {
                 let day_start = humantime::parse_rfc3339(&format!("{today}T00:00:00Z"))
@@ -480,6 +517,8 @@ const MODELS_TTL: Duration = Duration::from_secs(60);
 const MODELS_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest model list read: 4 MiB.
 const MODELS_LIMIT: usize = 4 * 1024 * 1024;
+/// The most models the picker lists (the upstream decides how many it gives).
+const MAX_MODEL_CHOICES: usize = 2000;
 
 /// The model picker's choices: the upstream's `GET /v1/models`, narrowed by `[workspace]
 /// models`, kept for a minute.
@@ -572,6 +611,8 @@ impl Models {
             .unwrap_or_default();
         models.sort();
         models.dedup();
+        // The picker's first choices only (a key's own models are listed whatever this cut).
+        models.truncate(MAX_MODEL_CHOICES);
         *self.cache.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((Instant::now(), models.clone()));
         Ok(models)
@@ -622,8 +663,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         std::fs::write(&path, "{\"a\":1}\nnot json\n[1]\n{\"b\":2}\n").unwrap();
-        let records = read_jsonl(&path).unwrap();
-        assert_eq!(records, vec![json!({"a": 1}), json!({"b": 2})]);
+        let bytes = read_jsonl(&path).unwrap();
+        let all: Vec<Value> = records(&bytes).collect();
+        assert_eq!(all, vec![json!({"a": 1}), json!({"b": 2})]);
+        let newest: Vec<Value> = records(&bytes).rev().collect();
+        assert_eq!(newest, vec![json!({"b": 2}), json!({"a": 1})]);
         assert!(read_jsonl(&dir.path().join("missing")).unwrap().is_empty());
     }
 }

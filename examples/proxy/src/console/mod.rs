@@ -21,22 +21,30 @@
 //!
 //! Security:
 //! - **Login** with the admin token, compared by digest (constant time); a failure is
-//!   answered after 1 second, and after 10 failures from one address in 5 minutes its
-//!   logins are refused (429) until those 5 minutes end. The login form itself is protected
-//!   by a double-submit cookie.
+//!   answered after 1 second, and after 10 failures from one address (an IPv6 address's
+//!   /64 counts as one) in 5 minutes its logins are refused (429) until those 5 minutes end.
+//!   An attempt is counted before its token is compared, so logins sent at once cannot
+//!   outrun the count; with 4096 addresses counted in their 5 minutes, new addresses are
+//!   refused until one's 5 minutes end. The login form itself is protected by a
+//!   double-submit cookie (any of the request's cookies of that name may match).
 //! - **Sessions**: 256 random bits in the cookie `tlp_console` (`HttpOnly`, `SameSite=Strict`,
 //!   `Path=/console`, `Secure` with `[admin] console_secure_cookie` or a request that came
 //!   over HTTPS according to `X-Forwarded-Proto`/`Forwarded`), kept on the server as a
-//!   digest; they end after 30 minutes idle, 12 hours in all, or at logout. Nothing else
-//!   opens the console: an `Authorization` header (a virtual key, the admin token) is
-//!   ignored, and a page without a live session redirects to the login.
+//!   digest; they end after 30 minutes idle, 12 hours in all, or at logout. Every cookie of
+//!   that name a request carries is tried: one tossed in by another host or port, sent
+//!   first, does not hide the session. Nothing else opens the console: an `Authorization`
+//!   header (a virtual key, the admin token) is ignored, and a page without a live session
+//!   redirects to the login.
 //! - **CSRF**: every `POST` carries the session's token in a hidden field (compared in
 //!   constant time), and its `Origin` or `Referer`, when present, must be this host.
 //! - **Output**: every value is HTML-escaped (one escaping helper, `html::esc`); a key's
 //!   secret appears only on the page that answers its creation; the Content-Security-Policy
 //!   allows no inline script or style; `X-Frame-Options: DENY`; `Cache-Control: no-store`.
-//! - **Input**: forms are `application/x-www-form-urlencoded`, 64 KiB at most (413); a field
-//!   that cannot be read is a 400 page naming it.
+//! - **Input**: forms are `application/x-www-form-urlencoded`, 64 KiB at most (413), whole
+//!   (408 when the server cut the body off); a field that cannot be read is a 400 page
+//!   naming it.
+//! - **Reading**: a JSON Lines audit log is read one record at a time (two logs read at
+//!   once at most); the model picker lists 2000 models at most, the spend page 200.
 
 mod audit;
 mod data;
@@ -52,7 +60,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower::Service;
 use tower_llm_policy::{ClientIp, PolicyBody};
 
@@ -144,8 +152,18 @@ pub(crate) struct Session {
 }
 
 /// A form's fields, decoded, in order.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Form(Vec<(String, String)>);
+
+/// The fields' names only: a form's values include the admin token (the login) and the
+/// CSRF token.
+impl std::fmt::Debug for Form {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| name))
+            .finish()
+    }
+}
 
 impl Form {
     /// The first value of `name`, trimmed; `None` when absent or blank.
@@ -247,9 +265,10 @@ async fn read_form(req: Request<PolicyBody>) -> Result<Form, Response<ProxyBody>
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .is_some_and(|t| t.trim() == "application/x-www-form-urlencoded")
+            v.split(';').next().is_some_and(|t| {
+                t.trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            })
         });
     if !urlencoded {
         return Err(html::message(
@@ -282,7 +301,24 @@ async fn read_form(req: Request<PolicyBody>) -> Result<Form, Response<ProxyBody>
     let body = Limited::new(req.into_body(), MAX_FORM_BYTES)
         .collect()
         .await
-        .map_err(|_| too_large())?
+        .map_err(|e| {
+            if e.is::<LengthLimitError>() {
+                return too_large();
+            }
+            // The server cut the body off (it stalled, or took too long), or the client left.
+            let mut response = html::message(
+                StatusCode::REQUEST_TIMEOUT,
+                "Form not received",
+                "The form did not arrive whole: try again.",
+                ("/console/keys", "Back to the keys"),
+                Nav::None,
+                None,
+            );
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        })?
         .to_bytes();
     Form::parse(&body).ok_or_else(|| {
         html::message(
@@ -339,7 +375,9 @@ async fn handle(console: &Console, req: Request<PolicyBody>) -> Response<ProxyBo
         _ => {}
     }
     // Everything else needs a live session, from the cookie only.
-    let session = session::cookie(req.headers(), session::COOKIE).and_then(|id| {
+    // Every cookie of the name is tried: a tossed one (another host or port may set one)
+    // must not hide the session's.
+    let session = session::cookies(req.headers(), session::COOKIE).find_map(|id| {
         console.sessions.get(id).map(|csrf| Session {
             id: id.to_owned(),
             csrf,
@@ -484,13 +522,26 @@ fn no_randomness() -> Response<ProxyBody> {
     )
 }
 
+/// The login page for a client out of attempts: 429.
+fn throttled(secure: bool) -> Response<ProxyBody> {
+    let mut response = login_page(
+        secure,
+        StatusCode::TOO_MANY_REQUESTS,
+        Some("Too many failed logins from this address: wait a few minutes."),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("300"));
+    response
+}
+
 async fn login(console: &Console, req: Request<PolicyBody>) -> Response<ProxyBody> {
     let secure = console.secure_cookie || came_over_https(&req);
     match *req.method() {
         Method::GET | Method::HEAD => {
             // Already logged in: on to the keys.
-            if session::cookie(req.headers(), session::COOKIE)
-                .is_some_and(|id| console.sessions.get(id).is_some())
+            if session::cookies(req.headers(), session::COOKIE)
+                .any(|id| console.sessions.get(id).is_some())
             {
                 return html::redirect("/console/keys");
             }
@@ -501,15 +552,7 @@ async fn login(console: &Console, req: Request<PolicyBody>) -> Response<ProxyBod
     }
     let ip = client_ip(&req);
     if !console.throttle.allowed(ip) {
-        let mut response = login_page(
-            secure,
-            StatusCode::TOO_MANY_REQUESTS,
-            Some("Too many failed logins from this address: wait a few minutes."),
-        );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("300"));
-        return response;
+        return throttled(secure);
     }
     if !same_origin(&req) {
         return login_page(
@@ -523,14 +566,12 @@ async fn login(console: &Console, req: Request<PolicyBody>) -> Response<ProxyBod
         Ok(form) => form,
         Err(response) => return response,
     };
-    let double_submit = session::cookie(&parts_headers, session::LOGIN_COOKIE);
+    // Any of the double-submit cookies (a tossed one may come first) equal to the field.
     let field = form.0.iter().find(|(k, _)| k == "csrf").map(|(_, v)| v);
-    let csrf_ok = match (double_submit, field) {
-        (Some(cookie), Some(field)) => {
-            !cookie.is_empty() && session::ct_eq(cookie.as_bytes(), field.as_bytes())
-        }
-        _ => false,
-    };
+    let csrf_ok = field.is_some_and(|field| {
+        session::cookies(&parts_headers, session::LOGIN_COOKIE)
+            .any(|cookie| !cookie.is_empty() && session::ct_eq(cookie.as_bytes(), field.as_bytes()))
+    });
     if !csrf_ok {
         return login_page(
             secure,
@@ -538,9 +579,13 @@ async fn login(console: &Console, req: Request<PolicyBody>) -> Response<ProxyBod
             Some("The login form expired or came from elsewhere: try again."),
         );
     }
+    // The attempt is counted before the token is compared (and forgotten on success), so
+    // that logins sent at once cannot all be compared.
+    if !console.throttle.attempt(ip) {
+        return throttled(secure);
+    }
     let token = form.0.iter().find(|(k, _)| k == "token").map(|(_, v)| v);
     if !token.is_some_and(|t| console.admin.is_token(t)) {
-        console.throttle.failed(ip);
         tracing::warn!(target: "example_proxy::console", client = %ip, "console: failed login");
         tokio::time::sleep(session::FAILURE_DELAY).await;
         return login_page(
@@ -628,6 +673,9 @@ mod tests {
         assert_eq!(form.all("model"), ["x", "y z"]);
         assert_eq!(form.get("empty"), None);
         assert_eq!(form.get("b"), Some("<s>"));
+        let login = Form::parse(b"csrf=c5rf-value&token=the-admin-token").unwrap();
+        let debug = format!("{login:?}");
+        assert!(!debug.contains("the-admin-token") && !debug.contains("c5rf-value"));
         assert!(Form::parse(b"a=%zz").is_none());
         assert!(Form::parse(b"a=\xff").is_none());
     }

@@ -46,15 +46,19 @@ pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The value of the cookie `name` of the request, if it has one.
-pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// Every value of the cookie `name` of the request, in order (a browser sends several of one
+/// name when several paths or hosts set it).
+pub(crate) fn cookies<'a>(
+    headers: &'a HeaderMap,
+    name: &'a str,
+) -> impl Iterator<Item = &'a str> + 'a {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(key, _)| *key == name)
+        .filter(move |(key, _)| *key == name)
         .map(|(_, value)| value.trim())
 }
 
@@ -146,45 +150,69 @@ fn live(session: &Session, now: Instant) -> bool {
     now.duration_since(session.seen) < IDLE_TIMEOUT && now.duration_since(session.created) < MAX_AGE
 }
 
-/// Failed logins per client address.
+/// Failed logins per client: an IPv4 address, or an IPv6 address's /64 (one host has them
+/// all). A login counts as failed from the moment its token is compared (see
+/// [`Throttle::attempt`]), so logins sent at once cannot outrun the count.
 #[derive(Debug, Default)]
 pub(crate) struct Throttle {
     map: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+/// The client `ip` is counted as: IPv4 addresses whole (IPv4-mapped IPv6 ones too), IPv6
+/// addresses by their /64.
+fn client_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
+fn blocked((start, failures): &(Instant, u32), now: Instant) -> bool {
+    now.duration_since(*start) < THROTTLE_WINDOW && *failures >= MAX_FAILURES
 }
 
 impl Throttle {
     /// Whether `ip` may try to log in now.
     pub(crate) fn allowed(&self, ip: IpAddr) -> bool {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(&ip) {
-            Some((start, failures)) => {
-                start.elapsed() >= THROTTLE_WINDOW || *failures < MAX_FAILURES
-            }
-            None => true,
-        }
+        !map.get(&client_of(ip))
+            .is_some_and(|entry| blocked(entry, Instant::now()))
     }
 
-    /// Counts a failed login of `ip`.
-    pub(crate) fn failed(&self, ip: IpAddr) {
+    /// Takes one of `ip`'s attempts before its token is compared, counted as a failure until
+    /// [`Throttle::succeeded`]; `false` (not to be compared) when it has none left. When the
+    /// table is full of clients whose windows are still open, a new client is refused until
+    /// one ends: forgetting any of them would give its guesses back, so that at most
+    /// [`MAX_THROTTLED`] × [`MAX_FAILURES`] tokens are compared per window, however many
+    /// addresses the guesses come from.
+    pub(crate) fn attempt(&self, ip: IpAddr) -> bool {
+        let client = client_of(ip);
         let now = Instant::now();
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= MAX_THROTTLED {
+        if !map.contains_key(&client) && map.len() >= MAX_THROTTLED {
             map.retain(|_, (start, _)| now.duration_since(*start) < THROTTLE_WINDOW);
             if map.len() >= MAX_THROTTLED {
-                map.clear();
+                return false;
             }
         }
-        let entry = map.entry(ip).or_insert((now, 0));
+        let entry = map.entry(client).or_insert((now, 0));
         if now.duration_since(entry.0) >= THROTTLE_WINDOW {
             *entry = (now, 0);
         }
+        if entry.1 >= MAX_FAILURES {
+            return false;
+        }
         entry.1 += 1;
+        true
     }
 
     /// Forgets `ip`'s failures (after a successful login).
     pub(crate) fn succeeded(&self, ip: IpAddr) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.remove(&ip);
+        map.remove(&client_of(ip));
     }
 }
 
@@ -219,9 +247,11 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.append(header::COOKIE, "a=1; tlp_console=abc".parse().unwrap());
         headers.append(header::COOKIE, "b=2".parse().unwrap());
-        assert_eq!(cookie(&headers, COOKIE), Some("abc"));
-        assert_eq!(cookie(&headers, "b"), Some("2"));
-        assert_eq!(cookie(&headers, "c"), None);
+        headers.append(header::COOKIE, "tlp_console=def".parse().unwrap());
+        let all = |name| cookies(&headers, name).collect::<Vec<_>>();
+        assert_eq!(all(COOKIE), ["abc", "def"]);
+        assert_eq!(all("b"), ["2"]);
+        assert!(all("c").is_empty());
         let set = set_cookie(COOKIE, "v", true, None);
         assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"));
         assert!(set.contains("Path=/console") && set.ends_with("; Secure"));
@@ -234,11 +264,43 @@ mod tests {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         for _ in 0..MAX_FAILURES {
             assert!(throttle.allowed(ip));
-            throttle.failed(ip);
+            assert!(throttle.attempt(ip));
         }
         assert!(!throttle.allowed(ip));
+        assert!(!throttle.attempt(ip));
         assert!(throttle.allowed("192.0.2.2".parse().unwrap()));
         throttle.succeeded(ip);
         assert!(throttle.allowed(ip));
+    }
+
+    #[test]
+    fn a_full_table_forgets_no_client() {
+        let throttle = Throttle::default();
+        let ip = |i: usize| IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+        for i in 0..MAX_THROTTLED {
+            let failures = if i == 1 { 1 } else { MAX_FAILURES };
+            for _ in 0..failures {
+                assert!(throttle.attempt(ip(i)));
+            }
+        }
+        // A new client finds the table full: refused, and nobody forgotten (not even a client
+        // with attempts left, which would get its failures back).
+        assert!(!throttle.attempt(ip(MAX_THROTTLED)));
+        assert!(!throttle.allowed(ip(0)));
+        assert!(!throttle.attempt(ip(0)));
+        for _ in 1..MAX_FAILURES {
+            assert!(throttle.attempt(ip(1)));
+        }
+        assert!(!throttle.attempt(ip(1)));
+    }
+
+    #[test]
+    fn an_ipv6_prefix_is_one_client() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert_eq!(client_of(a), client_of(b));
+        assert_ne!(client_of(a), client_of("2001:db8:1:3::1".parse().unwrap()));
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(client_of(mapped), "192.0.2.1".parse::<IpAddr>().unwrap());
     }
 }
