@@ -324,6 +324,7 @@ impl AuditHandle {
 
     /// The usage read from an upstream body that a layer withheld (it reports what the
     /// upstream billed; the client got the layer's error instead).
+    #[cfg(feature = "guards")]
     pub(crate) fn withheld_usage(&self, body: &[u8]) {
         let mut scanner = super::usage::UsageScanner::new(super::usage::ScanMode::Json);
         scanner.feed(body);
