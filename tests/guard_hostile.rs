@@ -547,6 +547,51 @@ async fn a_get_with_a_prompt_body_is_not_forwarded_unread() {
     assert!(!leaked(&bodies, SECRET), "forwarded ({status})");
 }
 
+/// The refusals above (batches, unread bodies, token-id prompts) are for guards that could
+/// refuse or rewrite the request. Guards that only flag it, only read responses, or look for
+/// the system prompt in answers let such requests through (flagging what they can).
+#[tokio::test]
+async fn guards_that_cannot_refuse_a_request_refuse_none_of_those() {
+    let layers = [
+        (
+            "audit",
+            GuardLayer::new().guard(Guard::new("secrets", secret()).mode(Mode::Audit)),
+        ),
+        (
+            "response only",
+            GuardLayer::new().guard(
+                Guard::new("secrets", secret()).on(tower_llm_policy::guard::Sides::RESPONSE),
+            ),
+        ),
+        (
+            "reflection",
+            GuardLayer::new().guard(Guard::reflection("echo", 20)),
+        ),
+    ];
+    for (label, layer) in layers {
+        let batch = post(
+            "/v1/batches",
+            json!({"input_file_id": "file-1", "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+        );
+        let token_ids = post(
+            "/v1/completions",
+            json!({"model": "gpt-3.5-turbo-instruct", "prompt": [1, 2, 3]}),
+        );
+        let get_with_body = Request::get("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(json!({"model": "gpt-4o", "messages": []}).to_string())
+            .unwrap();
+        for (what, req) in [
+            ("batch", batch),
+            ("token ids", token_ids),
+            ("GET with a body", get_with_body),
+        ] {
+            let (status, _) = send(&layer, req).await;
+            assert_eq!(status, StatusCode::OK, "{label}: {what} refused");
+        }
+    }
+}
+
 // =============================================================================================
 // Attacks that are stopped (pass on 98bf2af): properties to keep.
 
