@@ -686,6 +686,17 @@ mod layer {
     }
 
     #[tokio::test]
+    async fn an_external_guard_on_responses_only_is_not_asked_about_the_request() {
+        let mock = Mock::start(moderation).await;
+        let guard = Guard::external("moderation", openai(&mock))
+            .on(tower_llm_policy::guard::Sides::RESPONSE);
+        let out = through(guard, "I hate you").await;
+        assert_eq!(out.status, StatusCode::OK);
+        assert!(out.forwarded.is_some());
+        assert!(mock.seen().is_empty(), "asked about the request");
+    }
+
+    #[tokio::test]
     async fn flagged_text_in_audit_mode_is_forwarded_and_flagged() {
         let mock = Mock::start(moderation).await;
         let guard = Guard::external("moderation", openai(&mock)).mode(Mode::Audit);
