@@ -203,3 +203,39 @@ proptest! {
         check(Api::Chat, &built_ins(), &text, &deltas, &frames, escape);
     }
 }
+
+/// A match of a secret pattern can grow, or stop being one, as the token goes on: a key-like
+/// run longer than any key is no key. A stream must not decide on it before the token ends
+/// (the detector's right context), whatever the cuts.
+#[test]
+fn a_token_too_long_to_be_a_key_is_not_redacted_part_way() {
+    use tower_llm_policy::guard::detect::Secrets;
+    use tower_llm_policy::guard::Sides;
+    let guards = [Guard::new("secrets", Secrets::all())
+        .mode(Mode::Redact)
+        .on(Sides::RESPONSE)
+        .mask("[S]")];
+    // Key-like characters, not a repeated pattern.
+    let body: String = (0u32..400)
+        .map(|i| {
+            let n = (i.wrapping_mul(2_654_435_761) >> 7) % 62;
+            char::from_digit(n % 36, 36)
+                .map(|c| if n >= 36 { c.to_ascii_uppercase() } else { c })
+                .unwrap()
+        })
+        .collect();
+    // Prose first, so that the guard reads the stream while the token is under way (it
+    // reads every quarter of its hold-back, about 1 KB here).
+    let prose = "Plain words with nothing secret in them at all. ".repeat(21);
+    let long = format!("{prose}token sk-{} end", &body[..300]);
+    assert_eq!(redact_all(&guards, &long), long, "no key in the whole text");
+    let key = format!("{prose}token sk-{} end", &body[..40]);
+    assert_eq!(redact_all(&guards, &key), format!("{prose}token [S] end"));
+    for n in [20u32, 33, 40, 57, 80, 150] {
+        let cuts: Vec<f64> = (1..n).map(|i| f64::from(i) / f64::from(n)).collect();
+        for text in [&long, &key] {
+            check(Api::Chat, &guards, text, &cuts, &[], false);
+            check(Api::Chat, &guards, text, &cuts, &cuts, true);
+        }
+    }
+}
