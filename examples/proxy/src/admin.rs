@@ -136,7 +136,8 @@ struct WithAdmin {
     admin: Arc<Admin>,
 }
 
-type BoxedResponse = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+pub(crate) type BoxedResponse =
+    Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
 
 impl Service<Request<PolicyBody>> for WithAdmin {
     type Response = Response<ProxyBody>;

@@ -53,9 +53,7 @@ mod keys;
 pub(crate) mod session;
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -64,7 +62,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower::Service;
 use tower_llm_policy::{ClientIp, PolicyBody};
 
-use crate::admin::{percent_decode, Admin};
+use crate::admin::{percent_decode, Admin, BoxedResponse};
 use crate::stack::{ProxyBody, ProxyService};
 
 pub use data::{AuditSource, Models, MAX_JSONL_SCAN};
@@ -123,8 +121,6 @@ struct WithConsole {
     stack: ProxyService,
     console: Arc<Console>,
 }
-
-type BoxedResponse = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
 
 impl Service<Request<PolicyBody>> for WithConsole {
     type Response = Response<ProxyBody>;
