@@ -168,12 +168,11 @@ impl Proxy {
                             // and secrets are unique, and that every guard a key lists is in
                             // `[[guards]]` (a reload or an admin change that breaks one of
                             // those is refused, the keys in force stay).
-                            let known: std::collections::HashSet<String> =
-                                config.guards.iter().map(|g| g.name.clone()).collect();
+                            let known = config.guards.clone();
                             let store = FileKeyStore::open_keys_of(path)
                                 .and_then(|s| {
                                     s.validate_keys(move |key| {
-                                        match key.guards.iter().find(|g| !known.contains(*g)) {
+                                        match guards::unknown_guard(&known, &key.guards) {
                                             Some(g) => Err(format!(
                                                 "no guard is named `{g}` in `[[guards]]`"
                                             )),
