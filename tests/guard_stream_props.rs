@@ -16,12 +16,17 @@ const PIECES: &[&str] = &[
 ];
 
 fn text() -> impl Strategy<Value = String> {
+    text_of(PIECES, 40)
+}
+
+/// Up to `most` of `pieces` and random characters, joined.
+fn text_of(pieces: &'static [&'static str], most: usize) -> impl Strategy<Value = String> {
     prop::collection::vec(
         prop_oneof![
-            8 => prop::sample::select(PIECES).prop_map(str::to_owned),
+            8 => prop::sample::select(pieces).prop_map(str::to_owned),
             1 => any::<char>().prop_map(String::from),
         ],
-        0..40,
+        0..most,
     )
     .prop_map(|v| v.concat())
 }
@@ -158,14 +163,7 @@ const BUILT_IN_PIECES: &[&str] = &[
 ];
 
 fn built_in_text() -> impl Strategy<Value = String> {
-    prop::collection::vec(
-        prop_oneof![
-            8 => prop::sample::select(BUILT_IN_PIECES).prop_map(str::to_owned),
-            1 => any::<char>().prop_map(String::from),
-        ],
-        0..60,
-    )
-    .prop_map(|v| v.concat())
+    text_of(BUILT_IN_PIECES, 60)
 }
 
 /// The built-in detectors together: their longest matches and contexts differ by orders of
